@@ -1,0 +1,333 @@
+"""Typed configuration: YAML files and ``key=value`` overrides → dataclasses.
+
+Unknown keys, wrong types and out-of-range values are :class:`ConfigError`\\ s naming
+the key. Method-specific settings live under ``method:`` and are validated by the
+method's own ``Config`` dataclass (see :mod:`imgx3d.methods.base`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgx3d.errors import ConfigError
+
+
+@dataclass
+class SplitConfig:
+    """How cases are divided into train / validation / test.
+
+    Attributes:
+        seed: seed of the shuffle; the same seed always gives the same split.
+        test_fraction: held-out test share (holdout mode).
+        val_fraction: share of the non-test cases used for validation.
+        folds: if > 0, k-fold mode: ``fold`` is the test fold, and validation is drawn
+            from the remaining folds with ``val_fraction``.
+        fold: which fold is the test fold in k-fold mode.
+    """
+
+    seed: int = 0
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    folds: int = 0
+    fold: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Dataset layout, preprocessing and training crops.
+
+    Attributes:
+        layout: ``auto``, ``msd``, ``nnunet``, ``btcv``, ``cases`` (folder per case) or ``pairs``.
+        channels: for ``cases``: glob patterns of the image channel files inside each case folder.
+        label_pattern: for ``cases``: glob pattern of the label file inside each case folder.
+        labels: label value → name; taken from dataset.json when empty.
+        preset: intensity preset: ``ct``, ``mri`` or ``none``.
+        ct_window: HU window mapped to [0, 1] by the CT preset.
+        mri_norm: ``zscore`` (per case, per channel, on non-zero voxels if ``mri_nonzero``)
+            or ``percentile`` (clip to ``mri_percentiles`` then scale to [0, 1]).
+        spacing: target voxel spacing in mm (after reorientation to RAS); null keeps native.
+        patch_size: training patch, also the sliding-window size unless ``infer.roi_size``.
+        batch_size: patches per training step.
+        pos_fraction: share of patches centred on foreground (the rest anywhere).
+        flip_axes: spatial axes for random flips (RAS order).
+        intensity_aug: random scale/shift/noise of intensities.
+        num_workers: data-loader worker processes.
+    """
+
+    layout: str = "auto"
+    channels: list[str] = field(default_factory=list)
+    label_pattern: str = ""
+    labels: dict[int, str] = field(default_factory=dict)
+    preset: str = "mri"
+    ct_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+    mri_norm: str = "zscore"
+    mri_nonzero: bool = False
+    mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    spacing: list[float] | None = None
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+    batch_size: int = 2
+    pos_fraction: float = 0.67
+    flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    intensity_aug: bool = True
+    num_workers: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the training budget.
+
+    Attributes:
+        max_steps: stop after this many optimiser steps.
+        max_minutes: stop when the (accumulated, across resumes) wall time exceeds this; 0 = no limit.
+        optimizer: ``adamw`` or ``sgd`` (Nesterov, momentum 0.99 as nnU-Net).
+        lr, weight_decay: optimiser settings.
+        scheduler: ``cosine`` (linear warmup then cosine to ``min_lr``), ``poly`` or ``constant``.
+        warmup_steps, min_lr: schedule settings.
+        grad_clip: max gradient norm per parameter group; 0 = off.
+        amp: mixed precision: ``auto`` (on for CUDA only), ``on`` or ``off``.
+        val_every: validate on whole volumes every N steps.
+        val_cases: at most this many validation volumes per validation (0 = all).
+        patience: early stopping after N validations without improvement; 0 = off.
+        checkpoint_every: write ``last.pt`` every N steps (also at every validation).
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+    """
+
+    max_steps: int = 1000
+    max_minutes: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    amp: str = "auto"
+    val_every: int = 200
+    val_cases: int = 0
+    patience: int = 0
+    checkpoint_every: int = 200
+    device: str = "auto"
+
+
+@dataclass
+class InferConfig:
+    """Whole-volume inference.
+
+    Attributes:
+        roi_size: sliding-window size; empty = ``data.patch_size``.
+        overlap: window overlap fraction (nnU-Net: 0.5).
+        sw_batch_size: windows per forward pass.
+        blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
+        tta_flips: spatial axes mirrored for test-time augmentation (all combinations).
+    """
+
+    roi_size: list[int] = field(default_factory=list)
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    blend: str = "gaussian"
+    tta_flips: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    """mlflow settings: ``uri`` defaults to ``sqlite:///mlflow.db`` in the working directory."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run configuration; ``method`` is validated by the chosen method."""
+
+    dataset: str = "dataset"
+    seed: int = 0
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "unet"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting int→float, str keys→int).
+
+    Raises:
+        ConfigError: naming ``key`` when the value does not fit.
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {coerce(k, args[0], f"{key} key"): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        raise ConfigError(
+            f"unknown config key {where}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain-dict copy of a config dataclass (YAML-serialisable)."""
+    return copy.deepcopy(dataclasses.asdict(cfg))
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'``, creating levels."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are YAML (``3``, ``1e-3``, ``[1,2]``, ``null``)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err.problem})") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with clear errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file with --config")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, train:, ...)")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Load a :class:`Config` from YAML (or ``base``) plus dotted overrides, validating it."""
+    tree = copy.deepcopy(base) if base is not None else (load_yaml(path) if path else {})
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(tree, key, value)
+    cfg = from_dict(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    d, t, i = cfg.data, cfg.train, cfg.infer
+    _check(d.layout in ("auto", "msd", "nnunet", "btcv", "cases", "pairs"), "data.layout",
+           "must be one of auto, msd, nnunet, btcv, cases, pairs")
+    _check(d.preset in ("ct", "mri", "none"), "data.preset", "must be ct, mri or none")
+    _check(d.mri_norm in ("zscore", "percentile"), "data.mri_norm", "must be zscore or percentile")
+    _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be [low, high] with low < high")
+    _check(len(d.patch_size) == 3 and all(p > 0 for p in d.patch_size), "data.patch_size", "must be 3 positive integers")
+    _check(d.spacing is None or (len(d.spacing) == 3 and all(s > 0 for s in d.spacing)), "data.spacing",
+           "must be null or 3 positive numbers (mm)")
+    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
+    _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    s = d.split
+    _check(0.0 <= s.test_fraction < 1.0, "data.split.test_fraction", "must be in [0, 1)")
+    _check(0.0 <= s.val_fraction < 1.0, "data.split.val_fraction", "must be in [0, 1)")
+    _check(s.folds == 0 or (s.folds >= 2 and 0 <= s.fold < s.folds), "data.split.folds",
+           "must be 0 (holdout) or >= 2 with 0 <= fold < folds")
+    _check(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _check(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+    _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", "must be adamw or sgd")
+    _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(t.scheduler in ("cosine", "poly", "constant"), "train.scheduler", "must be cosine, poly or constant")
+    _check(t.amp in ("auto", "on", "off"), "train.amp", "must be auto, on or off")
+    _check(t.val_every >= 1, "train.val_every", "must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(t.patience >= 0, "train.patience", "must be >= 0")
+    _check(0.0 <= i.overlap < 1.0, "infer.overlap", "must be in [0, 1)")
+    _check(i.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
+    _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")
+    _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
+    _check(isinstance(cfg.method.get("name"), str), "method.name", "must name a method (e.g. unet)")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: reading and writing volumes, dataset catalogs, presets and transforms."""

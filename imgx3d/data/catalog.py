@@ -1,0 +1,285 @@
+"""Find the cases of a dataset folder and split them deterministically.
+
+Layouts:
+    msd      dataset.json with a ``training`` list (Medical Segmentation Decathlon)
+    nnunet   nnU-Net v2 raw: dataset.json with ``channel_names``, ``labels``, ``file_ending``;
+             ``imagesTr/CASE_0000.nii.gz`` …, ``labelsTr/CASE.nii.gz``
+    btcv     ``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz``
+    cases    one folder per case, channels and label found by glob patterns
+             (``data.channels``, ``data.label_pattern``), e.g. BraTS
+    pairs    ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) with matching names
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgx3d.config import DataConfig, SplitConfig
+from imgx3d.data.io import is_volume_path, read_label, strip_suffix
+from imgx3d.errors import InputError
+
+BTCV_LABELS = {
+    0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder",
+    5: "esophagus", 6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava",
+    10: "portal_and_splenic_vein", 11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland",
+}
+SPLIT_GROUPS = {"train": "train", "training": "train", "val": "val", "validation": "val",
+                "test": "test", "testing": "test"}
+
+
+@dataclass
+class Case:
+    """One subject: its image channel files, optional label file, optional predefined split."""
+
+    case_id: str
+    images: list[Path]
+    label: Path | None = None
+    group: str = ""
+
+
+@dataclass
+class Catalog:
+    """The cases of a dataset with its label names and channel names."""
+
+    root: Path
+    layout: str
+    cases: list[Case]
+    labels: dict[int, str]
+    channel_names: list[str] = field(default_factory=lambda: ["image"])
+    four_d: bool = False  # MSD multi-modal: one 4D file holds all channels
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes (max label value + 1, background included)."""
+        return max(self.labels) + 1
+
+    @property
+    def in_channels(self) -> int:
+        """Number of image channels."""
+        return len(self.channel_names)
+
+    def by_id(self) -> dict[str, Case]:
+        """Cases keyed by id."""
+        return {c.case_id: c for c in self.cases}
+
+
+@dataclass
+class Split:
+    """Case ids of each part of a split."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+    def to_json(self) -> dict[str, list[str]]:
+        """Plain-dict form, saved beside each run."""
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: malformed JSON ({err}); fix the file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _int_labels(labels: dict, source: Path) -> dict[int, str]:
+    """MSD maps value→name ({"0": "background"}); nnU-Net v2 maps name→value."""
+    out: dict[int, str] = {}
+    try:
+        for key, value in labels.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[int(value)] = str(key)
+            else:
+                out[int(key)] = str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: 'labels' must map label values to names (region lists are not supported)") from None
+    if 0 not in out:
+        out[0] = "background"
+    return dict(sorted(out.items()))
+
+
+def _must_exist(path: Path, listed_in: Path) -> Path:
+    if not path.exists():
+        raise InputError(f"{listed_in}: lists {path}, which does not exist; fix the entry or add the file")
+    return path
+
+
+def _msd(root: Path, meta: dict, json_path: Path) -> Catalog:
+    entries = meta.get("training")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{json_path}: 'training' must be a non-empty list of {{image, label}} entries")
+    cases = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise InputError(f"{json_path}: training entry {i} has no 'image' key")
+        image = _must_exist(root / entry["image"], json_path)
+        label = _must_exist(root / entry["label"], json_path) if entry.get("label") else None
+        cases.append(Case(strip_suffix(image.name), [image], label))
+    modality = meta.get("modality") or {"0": "image"}
+    channels = [str(v) for _, v in sorted(modality.items(), key=lambda kv: int(kv[0]))]
+    if "labels" not in meta:
+        raise InputError(f"{json_path}: missing 'labels' (e.g. {{\"0\": \"background\", \"1\": \"organ\"}})")
+    return Catalog(root, "msd", cases, _int_labels(meta["labels"], json_path), channels, four_d=len(channels) > 1)
+
+
+def _nnunet(root: Path, meta: dict, json_path: Path) -> Catalog:
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in meta:
+            raise InputError(f"{json_path}: missing '{key}' required by the nnU-Net v2 layout")
+    ending = meta["file_ending"]
+    channels = [str(v) for _, v in sorted(meta["channel_names"].items(), key=lambda kv: int(kv[0]))]
+    images_dir = root / "imagesTr"
+    if not images_dir.is_dir():
+        raise InputError(f"{root}: nnU-Net layout needs an imagesTr/ folder")
+    ids = sorted({p.name[: -len(ending)][:-5] for p in images_dir.glob(f"*_0000{ending}")})
+    cases = []
+    for case_id in ids:
+        images = [_must_exist(images_dir / f"{case_id}_{c:04d}{ending}", json_path) for c in range(len(channels))]
+        label = root / "labelsTr" / f"{case_id}{ending}"
+        cases.append(Case(case_id, images, label if label.exists() else None))
+    return Catalog(root, "nnunet", cases, _int_labels(meta["labels"], json_path), channels)
+
+
+def _btcv(root: Path) -> Catalog:
+    base = root if (root / "img").is_dir() else root / "Training"
+    cases = []
+    for image in sorted((base / "img").glob("img*.nii*")):
+        number = strip_suffix(image.name)[3:]
+        labels = list((base / "label").glob(f"label{number}.nii*"))
+        cases.append(Case(f"btcv_{number}", [image], labels[0] if labels else None))
+    return Catalog(root, "btcv", cases, dict(BTCV_LABELS))
+
+
+def _match_one(folder: Path, pattern: str) -> Path | None:
+    hits = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if len(hits) > 1:
+        raise InputError(f"{folder}: pattern '{pattern}' matches {len(hits)} files; make data.channels/label_pattern specific")
+    return hits[0] if hits else None
+
+
+def _cases(root: Path, cfg: DataConfig) -> Catalog:
+    if not cfg.channels:
+        raise InputError(f"{root}: layout 'cases' needs data.channels (glob patterns of the channel files)")
+    cases = []
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()) + [root]:
+        first = _match_one(folder, cfg.channels[0])
+        if first is None:
+            continue
+        images = [first] + [_match_one(folder, pattern) for pattern in cfg.channels[1:]]
+        if any(image is None for image in images):
+            missing = cfg.channels[images.index(None)]
+            raise InputError(f"{folder}: no file matches channel pattern '{missing}'; add it or fix data.channels")
+        label = _match_one(folder, cfg.label_pattern) if cfg.label_pattern else None
+        group = SPLIT_GROUPS.get(folder.parent.name.lower(), "") if folder != root else ""
+        cases.append(Case(folder.name, images, label, group))
+    channels = [p.split("*")[0].strip("_.") or f"channel{i}" for i, p in enumerate(cfg.channels)]
+    return Catalog(root, "cases", cases, {}, channels)
+
+
+def _pairs(root: Path) -> Catalog:
+    for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
+        images_dir, labels_dir = root / images_name, root / labels_name
+        if images_dir.is_dir():
+            break
+    else:
+        raise InputError(
+            f"{root}: dataset layout not recognised; expected dataset.json (MSD / nnU-Net v2), img/ + label/ (BTCV), "
+            "images/ + labels/ (pairs), or set data.layout=cases with data.channels"
+        )
+    labels = {strip_suffix(p.name): p for p in labels_dir.iterdir() if is_volume_path(p)} if labels_dir.is_dir() else {}
+    cases = [Case(strip_suffix(p.name), [p], labels.get(strip_suffix(p.name)))
+             for p in sorted(images_dir.iterdir()) if is_volume_path(p)]
+    return Catalog(root, "pairs", cases, {})
+
+
+def _labels_from_files(catalog: Catalog) -> dict[int, str]:
+    values: set[int] = {0}
+    for case in catalog.cases:
+        if case.label is not None:
+            values |= {int(v) for v in np.unique(read_label(case.label).array)}
+    return {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
+
+
+def find_cases(root: str | Path, cfg: DataConfig | None = None) -> Catalog:
+    """Find the cases of the dataset at ``root``.
+
+    Raises:
+        InputError: missing folder, unrecognised layout, malformed dataset.json, listed files
+            missing, duplicate case ids, or no cases.
+    """
+    cfg = cfg or DataConfig()
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: dataset folder not found; check --data")
+    if not root.is_dir():
+        raise InputError(f"{root}: is a file; --data expects a dataset folder")
+    layout = cfg.layout
+    json_path = root / "dataset.json"
+    meta = _read_json(json_path) if json_path.is_file() and layout in ("auto", "msd", "nnunet") else None
+    if layout == "auto":
+        if meta is not None:
+            layout = "nnunet" if "file_ending" in meta and "channel_names" in meta else "msd"
+        elif (root / "img").is_dir() or (root / "Training" / "img").is_dir():
+            layout = "btcv"
+        elif cfg.channels:
+            layout = "cases"
+        else:
+            layout = "pairs"
+    if layout in ("msd", "nnunet") and meta is None:
+        raise InputError(f"{root}: layout '{layout}' needs a dataset.json in the folder")
+    builders = {"msd": lambda: _msd(root, meta, json_path), "nnunet": lambda: _nnunet(root, meta, json_path),
+                "btcv": lambda: _btcv(root), "cases": lambda: _cases(root, cfg), "pairs": lambda: _pairs(root)}
+    catalog = builders[layout]()
+    if not catalog.cases:
+        raise InputError(f"{root}: no cases found for layout '{layout}'; check the folder and data.layout")
+    ids = [c.case_id for c in catalog.cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InputError(f"{root}: duplicate case id '{duplicates[0]}'; give every case a unique file or folder name")
+    if cfg.labels:
+        catalog.labels = {0: "background", **dict(sorted(cfg.labels.items()))}
+    elif not catalog.labels:
+        catalog.labels = _labels_from_files(catalog)
+    return catalog
+
+
+def make_split(catalog: Catalog, cfg: SplitConfig) -> Split:
+    """Deterministic train / val / test split of the labelled cases.
+
+    Predefined groups (case folders under ``train/``, ``validation/``, ``test/``) are used
+    when every case has one; otherwise a seeded shuffle of the sorted ids is cut in holdout
+    or k-fold mode.
+    """
+    labelled = [c for c in catalog.cases if c.label is not None]
+    if not labelled:
+        raise InputError(f"{catalog.root}: no case has a label file; training needs labelled cases")
+    if all(c.group for c in labelled):
+        groups = {g: sorted(c.case_id for c in labelled if c.group == g) for g in ("train", "val", "test")}
+        if groups["train"]:
+            return Split(groups["train"], groups["val"], groups["test"])
+    ids = np.array(sorted(c.case_id for c in labelled))
+    perm = list(ids[np.random.default_rng(cfg.seed).permutation(len(ids))])
+    if cfg.folds:
+        if cfg.folds > len(perm):
+            raise InputError(f"{catalog.root}: {len(perm)} labelled cases cannot make {cfg.folds} folds")
+        folds = [list(f) for f in np.array_split(np.array(perm, dtype=object), cfg.folds)]
+        test = folds[cfg.fold]
+        rest = [i for k, f in enumerate(folds) if k != cfg.fold for i in f]
+    else:
+        n_test = int(round(cfg.test_fraction * len(perm)))
+        test, rest = perm[:n_test], perm[n_test:]
+    n_val = int(round(cfg.val_fraction * len(rest)))
+    if cfg.val_fraction > 0 and n_val == 0 and len(rest) > 1:
+        n_val = 1
+    val, train = rest[:n_val], rest[n_val:]
+    if not train:
+        raise InputError(f"{catalog.root}: only {len(perm)} labelled cases; too few for the configured split")
+    return Split(sorted(map(str, train)), sorted(map(str, val)), sorted(map(str, test)))

@@ -1,0 +1,241 @@
+"""Read and write volumes with their geometry.
+
+NIfTI is read with nibabel; NRRD, MHA/MHD and DICOM series with SimpleITK, whose LPS
+geometry is converted to nibabel's RAS+ affine. Arrays are kept in the file's voxel order
+(x, y, z) so that a prediction written with the input's affine and header lands exactly
+on the input's grid. Every problem a user can cause becomes an :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from imgx3d.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+# SimpleITK/DICOM use LPS world coordinates; nibabel (and imgx3d) use RAS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D array with its voxel-to-world (RAS+, mm) affine.
+
+    Attributes:
+        array: (X, Y, Z) array in the file's voxel order, or (C, X, Y, Z) for multi-channel.
+        affine: 4x4 voxel → RAS+ world matrix.
+        path: where it was read from.
+        header: the NIfTI header of the source file (None for other formats); reused on write.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """The last three dimensions of ``array``."""
+        return tuple(int(s) for s in self.array.shape[-3:])
+
+
+def is_volume_path(path: Path) -> bool:
+    """True for a file with a volume suffix imgx3d reads (not DICOM folders)."""
+    name = path.name.lower()
+    return name.endswith(NIFTI_SUFFIXES) or name.endswith(SITK_SUFFIXES)
+
+
+def strip_suffix(name: str) -> str:
+    """``case.nii.gz`` → ``case`` (any supported volume suffix)."""
+    low = name.lower()
+    for suffix in sorted(NIFTI_SUFFIXES + SITK_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: not found; check the path")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: cannot be read (permission denied); fix its permissions")
+
+
+def _read_nifti(path: Path) -> Volume:
+    try:
+        img = nib.load(str(path))
+        array = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise InputError(
+            f"{path}: unreadable or truncated NIfTI file ({type(err).__name__}: {err}); re-export or re-copy it"
+        ) from None
+    header = img.header.copy()
+    return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), path=path, header=header)
+
+
+def _sitk_to_volume(image: sitk.Image, path: Path) -> Volume:
+    if image.GetDimension() != 3:
+        raise InputError(f"{path}: is {image.GetDimension()}D; imgx3d --volume expects 3D volumes")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{path}: has vector pixels; save each channel as its own scalar volume")
+    array = np.ascontiguousarray(array.transpose(2, 1, 0))  # (z, y, x) → (x, y, z)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    lps[:3, 3] = image.GetOrigin()
+    return Volume(array=array, affine=LPS_TO_RAS @ lps, path=path, header=None)
+
+
+def _read_dicom_series(folder: Path) -> Volume:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: no DICOM series found; pass a folder of DICOM slices or a volume file")
+    if len(series) > 1:
+        raise InputError(
+            f"{folder}: holds {len(series)} DICOM series; put each series in its own folder and pass one"
+        )
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise InputError(f"{folder}: DICOM series could not be read ({str(err).splitlines()[0]}); check the slices") from None
+    return _sitk_to_volume(image, folder)
+
+
+def _read_sitk(path: Path) -> Volume:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise InputError(f"{path}: unreadable or truncated file ({str(err).strip().splitlines()[-1]}); re-export it") from None
+    return _sitk_to_volume(image, path)
+
+
+def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "image") -> Volume:
+    """Read a 3D volume (or a 4D multi-channel one when ``allow_channels``).
+
+    Args:
+        path: NIfTI, NRRD, MHA/MHD file, or a folder holding one DICOM series.
+        allow_channels: accept a 4D NIfTI as (X, Y, Z, C) channels; returned channel-first.
+        what: ``image`` or ``label``, for messages and value checks.
+
+    Raises:
+        InputError: missing, unreadable, truncated, wrong dimensionality, empty, non-finite,
+            or a malformed affine.
+    """
+    path = Path(path)
+    _check_readable(path)
+    if path.is_dir():
+        volume = _read_dicom_series(path)
+    elif path.name.lower().endswith(NIFTI_SUFFIXES):
+        volume = _read_nifti(path)
+    elif path.name.lower().endswith(SITK_SUFFIXES):
+        volume = _read_sitk(path)
+    else:
+        raise InputError(
+            f"{path}: unsupported format; use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, or a DICOM series folder"
+        )
+    array = volume.array
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        raise InputError(f"{path}: is a 2D image (shape {array.shape}); --volume expects 3D volumes (use --image for 2D data)")
+    if array.ndim == 4:
+        if not allow_channels:
+            raise InputError(f"{path}: is 4D (shape {array.shape}) where a 3D {what} is expected; split it into 3D files")
+        array = np.moveaxis(array, 3, 0)
+    elif array.ndim != 3:
+        raise InputError(f"{path}: has {array.ndim} dimensions; a 3D {what} is expected")
+    if 0 in array.shape:
+        raise InputError(f"{path}: has a zero-size dimension (shape {array.shape}); the file is empty or corrupt")
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(f"{path}: contains {bad} NaN or infinite voxels; replace them (e.g. with 0) before use")
+    check_affine(volume.affine, path)
+    volume.array = np.ascontiguousarray(array)
+    return volume
+
+
+def check_affine(affine: np.ndarray, path: Path | None) -> None:
+    """Refuse non-finite affines, zero spacing and degenerate (singular) axes."""
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: affine has NaN or infinite entries; fix the header's qform/sform")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing < 1e-6):
+        raise InputError(f"{path}: zero voxel spacing {tuple(spacing.round(6))}; fix the header's pixdim/qform/sform")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(spacing)):
+        raise InputError(f"{path}: affine is singular (axes are collinear); fix the header's qform/sform")
+
+
+def read_label(path: str | Path) -> Volume:
+    """Read a label map: 3D, integer-valued and non-negative."""
+    volume = read_volume(path, what="label")
+    array = volume.array
+    if not np.all(np.equal(np.mod(array, 1), 0)):
+        raise InputError(f"{path}: label map has non-integer values; labels must be whole numbers (0 = background)")
+    if array.min() < 0:
+        raise InputError(f"{path}: label map has negative values (min {array.min():g}); labels must be >= 0")
+    volume.array = array.astype(np.int64)
+    return volume
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: no half-written file under its final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_nifti(array: np.ndarray, path: str | Path, reference: Volume, dtype: type = np.uint8) -> None:
+    """Write ``array`` on ``reference``'s grid: same affine, and its NIfTI header when it has one.
+
+    The qform/sform codes and matrices of the reference are kept; intensity scaling is
+    reset so label values are stored as they are.
+    """
+    path = Path(path)
+    if tuple(array.shape[:3]) != reference.spatial_shape:
+        raise ValueError(f"array shape {array.shape} does not match reference grid {reference.spatial_shape}")
+    array = np.asarray(array, dtype=dtype)
+    if reference.header is not None:
+        src = reference.header
+        img = nib.Nifti1Image(array, reference.affine, header=src.copy())
+        qform, qcode = src.get_qform(coded=True)
+        sform, scode = src.get_sform(coded=True)
+        img.set_qform(qform if qform is not None else reference.affine, code=int(qcode or 0))
+        img.set_sform(sform if sform is not None else reference.affine, code=int(scode or 0))
+    else:
+        img = nib.Nifti1Image(array, reference.affine)
+        img.set_qform(reference.affine, code=1)
+        img.set_sform(reference.affine, code=1)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+def label_dtype(labels: dict[int, str]) -> type:
+    """The smallest unsigned integer type holding every label value."""
+    return np.uint8 if max(labels) < 256 else np.uint16

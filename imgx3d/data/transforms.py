@@ -1,0 +1,214 @@
+"""From files to model-space tensors and back, plus the training patch sampler.
+
+Model space = reoriented to RAS (an exact axis permutation/flip, from nibabel's
+orientation tools) and, if ``data.spacing`` is set, resized to that spacing. The map is
+recorded in a :class:`GridMap` so predictions go back to the exact native grid: resized
+to the RAS shape, then un-permuted. We resize by size (MONAI ``Resize``) rather than
+``Spacing``: a size-based resize inverts to exactly the input's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resize,
+    SpatialPadd,
+)
+from torch.utils.data import IterableDataset, get_worker_info
+
+from imgx3d.config import DataConfig
+from imgx3d.data.catalog import Case
+from imgx3d.data.io import Volume, read_label, read_volume
+from imgx3d.data.presets import normalize_intensity
+from imgx3d.errors import InputError
+
+AFFINE_TOLERANCE = 1e-3  # mm / direction-cosine tolerance for image-label agreement
+
+
+@dataclass
+class GridMap:
+    """How a native (file-order) grid maps to model space, for the way back.
+
+    Attributes:
+        native_shape: spatial shape of the file.
+        to_ras: nibabel orientation transform from the file's axes to RAS.
+        ras_shape: spatial shape after reorientation.
+        model_shape: spatial shape after resizing to the target spacing.
+    """
+
+    native_shape: tuple[int, int, int]
+    to_ras: np.ndarray
+    ras_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+
+
+def reorient(x: torch.Tensor, transform: np.ndarray) -> torch.Tensor:
+    """Apply a nibabel orientation transform to the spatial axes of a (C, X, Y, Z) tensor.
+
+    Matches ``nibabel.orientations.apply_orientation`` axis for axis (flip, then permute).
+    """
+    for axis, (_, flip) in enumerate(transform):
+        if flip == -1:
+            x = x.flip(axis + 1)
+    source_of = [int(np.flatnonzero(transform[:, 0] == out_axis)[0]) for out_axis in range(3)]
+    return x.permute(0, *(a + 1 for a in source_of)).contiguous()
+
+
+RAS = nib.orientations.axcodes2ornt("RAS")
+
+
+class Preprocessor:
+    """Reads cases and maps them between the native grid and model space."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def read_image(self, paths: list, expected_channels: int | None = None) -> tuple[np.ndarray, Volume]:
+        """Read channel files into a (C, X, Y, Z) array; returns it and the first channel's volume."""
+        volumes = [read_volume(p, allow_channels=len(paths) == 1) for p in paths]
+        ref = volumes[0]
+        for vol in volumes[1:]:
+            _check_same_grid(ref, vol, "channel")
+        arrays = [v.array if v.array.ndim == 4 else v.array[None] for v in volumes]
+        array = np.concatenate(arrays, axis=0)
+        if expected_channels is not None and array.shape[0] != expected_channels:
+            raise InputError(
+                f"{paths[0]}: has {array.shape[0]} channel(s) but the model expects {expected_channels}; "
+                "pass all channel files of the case"
+            )
+        if np.all(array == array.reshape(array.shape[0], -1)[:, :1, None, None]):
+            raise InputError(f"{paths[0]}: image is constant (every voxel {float(array.flat[0]):g}); the file holds no image")
+        ref.array = array
+        return array, ref
+
+    def grid_map(self, reference: Volume) -> GridMap:
+        """The native ↔ model-space map of a volume's grid."""
+        to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(reference.affine), RAS)
+        native = reference.spatial_shape
+        ras_shape = tuple(int(native[int(np.flatnonzero(to_ras[:, 0] == a)[0])]) for a in range(3))
+        if self.cfg.spacing is None:
+            model_shape = ras_shape
+        else:
+            spacing = np.asarray(reference.spacing)
+            ras_spacing = [spacing[int(np.flatnonzero(to_ras[:, 0] == a)[0])] for a in range(3)]
+            model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, ras_spacing, self.cfg.spacing))
+        return GridMap(native, to_ras, ras_shape, model_shape)
+
+    def image_to_model(self, array: np.ndarray, grid: GridMap) -> torch.Tensor:
+        """(C, X, Y, Z) native image → normalised model-space tensor."""
+        x = reorient(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), grid.to_ras)
+        if grid.model_shape != grid.ras_shape:
+            x = Resize(grid.model_shape, mode="trilinear")(x)
+            x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        return normalize_intensity(x, self.cfg)
+
+    def label_to_model(self, label: np.ndarray, grid: GridMap) -> torch.Tensor:
+        """(X, Y, Z) native label map → (1, X', Y', Z') model-space uint8/int tensor."""
+        y = reorient(torch.from_numpy(label.astype(np.int64))[None], grid.to_ras)
+        if grid.model_shape != grid.ras_shape:
+            y = Resize(grid.model_shape, mode="nearest-exact")(y.float())
+            y = (y.as_tensor() if hasattr(y, "as_tensor") else y).round().long()
+        return y
+
+    def to_native(self, probs: torch.Tensor, grid: GridMap) -> torch.Tensor:
+        """(K, X', Y', Z') model-space probabilities → (K, X, Y, Z) on the native grid."""
+        if tuple(probs.shape[1:]) != grid.ras_shape:
+            probs = Resize(grid.ras_shape, mode="trilinear")(probs.float())
+            probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
+        return reorient(probs, nib.orientations.ornt_transform(RAS, grid.to_ras))
+
+    def load_case(self, case: Case, labels: dict[int, str], in_channels: int | None = None) -> dict[str, Any]:
+        """Read and preprocess a labelled case into model space, validating the label."""
+        array, ref = self.read_image(case.images, in_channels)
+        grid = self.grid_map(ref)
+        item: dict[str, Any] = {"case_id": case.case_id, "image": self.image_to_model(array, grid)}
+        if case.label is not None:
+            label = read_label(case.label)
+            _check_same_grid(ref, label, "label")
+            unknown = sorted(set(np.unique(label.array).tolist()) - set(labels))
+            if unknown:
+                raise InputError(
+                    f"{case.label}: label values {unknown} are not among the dataset's labels {sorted(labels)}; "
+                    "fix the label map or the 'labels' of dataset.json / data.labels"
+                )
+            item["label"] = self.label_to_model(label.array, grid)
+        return item
+
+
+def _check_same_grid(ref: Volume, other: Volume, what: str) -> None:
+    if other.spatial_shape != ref.spatial_shape:
+        raise InputError(
+            f"{other.path}: {what} shape {other.spatial_shape} differs from image {ref.path} shape {ref.spatial_shape}; "
+            f"resample the {what} onto the image grid"
+        )
+    if not np.allclose(other.affine, ref.affine, atol=AFFINE_TOLERANCE):
+        raise InputError(
+            f"{other.path}: {what} affine differs from image {ref.path} beyond {AFFINE_TOLERANCE}; "
+            f"the {what} is not on the image grid (fix its header or resample it)"
+        )
+
+
+def train_transforms(cfg: DataConfig) -> Compose:
+    """Random patch sampling and augmentation (MONAI) on model-space {image, label} dicts."""
+    keys = ["image", "label"]
+    transforms: list = [
+        SpatialPadd(keys, spatial_size=cfg.patch_size, mode="constant"),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size,
+                               pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, num_samples=1),
+    ]
+    transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in cfg.flip_axes]
+    if cfg.intensity_aug:
+        transforms += [
+            RandScaleIntensityd("image", factors=0.1, prob=0.2),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.2),
+            RandGaussianNoised("image", prob=0.1, std=0.05),
+        ]
+    return Compose(transforms)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+class PatchBatches(IterableDataset):
+    """Training batches as a pure function of (seed, step).
+
+    Batch ``s`` is drawn with randomness seeded by ``(seed, s)``, so a resumed run sees
+    exactly the batches the uninterrupted run would have seen, with any number of loader
+    workers (worker ``w`` of ``n`` makes the batches ``s ≡ w (mod n)``, which the DataLoader
+    returns in step order).
+    """
+
+    def __init__(self, items: list[dict[str, Any]], transform: Compose, batch_size: int, seed: int,
+                 start_step: int, stop_step: int):
+        self.items, self.transform, self.batch_size = items, transform, batch_size
+        self.seed, self.start_step, self.stop_step = seed, start_step, stop_step
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of training step ``step``."""
+        rng = np.random.default_rng([self.seed, step])
+        samples = []
+        for index in rng.integers(len(self.items), size=self.batch_size):
+            item = self.items[int(index)]
+            self.transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            out = self.transform({"image": item["image"], "label": item["label"]})
+            out = out[0] if isinstance(out, list) else out
+            samples.append(out)
+        return {k: torch.stack([_plain(s[k]) for s in samples]) for k in ("image", "label")}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start_step + worker, self.stop_step, workers):
+            yield self.batch(step)

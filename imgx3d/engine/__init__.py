@@ -1,0 +1,1 @@
+"""The method-agnostic engine: training loop, inference, metrics, tracking."""

@@ -1,0 +1,158 @@
+"""Per-class segmentation metrics (MONAI), shared by validation and ``imgx3d evaluate``.
+
+Conventions for empty structures: both reference and prediction empty → Dice/IoU/NSD 1
+and HD95 0; exactly one empty → Dice/IoU/NSD 0 and HD95 NaN (undefined, left out of means).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
+
+from imgx3d.data.io import is_volume_path, read_label, strip_suffix
+from imgx3d.errors import InputError
+
+ALL_METRICS = ("dice", "iou", "hd95", "nsd")
+
+
+def _crop_to_objects(pred: np.ndarray, ref: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Crop both maps to the union bounding box of their foreground (distances are unchanged)."""
+    fg = np.argwhere((pred > 0) | (ref > 0))
+    if fg.size == 0:
+        return pred[:1, :1, :1], ref[:1, :1, :1]
+    lo = np.maximum(fg.min(0) - margin, 0)
+    hi = np.minimum(fg.max(0) + margin + 1, pred.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return pred[box], ref[box]
+
+
+def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+               metrics: tuple[str, ...] = ALL_METRICS, nsd_tolerance_mm: float = 1.0) -> dict[int, dict[str, float]]:
+    """Metrics per foreground class of one case.
+
+    Args:
+        pred, ref: integer label maps of the same shape.
+        classes: label values to score (normally all but background).
+        spacing: voxel size in mm, for HD95 and NSD.
+        metrics: any of ``dice``, ``iou``, ``hd95``, ``nsd``.
+        nsd_tolerance_mm: surface tolerance of the normalised surface Dice.
+    """
+    pred, ref = _crop_to_objects(np.asarray(pred), np.asarray(ref))
+    p = torch.from_numpy(np.stack([pred == c for c in classes])[None].astype(np.float32))
+    r = torch.from_numpy(np.stack([ref == c for c in classes])[None].astype(np.float32))
+    out: dict[str, torch.Tensor] = {}
+    if "dice" in metrics:
+        out["dice"] = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
+    if "iou" in metrics:
+        out["iou"] = compute_iou(p, r, include_background=True, ignore_empty=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on empty structures; handled below
+        if "hd95" in metrics:
+            out["hd95"] = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=list(spacing))[0]
+        if "nsd" in metrics:
+            out["nsd"] = compute_surface_dice(p, r, [nsd_tolerance_mm] * len(classes), include_background=True,
+                                              spacing=list(spacing))[0]
+    result: dict[int, dict[str, float]] = {}
+    for i, c in enumerate(classes):
+        p_empty, r_empty = not p[0, i].any(), not r[0, i].any()
+        row = {}
+        for name, values in out.items():
+            value = float(values[i])
+            if p_empty and r_empty:
+                value = 0.0 if name == "hd95" else 1.0
+            elif p_empty or r_empty:
+                value = math.nan if name == "hd95" else 0.0
+            row[name] = value
+        result[c] = row
+    return result
+
+
+def summarize(rows: list[dict], labels: dict[int, str], metrics: tuple[str, ...] = ALL_METRICS) -> dict:
+    """Mean and std per class and metric over cases (NaNs left out), and foreground means."""
+    summary: dict = {"cases": len({r["case"] for r in rows}), "per_class": {}, "foreground_mean": {}}
+    for c, name in labels.items():
+        if c == 0:
+            continue
+        class_rows = [r for r in rows if r["class"] == c]
+        stats = {}
+        for m in metrics:
+            values = np.array([r[m] for r in class_rows if m in r], dtype=float)
+            values = values[~np.isnan(values)]
+            stats[m] = {"mean": float(values.mean()) if values.size else math.nan,
+                        "std": float(values.std()) if values.size else math.nan}
+        summary["per_class"][name] = stats
+    for m in metrics:
+        means = [s[m]["mean"] for s in summary["per_class"].values() if not math.isnan(s[m]["mean"])]
+        summary["foreground_mean"][m] = float(np.mean(means)) if means else math.nan
+    return summary
+
+
+def _volume_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; pass a folder of label maps")
+    return {strip_suffix(p.name): p for p in sorted(folder.iterdir())
+            if is_volume_path(p) and not p.name.startswith(".") and "_probabilities" not in p.name}
+
+
+def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int, str] | None = None,
+                     output_dir: str | Path | None = None, nsd_tolerance_mm: float = 1.0) -> tuple[list[dict], dict]:
+    """Score every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
+
+    Writes ``metrics.csv`` (per case, per class) and ``summary.json`` into ``output_dir``.
+
+    Raises:
+        InputError: missing folders/files, or a prediction not on its reference's grid.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    preds, refs = _volume_files(pred_dir), _volume_files(ref_dir)
+    if not preds:
+        raise InputError(f"{pred_dir}: no predictions (.nii/.nii.gz/.nrrd/.mha) found")
+    missing = sorted(set(preds) - set(refs))
+    if missing:
+        raise InputError(f"{ref_dir}: no reference for case '{missing[0]}' (from {preds[missing[0]]}); add it or remove the prediction")
+    loaded = {}
+    for case in preds:
+        pred, ref = read_label(preds[case]), read_label(refs[case])
+        if pred.spatial_shape != ref.spatial_shape or not np.allclose(pred.affine, ref.affine, atol=1e-3):
+            raise InputError(f"{preds[case]}: not on the grid of its reference {refs[case]} (shape or affine differ); "
+                             "predict on the original image")
+        loaded[case] = (pred, ref)
+    if labels is None:
+        values = sorted({int(v) for p, r in loaded.values() for v in np.union1d(np.unique(p.array), np.unique(r.array))})
+        labels = {v: ("background" if v == 0 else f"label_{v}") for v in values} | {0: "background"}
+    classes = [c for c in sorted(labels) if c != 0]
+    rows = []
+    for case, (pred, ref) in loaded.items():
+        scores = score_case(pred.array, ref.array, classes, ref.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
+        rows += [{"case": case, "class": c, "name": labels[c], **scores[c]} for c in classes]
+    summary = summarize(rows, labels)
+    if output_dir is not None:
+        write_metrics(rows, summary, Path(output_dir))
+    return rows, summary
+
+
+def write_metrics(rows: list[dict], summary: dict, output_dir: Path) -> None:
+    """Write ``metrics.csv`` and ``summary.json``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "class", "name", *ALL_METRICS], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of per-class means ± std."""
+    metrics = list(summary["foreground_mean"])
+    lines = [f"{'class':<24}" + "".join(f"{m:>18}" for m in metrics)]
+    for name, stats in summary["per_class"].items():
+        lines.append(f"{name:<24}" + "".join(f"{stats[m]['mean']:>10.4f} ± {stats[m]['std']:<5.3f}" for m in metrics))
+    lines.append(f"{'foreground mean':<24}" + "".join(f"{summary['foreground_mean'][m]:>18.4f}" for m in metrics))
+    return "\n".join(lines)

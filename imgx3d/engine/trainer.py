@@ -1,0 +1,237 @@
+"""The generic training loop; it never knows which method it runs.
+
+One optimiser (and LR schedule) per parameter group of the method; each group is
+updated from its own ``loss/<group>``. Mixed precision where the device supports it,
+gradient clipping, whole-volume validation with the sliding window, best checkpoint by
+validation Dice, early stopping, a wall-time budget, atomic checkpoints and an exact
+resume (model, optimisers, schedules, step, RNG states; batches are a function of step).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from imgx3d.config import Config, TrainConfig, to_dict
+from imgx3d.data.io import atomic_write
+from imgx3d.engine.infer import CHECKPOINT_FORMAT, make_window, predict_probabilities
+from imgx3d.engine.metrics import score_case
+from imgx3d.engine.tracking import NullTracker, Tracker
+from imgx3d.methods.base import Method
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the base LR at a step: linear warmup then cosine / poly / constant."""
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if cfg.scheduler == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.scheduler == "poly":
+            return max(floor, (1 - progress) ** 0.9)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class TrainState:
+    """What a resume restores besides weights and optimiser states."""
+
+    step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    bad_validations: int = 0
+    elapsed_s: float = 0.0
+    stop_reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs a method's ``training_step`` over batches and validates on whole volumes.
+
+    Args:
+        cfg: the run config (``train`` and ``infer`` sections are used here).
+        method: the method to train.
+        run_dir: where ``last.pt`` and ``best.pt`` are written.
+        meta: extra fields stored in every checkpoint (labels, channels, class counts).
+        tracker: mlflow tracker (or :class:`NullTracker`).
+    """
+
+    def __init__(self, cfg: Config, method: Method, run_dir: Path, meta: dict[str, Any],
+                 tracker: Tracker | NullTracker | None = None, device: torch.device | None = None):
+        self.cfg, self.method, self.run_dir, self.meta = cfg, method, Path(run_dir), meta
+        self.tracker = tracker or NullTracker()
+        self.device = device or torch.device("cpu")
+        self.method.to(self.device)
+        self.groups = method.parameter_groups()
+        self.optimizers = {g: make_optimizer(p, cfg.train) for g, p in self.groups.items()}
+        self.schedulers = {g: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg.train)) for g, o in self.optimizers.items()}
+        amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if amp else None
+        self.state = TrainState()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, weights_only: bool = False) -> dict[str, Any]:
+        """Everything needed to predict (and, unless ``weights_only``, to resume)."""
+        ckpt = {"format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "method": self.method.name,
+                "model": self.method.state_dict(), "step": self.state.step, **self.meta}
+        if not weights_only:
+            ckpt.update({
+                "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
+                "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
+                "train_state": vars(self.state).copy(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            })
+        return ckpt
+
+    def save(self, name: str, weights_only: bool = False) -> Path:
+        """Write a checkpoint atomically (temp file + rename)."""
+        path = self.run_dir / name
+        ckpt = self.checkpoint(weights_only)
+        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        return path
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a ``last.pt`` checkpoint exactly where it stopped."""
+        self.method.load_state_dict(ckpt["model"])
+        for g, o in self.optimizers.items():
+            o.load_state_dict(ckpt["optimizers"][g])
+        for g, s in self.schedulers.items():
+            s.load_state_dict(ckpt["schedulers"][g])
+        self.state = TrainState(**ckpt["train_state"])
+        rng = ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimisation step over every parameter group."""
+        self.method.train()
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.method.training_step(batch, self.state.step)
+        names = list(self.groups)
+        for i, group in enumerate(names):
+            params = [p for p in self.groups[group] if p.requires_grad]
+            loss = out[f"loss/{group}"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss/{group} is {loss.item()} at step {self.state.step}; lower train.lr")
+            grads = torch.autograd.grad(loss, params, retain_graph=i < len(names) - 1, allow_unused=True)
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+            self.optimizers[group].step()
+            self.optimizers[group].zero_grad(set_to_none=True)
+            self.schedulers[group].step()
+        scalars = {k: float(v.detach()) for k, v in out.items()}
+        scalars["lr"] = self.schedulers[names[0]].get_last_lr()[0]
+        return scalars
+
+    # -- validation ----------------------------------------------------------------------
+    def validate(self, cases: list[dict[str, Any]], labels: dict[int, str]) -> dict[str, float]:
+        """Mean Dice per class over whole validation volumes (sliding window, model space)."""
+        self.method.eval()
+        window = make_window(self.cfg.infer, self.cfg.data.patch_size)
+        classes = [c for c in sorted(labels) if c != 0]
+        per_class: dict[int, list[float]] = {c: [] for c in classes}
+        for case in cases:
+            probs = predict_probabilities(self.method, case["image"].to(self.device), window)
+            pred = probs.argmax(0).cpu().numpy()
+            scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
+            for c in classes:
+                per_class[c].append(scores[c]["dice"])
+        metrics = {f"val/dice/{labels[c]}": float(np.mean(v)) for c, v in per_class.items()}
+        metrics["val/dice_mean"] = float(np.mean(list(metrics.values())))
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self, batches: Iterator[dict[str, torch.Tensor]], val_cases: list[dict[str, Any]],
+            labels: dict[int, str]) -> TrainState:
+        """Train until ``max_steps``, the time budget, or early stopping."""
+        t = self.cfg.train
+        start, elapsed0 = time.monotonic(), self.state.elapsed_s
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", disable=None)
+        running: dict[str, list[float]] = {}
+        validated_at = -1
+        while self.state.step < t.max_steps:
+            self.state.elapsed_s = elapsed0 + time.monotonic() - start
+            if t.max_minutes and self.state.elapsed_s >= 60 * t.max_minutes:
+                self.state.stop_reason = "time budget"
+                break
+            scalars = self.step(next(batches))
+            self.state.step += 1
+            bar.update(1)
+            for k, v in scalars.items():
+                running.setdefault(k, []).append(v)
+            if self.state.step % 50 == 0 or self.state.step == t.max_steps:
+                means = {f"train/{k.replace('loss/', 'loss_')}": float(np.mean(v)) for k, v in running.items()}
+                self.tracker.log_metrics(means, self.state.step)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in means.items() if "loss" in k})
+                running = {}
+            if self.state.step % t.val_every == 0:
+                validated_at = self.state.step
+                if self._validate_and_checkpoint(val_cases, labels, start, elapsed0):
+                    self.state.stop_reason = "early stopping"
+                    break
+            elif self.state.step % t.checkpoint_every == 0:
+                self.state.elapsed_s = elapsed0 + time.monotonic() - start
+                self.save("last.pt")
+        else:
+            self.state.stop_reason = "max steps"
+        if validated_at != self.state.step:
+            self._validate_and_checkpoint(val_cases, labels, start, elapsed0)
+        bar.close()
+        return self.state
+
+    def _validate_and_checkpoint(self, val_cases: list[dict[str, Any]], labels: dict[int, str],
+                                 start: float, elapsed0: float) -> bool:
+        """Validate, keep the best weights, save ``last.pt``; True when patience ran out."""
+        if val_cases:
+            metrics = self.validate(val_cases, labels)
+            self.tracker.log_metrics(metrics, self.state.step)
+            self.state.history.append({"step": self.state.step, **metrics})
+            score = metrics["val/dice_mean"]
+            if score > self.state.best_metric:
+                self.state.best_metric, self.state.best_step, self.state.bad_validations = score, self.state.step, 0
+                self.save("best.pt", weights_only=True)
+            else:
+                self.state.bad_validations += 1
+        else:  # no validation cases: the latest weights are the ones to use
+            self.state.best_step = self.state.step
+            self.save("best.pt", weights_only=True)
+        self.state.elapsed_s = elapsed0 + time.monotonic() - start
+        self.save("last.pt")
+        return bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience

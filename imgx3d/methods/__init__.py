@@ -1,0 +1,1 @@
+"""Segmentation methods behind one interface (see :mod:`imgx3d.methods.base`)."""

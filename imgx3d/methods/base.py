@@ -1,0 +1,94 @@
+"""The one seam between the engine and a method, and the registry of methods by name.
+
+A method is an ``nn.Module`` that owns its networks and losses. The trainer, the CLI,
+inference and tracking call only this interface, so adding a method touches no other
+file but its own module and its configs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from imgx3d.config import from_dict
+from imgx3d.errors import CheckpointError, ConfigError
+
+# window(fn, x): run fn over sliding windows of x (B, C, X, Y, Z) and blend the outputs.
+Windowed = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+
+METHODS: dict[str, type["Method"]] = {}
+# Modules that register methods; imported lazily so `imgx3d --help` stays fast.
+METHOD_MODULES = ("imgx3d.methods.unet",)
+
+
+class Method(nn.Module):
+    """Base class of every segmentation method.
+
+    Subclasses set ``name``, ``spatial_dims`` and a ``Config`` dataclass of their
+    hyperparameters (the ``method:`` section of a config file, less ``name``).
+    """
+
+    name: ClassVar[str]
+    spatial_dims: ClassVar[int]  # 3: volumetric; 2: runs per slice on volumes
+    Config: ClassVar[type]
+
+    def __init__(self, cfg: Any, num_classes: int, in_channels: int):
+        super().__init__()
+        self.cfg, self.num_classes, self.in_channels = cfg, num_classes, in_channels
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per optimiser; ``training_step`` returns ``loss/<group>`` for each."""
+        return {"model": [p for p in self.parameters() if p.requires_grad]}
+
+    def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Losses (``loss/<group>``) and other scalars for one batch of patches."""
+        raise NotImplementedError
+
+    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
+        """Class probabilities (B, K, ...) for whole images (B, C, ...), same spatial size."""
+        raise NotImplementedError
+
+
+class Generator(Protocol):
+    """Methods that also synthesise image/mask pairs."""
+
+    def sample(self, n: int | None = None, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated (images, masks)."""
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered class for ``name``."""
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+    if name not in METHODS:
+        raise ConfigError(f"config key 'method.name': unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(method_cfg: dict[str, Any], num_classes: int, in_channels: int) -> Method:
+    """Instantiate the method named in ``method_cfg`` with its validated config."""
+    cls = method_class(method_cfg["name"])
+    params = {k: v for k, v in method_cfg.items() if k != "name"}
+    return cls(from_dict(cls.Config, params, prefix="method"), num_classes, in_channels)
+
+
+def load_method_state(method: Method, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, turning a shape or key mismatch into a one-line error."""
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(
+            f"{source}: weights do not fit method '{method.name}' as configured ({detail}); "
+            "use a checkpoint trained with this method and config"
+        ) from None

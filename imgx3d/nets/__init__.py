@@ -1,0 +1,1 @@
+"""Thin factories over MONAI networks."""
