@@ -102,11 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgx3d.engine.infer import predict_to_folder
+    from imgx3d.engine.infer import Predictor, predict_to_folder
     from imgx3d.engine.workflow import load_predictor
 
-    uri = args.tracking_uri or "sqlite:///mlflow.db"
-    predictor = load_predictor(args.checkpoint or args.run, uri, args.device)
+    if args.checkpoint:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
+    else:
+        predictor = load_predictor(args.run, args.tracking_uri or "sqlite:///mlflow.db", args.device)
     if args.tta:
         predictor.config.infer.tta_flips = [0, 1, 2]
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities)

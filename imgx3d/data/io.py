@@ -68,6 +68,12 @@ def strip_suffix(name: str) -> str:
     return name
 
 
+def _short(err: BaseException) -> str:
+    """``Type: first line`` of an exception, for one-line messages."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path}: not found; check the path")
@@ -80,9 +86,7 @@ def _read_nifti(path: Path) -> Volume:
         img = nib.load(str(path))
         array = np.asarray(img.dataobj, dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
-        raise InputError(
-            f"{path}: unreadable or truncated NIfTI file ({type(err).__name__}: {err}); re-export or re-copy it"
-        ) from None
+        raise InputError(f"{path}: unreadable or truncated NIfTI file ({_short(err)}); re-export or re-copy it") from None
     header = img.header.copy()
     return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), path=path, header=header)
 
@@ -178,9 +182,23 @@ def check_affine(affine: np.ndarray, path: Path | None) -> None:
         raise InputError(f"{path}: affine has NaN or infinite entries; fix the header's qform/sform")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing < 1e-6):
-        raise InputError(f"{path}: zero voxel spacing {tuple(spacing.round(6))}; fix the header's pixdim/qform/sform")
+        raise InputError(f"{path}: zero voxel spacing {tuple(float(s) for s in spacing.round(6))}; fix the header's pixdim/qform/sform")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(spacing)):
         raise InputError(f"{path}: affine is singular (axes are collinear); fix the header's qform/sform")
+
+
+def read_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and affine from the header alone (no voxel data is read)."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            img = nib.load(str(path))
+            return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+    except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise InputError(f"{path}: unreadable or truncated NIfTI file ({_short(err)}); re-export or re-copy it") from None
+    volume = read_volume(path, allow_channels=True)
+    return volume.spatial_shape, volume.affine
 
 
 def read_label(path: str | Path) -> Volume:

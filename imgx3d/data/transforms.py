@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import Case
-from imgx3d.data.io import Volume, read_label, read_volume
+from imgx3d.data.io import Volume, read_grid, read_label, read_volume
 from imgx3d.data.presets import normalize_intensity
 from imgx3d.errors import InputError
 
@@ -122,8 +122,9 @@ class Preprocessor:
         return y
 
     def to_native(self, probs: torch.Tensor, grid: GridMap) -> torch.Tensor:
-        """(K, X', Y', Z') model-space probabilities → (K, X, Y, Z) on the native grid."""
-        if tuple(probs.shape[1:]) != grid.ras_shape:
+        """(K, X', Y', Z') model-space probabilities (or, on an unresampled grid, any per-voxel map)
+        → (K, X, Y, Z) on the native grid."""
+        if tuple(probs.shape[1:]) != grid.ras_shape:  # only probabilities are resampled
             probs = Resize(grid.ras_shape, mode="trilinear")(probs.float())
             probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
         return reorient(probs, nib.orientations.ornt_transform(RAS, grid.to_ras))
@@ -147,16 +148,29 @@ class Preprocessor:
 
 
 def _check_same_grid(ref: Volume, other: Volume, what: str) -> None:
-    if other.spatial_shape != ref.spatial_shape:
+    check_grids(ref.path, ref.spatial_shape, ref.affine, other.path, other.spatial_shape, other.affine, what)
+
+
+def check_grids(ref_path, ref_shape, ref_affine, path, shape, affine, what: str) -> None:
+    """Refuse a channel or label that is not on its image's grid (shape, affine within tolerance)."""
+    if tuple(shape) != tuple(ref_shape):
         raise InputError(
-            f"{other.path}: {what} shape {other.spatial_shape} differs from image {ref.path} shape {ref.spatial_shape}; "
+            f"{path}: {what} shape {tuple(shape)} differs from image {ref_path} shape {tuple(ref_shape)}; "
             f"resample the {what} onto the image grid"
         )
-    if not np.allclose(other.affine, ref.affine, atol=AFFINE_TOLERANCE):
+    if not np.allclose(affine, ref_affine, atol=AFFINE_TOLERANCE):
         raise InputError(
-            f"{other.path}: {what} affine differs from image {ref.path} beyond {AFFINE_TOLERANCE}; "
+            f"{path}: {what} affine differs from image {ref_path} beyond {AFFINE_TOLERANCE}; "
             f"the {what} is not on the image grid (fix its header or resample it)"
         )
+
+
+def check_case_grids(cases: list[Case]) -> None:
+    """Header-only check that every case's channels and label share one grid (fails fast, before training)."""
+    for case in cases:
+        shape, affine = read_grid(case.images[0])
+        for other, what in [(p, "channel") for p in case.images[1:]] + ([(case.label, "label")] if case.label else []):
+            check_grids(case.images[0], shape, affine, other, *read_grid(other), what)
 
 
 def train_transforms(cfg: DataConfig) -> Compose:

@@ -58,7 +58,7 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Windowed,
             probs = method.predict(x.flip(dims) if dims else x, window)
             probs = probs.flip(dims) if dims else probs
             total = probs if total is None else total + probs
-    return (total / len(combos))[0]
+    return (total / len(combos) if len(combos) > 1 else total)[0]
 
 
 @dataclass
@@ -96,11 +96,13 @@ class Predictor:
         """Preprocessing as in training."""
         return Preprocessor(self.config.data)
 
-    def predict_paths(self, paths: list[Path]) -> tuple[np.ndarray, torch.Tensor, Any]:
+    def predict_paths(self, paths: list[Path], probabilities: bool = False
+                      ) -> tuple[np.ndarray, torch.Tensor | None, Any]:
         """Predict one case from its channel files.
 
         Returns:
-            (label map on the native grid, native-grid probabilities (K, X, Y, Z), reference volume).
+            (label map on the native grid, native-grid probabilities (K, X, Y, Z) if asked
+            for, the reference volume whose affine/header the outputs are written with).
         """
         pre = self.preprocessor
         array, ref = pre.read_image(paths, self.in_channels)
@@ -108,12 +110,15 @@ class Predictor:
         image = pre.image_to_model(array, grid).to(self.device)
         window = make_window(self.config.infer, self.config.data.patch_size)
         probs = predict_probabilities(self.method, image, window, self.config.infer.tta_flips).cpu()
-        native = pre.to_native(probs, grid)
-        labelmap = native.argmax(0).numpy()
+        native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.ras_shape else None
+        if native is not None:
+            labelmap = native.argmax(0).numpy()
+        else:  # same grid up to axis order: argmax first, then move only the label map
+            labelmap = pre.to_native(probs.argmax(0, keepdim=True), grid)[0].numpy()
         values = np.array(sorted(self.labels), dtype=np.int64)
-        if len(values) != native.shape[0] or not np.array_equal(values, np.arange(len(values))):
+        if len(values) != probs.shape[0] or not np.array_equal(values, np.arange(len(values))):
             labelmap = values[np.clip(labelmap, 0, len(values) - 1)]
-        return labelmap, native, ref
+        return labelmap, native if probabilities else None, ref
 
 
 def resolve_inputs(inputs: list[str | Path], data_cfg: DataConfig, in_channels: int) -> list[tuple[str, list[Path]]]:
@@ -180,9 +185,9 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
         if target.exists() and not overwrite:
             written.append(target)
             continue
-        labelmap, probs, ref = predictor.predict_paths(paths)
+        labelmap, probs, ref = predictor.predict_paths(paths, probabilities)
         write_nifti(labelmap, target, ref, dtype=dtype)
-        if probabilities:
+        if probs is not None:
             write_nifti(probs.permute(1, 2, 3, 0).numpy(), output / f"{case_id}_probabilities.nii.gz", ref,
                         dtype=np.float32)
         written.append(target)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.io import label_dtype, write_nifti
-from imgx3d.data.transforms import PatchBatches, Preprocessor, train_transforms
+from imgx3d.data.transforms import PatchBatches, Preprocessor, check_case_grids, train_transforms
 from imgx3d.engine.infer import Predictor, resolve_device
 from imgx3d.engine.metrics import evaluate_folders, format_table
 from imgx3d.engine.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
@@ -88,6 +88,7 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
 
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
+    check_case_grids([c for c in catalog.cases if c.label is not None])
     (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=1))
     save_config(cfg, run_dir / "config.yaml")
     pre = Preprocessor(cfg.data)

@@ -1,0 +1,132 @@
+"""Inference overhead: ``imgx3d predict`` of a 256×256×128 volume vs MONAI's sliding window alone.
+
+Both use the same network (the hippocampus U-Net architecture, 3 classes, fixed random
+weights: speed does not depend on training), the same window (64³, overlap 0.5, gaussian,
+sw_batch_size 4) and the same softmax. The imgx3d figure includes reading the NIfTI,
+reorientation (the file is stored LPS), normalisation, mapping back to the native grid,
+argmax and writing the .nii.gz; the MONAI figure is the bare ``sliding_window_inference``
+call on a tensor already in memory. Each variant runs in its own subprocess (so peak RSS is
+its own), alternating, ``--repeats`` times; medians are reported.
+
+Usage: python scripts/bench_inference.py [--repeats 3] [--shape 256 256 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import emit, machine  # noqa: E402
+
+ROI, OVERLAP, SW_BATCH = [64, 64, 64], 0.5, 4
+AFFINE = np.diag([-0.8, -0.8, 2.0, 1.0])
+
+
+def _config():
+    from imgx3d.config import load_config
+
+    return load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]",
+                              f"data.patch_size={ROI}", f"infer.overlap={OVERLAP}", f"infer.sw_batch_size={SW_BATCH}",
+                              "data.preset=mri", "tracking.enabled=false"])
+
+
+def prepare(folder: Path, shape: tuple[int, int, int]) -> None:
+    """Write the input volume and a checkpoint with fixed random weights."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    from imgx3d.config import to_dict
+    from imgx3d.engine.infer import CHECKPOINT_FORMAT
+    from imgx3d.methods.base import build_method
+
+    rng = np.random.default_rng(0)
+    image = (gaussian_filter(rng.normal(size=shape), 2) * 100 + 500).astype(np.float32)
+    img = nib.Nifti1Image(image, AFFINE)
+    img.set_qform(AFFINE, code=1)
+    img.set_sform(AFFINE, code=1)
+    (folder / "in").mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(folder / "in" / "volume.nii.gz"))
+    cfg = _config()
+    torch.manual_seed(0)
+    method = build_method(cfg.method, num_classes=3, in_channels=1)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "method": "unet", "model": method.state_dict(),
+                "num_classes": 3, "in_channels": 1, "labels": {0: "background", 1: "a", 2: "b"}, "step": 0},
+               folder / "model.pt")
+
+
+def child(variant: str, folder: Path) -> None:
+    """Run one variant once and print its seconds and peak RSS as JSON."""
+    from monai.inferers import sliding_window_inference
+
+    from imgx3d.engine.infer import Predictor, predict_to_folder
+
+    predictor = Predictor.from_checkpoint(folder / "model.pt", "cpu")
+    net = predictor.method.net
+    with torch.inference_mode():  # warm up thread pools and allocator on one window
+        net(torch.zeros(1, 1, *ROI))
+    if variant == "imgx3d":
+        out = folder / f"out-{time.time_ns()}"
+        t0 = time.perf_counter()
+        predict_to_folder(predictor, [folder / "in" / "volume.nii.gz"], out)
+        seconds = time.perf_counter() - t0
+    else:
+        from imgx3d.data.io import read_volume
+
+        x = torch.from_numpy(read_volume(folder / "in" / "volume.nii.gz").array)[None, None]
+        x = (x - x.mean()) / x.std()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            probs = sliding_window_inference(x, ROI, SW_BATCH, lambda p: torch.softmax(net(p), 1), overlap=OVERLAP,
+                                             mode="gaussian")
+        seconds = time.perf_counter() - t0
+        del probs
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 128])
+    parser.add_argument("--child", choices=["imgx3d", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, Path(args.folder))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        prepare(folder, tuple(args.shape))
+        results: dict[str, list[dict]] = {"imgx3d": [], "monai": []}
+        for _ in range(args.repeats):
+            for variant in ("monai", "imgx3d"):
+                out = subprocess.run([sys.executable, __file__, "--child", variant, "--folder", tmp],
+                                     capture_output=True, text=True, check=True)
+                results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for v, rs in results.items()}
+    shape = "x".join(map(str, args.shape))
+    common = {"volume": shape, "roi": ROI, "overlap": OVERLAP, "sw_batch_size": SW_BATCH, "repeats": args.repeats}
+    emit("inference.setup", None, "", machine=machine(), **common)
+    emit("inference.imgx3d_predict.seconds", round(med["imgx3d"]["seconds"], 3), "s",
+         includes="read .nii.gz + reorient + normalise + sliding window + native grid + argmax + write .nii.gz",
+         runs=[round(r["seconds"], 3) for r in results["imgx3d"]])
+    emit("inference.monai_sliding_window.seconds", round(med["monai"]["seconds"], 3), "s", baseline=True,
+         includes="sliding_window_inference on an in-memory tensor", runs=[round(r["seconds"], 3) for r in results["monai"]])
+    emit("inference.throughput_ratio", round(med["monai"]["seconds"] / med["imgx3d"]["seconds"], 4),
+         "monai_seconds/imgx3d_seconds", goal=0.95)
+    emit("inference.imgx3d_predict.peak_rss", round(med["imgx3d"]["peak_rss_mib"], 1), "MiB")
+    emit("inference.monai_sliding_window.peak_rss", round(med["monai"]["peak_rss_mib"], 1), "MiB", baseline=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The CLI: user errors are one line with exit code 2, inputs stay byte-identical; the full flow works."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from imgx3d.cli import main
+from tests.conftest import TINY_OVERRIDES, save_nifti, tree_digest
+
+TRAIN = ["train", "--volume", "--no-track", "--config"]
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _config(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("method: {name: unet}\n")
+    return str(path)
+
+
+def _edit(msd, fn):
+    """Copy the dataset and let ``fn`` break the copy."""
+    def make(tmp_path):
+        root = tmp_path / "broken"
+        shutil.copytree(msd, root)
+        fn(root)
+        return root
+    return make
+
+
+def _truncate(root):
+    path = root / "imagesTr" / "case_0.nii.gz"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _shape_mismatch(root):
+    save_nifti(root / "labelsTr" / "case_1.nii.gz", np.zeros((5, 5, 5), np.uint8), np.diag([-1.0, -1.0, 1.5, 1.0]))
+
+
+def _affine_mismatch(root):
+    label = nib.load(str(root / "labelsTr" / "case_2.nii.gz"))
+    save_nifti(root / "labelsTr" / "case_2.nii.gz", np.asarray(label.dataobj), np.diag([-1.0, -1.0, 3.0, 1.0]))
+
+
+def _bad_label_value(root):
+    label = nib.load(str(root / "labelsTr" / "case_3.nii.gz"))
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 7
+    save_nifti(root / "labelsTr" / "case_3.nii.gz", data, label.affine)
+
+
+def _nan_image(root):
+    image = nib.load(str(root / "imagesTr" / "case_4.nii.gz"))
+    data = np.asarray(image.dataobj).copy()
+    data[1, 1, 1] = np.inf
+    save_nifti(root / "imagesTr" / "case_4.nii.gz", data, image.affine)
+
+
+def _empty(root):
+    shutil.rmtree(root)
+    (root / "images").mkdir(parents=True)
+
+
+BROKEN = {
+    "truncated file": (_truncate, "unreadable or truncated"),
+    "shape mismatch": (_shape_mismatch, "label shape"),
+    "affine mismatch": (_affine_mismatch, "label affine differs"),
+    "label values": (_bad_label_value, r"label values \[7\]"),
+    "NaN/inf": (_nan_image, "NaN or infinite"),
+    "empty dataset": (_empty, "no cases found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_train_rejects_bad_datasets_in_one_line(case, msd_dataset, tmp_path, capsys):
+    breaker, message = BROKEN[case]
+    root = _edit(msd_dataset, breaker)(tmp_path)
+    before = tree_digest(root)
+    code, err = _run(capsys, TRAIN + [_config(tmp_path), "--data", str(root), *TINY_OVERRIDES])
+    assert code == 2
+    assert err.startswith("imgx3d: error: ") and err.count("\n") == 1, err
+    assert __import__("re").search(message, err), err
+    assert tree_digest(root) == before, "input files must stay byte-identical"
+
+
+def test_other_user_errors(msd_dataset, tmp_path, capsys):
+    code, err = _run(capsys, TRAIN + [_config(tmp_path), "--data", str(tmp_path / "nowhere")])
+    assert code == 2 and "nowhere: dataset folder not found" in err
+    code, err = _run(capsys, TRAIN + [_config(tmp_path), "--data", str(msd_dataset), "train.nonsense=1"])
+    assert code == 2 and "unknown config key 'train.nonsense'" in err
+    flat = save_nifti(tmp_path / "flat" / "x.nii.gz", np.ones((8, 8), np.float32))
+    ckpt = tmp_path / "none.pt"
+    code, err = _run(capsys, ["predict", "--checkpoint", str(ckpt), "--input", str(flat), "--output", str(tmp_path / "o")])
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_cli_train_predict_evaluate_with_mlflow(msd_dataset, tmp_path, capsys):
+    before = tree_digest(msd_dataset)
+    code = main(["train", "--volume", "--config", _config(tmp_path), "--data", str(msd_dataset),
+                 "--run-dir", str(tmp_path / "run"), *TINY_OVERRIDES])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run_id = out.split("mlflow run: ")[1].split()[0]
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+
+    # predict by mlflow run id, from the run's logged checkpoint
+    inputs = [str(msd_dataset / "imagesTr" / f"{c}.nii.gz") for c in split["test"]]
+    assert main(["predict", "--run", run_id, "--input", *inputs, "--output", str(tmp_path / "pred")]) == 0
+    for case in split["test"]:
+        pred = nib.load(str(tmp_path / "pred" / f"{case}.nii.gz"))
+        src = nib.load(str(msd_dataset / "imagesTr" / f"{case}.nii.gz"))
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+    # the output folder may not be an input folder
+    code, err = _run(capsys, ["predict", "--run", str(tmp_path / "run"), "--input", str(msd_dataset / "imagesTr"),
+                              "--output", str(msd_dataset / "imagesTr")])
+    assert code == 2 and "inside the input folder" in err
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for case in split["test"]:
+        shutil.copy(msd_dataset / "labelsTr" / f"{case}.nii.gz", ref)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(ref), "--output", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["cases"] == len(split["test"]) and set(summary["per_class"]) == {"label_1", "label_2"}
+    assert tree_digest(msd_dataset) == before
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient("sqlite:///mlflow.db").get_run(run_id)
+    assert run.data.tags["method"] == "unet" and run.info.status == "FINISHED"
+    assert "val/dice_mean" in run.data.metrics and "test/dice_mean" in run.data.metrics
+    artifacts = {a.path for a in MlflowClient("sqlite:///mlflow.db").list_artifacts(run_id)}
+    assert {"config.yaml", "split.json", "checkpoint", "test_metrics"} <= artifacts
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "imgx3d", "evaluate", "--pred", str(tmp_path / "p"),
+                             "--ref", str(tmp_path / "r")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "not a folder" in result.stderr

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from imgx3d.config import Config, load_config
+from imgx3d.errors import ConfigError
+from imgx3d.methods.base import build_method
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_overrides_are_typed_yaml():
+    cfg = load_config(None, ["train.lr=1e-3", "data.patch_size=[8,16,32]", "data.spacing=null", "seed=7"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.data.patch_size == [8, 16, 32]
+    assert cfg.data.spacing is None
+    assert cfg.seed == 7
+    assert isinstance(cfg, Config)
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.max_step'"):
+        load_config(None, ["train.max_step=3"])
+
+
+def test_wrong_type_and_range_are_errors():
+    with pytest.raises(ConfigError, match="train.max_steps' must be int"):
+        load_config(None, ["train.max_steps=abc"])
+    with pytest.raises(ConfigError, match="infer.overlap"):
+        load_config(None, ["infer.overlap=1.5"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_method_config_is_validated_by_the_method():
+    cfg = load_config(None, ["method.name=unet", "method.channels=[4,8]", "method.strides=[2]", "method.colour=red"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'method\.colour'"):
+        build_method(cfg.method, num_classes=3, in_channels=1)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        build_method({"name": "nope"}, 3, 1)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
+def test_shipped_configs_load_and_build(path):
+    cfg = load_config(path)
+    method = build_method(cfg.method, num_classes=max(2, len(cfg.data.labels) or 3), in_channels=max(1, len(cfg.data.channels)))
+    assert sum(p.numel() for p in method.parameters()) > 0

@@ -1,0 +1,45 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from imgx3d.engine.metrics import evaluate_folders, score_case
+from imgx3d.errors import InputError
+from tests.conftest import save_nifti
+
+
+def test_known_values_with_anisotropic_spacing():
+    ref = np.zeros((20, 20, 20), int)
+    ref[5:10, 5:10, 5:10] = 1
+    pred = ref.copy()
+    pred[5:10, 5:10, 10] = 1  # one extra slice along z
+    pred[15, 15, 15] = 2      # a false class-2 voxel
+    scores = score_case(pred, ref, [1, 2, 3], spacing=(1.0, 1.0, 2.0))
+    assert scores[1]["dice"] == pytest.approx(2 * 125 / (125 + 150))
+    assert scores[1]["iou"] == pytest.approx(125 / 150)
+    assert scores[1]["hd95"] == pytest.approx(2.0)  # one z voxel = 2 mm
+    assert scores[2]["dice"] == 0.0 and math.isnan(scores[2]["hd95"])  # predicted, absent in reference
+    assert scores[3] == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}  # absent in both
+
+
+def test_evaluate_folders_writes_csv_and_summary(tmp_path):
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[2:6, 2:6, 2:6] = 1
+    for case in ("a", "b"):
+        save_nifti(tmp_path / "ref" / f"{case}.nii.gz", ref)
+        save_nifti(tmp_path / "pred" / f"{case}.nii.gz", ref)
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {0: "bg", 1: "organ"}, tmp_path / "out")
+    assert len(rows) == 2 and summary["per_class"]["organ"]["dice"]["mean"] == 1.0
+    assert (tmp_path / "out" / "metrics.csv").read_text().count("\n") == 3
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["foreground_mean"]["dice"] == 1.0
+
+
+def test_evaluate_refuses_grid_mismatch_and_missing_reference(tmp_path):
+    save_nifti(tmp_path / "ref" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    save_nifti(tmp_path / "pred" / "a.nii.gz", np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(InputError, match="not on the grid"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+    save_nifti(tmp_path / "pred" / "b.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    with pytest.raises(InputError, match="no reference for case 'b'"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref")

@@ -1,0 +1,68 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from imgx3d.config import DataConfig
+from imgx3d.data.catalog import find_cases
+from imgx3d.data.io import Volume
+from imgx3d.data.transforms import RAS, PatchBatches, Preprocessor, reorient, train_transforms
+
+
+@pytest.mark.parametrize("codes", ["PIR", "LPS", "RAS", "ILA"])
+def test_reorient_matches_nibabel_and_inverts(codes):
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(codes), RAS)
+    a = torch.rand(2, 3, 4, 5)
+    ras = reorient(a, transform)
+    expected = np.moveaxis(nib.orientations.apply_orientation(np.moveaxis(a.numpy(), 0, -1), transform), -1, 0)
+    np.testing.assert_array_equal(ras.numpy(), expected)
+    assert torch.equal(reorient(ras, nib.orientations.ornt_transform(RAS, transform)), a)
+
+
+def _volume(shape, affine):
+    return Volume(np.zeros(shape, np.float32), affine)
+
+
+def test_label_goes_to_model_space_and_back_exactly_without_resampling():
+    affine = np.array([[0, 0, -1.5, 0], [-1, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # stored PIR-like
+    pre = Preprocessor(DataConfig())
+    label = np.random.default_rng(0).integers(0, 3, size=(5, 6, 7))
+    grid = pre.grid_map(_volume(label.shape, affine))
+    model = pre.label_to_model(label, grid)
+    assert tuple(model.shape[1:]) == grid.model_shape == grid.ras_shape
+    onehot = torch.nn.functional.one_hot(model[0], 3).permute(3, 0, 1, 2).float()
+    np.testing.assert_array_equal(pre.to_native(onehot, grid).argmax(0).numpy(), label)
+
+
+def test_resampling_to_target_spacing_round_trips():
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    pre = Preprocessor(DataConfig(spacing=[1.6, 1.6, 1.5]))
+    label = np.zeros((40, 40, 10), np.int64)
+    label[10:30, 12:28, 3:8] = 1
+    grid = pre.grid_map(_volume(label.shape, affine))
+    assert grid.model_shape == (20, 20, 20)
+    model = pre.label_to_model(label, grid)
+    onehot = torch.nn.functional.one_hot(model[0], 2).permute(3, 0, 1, 2).float()
+    back = pre.to_native(onehot, grid).argmax(0).numpy()
+    assert back.shape == label.shape
+    assert (back == label).mean() > 0.98
+
+
+def test_patch_batches_are_a_function_of_step(msd_dataset):
+    cfg = DataConfig(patch_size=[16, 16, 16], batch_size=2)
+    catalog = find_cases(msd_dataset)
+    pre = Preprocessor(cfg)
+    items = [pre.load_case(c, catalog.labels) for c in catalog.cases[:4]]
+    transform = train_transforms(cfg)
+    one = list(PatchBatches(items, transform, 2, seed=5, start_step=0, stop_step=6))
+    resumed = list(PatchBatches(items, train_transforms(cfg), 2, seed=5, start_step=3, stop_step=6))
+    workers = list(DataLoader(PatchBatches(items, train_transforms(cfg), 2, seed=5, start_step=0, stop_step=6),
+                              batch_size=None, num_workers=2))
+    other_seed = PatchBatches(items, transform, 2, seed=6, start_step=0, stop_step=1).batch(0)
+    assert one[0]["image"].shape == (2, 1, 16, 16, 16) and one[0]["label"].shape == (2, 1, 16, 16, 16)
+    for a, b in zip(one[3:], resumed):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    for a, b in zip(one, workers):
+        assert torch.equal(a["image"], b["image"])
+    assert not torch.equal(one[0]["image"], other_seed["image"])
