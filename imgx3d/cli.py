@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on built-in procedural data: train, predict, evaluate")
     p.add_argument("--workdir", default="imgx3d_demo", help="folder for data, runs, predictions")
-    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
+    p.add_argument("--method", choices=["unet", "imgx"], default="unet",
+                   help="unet (configs/demo.yaml) or imgx (configs/demo_imgx.yaml)")
+    p.add_argument("--config", help="demo config (default: by --method)")
     p.add_argument("--cases", type=int, default=36, help="number of generated volumes")
     p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
     _add_tracking(p)
@@ -131,6 +133,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from imgx3d.data.demo import run_demo
 
+    if not args.config:
+        args.config = str(REPO_ROOT / "configs" / ("demo.yaml" if args.method == "unet" else "demo_imgx.yaml"))
     cfg = _load(args)
     run_demo(cfg, Path(args.workdir), args.cases)
     return 0

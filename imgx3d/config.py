@@ -1,8 +1,10 @@
 """Typed configuration: YAML files and ``key=value`` overrides → dataclasses.
 
 Unknown keys, wrong types and out-of-range values are :class:`ConfigError`\\ s naming
-the key. Method-specific settings live under ``method:`` and are validated by the
-method's own ``Config`` dataclass (see :mod:`imgx3d.methods.base`).
+the key. A file may start from another with ``extends: other.yaml``: sections merge key by
+key, except ``method``, which the extending file replaces whole. Method-specific settings
+live under ``method:`` and are validated by the method's own ``Config`` dataclass (see
+:mod:`imgx3d.methods.base`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class DataConfig:
         batch_size: patches per training step.
         pos_fraction: share of patches centred on foreground (the rest anywhere).
         flip_axes: spatial axes for random flips (RAS order).
-        intensity_aug: random scale/shift/noise of intensities.
+        affine_prob: probability of a random rotation (±``rotate_deg`` per axis) and
+            scaling (±``scale_range``), applied to the patch (nnU-Net-style spatial augmentation).
+        intensity_aug: random scale/shift/noise/gamma of intensities.
         num_workers: data-loader worker processes.
     """
 
@@ -76,6 +80,9 @@ class DataConfig:
     batch_size: int = 2
     pos_fraction: float = 0.67
     flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    affine_prob: float = 0.0
+    rotate_deg: float = 15.0
+    scale_range: float = 0.15
     intensity_aug: bool = True
     num_workers: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -267,17 +274,33 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with clear errors for a missing or malformed file."""
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``child`` into ``base``; the ``method`` section is replaced whole (keys differ per method)."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "method":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving ``extends: other.yaml`` (relative to the file) first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file with --config")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself; fix the chain of extends")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, train:, ...)")
+    parent = tree.pop("extends", None)
+    if parent:
+        tree = _merge(load_yaml(path.parent / parent, (*_seen, path.resolve())), tree)
     return tree
 
 
@@ -311,6 +334,8 @@ def validate(cfg: Config) -> None:
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
     _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
+    _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
+    _check(0.0 <= d.scale_range < 1.0, "data.scale_range", "must be in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     s = d.split
     _check(0.0 <= s.test_fraction < 1.0, "data.split.test_fraction", "must be in [0, 1)")

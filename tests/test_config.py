@@ -54,3 +54,22 @@ def test_shipped_configs_load_and_build(path):
     cfg = load_config(path)
     method = build_method(cfg.method, num_classes=max(2, len(cfg.data.labels) or 3), in_channels=max(1, len(cfg.data.channels)))
     assert sum(p.numel() for p in method.parameters()) > 0
+
+
+def test_extends_merges_sections_and_replaces_method(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: {name: unet, arch: dynunet}\ndata: {batch_size: 3, preset: ct}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmethod: {name: imgx}\ndata: {batch_size: 5}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.method == {"name": "imgx"}  # no 'arch' leaking from the unet section
+    assert cfg.data.batch_size == 5 and cfg.data.preset == "ct"
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_hippocampus_imgx_shares_the_unet_split_and_data():
+    root = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
+    unet, imgx = load_config(root / "unet.yaml"), load_config(root / "imgx.yaml")
+    assert imgx.data == unet.data and imgx.infer == unet.infer
+    assert imgx.train.max_minutes == unet.train.max_minutes
+    assert imgx.method["name"] == "imgx" and imgx.method["train_steps"] == imgx.method["infer_steps"] == 5

@@ -1,5 +1,6 @@
 import nibabel as nib
 import numpy as np
+import pytest
 
 from imgx3d.cli import main
 from imgx3d.data.demo import DEMO_AFFINE, DEMO_SHAPE, make_case
@@ -14,9 +15,10 @@ def test_demo_volumes_have_three_distinct_structures():
     assert image[label == 2].mean() < background.mean() - background.std()   # dark tube
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--workdir", str(tmp_path / "demo"), "--cases", "8", "train.max_steps=4",
-                 "train.val_every=2", "method.channels=[4,8,16,32]", "data.patch_size=[32,32,32]"])
+@pytest.mark.parametrize("method", ["unet", "imgx"])
+def test_demo_runs_end_to_end(tmp_path, capsys, method):
+    code = main(["demo", "--method", method, "--workdir", str(tmp_path / "demo"), "--cases", "8",
+                 "train.max_steps=4", "train.val_every=2", "method.channels=[4,8,16,32]", "data.patch_size=[32,32,32]"])
     out = capsys.readouterr().out
     assert code == 0
     assert "foreground mean" in out and "mlflow run" in out

@@ -70,3 +70,13 @@ def test_brats_case_folders_and_predefined_split(shared_data):
     split = make_split(catalog, cfg.data.split)
     assert (len(split.train), len(split.val), len(split.test)) == (2, 2, 2)
     check_case_grids(catalog.cases)
+
+
+def test_imgx_hippocampus_short_training(shared_data, tmp_path):
+    """ImgX-DiffSeg (K = 5, recycling max) trains on real MRI and segments unseen volumes in 3D."""
+    cfg = load_config(CONFIGS / "hippocampus" / "imgx.yaml",
+                      ["train.max_steps=160", "train.val_every=80", "train.max_minutes=0", "train.warmup_steps=20",
+                       "data.num_workers=0", "data.split.test_fraction=0.05", "tracking.enabled=false"])
+    result = train_run(cfg, shared_data / "hippocampus", tmp_path / "run")
+    assert result.test_summary["cases"] == 10
+    assert result.test_summary["foreground_mean"]["dice"] > 0.5, result.test_summary["foreground_mean"]

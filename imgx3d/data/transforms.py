@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -181,12 +183,18 @@ def train_transforms(cfg: DataConfig) -> Compose:
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size,
                                pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, num_samples=1),
     ]
+    if cfg.affine_prob > 0:
+        angle = float(np.deg2rad(cfg.rotate_deg))
+        transforms.append(RandAffined(keys, prob=cfg.affine_prob, rotate_range=[angle] * 3,
+                                      scale_range=[cfg.scale_range] * 3, mode=("bilinear", "nearest"),
+                                      padding_mode="zeros"))
     transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in cfg.flip_axes]
     if cfg.intensity_aug:
         transforms += [
             RandScaleIntensityd("image", factors=0.1, prob=0.2),
             RandShiftIntensityd("image", offsets=0.1, prob=0.2),
             RandGaussianNoised("image", prob=0.1, std=0.05),
+            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.15),
         ]
     return Compose(transforms)
 

@@ -21,7 +21,7 @@ Windowed = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torc
 
 METHODS: dict[str, type["Method"]] = {}
 # Modules that register methods; imported lazily so `imgx3d --help` stays fast.
-METHOD_MODULES = ("imgx3d.methods.unet",)
+METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx")
 
 
 class Method(nn.Module):

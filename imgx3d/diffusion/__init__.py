@@ -1,0 +1,1 @@
+"""Diffusion schedules (``schedule``) and reverse-step samplers (``sampler``), apart from networks."""

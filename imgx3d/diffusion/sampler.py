@@ -1,0 +1,65 @@
+"""Reverse steps (DDPM, DDIM) on a :class:`DiffusionSchedule`, given the model's x0 estimate.
+
+Samplers take ``x0_hat``; a noise-predicting model converts first with
+``schedule.x0_from_eps``. On a resampled K-step chain the DDPM step is the exact posterior
+of that chain, not a skipped step of a longer one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from imgx3d.diffusion.schedule import DiffusionSchedule, _gather
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def ddpm_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: torch.Tensor,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``x_{t−1} ~ q(x_{t−1} | x_t, x0_hat)``; at t = 0 the mean (= x0_hat) is returned."""
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    mean, variance = schedule.posterior(x0_hat, x_t, tt)
+    if t == 0:
+        return mean
+    return mean + variance.sqrt() * _noise_like(x_t, generator)
+
+
+def ddim_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: torch.Tensor, eta: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM step from chain index t to t − 1 (eta = 0: deterministic)."""
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    if t == 0:
+        return x0_hat
+    eps = schedule.eps_from_x0(x_t, tt, x0_hat)
+    ab, ab_prev = _gather(schedule.alpha_bar, tt, x_t), _gather(schedule.alpha_bar_prev, tt, x_t)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    x_prev = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0:
+        x_prev = x_prev + sigma * _noise_like(x_t, generator)
+    return x_prev
+
+
+def sample(schedule: DiffusionSchedule, predict_x0: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,
+           sampler: str = "ddpm", eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the chain from ``x_T`` (index num_steps − 1) down to x0.
+
+    Args:
+        predict_x0: ``(x_t, t) -> x0_hat`` for chain index t.
+        sampler: ``ddpm`` or ``ddim``.
+
+    Returns:
+        The last ``x0_hat`` (the model's clean estimate at t = 0).
+    """
+    x_t = x_T
+    x0_hat = x_T
+    for t in reversed(range(schedule.num_steps)):
+        x0_hat = predict_x0(x_t, t)
+        if sampler == "ddpm":
+            x_t = ddpm_step(schedule, x_t, t, x0_hat, generator)
+        else:
+            x_t = ddim_step(schedule, x_t, t, x0_hat, eta, generator)
+    return x0_hat

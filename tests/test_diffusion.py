@@ -1,0 +1,70 @@
+"""Schedules and samplers: the K = 5 values of METHODS.md, exact posteriors, exact K-step chains."""
+
+import pytest
+import torch
+
+from imgx3d.diffusion.sampler import ddim_step, ddpm_step, sample
+from imgx3d.diffusion.schedule import beta_schedule, make_schedule
+from imgx3d.errors import ConfigError
+
+
+def test_k5_resampling_matches_the_paper():
+    s = make_schedule("linear", base_steps=1001, beta_start=1e-4, beta_end=0.02, num_steps=5)
+    expected_ab = [0.9999, 0.5218, 0.0780, 0.00332, 4.0e-5]
+    expected_beta = [1e-4, 0.478, 0.851, 0.957, 0.988]
+    for got, want in zip(s.alpha_bar.tolist(), expected_ab):
+        assert got == pytest.approx(want, rel=5e-3)
+    for got, want in zip(s.betas.tolist(), expected_beta):
+        assert got == pytest.approx(want, rel=5e-3)
+    assert s.timesteps.tolist() == [0, 250, 500, 750, 1000]
+    full = make_schedule("linear", 1001, 1e-4, 0.02)
+    assert torch.allclose(s.alpha_bar, full.alpha_bar[::250])  # first and last alpha_bar kept
+
+
+def test_invalid_k_is_a_clear_error():
+    with pytest.raises(ConfigError, match="divisible"):
+        make_schedule("linear", 1001, num_steps=7)  # 1000 / 6 is not an integer
+    with pytest.raises(ConfigError, match="unknown beta schedule"):
+        beta_schedule("quadratic", 10)
+
+
+def test_ddpm_step_is_the_hand_computed_posterior():
+    s = make_schedule("linear", 1001, 1e-4, 0.02, num_steps=5)
+    x0, x_t = torch.tensor([[0.7]], dtype=torch.float64), torch.tensor([[-0.4]], dtype=torch.float64)
+    t = 2
+    ab_t, ab_prev, beta = 0.0779923231880791, 0.5217501364750304, 1 - 0.0779923231880791 / 0.5217501364750304
+    mean = (ab_prev**0.5 * beta / (1 - ab_t)) * 0.7 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * -0.4
+    variance = beta * (1 - ab_prev) / (1 - ab_t)
+    noise = torch.randn((1, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = ddpm_step(s, x_t, t, x0, torch.Generator().manual_seed(3))
+    assert got.item() == pytest.approx(mean + variance**0.5 * noise.item(), rel=1e-10)
+    assert ddpm_step(s, x_t, 0, x0).item() == pytest.approx(0.7)  # t = 0: the mean, which is x0
+
+
+def test_ddim_eta0_step():
+    s = make_schedule("linear", 1001, num_steps=5)
+    x0, x_t = torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[1.1]], dtype=torch.float64)
+    ab, ab_prev = s.alpha_bar[3].item(), s.alpha_bar[2].item()
+    eps = (1.1 - ab**0.5 * 0.3) / (1 - ab) ** 0.5
+    assert ddim_step(s, x_t, 3, x0).item() == pytest.approx(ab_prev**0.5 * 0.3 + (1 - ab_prev) ** 0.5 * eps)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4])
+def test_k_step_ddpm_is_exact_not_a_skipped_step(t):
+    """With the true x0, one resampled DDPM step maps q(x_t | x0) onto q(x_{t-1} | x0) exactly."""
+    s = make_schedule("linear", 1001, num_steps=5)
+    gen = torch.Generator().manual_seed(t)
+    x0 = torch.full((400_000, 1), 0.8, dtype=torch.float64)
+    x_t = s.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=gen, dtype=torch.float64))
+    x_prev = ddpm_step(s, x_t, t, x0, gen)
+    ab_prev = s.alpha_bar[t - 1].item()
+    assert x_prev.mean().item() == pytest.approx(ab_prev**0.5 * 0.8, abs=5e-3)
+    assert x_prev.var().item() == pytest.approx(1 - ab_prev, abs=5e-3)
+
+
+def test_sample_with_a_perfect_model_returns_x0():
+    s = make_schedule("linear", 1001, num_steps=5)
+    x0 = torch.rand(2, 3, 4) * 2 - 1
+    for sampler in ("ddpm", "ddim"):
+        out = sample(s, lambda x_t, t: x0, torch.randn(2, 3, 4), sampler, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, x0)
