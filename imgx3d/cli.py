@@ -89,7 +89,8 @@ def _print_result(result) -> None:
     print(f"run folder: {result.run_dir}")
     if result.run_id:
         print(f"mlflow run: {result.run_id}")
-    print(f"steps: {result.steps} ({result.stop_reason}); best validation Dice: {result.best_val_dice:.4f}")
+    best = f"{result.best_val_dice:.4f}" if result.best_val_dice > float("-inf") else "n/a (no validation cases)"
+    print(f"steps: {result.steps} ({result.stop_reason}); best validation Dice: {best}")
     if result.test_summary:
         print(f"test cases ({result.test_summary['cases']}), native grid:")
         print(format_table(result.test_summary))

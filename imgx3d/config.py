@@ -99,6 +99,9 @@ class TrainConfig:
         lr, weight_decay: optimiser settings.
         scheduler: ``cosine`` (linear warmup then cosine to ``min_lr``), ``poly`` or ``constant``.
         warmup_steps, min_lr: schedule settings.
+        schedule_over: ``steps`` (anneal over ``max_steps``; bit-reproducible) or ``budget``
+            (anneal over whichever ends first, steps or ``max_minutes``: a budgeted run always
+            finishes its schedule, whatever the machine's speed).
         grad_clip: max gradient norm per parameter group; 0 = off.
         amp: mixed precision: ``auto`` (on for CUDA only), ``on`` or ``off``.
         val_every: validate on whole volumes every N steps.
@@ -114,6 +117,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     scheduler: str = "cosine"
+    schedule_over: str = "steps"
     warmup_steps: int = 0
     min_lr: float = 1e-6
     grad_clip: float = 1.0
@@ -347,6 +351,7 @@ def validate(cfg: Config) -> None:
     _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", "must be adamw or sgd")
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(t.scheduler in ("cosine", "poly", "constant"), "train.scheduler", "must be cosine, poly or constant")
+    _check(t.schedule_over in ("steps", "budget"), "train.schedule_over", "must be steps or budget")
     _check(t.amp in ("auto", "on", "off"), "train.amp", "must be auto, on or off")
     _check(t.val_every >= 1, "train.val_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -57,3 +59,16 @@ def test_training_lowers_the_loss_and_scores_the_test_split(msd_dataset, tmp_pat
     assert result.test_summary["cases"] == 2
     assert result.best_val_dice > 0.2, "60 steps on bright spheres and dark cubes must learn something"
     assert (tmp_path / "r" / "test_metrics" / "metrics.csv").is_file()
+
+
+def test_lr_schedule_over_steps_or_budget():
+    from imgx3d.engine.trainer import lr_factor
+
+    cfg = _cfg("train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.0",
+               "train.max_minutes=10").train
+    assert lr_factor(cfg, 0, 0.0) == pytest.approx(0.1)            # warmup
+    assert lr_factor(cfg, 55, 0.0) == pytest.approx(0.5)           # half-way through the cosine
+    assert lr_factor(cfg, 55, 590.0) == pytest.approx(0.5)         # 'steps': time does not matter
+    cfg.schedule_over = "budget"
+    assert lr_factor(cfg, 55, 540.0) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+    assert lr_factor(cfg, 20, 600.0) == pytest.approx(0.0)         # budget spent: annealed

@@ -43,6 +43,15 @@ def make_window(cfg: InferConfig, patch_size: list[int]) -> Windowed:
     return window
 
 
+def class_map(probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Index of the most probable class along dim 0 (first maximum on ties).
+
+    ``torch.max(dim=0).indices``, not ``torch.argmax``: on CPU the latter is ~9x slower for
+    a reduction over the leading dimension (1.9 s vs 0.2 s for 3 x 256 x 256 x 128).
+    """
+    return probs.max(0, keepdim=keepdim).indices
+
+
 def predict_probabilities(method: Method, image: torch.Tensor, window: Windowed,
                           tta_flips: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
     """Class probabilities (K, ...) for one model-space image (C, ...), averaged over flips.
@@ -112,9 +121,9 @@ class Predictor:
         probs = predict_probabilities(self.method, image, window, self.config.infer.tta_flips).cpu()
         native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.ras_shape else None
         if native is not None:
-            labelmap = native.argmax(0).numpy()
+            labelmap = class_map(native).numpy()
         else:  # same grid up to axis order: argmax first, then move only the label map
-            labelmap = pre.to_native(probs.argmax(0, keepdim=True), grid)[0].numpy()
+            labelmap = pre.to_native(class_map(probs, keepdim=True), grid)[0].numpy()
         values = np.array(sorted(self.labels), dtype=np.int64)
         if len(values) != probs.shape[0] or not np.array_equal(values, np.arange(len(values))):
             labelmap = values[np.clip(labelmap, 0, len(values) - 1)]

@@ -4,7 +4,7 @@ One optimiser (and LR schedule) per parameter group of the method; each group is
 updated from its own ``loss/<group>``. Mixed precision where the device supports it,
 gradient clipping, whole-volume validation with the sliding window, best checkpoint by
 validation Dice, early stopping, a wall-time budget, atomic checkpoints and an exact
-resume (model, optimisers, schedules, step, RNG states; batches are a function of step).
+resume (model, optimisers, step, elapsed time, RNG states; batches are a function of step).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from imgx3d.config import Config, TrainConfig, to_dict
 from imgx3d.data.io import atomic_write
-from imgx3d.engine.infer import CHECKPOINT_FORMAT, make_window, predict_probabilities
+from imgx3d.engine.infer import CHECKPOINT_FORMAT, class_map, make_window, predict_probabilities
 from imgx3d.engine.metrics import score_case
 from imgx3d.engine.tracking import NullTracker, Tracker
-from imgx3d.methods.base import Method
+from imgx3d.methods.base import Method, load_method_state
 
 
 def seed_everything(seed: int) -> None:
@@ -35,21 +35,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the base LR at a step: linear warmup then cosine / poly / constant."""
+def lr_factor(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Multiplier of the base LR: linear warmup, then cosine / poly / constant decay.
+
+    Progress is ``step / max_steps``; with ``schedule_over: budget`` and a time budget it is
+    whichever is further along, steps or ``elapsed / max_minutes``, so a budgeted run anneals
+    fully whatever the machine's speed (at the price of bit-reproducibility).
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule_over == "budget" and cfg.max_minutes:
+        progress = max(progress, elapsed_s / (60 * cfg.max_minutes))
+    progress = min(1.0, progress)
     floor = cfg.min_lr / cfg.lr
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        if cfg.scheduler == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.scheduler == "poly":
-            return max(floor, (1 - progress) ** 0.9)
-        return 1.0
-
-    return factor
+    if cfg.scheduler == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.scheduler == "poly":
+        return max(floor, (1 - progress) ** 0.9)
+    return 1.0
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -91,7 +95,6 @@ class Trainer:
         self.method.to(self.device)
         self.groups = method.parameter_groups()
         self.optimizers = {g: make_optimizer(p, cfg.train) for g, p in self.groups.items()}
-        self.schedulers = {g: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg.train)) for g, o in self.optimizers.items()}
         amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if amp else None
         self.state = TrainState()
@@ -104,7 +107,6 @@ class Trainer:
         if not weights_only:
             ckpt.update({
                 "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
-                "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
                 "train_state": vars(self.state).copy(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state(),
@@ -121,11 +123,9 @@ class Trainer:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Continue from a ``last.pt`` checkpoint exactly where it stopped."""
-        self.method.load_state_dict(ckpt["model"])
+        load_method_state(self.method, ckpt["model"], str(self.run_dir / "last.pt"))
         for g, o in self.optimizers.items():
             o.load_state_dict(ckpt["optimizers"][g])
-        for g, s in self.schedulers.items():
-            s.load_state_dict(ckpt["schedulers"][g])
         self.state = TrainState(**ckpt["train_state"])
         rng = ckpt["rng"]
         random.setstate(rng["python"])
@@ -138,6 +138,10 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step over every parameter group."""
         self.method.train()
+        lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.state.step, self.state.elapsed_s)
+        for optimizer in self.optimizers.values():
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
@@ -155,9 +159,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
             self.optimizers[group].step()
             self.optimizers[group].zero_grad(set_to_none=True)
-            self.schedulers[group].step()
         scalars = {k: float(v.detach()) for k, v in out.items()}
-        scalars["lr"] = self.schedulers[names[0]].get_last_lr()[0]
+        scalars["lr"] = lr
         return scalars
 
     # -- validation ----------------------------------------------------------------------
@@ -169,7 +172,7 @@ class Trainer:
         per_class: dict[int, list[float]] = {c: [] for c in classes}
         for case in cases:
             probs = predict_probabilities(self.method, case["image"].to(self.device), window)
-            pred = probs.argmax(0).cpu().numpy()
+            pred = class_map(probs).cpu().numpy()
             scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
             for c in classes:
                 per_class[c].append(scores[c]["dice"])

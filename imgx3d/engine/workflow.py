@@ -22,7 +22,7 @@ from imgx3d.engine.metrics import evaluate_folders, format_table
 from imgx3d.engine.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
 from imgx3d.engine.trainer import Trainer, seed_everything
 from imgx3d.errors import CheckpointError
-from imgx3d.methods.base import build_method, load_method_state
+from imgx3d.methods.base import build_method
 
 
 @dataclass
@@ -106,7 +106,6 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
             "channel_names": catalog.channel_names, "mlflow_run_id": tracker.run_id}
     trainer = Trainer(cfg, method, run_dir, meta, tracker, device)
     if resume_ckpt is not None:
-        load_method_state(method, resume_ckpt["model"], str(run_dir / "last.pt"))
         trainer.restore(resume_ckpt)
     else:
         n_params = sum(p.numel() for p in method.parameters())

@@ -171,5 +171,5 @@ class ImgXDiffSeg(Method):
             probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-8)  # exact already in x0 mode
             if self.cfg.num_samples == 1:
                 return probs
-            votes += F.one_hot(probs.argmax(1), self.num_classes).movedim(-1, 1).float()
+            votes += F.one_hot(probs.max(1).indices, self.num_classes).movedim(-1, 1).float()
         return votes / self.cfg.num_samples
