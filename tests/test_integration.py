@@ -19,8 +19,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_hippocampus_short_training_reaches_real_dice(shared_data, tmp_path):
     data = shared_data / "hippocampus"
     before = tree_digest(data / "labelsTr")
-    cfg = load_config(CONFIGS / "hippocampus" / "unet.yaml", ["train.max_steps=240", "train.val_every=120", "train.max_minutes=0", "train.schedule_over=steps", "train.warmup_steps=20",
-                       "data.num_workers=0", "data.split.test_fraction=0.1", "tracking.enabled=false"])
+    cfg = load_config(CONFIGS / "hippocampus" / "unet.yaml",
+                      ["train.max_steps=240", "train.val_every=120", "train.max_minutes=0", "train.schedule_over=steps",
+                       "train.warmup_steps=20", "data.num_workers=0", "data.split.test_fraction=0.1",
+                       "tracking.enabled=false"])
     result = train_run(cfg, data, tmp_path / "run")
     summary = result.test_summary
     assert summary["cases"] == 20
@@ -75,8 +77,9 @@ def test_brats_case_folders_and_predefined_split(shared_data):
 def test_imgx_hippocampus_short_training(shared_data, tmp_path):
     """ImgX-DiffSeg (K = 5, recycling max) trains on real MRI and segments unseen volumes in 3D."""
     cfg = load_config(CONFIGS / "hippocampus" / "imgx.yaml",
-                      ["train.max_steps=160", "train.val_every=80", "train.max_minutes=0", "train.schedule_over=steps", "train.warmup_steps=20",
-                       "data.num_workers=0", "data.split.test_fraction=0.05", "tracking.enabled=false"])
+                      ["train.max_steps=160", "train.val_every=80", "train.max_minutes=0", "train.schedule_over=steps",
+                       "train.warmup_steps=20", "data.num_workers=0", "data.split.test_fraction=0.05",
+                       "tracking.enabled=false"])
     result = train_run(cfg, shared_data / "hippocampus", tmp_path / "run")
     assert result.test_summary["cases"] == 10
     assert result.test_summary["foreground_mean"]["dice"] > 0.5, result.test_summary["foreground_mean"]
