@@ -297,7 +297,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself; fix the chain of extends")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from None
     if not isinstance(tree, dict):
@@ -365,4 +365,4 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

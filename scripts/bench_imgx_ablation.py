@@ -87,7 +87,7 @@ def main() -> None:
     first = next(iter(results.values()))
     cfg = load_config(first.run_dir / "config.yaml")
     catalog = find_cases(args.data, cfg.data)
-    split = json.loads((first.run_dir / "split.json").read_text())
+    split = json.loads((first.run_dir / "split.json").read_text(encoding="utf-8"))
     pre = Preprocessor(cfg.data)
     cases = catalog.by_id()
     images = [pre.load_case(cases[c], catalog.labels)["image"] for c in split["test"]]

@@ -82,7 +82,7 @@ class Split:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: malformed JSON ({err}); fix the file") from None
     if not isinstance(data, dict):

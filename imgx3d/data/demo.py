@@ -92,7 +92,7 @@ def write_demo_dataset(root: Path, n_cases: int, seed: int = 0) -> Path:
     meta = {"name": "imgx3d-demo", "description": "procedural volumes: blob, tube, box", "tensorImageSize": "3D",
             "modality": {"0": "MRI"}, "labels": {str(k): v for k, v in DEMO_LABELS.items()},
             "numTraining": n_cases, "training": training}
-    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return root
 
 
@@ -105,7 +105,7 @@ def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
     data = write_demo_dataset(workdir / "data", n_cases, seed=cfg.seed)
     print(f"demo data: {n_cases} volumes in {data}")
     result = train_run(cfg, data, workdir / "run", test_at_end=False)
-    split = json.loads((result.run_dir / "split.json").read_text())
+    split = json.loads((result.run_dir / "split.json").read_text(encoding="utf-8"))
     inputs = [data / "imagesTr" / f"{case}.nii.gz" for case in split["test"]]
     pred_dir = workdir / "predictions"
     predict_to_folder(Predictor.from_checkpoint(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True)

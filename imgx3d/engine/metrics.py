@@ -145,14 +145,14 @@ def write_metrics(rows: list[dict], summary: dict, output_dir: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["case", "class", "name", *ALL_METRICS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table of per-class means ± std."""
+    """A plain-text (ASCII) table of per-class means +/- std."""
     metrics = list(summary["foreground_mean"])
     lines = [f"{'class':<24}" + "".join(f"{m:>18}" for m in metrics)]
     for name, stats in summary["per_class"].items():
-        lines.append(f"{name:<24}" + "".join(f"{stats[m]['mean']:>10.4f} ± {stats[m]['std']:<5.3f}" for m in metrics))
+        lines.append(f"{name:<24}" + "".join(f"{stats[m]['mean']:>10.4f} +/- {stats[m]['std']:<5.3f}" for m in metrics))
     lines.append(f"{'foreground mean':<24}" + "".join(f"{summary['foreground_mean'][m]:>18.4f}" for m in metrics))
     return "\n".join(lines)

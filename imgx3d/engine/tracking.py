@@ -29,6 +29,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def resolve_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute.
+
+    mlflow caches its store per URI string, so a relative path would keep pointing at the
+    first working directory a process used.
+    """
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):]).resolve()
@@ -55,7 +66,7 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri
+        self.uri = uri = resolve_uri(uri)
         try:
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(experiment)
@@ -137,7 +148,7 @@ def download_run_checkpoint(run_id: str, uri: str, dst: Path) -> Path:
 
     try:
         return Path(download_artifacts(run_id=run_id, artifact_path="checkpoint/best.pt", dst_path=str(dst),
-                                       tracking_uri=uri))
+                                       tracking_uri=resolve_uri(uri)))
     except Exception as err:
         raise Imgx3dError(f"run '{run_id}' at '{uri}': no checkpoint/best.pt artifact ({type(err).__name__}); "
                           "pass --tracking-uri of the run's store or --checkpoint PATH") from None

@@ -89,7 +89,7 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
     check_case_grids([c for c in catalog.cases if c.label is not None])
-    (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=1))
+    (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=1), encoding="utf-8")
     save_config(cfg, run_dir / "config.yaml")
     pre = Preprocessor(cfg.data)
     train_items = _load_items(pre, catalog, split.train)
@@ -154,7 +154,7 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     metrics.update({f"test/{m}_mean": v for m, v in summary["foreground_mean"].items()})
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(run_dir / "test_metrics", "test_metrics")
-    (run_dir / "test_metrics" / "table.txt").write_text(format_table(summary) + "\n")
+    (run_dir / "test_metrics" / "table.txt").write_text(format_table(summary) + "\n", encoding="utf-8")
     return summary
 
 
