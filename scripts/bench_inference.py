@@ -87,10 +87,9 @@ def child(variant: str, folder: Path) -> None:
         x = (x - x.mean()) / x.std()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            probs = sliding_window_inference(x, ROI, SW_BATCH, lambda p: torch.softmax(net(p), 1), overlap=OVERLAP,
-                                             mode="gaussian")
+            sliding_window_inference(x, ROI, SW_BATCH, lambda p: torch.softmax(net(p), 1), overlap=OVERLAP,
+                                     mode="gaussian")
         seconds = time.perf_counter() - t0
-        del probs
     print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from imgx3d.diffusion.schedule import DiffusionSchedule, _gather
+from imgx3d.diffusion.schedule import DiffusionSchedule, value_at_steps
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -35,7 +35,7 @@ def ddim_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: to
     if t == 0:
         return x0_hat
     eps = schedule.eps_from_x0(x_t, tt, x0_hat)
-    ab, ab_prev = _gather(schedule.alpha_bar, tt, x_t), _gather(schedule.alpha_bar_prev, tt, x_t)
+    ab, ab_prev = value_at_steps(schedule.alpha_bar, tt, x_t), value_at_steps(schedule.alpha_bar_prev, tt, x_t)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0:

@@ -66,7 +66,7 @@ def resample_betas(betas: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, t
     return 1 - alphas, kept
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def value_at_steps(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] shaped to broadcast over ``like`` (B, C, ...), in ``like``'s dtype/device."""
     out = values.to(like.device)[t.to(like.device)].to(like.dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1)))
@@ -103,23 +103,23 @@ class DiffusionSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising ``sqrt(ab_t) x0 + sqrt(1 − ab_t) eps`` (t per batch element)."""
-        ab = _gather(self.alpha_bar, t, x0)
+        ab = value_at_steps(self.alpha_bar, t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``(x_t − sqrt(1 − ab_t) eps) / sqrt(ab_t)``."""
-        ab = _gather(self.alpha_bar, t, x_t)
+        ab = value_at_steps(self.alpha_bar, t, x_t)
         return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """``(x_t − sqrt(ab_t) x0) / sqrt(1 − ab_t)``."""
-        ab = _gather(self.alpha_bar, t, x_t)
+        ab = value_at_steps(self.alpha_bar, t, x_t)
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``q(x_{t−1} | x_t, x0)``."""
-        mean = _gather(self.posterior_coef_x0, t, x_t) * x0 + _gather(self.posterior_coef_xt, t, x_t) * x_t
-        return mean, _gather(self.posterior_variance, t, x_t)
+        mean = value_at_steps(self.posterior_coef_x0, t, x_t) * x0 + value_at_steps(self.posterior_coef_xt, t, x_t) * x_t
+        return mean, value_at_steps(self.posterior_variance, t, x_t)
 
     def embed_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Network time-embedding values for chain indices ``t``."""

@@ -1,8 +1,8 @@
 """The generic training loop; it never knows which method it runs.
 
-One optimiser (and LR schedule) per parameter group of the method; each group is
-updated from its own ``loss/<group>``. Mixed precision where the device supports it,
-gradient clipping, whole-volume validation with the sliding window, best checkpoint by
+One optimiser per parameter group of the method, each updated from its own
+``loss/<group>``; the LR follows :func:`lr_factor` (a function of step and elapsed time).
+Mixed precision where the device supports it, gradient clipping, whole-volume validation with the sliding window, best checkpoint by
 validation Dice, early stopping, a wall-time budget, atomic checkpoints and an exact
 resume (model, optimisers, step, elapsed time, RNG states; batches are a function of step).
 """
