@@ -94,7 +94,10 @@ class TrainConfig:
 
     Attributes:
         max_steps: stop after this many optimiser steps.
-        max_minutes: stop when the (accumulated, across resumes) wall time exceeds this; 0 = no limit.
+        max_minutes: stop when the (accumulated, across resumes) time exceeds this; 0 = no limit.
+        budget_clock: what ``max_minutes`` counts: ``wall`` (elapsed time) or ``cpu`` (this
+            process's CPU time, ``time.process_time``: a budget that stays fair when runs share a
+            machine; data-loader workers are other processes, so pair it with ``num_workers: 0``).
         optimizer: ``adamw`` or ``sgd`` (Nesterov, momentum 0.99 as nnU-Net).
         lr, weight_decay: optimiser settings.
         scheduler: ``cosine`` (linear warmup then cosine to ``min_lr``), ``poly`` or ``constant``.
@@ -113,6 +116,7 @@ class TrainConfig:
 
     max_steps: int = 1000
     max_minutes: float = 0.0
+    budget_clock: str = "wall"
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -352,6 +356,7 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(t.scheduler in ("cosine", "poly", "constant"), "train.scheduler", "must be cosine, poly or constant")
     _check(t.schedule_over in ("steps", "budget"), "train.schedule_over", "must be steps or budget")
+    _check(t.budget_clock in ("wall", "cpu"), "train.budget_clock", "must be wall or cpu")
     _check(t.amp in ("auto", "on", "off"), "train.amp", "must be auto, on or off")
     _check(t.val_every >= 1, "train.val_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

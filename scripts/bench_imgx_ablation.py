@@ -9,17 +9,24 @@ Runs, all in one mlflow experiment:
                       sampled with the K = 5 resampled chain: the misalignment the paper fixes
 
 Every run gets ``--minutes`` of training (``train.max_minutes``; the configs anneal their LR
-over the budget) and is scored on the 40 test volumes on their native grid. Afterwards, in this one process, each best checkpoint predicts
-the preprocessed test volumes without TTA and its seconds per volume are divided by the
-U-Net's (one sliding-window pass). Prints JSON lines.
+over the budget) and is scored on the 40 test volumes on their native grid. With
+``--parallel N`` the runs train N at a time in child processes of ``--threads`` threads each;
+``--clock cpu`` then makes the budget each process's own CPU time, so runs sharing the
+machine get the same compute whatever else is running (data loading moves in-process for
+that). Afterwards, in this one process, each best checkpoint predicts the preprocessed test
+volumes without TTA and its seconds per volume are divided by the U-Net's (one
+sliding-window pass). Prints JSON lines.
 
 Usage: python scripts/bench_imgx_ablation.py [--minutes 30] [--runs unet imgx_k5_max ...]
+       python scripts/bench_imgx_ablation.py --parallel 2 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,52 +64,109 @@ def seconds_per_volume(run_dir: Path, images: list[torch.Tensor]) -> float:
     return (time.perf_counter() - t0) / len(images)
 
 
+def train_one(name: str, args: argparse.Namespace) -> dict:
+    """Train and test one run; its figures are also saved to ``<out>/<name>/bench_result.json``."""
+    config, extra = RUNS[name]
+    overrides = [*extra, f"train.max_minutes={args.minutes}", f"train.budget_clock={args.clock}",
+                 f"tracking.experiment={args.experiment}"]
+    if args.clock == "cpu":
+        overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
+    cfg = load_config(CONFIGS / config, overrides)
+    result = train_run(cfg, args.data, Path(args.out) / name)
+    record = {"run_dir": str(result.run_dir), "run_id": result.run_id, "steps": result.steps,
+              "stop_reason": result.stop_reason, "test_summary": result.test_summary,
+              "threads": torch.get_num_threads()}
+    (result.run_dir / "bench_result.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
+def train_parallel(args: argparse.Namespace) -> dict[str, dict]:
+    """Train the runs ``--parallel`` at a time, each in a child process of ``--threads`` threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    pending, running = list(args.runs), []
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            log = open(Path(args.out) / f"{name}.log", "w", encoding="utf-8")
+            cmd = [sys.executable, __file__, "--train-one", name, "--threads", str(args.threads),
+                   *[f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]]
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(5)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode:
+                raise SystemExit(f"run {item[0]} failed (exit {item[1].returncode}); see {args.out}/{item[0]}.log")
+    return {name: json.loads((Path(args.out) / name / "bench_result.json").read_text(encoding="utf-8"))
+            for name in args.runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
     parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what the budget counts")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once (child processes)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: default)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip training for runs whose <out>/<run>/bench_result.json exists (re-time only)")
+    parser.add_argument("--train-one", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/bench-imgx-ablation")
     parser.add_argument("--experiment", default="bench-hippocampus-imgx")
     args = parser.parse_args()
-    emit("imgx_ablation.setup", None, "", machine=machine(), minutes_per_run=args.minutes,
+    threads = torch.get_num_threads()
+    if args.train_one:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        train_one(args.train_one, args)
+        return
+    emit("imgx_ablation.setup", None, "", machine=machine(), minutes_per_run=args.minutes, clock=args.clock,
+         parallel=args.parallel, threads_per_run=args.threads or threads,
          split="hippocampus seed0: 144 train / 16 val / 40 test")
-    results = {}
-    for name in args.runs:
-        config, extra = RUNS[name]
-        cfg = load_config(CONFIGS / config, [*extra, f"train.max_minutes={args.minutes}",
-                                             f"tracking.experiment={args.experiment}"])
-        result = train_run(cfg, args.data, Path(args.out) / name)
-        results[name] = result
-        summary = result.test_summary
+    saved = {name: Path(args.out) / name / "bench_result.json" for name in args.runs}
+    reused = {name: json.loads(path.read_text(encoding="utf-8")) for name, path in saved.items()
+              if args.reuse and path.is_file()}
+    args.runs = [name for name in args.runs if name not in reused]
+    if args.parallel > 1:
+        results = train_parallel(args)
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results = {name: train_one(name, args) for name in args.runs}
+        torch.set_num_threads(threads)
+    results = {name: reused.get(name) or results[name] for name in saved}
+    for name, result in results.items():
+        summary = result["test_summary"]
         for cls, stats in summary["per_class"].items():
             emit(f"imgx_ablation.{name}.test.dice.{cls}", round(stats["dice"]["mean"], 4), "dice",
                  std=round(stats["dice"]["std"], 4))
             emit(f"imgx_ablation.{name}.test.hd95.{cls}", round(stats["hd95"]["mean"], 3), "mm",
                  std=round(stats["hd95"]["std"], 3))
         emit(f"imgx_ablation.{name}.test.dice.foreground_mean", round(summary["foreground_mean"]["dice"], 4), "dice",
-             steps=result.steps, stop_reason=result.stop_reason, run_id=result.run_id)
+             steps=result["steps"], stop_reason=result["stop_reason"], run_id=result["run_id"])
 
     # inference cost, all measured here, one after another, on the same preprocessed volumes
-    first = next(iter(results.values()))
-    cfg = load_config(first.run_dir / "config.yaml")
+    run_dirs = {name: Path(r["run_dir"]) for name, r in results.items()}
+    first = next(iter(run_dirs.values()))
+    cfg = load_config(first / "config.yaml")
     catalog = find_cases(args.data, cfg.data)
-    split = json.loads((first.run_dir / "split.json").read_text(encoding="utf-8"))
+    split = json.loads((first / "split.json").read_text(encoding="utf-8"))
     pre = Preprocessor(cfg.data)
     cases = catalog.by_id()
     images = [pre.load_case(cases[c], catalog.labels)["image"] for c in split["test"]]
-    timing = {name: seconds_per_volume(r.run_dir, images) for name, r in results.items()}
+    timing = {name: seconds_per_volume(run_dir, images) for name, run_dir in run_dirs.items()}
     for name, seconds in timing.items():
         extra = {"ratio_to_unet": round(seconds / timing["unet"], 2)} if "unet" in timing else {}
-        emit(f"imgx_ablation.{name}.inference_seconds_per_volume", round(seconds, 4), "s", **extra)
-    if {"unet", "imgx_k5_max"} <= set(results):
-        gap = (results["imgx_k5_max"].test_summary["foreground_mean"]["dice"]
-               - results["unet"].test_summary["foreground_mean"]["dice"])
-        emit("imgx_ablation.dice_gap.imgx_k5_max_minus_unet", round(gap, 4), "dice", target=">= -0.01")
-    if {"imgx_k5_max", "imgx_k5_none"} <= set(results):
-        gain = (results["imgx_k5_max"].test_summary["foreground_mean"]["dice"]
-                - results["imgx_k5_none"].test_summary["foreground_mean"]["dice"])
-        emit("imgx_ablation.dice_gain.recycling_max_minus_none", round(gain, 4), "dice", target=">= 0")
+        emit(f"imgx_ablation.{name}.inference_seconds_per_volume", round(seconds, 4), "s", threads=threads, **extra)
+    dice = {name: r["test_summary"]["foreground_mean"]["dice"] for name, r in results.items()}
+    if {"unet", "imgx_k5_max"} <= set(dice):
+        emit("imgx_ablation.dice_gap.imgx_k5_max_minus_unet", round(dice["imgx_k5_max"] - dice["unet"], 4), "dice",
+             target=">= -0.01")
+    if {"imgx_k5_max", "imgx_k5_none"} <= set(dice):
+        emit("imgx_ablation.dice_gain.recycling_max_minus_none", round(dice["imgx_k5_max"] - dice["imgx_k5_none"], 4),
+             "dice", target=">= 0")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,20 @@ def test_lr_schedule_over_steps_or_budget():
     cfg.schedule_over = "budget"
     assert lr_factor(cfg, 55, 540.0) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
     assert lr_factor(cfg, 20, 600.0) == pytest.approx(0.0)         # budget spent: annealed
+
+
+@pytest.mark.parametrize("clock, expected", [("wall", "time budget"), ("cpu", "max steps")])
+def test_budget_clock_wall_counts_waiting_cpu_does_not(msd_dataset, tmp_path, monkeypatch, clock, expected):
+    """A run that waits (a loaded machine, slow storage) spends wall budget but not CPU budget."""
+    import time
+
+    real_step = Trainer.step
+
+    def slow_step(self, batch):
+        time.sleep(0.4)  # no CPU used
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", slow_step)
+    result = train_run(_cfg("train.max_steps=4", "train.max_minutes=0.01", f"train.budget_clock={clock}",
+                            "data.num_workers=0"), msd_dataset, tmp_path / clock, test_at_end=False)
+    assert result.stop_reason == expected

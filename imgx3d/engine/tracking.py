@@ -7,10 +7,12 @@ beside the database file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from imgx3d.errors import Imgx3dError
 
@@ -47,6 +49,34 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+_OPEN_ATTEMPTS = 5
+
+
+def _lost_a_race(err: Exception) -> bool:
+    """True for the errors of two processes creating the same sqlite store or experiment at once."""
+    text = str(err).lower()
+    return "already exists" in text or "database is locked" in text
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` while opening a sqlite store: mlflow creates and migrates its tables
+    on first use, and two processes doing that at once corrupt the migration (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; Tracker still retries
+        fcntl = None
+    if fcntl is None or not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri[len("sqlite:///"):] + ".lock", "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """One mlflow run: params, metrics, tags and artifacts.
 
@@ -67,21 +97,32 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri = resolve_uri(uri)
-        try:
-            self.client = MlflowClient(tracking_uri=uri)
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=_artifact_location(uri, experiment))
-            if run_id:
-                self.run_id = self.client.get_run(run_id).info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
-            else:
-                self.run_id = self.client.create_run(exp_id, run_name=run_name or None, tags=tags or {}).info.run_id
-        except Imgx3dError:
-            raise
-        except Exception as err:  # mlflow raises many types for an unreachable or broken store
-            raise Imgx3dError(f"mlflow tracking URI '{uri}' unusable ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]}); start the server, fix --tracking-uri, or pass --no-track") from None
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                with _store_lock(uri):
+                    self.client = MlflowClient(tracking_uri=uri)
+                    self.run_id = self._open_run(experiment, run_name, tags, run_id)
+                break
+            except Imgx3dError:
+                raise
+            except Exception as err:  # mlflow raises many types for an unreachable or broken store
+                if attempt + 1 < _OPEN_ATTEMPTS and _lost_a_race(err):
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                raise Imgx3dError(f"mlflow tracking URI '{uri}' unusable ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]}); start the server, fix --tracking-uri, "
+                                  "or pass --no-track") from None
+
+    def _open_run(self, experiment: str, run_name: str, tags: dict[str, str] | None, run_id: str | None) -> str:
+        """Create the experiment if missing; return a new run's id, or reopen ``run_id``."""
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=_artifact_location(self.uri, experiment))
+        if run_id:
+            run_id = self.client.get_run(run_id).info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        return self.client.create_run(exp_id, run_name=run_name or None, tags=tags or {}).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log short scalar params (long values are truncated to mlflow's limit)."""
@@ -94,8 +135,6 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (NaNs are skipped)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -98,6 +98,7 @@ class Trainer:
         amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if amp else None
         self.state = TrainState()
+        self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, weights_only: bool = False) -> dict[str, Any]:
@@ -185,12 +186,12 @@ class Trainer:
             labels: dict[int, str]) -> TrainState:
         """Train until ``max_steps``, the time budget, or early stopping."""
         t = self.cfg.train
-        start, elapsed0 = time.monotonic(), self.state.elapsed_s
+        start, elapsed0 = self._clock(), self.state.elapsed_s
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", disable=None)
         running: dict[str, list[float]] = {}
         validated_at = -1
         while self.state.step < t.max_steps:
-            self.state.elapsed_s = elapsed0 + time.monotonic() - start
+            self.state.elapsed_s = elapsed0 + self._clock() - start
             if t.max_minutes and self.state.elapsed_s >= 60 * t.max_minutes:
                 self.state.stop_reason = "time budget"
                 break
@@ -210,7 +211,7 @@ class Trainer:
                     self.state.stop_reason = "early stopping"
                     break
             elif self.state.step % t.checkpoint_every == 0:
-                self.state.elapsed_s = elapsed0 + time.monotonic() - start
+                self.state.elapsed_s = elapsed0 + self._clock() - start
                 self.save("last.pt")
         else:
             self.state.stop_reason = "max steps"
@@ -235,6 +236,6 @@ class Trainer:
         else:  # no validation cases: the latest weights are the ones to use
             self.state.best_step = self.state.step
             self.save("best.pt", weights_only=True)
-        self.state.elapsed_s = elapsed0 + time.monotonic() - start
+        self.state.elapsed_s = elapsed0 + self._clock() - start
         self.save("last.pt")
         return bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience
