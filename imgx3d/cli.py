@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--volume", action="store_true", help="the data are 3D volumes (default)")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/hippocampus/unet.yaml")
     p.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2, BTCV, case folders or pairs)")
+    p.add_argument("--method", help="train this method instead of the config's (its defaults; a codec section "
+                   "is kept), e.g. --method vae to train the codec an sdseg config describes")
     p.add_argument("--seed", type=int, help="seed of Python, NumPy, torch and the patch sampler")
     p.add_argument("--run-dir", help="output folder of the run (default runs/<dataset>/<method>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
@@ -80,6 +82,13 @@ def _load(args: argparse.Namespace):
         overrides.append(f"tracking.experiment={args.experiment}")
     if args.no_track:
         overrides.append("tracking.enabled=false")
+    if getattr(args, "method", None):
+        from imgx3d.config import load_yaml
+
+        tree = load_yaml(args.config)
+        codec = tree.get("method", {}).get("codec")
+        tree["method"] = {"name": args.method, **({"codec": codec} if codec is not None else {})}
+        return load_config(None, overrides, base=tree)
     return load_config(args.config, overrides)
 
 

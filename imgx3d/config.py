@@ -43,6 +43,25 @@ class SplitConfig:
 
 
 @dataclass
+class SliceConfig:
+    """How 2D methods see volumes (the slice adapter, ``imgx3d.data.slices``).
+
+    Attributes:
+        axis: model-space (RAS) axis sliced along: 2 = axial, 1 = coronal, 0 = sagittal.
+        size: in-plane size (H, W) of the slices the 2D method sees (SD VAEs: multiples of 8).
+        keep_empty: fraction of slices without foreground kept for training (deterministic).
+        percentiles: per-volume, per-channel intensity percentiles mapped to [-1, 1].
+        predict_batch: slices per forward call at inference.
+    """
+
+    axis: int = 2
+    size: list[int] = field(default_factory=lambda: [256, 256])
+    keep_empty: float = 0.1
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    predict_batch: int = 16
+
+
+@dataclass
 class DataConfig:
     """Dataset layout, preprocessing and training crops.
 
@@ -64,6 +83,7 @@ class DataConfig:
             scaling (±``scale_range``), applied to the patch (nnU-Net-style spatial augmentation).
         intensity_aug: random scale/shift/noise/gamma of intensities.
         num_workers: data-loader worker processes.
+        slices: the slice adapter of 2D methods (ignored by 3D methods).
     """
 
     layout: str = "auto"
@@ -86,6 +106,7 @@ class DataConfig:
     intensity_aug: bool = True
     num_workers: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
+    slices: SliceConfig = field(default_factory=SliceConfig)
 
 
 @dataclass
@@ -337,6 +358,13 @@ def validate(cfg: Config) -> None:
     _check(d.mri_norm in ("zscore", "percentile"), "data.mri_norm", "must be zscore or percentile")
     _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be [low, high] with low < high")
     _check(len(d.patch_size) == 3 and all(p > 0 for p in d.patch_size), "data.patch_size", "must be 3 positive integers")
+    sl = d.slices
+    _check(sl.axis in (0, 1, 2), "data.slices.axis", "must be 0, 1 or 2")
+    _check(len(sl.size) == 2 and all(v > 0 for v in sl.size), "data.slices.size", "must be 2 positive integers [H, W]")
+    _check(0.0 <= sl.keep_empty <= 1.0, "data.slices.keep_empty", "must be in [0, 1]")
+    _check(len(sl.percentiles) == 2 and 0 <= sl.percentiles[0] < sl.percentiles[1] <= 100, "data.slices.percentiles",
+           "must be [low, high] with 0 <= low < high <= 100")
+    _check(sl.predict_batch > 0, "data.slices.predict_batch", "must be > 0")
     _check(d.spacing is None or (len(d.spacing) == 3 and all(s > 0 for s in d.spacing)), "data.spacing",
            "must be null or 3 positive numbers (mm)")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")

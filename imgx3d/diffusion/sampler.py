@@ -43,6 +43,20 @@ def ddim_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: to
     return x_prev
 
 
+def ddim_jump(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, t_prev: int, x0_hat: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from chain index t to any ``t_prev < t``; ``t_prev = -1``: x0_hat.
+
+    DDIM's strided sampling on a long chain (SDSeg's multi-step mode), where skipping steps is
+    what the method is designed for (unlike DDPM's posterior, see :func:`ddpm_step`).
+    """
+    if t_prev < 0:
+        return x0_hat
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    eps = schedule.eps_from_x0(x_t, tt, x0_hat)
+    ab_prev = value_at_steps(schedule.alpha_bar, torch.full_like(tt, t_prev), x_t)
+    return ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps
+
+
 def sample(schedule: DiffusionSchedule, predict_x0: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,
            sampler: str = "ddpm", eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run the chain from ``x_T`` (index num_steps − 1) down to x0.

@@ -17,8 +17,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from imgx3d.config import Config, DataConfig, InferConfig, from_dict
+from imgx3d.config import Config, DataConfig, InferConfig, SliceConfig, from_dict
 from imgx3d.data.io import is_volume_path, label_dtype, strip_suffix, write_nifti
+from imgx3d.data.slices import predict_by_slices
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, InputError
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
@@ -53,18 +54,28 @@ def class_map(probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
 
 
 def predict_probabilities(method: Method, image: torch.Tensor, window: Windowed,
-                          tta_flips: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+                          tta_flips: list[int] | tuple[int, ...] = (), slices: SliceConfig | None = None) -> torch.Tensor:
     """Class probabilities (K, ...) for one model-space image (C, ...), averaged over flips.
 
-    With ``tta_flips = [0, 1, 2]`` the 8 mirrorings of nnU-Net are used.
+    3D methods run on the whole volume through ``window``; 2D methods (``spatial_dims == 2``)
+    through the slice adapter with ``slices`` (default settings if None). With
+    ``tta_flips = [0, 1, 2]`` the 8 mirrorings of nnU-Net are used.
     """
     x = image[None]
     combos = [c for r in range(len(tta_flips) + 1) for c in itertools.combinations(sorted(tta_flips), r)]
+    if method.spatial_dims == 2:
+        slice_cfg = slices or SliceConfig()
+
+        def run(volume: torch.Tensor) -> torch.Tensor:
+            return predict_by_slices(method, volume, slice_cfg)
+    else:
+        def run(volume: torch.Tensor) -> torch.Tensor:
+            return method.predict(volume, window)
     total = None
     with torch.inference_mode():
         for axes in combos:
             dims = [a + 2 for a in axes]
-            probs = method.predict(x.flip(dims) if dims else x, window)
+            probs = run(x.flip(dims) if dims else x)
             probs = probs.flip(dims) if dims else probs
             total = probs if total is None else total + probs
     return (total / len(combos) if len(combos) > 1 else total)[0]
@@ -118,7 +129,8 @@ class Predictor:
         grid = pre.grid_map(ref)
         image = pre.image_to_model(array, grid).to(self.device)
         window = make_window(self.config.infer, self.config.data.patch_size)
-        probs = predict_probabilities(self.method, image, window, self.config.infer.tta_flips).cpu()
+        probs = predict_probabilities(self.method, image, window, self.config.infer.tta_flips,
+                                      self.config.data.slices).cpu()
         native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.ras_shape else None
         if native is not None:
             labelmap = class_map(native).numpy()

@@ -147,7 +147,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.method.training_step(batch, self.state.step)
-        names = list(self.groups)
+        names = [g for g in self.groups if f"loss/{g}" in out]  # a staged method trains some groups per step
+        if not names:
+            raise RuntimeError(f"{self.method.name}.training_step returned no loss/<group> of {sorted(self.groups)}")
         for i, group in enumerate(names):
             params = [p for p in self.groups[group] if p.requires_grad]
             loss = out[f"loss/{group}"]
@@ -168,11 +170,15 @@ class Trainer:
     def validate(self, cases: list[dict[str, Any]], labels: dict[int, str]) -> dict[str, float]:
         """Mean Dice per class over whole validation volumes (sliding window, model space)."""
         self.method.eval()
+        own = self.method.validation_metrics(cases, labels, self.cfg.data.slices)
+        if own is not None:
+            return own
         window = make_window(self.cfg.infer, self.cfg.data.patch_size)
         classes = [c for c in sorted(labels) if c != 0]
         per_class: dict[int, list[float]] = {c: [] for c in classes}
         for case in cases:
-            probs = predict_probabilities(self.method, case["image"].to(self.device), window)
+            probs = predict_probabilities(self.method, case["image"].to(self.device), window,
+                                          slices=self.cfg.data.slices)
             pred = class_map(probs).cpu().numpy()
             scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
             for c in classes:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.io import label_dtype, write_nifti
+from imgx3d.data.slices import SliceBatches
 from imgx3d.data.transforms import PatchBatches, Preprocessor, check_case_grids, train_transforms
 from imgx3d.engine.infer import Predictor, resolve_device
 from imgx3d.engine.metrics import evaluate_folders, format_table
@@ -47,9 +48,14 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int):
-    dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, cfg.seed, start_step,
-                           cfg.train.max_steps)
+def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int):
+    """Training batches: 3D patches, or 2D slices through the slice adapter for 2D methods."""
+    if spatial_dims == 2:
+        dataset = SliceBatches(items, cfg.data.slices, cfg.data.flip_axes, cfg.data.batch_size, cfg.seed, start_step,
+                               cfg.train.max_steps)
+    else:
+        dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, cfg.seed, start_step,
+                               cfg.train.max_steps)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if cfg.data.num_workers else None)
     return iter(loader)
@@ -115,14 +121,20 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
         tracker.log_artifact(run_dir / "split.json")
 
     try:
-        state = trainer.fit(_batches(train_items, cfg, trainer.state.step), val_items, catalog.labels)
+        state = trainer.fit(_batches(train_items, cfg, trainer.state.step, method.spatial_dims), val_items,
+                            catalog.labels)
         tracker.log_metrics({"train/minutes": state.elapsed_s / 60, "train/steps": state.step,
                              "val/best_dice_mean": state.best_metric}, state.step)
         tracker.set_tags({"stop_reason": state.stop_reason})
         tracker.log_artifact(run_dir / "best.pt", "checkpoint")
         summary = None
-        if test_at_end and split.test:
+        if test_at_end and split.test and method.segments:
             summary = evaluate_test_split(run_dir, catalog, split, tracker, state.step)
+        elif test_at_end and split.test:  # a codec: its own metrics on the test volumes, best weights
+            method.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["model"])
+            summary = method.validation_metrics(_load_items(pre, catalog, split.test), catalog.labels, cfg.data.slices)
+            summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
+            tracker.log_metrics(summary, state.step)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("KILLED")

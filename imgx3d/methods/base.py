@@ -21,7 +21,7 @@ Windowed = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torc
 
 METHODS: dict[str, type["Method"]] = {}
 # Modules that register methods; imported lazily so `imgx3d --help` stays fast.
-METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx")
+METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx", "imgx3d.methods.vae", "imgx3d.methods.sdseg")
 
 
 class Method(nn.Module):
@@ -33,6 +33,7 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     spatial_dims: ClassVar[int]  # 3: volumetric; 2: runs per slice on volumes
+    segments: ClassVar[bool] = True  # False: not a segmenter (a codec); no test-split prediction
     Config: ClassVar[type]
 
     def __init__(self, cfg: Any, num_classes: int, in_channels: int):
@@ -50,6 +51,13 @@ class Method(nn.Module):
     def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
         """Class probabilities (B, K, ...) for whole images (B, C, ...), same spatial size."""
         raise NotImplementedError
+
+    def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],
+                           slices: Any = None) -> dict[str, float] | None:
+        """Validation of a method that does not segment (a codec): its own ``val/...`` metrics,
+        with ``val/dice_mean`` the score that picks the best checkpoint. None (segmenters):
+        the engine validates whole-volume predictions. ``slices``: the data's ``SliceConfig``."""
+        return None
 
 
 class Generator(Protocol):

@@ -1,0 +1,122 @@
+"""The slice adapter: how 2D methods train on and predict whole 3D volumes.
+
+Volumes arrive in model space (RAS, preset-normalised, ``(C, X, Y, Z)``, see
+:class:`~imgx3d.data.transforms.Preprocessor`). A 2D method sees slices along
+``data.slices.axis``, resized in-plane to ``data.slices.size`` with intensities mapped
+per volume to [-1, 1]; its slice predictions are restacked into a model-space volume, which
+the engine maps to the native grid like any 3D prediction. Training draws slices from the
+training volumes (all foreground slices, a ``keep_empty`` fraction of the others);
+validation and evaluation stay in 3D.
+
+Resizing back: to a coarser grid (the usual case, the method's slices are larger than the
+native ones) the prediction is sampled at the native pixel centres (``nearest-exact``),
+which makes slice → restack exact for labels; to a finer grid it is interpolated bilinearly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgx3d.config import SliceConfig
+from imgx3d.data.transforms import PatchBatches
+from imgx3d.errors import ConfigError
+
+
+def to_slice_range(image: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """Map each channel of a volume ``(C, ...)`` from its ``percentiles`` to [-1, 1] (clipped)."""
+    out = torch.empty_like(image, dtype=torch.float32)
+    for c in range(image.shape[0]):
+        channel = image[c].float()
+        low, high = np.percentile(channel.numpy() if channel.device.type == "cpu" else channel.cpu().numpy(),
+                                  list(percentiles))
+        scale = 2.0 / max(float(high - low), 1e-6)
+        out[c] = ((channel - float(low)) * scale - 1.0).clamp(-1.0, 1.0)
+    return out
+
+
+def _resize(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+    """Resize ``(S, C, H, W)`` slices; ``nearest-exact`` for labels, bilinear for the rest."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest-exact":
+        return F.interpolate(x.float(), size=tuple(size), mode=mode).to(x.dtype)
+    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def volume_to_slices(volume: torch.Tensor, axis: int, size: Sequence[int], label: bool = False) -> torch.Tensor:
+    """``(C, X, Y, Z)`` → ``(S, C, H, W)``: the slices along spatial ``axis``, resized to ``size``."""
+    slices = volume.movedim(axis + 1, 0)
+    return _resize(slices, size, "nearest-exact" if label else "bilinear")
+
+
+def slices_to_volume(slices: torch.Tensor, axis: int, shape: Sequence[int]) -> torch.Tensor:
+    """``(S, K, H, W)`` → ``(K, X, Y, Z)`` of spatial ``shape``: restack and resize back in-plane."""
+    plane = [s for a, s in enumerate(shape) if a != axis]
+    coarser = plane[0] <= slices.shape[-2] and plane[1] <= slices.shape[-1]
+    back = _resize(slices, plane, "nearest-exact" if coarser else "bilinear")
+    return back.movedim(0, axis + 1)
+
+
+def whole_slice(fn, x: torch.Tensor) -> torch.Tensor:
+    """The window of a 2D method: each slice is one window (the adapter already resized it)."""
+    return fn(x)
+
+
+def predict_by_slices(method: Any, image: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
+    """Class probabilities ``(1, K, X, Y, Z)`` of a 2D method for one volume ``(1, C, X, Y, Z)``."""
+    volume = to_slice_range(image[0], cfg.percentiles)
+    slices = volume_to_slices(volume, cfg.axis, cfg.size)
+    outs = [method.predict(slices[i:i + cfg.predict_batch], whole_slice)
+            for i in range(0, slices.shape[0], cfg.predict_batch)]
+    return slices_to_volume(torch.cat(outs), cfg.axis, volume.shape[1:])[None]
+
+
+def slice_pool(labels: Sequence[torch.Tensor], axis: int, keep_empty: float, seed: int) -> list[tuple[int, int]]:
+    """``(volume, slice)`` pairs for training: every slice with foreground, ``keep_empty`` of the rest."""
+    rng = np.random.default_rng([seed, 7919])
+    pool = []
+    for v, label in enumerate(labels):
+        other = [a + 1 for a in range(3) if a != axis]
+        has_fg = (label[0] > 0).any(dim=[a - 1 for a in other]).tolist()
+        pool += [(v, s) for s, fg in enumerate(has_fg) if fg or rng.random() < keep_empty]
+    return pool
+
+
+class SliceBatches(PatchBatches):
+    """Batches of 2D slices ``(B, C, H, W)`` drawn from volumes, a pure function of (seed, step).
+
+    Images are in [-1, 1] (per volume), labels ``(B, 1, H, W)`` integer class indices; random
+    flips along ``flip_axes`` that lie in the slice plane.
+    """
+
+    def __init__(self, items: list[dict[str, Any]], cfg: SliceConfig, flip_axes: Sequence[int], batch_size: int,
+                 seed: int, start_step: int, stop_step: int):
+        super().__init__(items, None, batch_size, seed, start_step, stop_step)
+        self.cfg = cfg
+        self.images = [to_slice_range(item["image"], cfg.percentiles) for item in items]
+        self.labels = [item["label"] for item in items]
+        self.pool = slice_pool(self.labels, cfg.axis, cfg.keep_empty, seed)
+        if not self.pool:
+            raise ConfigError("no training slices: every slice is empty and data.slices.keep_empty is 0; raise it")
+        in_plane = [a for a in range(3) if a != cfg.axis]
+        self.flip_dims = [in_plane.index(a) - 2 for a in flip_axes if a in in_plane]  # -2: H, -1: W
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of training step ``step``."""
+        rng = np.random.default_rng([self.seed, step])
+        images, labels = [], []
+        for index in rng.integers(len(self.pool), size=self.batch_size):
+            v, s = self.pool[int(index)]
+            image = self.images[v].select(self.cfg.axis + 1, s)[None]
+            label = self.labels[v].select(self.cfg.axis + 1, s)[None]
+            image, label = _resize(image, self.cfg.size, "bilinear")[0], _resize(label, self.cfg.size, "nearest-exact")[0]
+            dims = [d for d in self.flip_dims if rng.random() < 0.5]
+            images.append(image.flip(dims) if dims else image)
+            labels.append(label.flip(dims) if dims else label)
+        return {"image": torch.stack(images), "label": torch.stack(labels)}

@@ -1,0 +1,105 @@
+"""``vae``: train the latent codec (an SD-format KL autoencoder) on a dataset's image and mask slices.
+
+Not a segmenter: ``imgx3d train --method vae`` (or ``method.name: vae``) trains the small
+default codec on the slices of the training volumes, validates by the mask reconstruction
+Dice (3D, per class, per volume) that SDSeg relies on, and saves it like any run; SDSeg and
+the generators then take the run folder as ``method.codec.path``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgx3d.config import SliceConfig
+from imgx3d.data.slices import slices_to_volume, to_slice_range, volume_to_slices
+from imgx3d.engine.metrics import score_case
+from imgx3d.errors import ConfigError
+from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, mask_to_rgb, rgb_to_probability, to_rgb
+
+
+@dataclass
+class VAEConfig:
+    """Hyperparameters of the ``vae`` method.
+
+    Attributes:
+        codec: the codec (``codec.path`` empty: the small default, trained from scratch;
+            given: fine-tune those weights).
+    """
+
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+
+def random_class_masks(label: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One foreground class per sample (uniform, present or not) and its binary mask.
+
+    Args:
+        label: ``(B, 1, H, W)`` class indices.
+
+    Returns:
+        (classes ``(B,)`` in 1 … num_classes − 1, masks ``(B, H, W)`` as 0/1 floats).
+    """
+    classes = torch.randint(1, num_classes, (label.shape[0],), device=label.device)
+    return classes, (label[:, 0] == classes[:, None, None]).float()
+
+
+@torch.no_grad()
+def codec_validation(codec: LatentCodec, cases: list[dict[str, Any]], labels: dict[int, str],
+                     slices: SliceConfig) -> dict[str, float]:
+    """Mask reconstruction Dice through the codec, per class, on whole volumes (3D), plus image PSNR.
+
+    Every slice of a volume's class mask goes through encode → decode → channel mean → 0.5,
+    is restacked on the model-space grid and scored in 3D against the mask.
+    """
+    per_class: dict[int, list[float]] = {c: [] for c in labels if c != 0}
+    psnr = []
+    device = codec.scale.device
+    for case in cases:
+        label = case["label"]
+        label_slices = volume_to_slices(label, slices.axis, slices.size, label=True)[:, 0]
+        for c in per_class:
+            recon = torch.cat([rgb_to_probability(codec.decode(codec.encode(mask_to_rgb(part == c).to(device))))
+                               for part in label_slices.split(slices.predict_batch)])
+            pred = slices_to_volume(recon[:, None].cpu(), slices.axis, label.shape[1:])[0] > 0.5
+            per_class[c].append(score_case(pred.numpy().astype(np.uint8), (label[0] == c).numpy().astype(np.uint8),
+                                           [1], metrics=("dice",))[1]["dice"])
+        image = volume_to_slices(to_slice_range(case["image"], slices.percentiles), slices.axis, slices.size)
+        for part in image.split(slices.predict_batch):
+            rgb = to_rgb(part).to(device)
+            mse = float(((codec.decode(codec.encode(rgb)).clamp(-1, 1) - rgb) ** 2).mean())
+            psnr.append(10 * np.log10(4.0 / max(mse, 1e-12)))  # peak-to-peak 2 in [-1, 1]
+    metrics = {f"val/dice/{labels[c]}": float(np.mean(v)) for c, v in per_class.items()}
+    metrics["val/dice_mean"] = float(np.mean(list(metrics.values())))
+    metrics["val/image_psnr"] = float(np.mean(psnr))
+    return metrics
+
+
+@register
+class VAEMethod(Method):
+    """The latent codec, trained with L1 reconstruction + KL on image and mask slices."""
+
+    name = "vae"
+    spatial_dims = 2
+    segments = False
+    Config = VAEConfig
+
+    def __init__(self, cfg: VAEConfig, num_classes: int, in_channels: int):
+        super().__init__(cfg, num_classes, in_channels)
+        self.codec = LatentCodec.build(cfg.codec)
+
+    def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        _, masks = random_class_masks(batch["label"], self.num_classes)
+        x = torch.cat([to_rgb(batch["image"]), mask_to_rgb(masks)])
+        return {"loss/model": self.codec.training_loss(x, self.cfg.codec.kl_weight)}
+
+    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
+        raise ConfigError("method 'vae' is a codec, not a segmenter: use its run folder as method.codec.path "
+                          "of sdseg, and predict with that run")
+
+    def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],
+                           slices: SliceConfig | None = None) -> dict[str, float]:
+        return codec_validation(self.codec, cases, labels, slices or SliceConfig())
