@@ -91,7 +91,10 @@ def _from_weights_file(path: Path, config_path: str) -> AutoencoderKL:
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         state = convert_ldm_vae_checkpoint(state, vae.config)
-    missing, unexpected = vae.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = vae.load_state_dict(state, strict=False)
+    except RuntimeError:  # shape mismatches
+        missing, unexpected = ["(shapes differ)"], []
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the VAE config ({len(missing)} missing, {len(unexpected)} "
                               "unexpected keys); pass the matching diffusers config.json as codec.config")
