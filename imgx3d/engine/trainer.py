@@ -140,9 +140,9 @@ class Trainer:
         """One optimisation step over every parameter group."""
         self.method.train()
         lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.state.step, self.state.elapsed_s)
-        for optimizer in self.optimizers.values():
+        for group, optimizer in self.optimizers.items():
             for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
+                param_group["lr"] = lr * self.method.lr_scale(group)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):

@@ -44,6 +44,10 @@ class Method(nn.Module):
         """Parameters per optimiser; ``training_step`` returns ``loss/<group>`` for each."""
         return {"model": [p for p in self.parameters() if p.requires_grad]}
 
+    def lr_scale(self, group: str) -> float:
+        """Multiplier of ``train.lr`` for a parameter group (1 unless a method says otherwise)."""
+        return 1.0
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Losses (``loss/<group>``) and other scalars for one batch of patches."""
         raise NotImplementedError

@@ -45,6 +45,8 @@ class SDSegConfig:
     Attributes:
         codec: the latent codec; ``codec.path`` empty = train the small default first.
         codec_steps: steps of the codec phase when ``codec.path`` is empty.
+        codec_lr_scale: the codec's learning rate relative to ``train.lr`` (an autoencoder
+            trained from scratch takes a larger one than the denoiser).
         channels, attention_levels, num_res_blocks, norm_groups, num_head_channels: the 2D
             denoiser (MONAI ``DiffusionModelUNet``; the code's is 192 · [1, 2, 2, 4, 4]).
         beta_schedule, base_steps, beta_start, beta_end: the chain (code: T = 1000, LDM
@@ -58,6 +60,7 @@ class SDSegConfig:
 
     codec: CodecConfig = field(default_factory=CodecConfig)
     codec_steps: int = 2000
+    codec_lr_scale: float = 1.0
     channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = 2
@@ -166,6 +169,9 @@ class SDSeg(Method):
         if self.train_codec_first:
             groups["codec"] = list(self.codec.parameters())
         return groups
+
+    def lr_scale(self, group: str) -> float:
+        return self.cfg.codec_lr_scale if group == "codec" else 1.0
 
     # -- pieces --------------------------------------------------------------------------
     def _check_size(self, x: torch.Tensor) -> None:
