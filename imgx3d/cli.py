@@ -100,9 +100,11 @@ def _print_result(result) -> None:
         print(f"mlflow run: {result.run_id}")
     best = f"{result.best_val_dice:.4f}" if result.best_val_dice > float("-inf") else "n/a (no validation cases)"
     print(f"steps: {result.steps} ({result.stop_reason}); best validation Dice: {best}")
-    if result.test_summary:
+    if result.test_summary and "per_class" in result.test_summary:
         print(f"test cases ({result.test_summary['cases']}), native grid:")
         print(format_table(result.test_summary))
+    elif result.test_summary:  # a codec's own test metrics
+        print("test: " + ", ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in result.test_summary.items()))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -18,3 +18,11 @@ def machine() -> dict[str, str | int]:
     """What the figures were measured on."""
     return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine()}
+
+
+def emit_test_summary(prefix: str, summary: dict, **extra) -> None:
+    """Per-class Dice and HD95 (mean, std) of a test summary, then its foreground-mean Dice with ``extra``."""
+    for cls, stats in summary["per_class"].items():
+        emit(f"{prefix}.test.dice.{cls}", round(stats["dice"]["mean"], 4), "dice", std=round(stats["dice"]["std"], 4))
+        emit(f"{prefix}.test.hd95.{cls}", round(stats["hd95"]["mean"], 3), "mm", std=round(stats["hd95"]["std"], 3))
+    emit(f"{prefix}.test.dice.foreground_mean", round(summary["foreground_mean"]["dice"], 4), "dice", **extra)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from _bench import emit, emit_test_summary, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
@@ -138,14 +138,8 @@ def main() -> None:
         torch.set_num_threads(threads)
     results = {name: reused.get(name) or results[name] for name in saved}
     for name, result in results.items():
-        summary = result["test_summary"]
-        for cls, stats in summary["per_class"].items():
-            emit(f"imgx_ablation.{name}.test.dice.{cls}", round(stats["dice"]["mean"], 4), "dice",
-                 std=round(stats["dice"]["std"], 4))
-            emit(f"imgx_ablation.{name}.test.hd95.{cls}", round(stats["hd95"]["mean"], 3), "mm",
-                 std=round(stats["hd95"]["std"], 3))
-        emit(f"imgx_ablation.{name}.test.dice.foreground_mean", round(summary["foreground_mean"]["dice"], 4), "dice",
-             steps=result["steps"], stop_reason=result["stop_reason"], run_id=result["run_id"])
+        emit_test_summary(f"imgx_ablation.{name}", result["test_summary"], steps=result["steps"],
+                          stop_reason=result["stop_reason"], run_id=result["run_id"])
 
     # inference cost, all measured here, one after another, on the same preprocessed volumes
     run_dirs = {name: Path(r["run_dir"]) for name, r in results.items()}

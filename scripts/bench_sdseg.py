@@ -28,7 +28,7 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from _bench import emit, emit_test_summary, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
@@ -53,14 +53,8 @@ def train(config: str, args: argparse.Namespace, name: str) -> dict:
 
 
 def emit_test(name: str, record: dict) -> None:
-    summary = record["test_summary"]
-    for cls, stats in summary["per_class"].items():
-        emit(f"sdseg_bench.{name}.test.dice.{cls}", round(stats["dice"]["mean"], 4), "dice",
-             std=round(stats["dice"]["std"], 4))
-        emit(f"sdseg_bench.{name}.test.hd95.{cls}", round(stats["hd95"]["mean"], 3), "mm",
-             std=round(stats["hd95"]["std"], 3))
-    emit(f"sdseg_bench.{name}.test.dice.foreground_mean", round(summary["foreground_mean"]["dice"], 4), "dice",
-         steps=record["steps"], stop_reason=record["stop_reason"], run_id=record["run_id"])
+    emit_test_summary(f"sdseg_bench.{name}", record["test_summary"], steps=record["steps"],
+                      stop_reason=record["stop_reason"], run_id=record["run_id"])
 
 
 def predict_subset(predictor: Predictor, cases: list, classes: list[int]) -> tuple[float, float, list[torch.Tensor]]:

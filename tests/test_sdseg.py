@@ -12,7 +12,6 @@ from imgx3d.diffusion.schedule import make_schedule
 from imgx3d.engine.workflow import train_run
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import build_method
-from imgx3d.methods.sdseg import load_with_zero_extra_inputs
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, mask_to_rgb, rgb_to_probability
 
 TINY_CODEC = {"widths": [8, 8, 16, 16], "norm_groups": 8, "layers_per_block": 1}
