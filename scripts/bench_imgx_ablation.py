@@ -122,13 +122,14 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         train_one(args.train_one, args)
         return
-    emit("imgx_ablation.setup", None, "", machine=machine(), minutes_per_run=args.minutes, clock=args.clock,
-         parallel=args.parallel, threads_per_run=args.threads or threads,
-         split="hippocampus seed0: 144 train / 16 val / 40 test")
     saved = {name: Path(args.out) / name / "bench_result.json" for name in args.runs}
     reused = {name: json.loads(path.read_text(encoding="utf-8")) for name, path in saved.items()
               if args.reuse and path.is_file()}
     args.runs = [name for name in args.runs if name not in reused]
+    emit("imgx_ablation.setup", None, "", machine=machine(), minutes_per_run=args.minutes, clock=args.clock,
+         parallel=args.parallel, threads_per_run=args.threads or threads,
+         split="hippocampus seed0: 144 train / 16 val / 40 test",
+         reused_runs=sorted(reused))
     if args.parallel > 1:
         results = train_parallel(args)
     else:
