@@ -159,7 +159,7 @@ def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim == 2:
-        raise InputError(f"{path}: is a 2D image (shape {array.shape}); --volume expects 3D volumes (use --image for 2D data)")
+        raise InputError(f"{path}: is a 2D image (shape {array.shape}); imgx3d reads 3D volumes; stack 2D images into a volume (2D image folders are not supported yet)")
     if array.ndim == 4:
         if not allow_channels:
             raise InputError(f"{path}: is 4D (shape {array.shape}) where a 3D {what} is expected; split it into 3D files")
