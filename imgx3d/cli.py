@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--volume", action="store_true", help="the data are 3D volumes (default)")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/hippocampus/unet.yaml")
     p.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2, BTCV, case folders or pairs)")
-    p.add_argument("--method", help="train this method instead of the config's (its defaults; a codec section "
-                   "is kept), e.g. --method vae to train the codec an sdseg config describes")
+    p.add_argument("--method", help="train this method instead of the config's (keys it shares with the "
+                   "config's method are kept), e.g. --method vae to train the codec an sdseg config describes")
     p.add_argument("--seed", type=int, help="seed of Python, NumPy, torch and the patch sampler")
     p.add_argument("--run-dir", help="output folder of the run (default runs/<dataset>/<method>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
@@ -83,11 +83,15 @@ def _load(args: argparse.Namespace):
     if args.no_track:
         overrides.append("tracking.enabled=false")
     if getattr(args, "method", None):
+        import dataclasses
+
         from imgx3d.config import load_yaml
+        from imgx3d.methods.base import method_class
 
         tree = load_yaml(args.config)
-        codec = tree.get("method", {}).get("codec")
-        tree["method"] = {"name": args.method, **({"codec": codec} if codec is not None else {})}
+        shared = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
+        tree["method"] = {"name": args.method,
+                          **{k: v for k, v in tree.get("method", {}).items() if k in shared}}
         return load_config(None, overrides, base=tree)
     return load_config(args.config, overrides)
 

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -151,3 +152,13 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
     assert "not a folder" in result.stderr
+
+
+def test_train_method_flag_keeps_the_keys_the_new_method_shares():
+    from imgx3d.cli import _load, build_parser
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "hippocampus" / "sdseg.yaml"
+    args = build_parser().parse_args(["train", "--config", str(config), "--method", "vae", "--data", "x"])
+    cfg = _load(args)
+    assert set(cfg.method) == {"name", "codec"} and cfg.method["name"] == "vae"
+    assert cfg.method["codec"]["widths"] == [16, 32, 64, 64]

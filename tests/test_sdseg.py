@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from imgx3d.config import load_config
-from imgx3d.diffusion.sampler import ddim_jump
+from imgx3d.diffusion.sampler import ddim_step
 from imgx3d.diffusion.schedule import make_schedule
 from imgx3d.engine.workflow import train_run
 from imgx3d.errors import CheckpointError, ConfigError
@@ -126,14 +126,14 @@ def test_latent_estimation_loss_matches_the_formula():
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_ddim_jump_lands_on_the_forward_marginal_of_the_target_step():
+def test_strided_ddim_step_lands_on_the_forward_marginal_of_the_target_step():
     schedule = make_schedule("scaled_linear", 1000, 0.0015, 0.0155)
     x0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     ab = schedule.alpha_bar.float()
     x_t = ab[999].sqrt() * x0 + (1 - ab[999]).sqrt() * eps
-    torch.testing.assert_close(ddim_jump(schedule, x_t, 999, 499, x0), ab[499].sqrt() * x0 + (1 - ab[499]).sqrt() * eps,
+    torch.testing.assert_close(ddim_step(schedule, x_t, 999, x0, t_prev=499), ab[499].sqrt() * x0 + (1 - ab[499]).sqrt() * eps,
                                rtol=1e-4, atol=1e-4)
-    assert torch.equal(ddim_jump(schedule, x_t, 999, -1, x0), x0)
+    assert torch.equal(ddim_step(schedule, x_t, 999, x0, t_prev=-1), x0)
 
 
 def test_one_step_prediction_is_a_seeded_distribution_over_classes():

@@ -32,8 +32,7 @@ def to_slice_range(image: torch.Tensor, percentiles: Sequence[float]) -> torch.T
     out = torch.empty_like(image, dtype=torch.float32)
     for c in range(image.shape[0]):
         channel = image[c].float()
-        low, high = np.percentile(channel.numpy() if channel.device.type == "cpu" else channel.cpu().numpy(),
-                                  list(percentiles))
+        low, high = np.percentile(channel.cpu().numpy(), list(percentiles))
         scale = 2.0 / max(float(high - low), 1e-6)
         out[c] = ((channel - float(low)) * scale - 1.0).clamp(-1.0, 1.0)
     return out
@@ -82,8 +81,7 @@ def slice_pool(labels: Sequence[torch.Tensor], axis: int, keep_empty: float, see
     rng = np.random.default_rng([seed, 7919])
     pool = []
     for v, label in enumerate(labels):
-        other = [a + 1 for a in range(3) if a != axis]
-        has_fg = (label[0] > 0).any(dim=[a - 1 for a in other]).tolist()
+        has_fg = (label[0] > 0).any(dim=[a for a in range(3) if a != axis]).tolist()
         pool += [(v, s) for s, fg in enumerate(has_fg) if fg or rng.random() < keep_empty]
     return pool
 

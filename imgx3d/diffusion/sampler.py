@@ -29,32 +29,25 @@ def ddpm_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: to
 
 
 def ddim_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: torch.Tensor, eta: float = 0.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM step from chain index t to t − 1 (eta = 0: deterministic)."""
-    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
-    if t == 0:
+              generator: torch.Generator | None = None, t_prev: int | None = None) -> torch.Tensor:
+    """DDIM step from chain index t to ``t_prev`` (default t − 1; eta = 0: deterministic).
+
+    ``t_prev`` < t − 1 is DDIM's strided sampling on a long chain (SDSeg's multi-step mode),
+    where skipping steps is what DDIM is designed for (unlike DDPM's posterior, see
+    :func:`ddpm_step`). ``t_prev = -1`` returns ``x0_hat``.
+    """
+    t_prev = t - 1 if t_prev is None else t_prev
+    if t_prev < 0:
         return x0_hat
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
     eps = schedule.eps_from_x0(x_t, tt, x0_hat)
-    ab, ab_prev = value_at_steps(schedule.alpha_bar, tt, x_t), value_at_steps(schedule.alpha_bar_prev, tt, x_t)
+    ab = value_at_steps(schedule.alpha_bar, tt, x_t)
+    ab_prev = value_at_steps(schedule.alpha_bar, torch.full_like(tt, t_prev), x_t)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0:
         x_prev = x_prev + sigma * _noise_like(x_t, generator)
     return x_prev
-
-
-def ddim_jump(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, t_prev: int, x0_hat: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from chain index t to any ``t_prev < t``; ``t_prev = -1``: x0_hat.
-
-    DDIM's strided sampling on a long chain (SDSeg's multi-step mode), where skipping steps is
-    what the method is designed for (unlike DDPM's posterior, see :func:`ddpm_step`).
-    """
-    if t_prev < 0:
-        return x0_hat
-    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
-    eps = schedule.eps_from_x0(x_t, tt, x0_hat)
-    ab_prev = value_at_steps(schedule.alpha_bar, torch.full_like(tt, t_prev), x_t)
-    return ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps
 
 
 def sample(schedule: DiffusionSchedule, predict_x0: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,

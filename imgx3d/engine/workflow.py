@@ -23,7 +23,7 @@ from imgx3d.engine.metrics import evaluate_folders, format_table
 from imgx3d.engine.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
 from imgx3d.engine.trainer import Trainer, seed_everything
 from imgx3d.errors import CheckpointError
-from imgx3d.methods.base import build_method
+from imgx3d.methods.base import build_method, load_method_state
 
 
 @dataclass
@@ -131,7 +131,8 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
         if test_at_end and split.test and method.segments:
             summary = evaluate_test_split(run_dir, catalog, split, tracker, state.step)
         elif test_at_end and split.test:  # a codec: its own metrics on the test volumes, best weights
-            method.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["model"])
+            best = run_dir / "best.pt"
+            load_method_state(method, torch.load(best, map_location="cpu", weights_only=False)["model"], str(best))
             summary = method.validation_metrics(_load_items(pre, catalog, split.test), catalog.labels, cfg.data.slices)
             summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
             tracker.log_metrics(summary, state.step)

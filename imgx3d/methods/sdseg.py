@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from imgx3d.diffusion.sampler import ddim_jump
+from imgx3d.diffusion.sampler import ddim_step
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import Method, Windowed, register
@@ -190,7 +190,7 @@ class SDSeg(Method):
         for i, t in enumerate(steps):
             tt = torch.full((z_t.shape[0],), t, dtype=torch.long, device=z_t.device)
             z0_hat = self.schedule.x0_from_eps(z_t, tt, self._eps(z_t, z_c, tt, classes))
-            z_t = ddim_jump(self.schedule, z_t, t, steps[i + 1] if i + 1 < len(steps) else -1, z0_hat)
+            z_t = ddim_step(self.schedule, z_t, t, z0_hat, t_prev=steps[i + 1] if i + 1 < len(steps) else -1)
         return z_t
 
     # -- the Method interface ------------------------------------------------------------
