@@ -1,4 +1,4 @@
-"""``imgx3d`` command line: train, predict, evaluate, demo.
+"""``imgx3d`` command line: train, predict, evaluate, compare, demo.
 
 User errors (:class:`Imgx3dError`) are printed as one line and exit with code 2.
 """
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from imgx3d.errors import Imgx3dError
+from imgx3d.errors import Imgx3dError, InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset folder")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--volume", action="store_true", help="the data are 3D volumes (default)")
+    mode.add_argument("--volume", action="store_true", help="the data are 3D volumes (the default)")
+    mode.add_argument("--image", action="store_true", help="the data are 2D images with masks (PNG/JPEG/TIFF/GIF/"
+                      "BMP, e.g. image/ + label/); needs a 2D method such as sdseg")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/hippocampus/unet.yaml")
     p.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2, BTCV, case folders or pairs)")
     p.add_argument("--method", help="train this method instead of the config's (keys it shares with the "
@@ -48,8 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all three axes")
+    p.add_argument("--overlay", metavar="DIR", help="also write a PNG montage of each case's contours to DIR")
+    p.add_argument("--workers", type=int, default=0, help="threads reading the next cases while one is predicted, "
+                   "results written behind it (0, the default: one case at a time; pays off when reading is slow "
+                   "and cores are free)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_tracking(p)
+
+    p = sub.add_parser("synth", help="generate image/mask pairs with a generator run (pig) as a dataset")
+    p.add_argument("--run", required=True, help="the generator's run folder or checkpoint")
+    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--output", required=True, help="dataset folder to write (an interrupted synthesis resumes)")
+    p.add_argument("--masks", help="dataset folder whose label slices condition a mask-conditioned generator "
+                   "(siamese); pair i takes mask i mod M")
+    p.add_argument("--random-masks", action="store_true", help="scale, rotate and shift each mask first")
+    p.add_argument("--seed", type=int, default=0, help="pair i depends only on (seed, i)")
+    p.add_argument("--batch", type=int, default=8, help="pairs generated per forward pass")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the method's sample_steps)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     p = sub.add_parser("evaluate", help="score predictions against references (Dice, IoU, HD95, NSD)")
     p.add_argument("--pred", required=True, help="folder of predicted label maps")
@@ -57,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="*", type=int, help="label values to score (default: all found)")
     p.add_argument("--output", help="where metrics.csv and summary.json go (default: --pred)")
     p.add_argument("--nsd-tolerance", type=float, default=1.0, help="surface tolerance in mm for NSD")
+    p.add_argument("--overlay", metavar="DIR", help="write a PNG montage per case, prediction (solid) and "
+                   "reference (dashed) contours, on the image from --images when given")
+    p.add_argument("--images", help="folder of the images (same case names), the overlays' background")
+    p.add_argument("--config", help="a training config: its data.labels names the classes and its "
+                   "data.mask_threshold / data.label_map turn both folders' file values into classes")
+
+    p = sub.add_parser("compare", help="compare the runs of an mlflow experiment: table, paired tests, plots")
+    p.add_argument("--experiment", required=True, help="mlflow experiment (the dataset name by default in train)")
+    p.add_argument("--runs", nargs="*", help="run ids or run names to compare (default: every finished run)")
+    p.add_argument("--metric", default="dice", choices=["dice", "iou", "hd95", "nsd"],
+                   help="the per-class metric of the table, the box plots and the paired tests")
+    p.add_argument("--by", default="run", choices=["run", "method"],
+                   help="one row per run, or per method (its run with the best validation Dice)")
+    p.add_argument("--reference", help="run id or name the others are tested against (default: the first unet run)")
+    p.add_argument("--output", help="folder for table.md, table.csv, paired.csv and the plots "
+                   "(default: comparisons/<experiment>)")
+    p.add_argument("--no-log", action="store_true", help="do not log the comparison as an mlflow run")
+    _add_tracking(p)
 
     p = sub.add_parser("demo", help="the main job on built-in procedural data: train, predict, evaluate")
     p.add_argument("--workdir", default="imgx3d_demo", help="folder for data, runs, predictions")
@@ -82,6 +118,8 @@ def _load(args: argparse.Namespace):
         overrides.append(f"tracking.experiment={args.experiment}")
     if args.no_track:
         overrides.append("tracking.enabled=false")
+    if getattr(args, "image", False) or getattr(args, "volume", False):
+        overrides.append(f"data.mode={'image' if args.image else 'volume'}")
     if getattr(args, "method", None):
         import dataclasses
 
@@ -115,7 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imgx3d.engine.workflow import train_run
 
     cfg = _load(args)
-    _print_result(train_run(cfg, args.data, args.run_dir, args.resume))
+    result = train_run(cfg, args.data, args.run_dir, args.resume)
+    if result.rank == 0:  # under torchrun, one report
+        _print_result(result)
     return 0
 
 
@@ -129,7 +169,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.run, args.tracking_uri or "sqlite:///mlflow.db", args.device)
     if args.tta:
         predictor.config.infer.tta_flips = [0, 1, 2]
-    written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities)
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: must be >= 0")
+    written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,
+                                args.workers)
     print(f"{len(written)} prediction(s) in {args.output}")
     return 0
 
@@ -137,12 +180,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgx3d.engine.metrics import evaluate_folders, format_table
 
-    labels = None
+    labels, data_cfg = None, None
+    if args.config:
+        from imgx3d.config import load_config
+
+        data_cfg = load_config(args.config).data
+        labels = {0: "background", **data_cfg.labels} if data_cfg.labels else None
     if args.labels:
-        labels = {0: "background", **{v: f"label_{v}" for v in args.labels if v != 0}}
-    _, summary = evaluate_folders(args.pred, args.ref, labels, args.output or args.pred, args.nsd_tolerance)
+        labels = {0: "background", **{v: (labels or {}).get(v, f"label_{v}") for v in args.labels if v != 0}}
+    _, summary = evaluate_folders(args.pred, args.ref, labels, args.output or args.pred, args.nsd_tolerance, data_cfg)
+    if args.overlay:
+        from imgx3d.engine.plots import overlay_folder
+
+        n = len(overlay_folder(args.pred, args.ref, args.overlay, args.images, data_cfg))
+        print(f"{n} overlay(s) in {args.overlay}")
     print(format_table(summary))
     print(f"metrics.csv and summary.json in {args.output or args.pred}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from imgx3d.engine.compare import to_markdown, write_comparison
+
+    output = Path(args.output or Path("comparisons") / args.experiment)
+    comparison, files = write_comparison(args.tracking_uri or "sqlite:///mlflow.db", args.experiment, output,
+                                         args.runs, args.metric, args.by, args.reference, not args.no_log)
+    print(to_markdown(comparison))
+    print(f"{len(files)} files in {output}: " + ", ".join(f.name for f in files))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from imgx3d.engine.synth import synthesize
+
+    out = synthesize(args.run, args.n, args.output, args.seed, args.batch, args.steps, args.device, args.masks,
+                     args.random_masks)
+    print(f"{args.n} pair(s) in {out} (train on them with data.extra=[{out}])")
     return 0
 
 
@@ -160,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imgx3d`` console script."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; stay quiet without it
-    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
+                "demo": cmd_demo, "synth": cmd_synth}
     try:
         return commands[args.command](args)
     except Imgx3dError as err:

@@ -22,6 +22,9 @@ import yaml
 from imgx3d.errors import ConfigError
 
 
+DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
+
+
 @dataclass
 class SplitConfig:
     """How cases are divided into train / validation / test.
@@ -33,6 +36,8 @@ class SplitConfig:
         folds: if > 0, k-fold mode: ``fold`` is the test fold, and validation is drawn
             from the remaining folds with ``val_fraction``.
         fold: which fold is the test fold in k-fold mode.
+        max_train: if > 0, train on only this many of the training cases (a seeded subset; the
+            validation and test cases do not change): low-data experiments, learning curves.
     """
 
     seed: int = 0
@@ -40,6 +45,7 @@ class SplitConfig:
     val_fraction: float = 0.1
     folds: int = 0
     fold: int = 0
+    max_train: int = 0
 
 
 @dataclass
@@ -66,11 +72,25 @@ class DataConfig:
     """Dataset layout, preprocessing and training crops.
 
     Attributes:
+        mode: ``volume`` (3D files) or ``image`` (2D PNG/JPG/TIF/GIF/BMP files, each read as a
+            one-slice volume; needs a 2D method). Set by ``imgx3d train --volume / --image``.
         layout: ``auto``, ``msd``, ``nnunet``, ``btcv``, ``cases`` (folder per case) or ``pairs``.
         channels: for ``cases``: glob patterns of the image channel files inside each case folder.
         label_pattern: for ``cases``: glob pattern of the label file inside each case folder.
+        image_dir, label_dir: for ``pairs``: the image and label folder names under the dataset
+            folder (found among common names such as ``images``/``labels``/``masks`` when empty).
         labels: label value → name; taken from dataset.json when empty.
-        preset: intensity preset: ``ct``, ``mri`` or ``none``.
+        mask_threshold: binarise label files as ``value > mask_threshold`` (8-bit 0/255 or JPEG
+            masks); null keeps the values.
+        label_map: file value → class value, applied after ``mask_threshold`` (e.g. ``{0: 1, 255: 0}``
+            makes black membranes class 1); predictions are written back in the file's values.
+        color: 2D images: ``grey`` (RGB converted to luminance), ``rgb`` (3 channels) or ``green``.
+        preset: intensity preset: ``ct``, ``mri``, ``dbt`` or ``none``. ``dbt`` (tomosynthesis):
+            percentiles ``mri_percentiles`` of the breast (the voxels above ``crop_air``)
+            scaled to [0, 1], and the air cropped away unless ``crop_air`` is set otherwise.
+        crop_air: crop each volume to the bounding box of voxels above this fraction of its
+            intensity range (plus ``crop_margin`` voxels); predictions are padded back with
+            background. null: no crop (``dbt``: 0.05).
         ct_window: HU window mapped to [0, 1] by the CT preset.
         mri_norm: ``zscore`` (per case, per channel, on non-zero voxels if ``mri_nonzero``)
             or ``percentile`` (clip to ``mri_percentiles`` then scale to [0, 1]).
@@ -84,13 +104,25 @@ class DataConfig:
         intensity_aug: random scale/shift/noise/gamma of intensities.
         num_workers: data-loader worker processes.
         slices: the slice adapter of 2D methods (ignored by 3D methods).
+        extra: dataset folders of generated pairs (``imgx3d synth``) added to the training cases
+            only; validation and test stay real.
+        extra_fraction: share of training samples drawn from ``extra``; null: in proportion to
+            their number.
     """
 
+    mode: str = "volume"
     layout: str = "auto"
     channels: list[str] = field(default_factory=list)
     label_pattern: str = ""
+    image_dir: str = ""
+    label_dir: str = ""
     labels: dict[int, str] = field(default_factory=dict)
+    mask_threshold: float | None = None
+    label_map: dict[int, int] = field(default_factory=dict)
+    color: str = "grey"
     preset: str = "mri"
+    crop_air: float | None = None
+    crop_margin: int = 4
     ct_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
     mri_norm: str = "zscore"
     mri_nonzero: bool = False
@@ -107,6 +139,13 @@ class DataConfig:
     num_workers: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
     slices: SliceConfig = field(default_factory=SliceConfig)
+    extra: list[str] = field(default_factory=list)
+    extra_fraction: float | None = None
+
+    @property
+    def air_crop(self) -> float | None:
+        """The crop threshold in effect: ``crop_air``, or the dbt preset's default."""
+        return self.crop_air if self.crop_air is not None or self.preset != "dbt" else DBT_CROP_AIR
 
 
 @dataclass
@@ -120,6 +159,7 @@ class TrainConfig:
             process's CPU time, ``time.process_time``: a budget that stays fair when runs share a
             machine; data-loader workers are other processes, so pair it with ``num_workers: 0``).
         optimizer: ``adamw`` or ``sgd`` (Nesterov, momentum 0.99 as nnU-Net).
+        betas: AdamW's (beta1, beta2); GANs (DARL) use (0.5, 0.999).
         lr, weight_decay: optimiser settings.
         scheduler: ``cosine`` (linear warmup then cosine to ``min_lr``), ``poly`` or ``constant``.
         warmup_steps, min_lr: schedule settings.
@@ -139,6 +179,7 @@ class TrainConfig:
     max_minutes: float = 0.0
     budget_clock: str = "wall"
     optimizer: str = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr: float = 1e-3
     weight_decay: float = 1e-5
     scheduler: str = "cosine"
@@ -164,6 +205,10 @@ class InferConfig:
         sw_batch_size: windows per forward pass.
         blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
         tta_flips: spatial axes mirrored for test-time augmentation (all combinations).
+        streaming: label maps of single-pass 3D methods without whole-volume probability maps
+            (``imgx3d.engine.streaming``): ``on``, ``off``, or ``auto`` (when those maps would
+            exceed ``streaming_above_gib``). With TTA, streaming mirrors each window, not the volume.
+        streaming_above_gib: the ``auto`` threshold in GiB of float32 probabilities.
     """
 
     roi_size: list[int] = field(default_factory=list)
@@ -171,6 +216,8 @@ class InferConfig:
     sw_batch_size: int = 4
     blend: str = "gaussian"
     tta_flips: list[int] = field(default_factory=list)
+    streaming: str = "auto"
+    streaming_above_gib: float = 1.0
 
 
 @dataclass
@@ -352,9 +399,16 @@ def _check(cond: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, t, i = cfg.data, cfg.train, cfg.infer
+    _check(d.mode in ("volume", "image"), "data.mode", "must be volume or image")
+    _check(d.color in ("grey", "rgb", "green"), "data.color", "must be grey, rgb or green")
+    _check(d.mode == "volume" or d.slices.axis == 2, "data.slices.axis", "must be 2 for 2D images (--image)")
+    _check(len(set(d.label_map.values())) == len(d.label_map) and all(v >= 0 for v in d.label_map.values()),
+           "data.label_map", "must map file values to distinct class values >= 0")
     _check(d.layout in ("auto", "msd", "nnunet", "btcv", "cases", "pairs"), "data.layout",
            "must be one of auto, msd, nnunet, btcv, cases, pairs")
-    _check(d.preset in ("ct", "mri", "none"), "data.preset", "must be ct, mri or none")
+    _check(d.preset in ("ct", "mri", "dbt", "none"), "data.preset", "must be ct, mri, dbt or none")
+    _check(d.crop_air is None or 0.0 <= d.crop_air < 1.0, "data.crop_air", "must be null or in [0, 1)")
+    _check(d.crop_margin >= 0, "data.crop_margin", "must be >= 0")
     _check(d.mri_norm in ("zscore", "percentile"), "data.mri_norm", "must be zscore or percentile")
     _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be [low, high] with low < high")
     _check(len(d.patch_size) == 3 and all(p > 0 for p in d.patch_size), "data.patch_size", "must be 3 positive integers")
@@ -368,6 +422,8 @@ def validate(cfg: Config) -> None:
     _check(d.spacing is None or (len(d.spacing) == 3 and all(s > 0 for s in d.spacing)), "data.spacing",
            "must be null or 3 positive numbers (mm)")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(d.extra_fraction is None or 0.0 <= d.extra_fraction <= 1.0, "data.extra_fraction",
+           "must be null or in [0, 1]")
     _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
     _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
     _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
@@ -378,9 +434,11 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= s.val_fraction < 1.0, "data.split.val_fraction", "must be in [0, 1)")
     _check(s.folds == 0 or (s.folds >= 2 and 0 <= s.fold < s.folds), "data.split.folds",
            "must be 0 (holdout) or >= 2 with 0 <= fold < folds")
+    _check(s.max_train >= 0, "data.split.max_train", "must be >= 0 (0: every training case)")
     _check(t.max_steps >= 1, "train.max_steps", "must be >= 1")
     _check(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
     _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", "must be adamw or sgd")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(t.scheduler in ("cosine", "poly", "constant"), "train.scheduler", "must be cosine, poly or constant")
     _check(t.schedule_over in ("steps", "budget"), "train.schedule_over", "must be steps or budget")
@@ -392,6 +450,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= i.overlap < 1.0, "infer.overlap", "must be in [0, 1)")
     _check(i.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
     _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")
+    _check(i.streaming in ("auto", "on", "off"), "infer.streaming", "must be auto, on or off")
     _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
     _check(isinstance(cfg.method.get("name"), str), "method.name", "must name a method (e.g. unet)")
 

@@ -58,7 +58,11 @@ def blob_case(rng: np.random.Generator, shape=(20, 24, 16)) -> tuple[np.ndarray,
 @pytest.fixture
 def msd_dataset(tmp_path) -> Path:
     """A tiny MSD-style dataset of 8 blob volumes with an anisotropic, LPS affine."""
-    root = tmp_path / "msd"
+    return write_msd_dataset(tmp_path / "msd")
+
+
+def write_msd_dataset(root: Path) -> Path:
+    """Write the 8-case MSD-style blob dataset of :func:`msd_dataset` to ``root``."""
     affine = np.diag([-1.0, -1.0, 1.5, 1.0])
     rng = np.random.default_rng(0)
     training = []
@@ -87,3 +91,14 @@ def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder`` (to prove inputs are untouched)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def oblique_affine() -> np.ndarray:
+    """Axes rotated 20° about z and 12° about x (orthogonal, as scanners write them), anisotropic."""
+    a, b = np.radians(20), np.radians(12)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([0.9, 1.1, 2.4])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    return affine

@@ -97,3 +97,11 @@ def test_split_is_deterministic_disjoint_and_complete(msd_dataset):
     assert sorted(a.train + a.val + a.test) == sorted(x.case_id for x in catalog.cases)
     folds = [make_split(catalog, SplitConfig(folds=4, fold=k, val_fraction=0)).test for k in range(4)]
     assert sorted(sum(folds, [])) == sorted(x.case_id for x in catalog.cases)
+
+
+def test_max_train_keeps_a_seeded_subset_and_the_same_val_and_test(msd_dataset):
+    catalog = find_cases(msd_dataset)
+    full = make_split(catalog, SplitConfig(seed=3, test_fraction=0.25, val_fraction=0.2))
+    low = make_split(catalog, SplitConfig(seed=3, test_fraction=0.25, val_fraction=0.2, max_train=2))
+    assert len(low.train) == 2 and set(low.train) < set(full.train)
+    assert (low.val, low.test) == (full.val, full.test)

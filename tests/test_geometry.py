@@ -11,7 +11,7 @@ from imgx3d.config import Config, DataConfig
 from imgx3d.data.io import read_volume
 from imgx3d.engine.infer import Predictor, predict_to_folder
 from imgx3d.methods.base import Method
-from tests.conftest import save_nifti
+from tests.conftest import oblique_affine, save_nifti
 from tests.test_io import write_dicom_series
 
 
@@ -31,9 +31,22 @@ class ThresholdMethod(Method):
         return window(lambda x: torch.cat([(x[:, :1] <= 0.5).float(), (x[:, :1] > 0.5).float()], 1), image)
 
 
-def _predictor(spacing=None) -> Predictor:
+class SliceThresholdMethod(ThresholdMethod):
+    """The same rule, per slice through the slice adapter (which maps each volume to [-1, 1])."""
+
+    name = "test-slice-threshold"
+    spatial_dims = 2
+
+    def predict(self, image, window):
+        return window(lambda x: torch.cat([(x[:, :1] <= 0.0).float(), (x[:, :1] > 0.0).float()], 1), image)
+
+
+METHODS = {"3d": ThresholdMethod, "2d-per-slice": SliceThresholdMethod}
+
+
+def _predictor(spacing=None, kind: str = "3d") -> Predictor:
     cfg = Config(data=DataConfig(preset="none", spacing=spacing, patch_size=[8, 8, 8]))
-    return Predictor(ThresholdMethod(_NoConfig(), 2, 1), cfg, {0: "background", 1: "fg"}, 1, torch.device("cpu"))
+    return Predictor(METHODS[kind](_NoConfig(), 2, 1), cfg, {0: "background", 1: "fg"}, 1, torch.device("cpu"))
 
 
 def _pattern(shape, seed=0) -> np.ndarray:
@@ -46,17 +59,19 @@ GRIDS = {
     "RAS": np.diag([1.0, 1.0, 1.0, 1.0]),
     "LPS": np.diag([-0.9, -0.9, 2.5, 1.0]),
     "PIR": np.array([[0, 0, -1.2, 30.0], [-0.8, 0, 0, 10.0], [0, -2.0, 0, -4.0], [0, 0, 0, 1]]),
-    "oblique": np.array([[0.0, -0.9, 0.3, 10.0], [1.1, 0.0, 0.0, -5.0], [0.0, 0.35, 2.4, 3.0], [0, 0, 0, 1]]),
+    "oblique": oblique_affine(),
     "anisotropic": np.diag([0.5, 0.7, 4.0, 1.0]),
+    "one-slice": np.diag([0.8, -0.8, 3.0, 1.0]),
 }
 
 
+@pytest.mark.parametrize("kind", list(METHODS))
 @pytest.mark.parametrize("name", list(GRIDS))
-def test_round_trip_nifti(tmp_path, name):
-    shape = (13, 10, 7) if name != "anisotropic" else (12, 9, 1)  # also a single-slice volume
-    image = _pattern(shape) if name != "anisotropic" else _pattern((12, 9, 3))[:, :, :1]
+def test_round_trip_nifti(tmp_path, name, kind):
+    shape = (12, 9, 1) if name == "one-slice" else (13, 10, 7)
+    image = _pattern((12, 9, 3))[:, :, :1] if name == "one-slice" else _pattern(shape)
     src = save_nifti(tmp_path / "in" / f"{name}.nii.gz", image, GRIDS[name])
-    (out,) = predict_to_folder(_predictor(), [src], tmp_path / "out")
+    (out,) = predict_to_folder(_predictor(kind=kind), [src], tmp_path / "out")
     written, original = nib.load(str(out)), nib.load(str(src))
     assert written.shape == original.shape
     np.testing.assert_allclose(written.affine, original.affine, atol=1e-5)
@@ -75,10 +90,11 @@ def test_round_trip_with_resampling_keeps_grid_and_content(tmp_path):
     assert (np.asarray(written.dataobj) == (image > 0.5)).mean() > 0.9
 
 
-def test_round_trip_dicom_series(tmp_path):
+@pytest.mark.parametrize("kind", list(METHODS))
+def test_round_trip_dicom_series(tmp_path, kind):
     image = (_pattern((10, 9, 6)) * 100).astype(np.int16)
     folder = write_dicom_series(tmp_path / "in" / "ct_series", image)
-    (out,) = predict_to_folder(_predictor(), [folder], tmp_path / "out")
+    (out,) = predict_to_folder(_predictor(kind=kind), [folder], tmp_path / "out")
     written, source = nib.load(str(out)), read_volume(folder)
     assert out.name == "ct_series.nii.gz" and written.shape == image.shape
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)

@@ -112,3 +112,18 @@ def test_monai_diffusion_unet_backbone_trains():
     loss = method.training_step(_batch(), 0)["loss/model"]
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_time_unet_with_one_up_subunit_is_monai_unet_plus_time_conditioning():
+    from imgx3d.nets.diffusion_unet import FiLMTimeUNet
+    from imgx3d.nets.segmentation import build_segmentation_net
+
+    channels, strides = [8, 16, 32], [2, 2]
+    monai_unet = build_segmentation_net("unet", 3, 1, 3, channels, strides, 2, "instance", 0.0, 3)
+    film = FiLMTimeUNet(3, 1, 3, channels, strides, num_res_units=2, up_subunits=1)
+    conditioning = sum(p.numel() for name, p in film.named_parameters() if "film" in name or "time_mlp" in name)
+    assert sum(p.numel() for p in film.parameters()) - conditioning == sum(p.numel() for p in monai_unet.parameters())
+    heavier = FiLMTimeUNet(3, 1, 3, channels, strides, num_res_units=2)  # the default: 2 sub-units going up too
+    assert sum(p.numel() for p in heavier.parameters()) > sum(p.numel() for p in film.parameters())
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert film(x, torch.tensor([3])).shape == (1, 3, 16, 16, 16)

@@ -7,9 +7,9 @@ import SimpleITK as sitk
 
 from imgx3d.data.io import read_label, read_volume, write_nifti
 from imgx3d.errors import InputError
-from tests.conftest import save_nifti
+from tests.conftest import oblique_affine, save_nifti
 
-OBLIQUE = np.array([[0.0, -0.9, 0.3, 10.0], [1.1, 0.0, 0.0, -5.0], [0.0, 0.35, 2.4, 3.0], [0, 0, 0, 1]])
+OBLIQUE = oblique_affine()
 
 
 def _sitk_image(array_xyz: np.ndarray, spacing, origin, direction) -> sitk.Image:
@@ -88,13 +88,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     cases["truncated"] = (tmp_path / "trunc.nii.gz", "unreadable or truncated")
     (tmp_path / "magic.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 30))
     cases["magic"] = (tmp_path / "magic.nii.gz", "unreadable or truncated")
-    cases["2d"] = (save_nifti(tmp_path / "flat.nii.gz", np.ones((4, 4), np.float32)), "2D image")
+    cases["2d"] = (save_nifti(tmp_path / "flat.nii.gz", np.ones((4, 4), np.float32)), "is 2D .* --image")
     cases["4d"] = (save_nifti(tmp_path / "four.nii.gz", np.ones((4, 4, 4, 2), np.float32)), "4D")
     nan = np.ones((4, 4, 4), np.float32)
     nan[1, 1, 1] = np.nan
     cases["nan"] = (save_nifti(tmp_path / "nan.nii.gz", nan), "NaN or infinite")
-    cases["format"] = (tmp_path / "x.png", "unsupported format")
-    (tmp_path / "x.png").write_bytes(b"png")
+    cases["format"] = (tmp_path / "x.xyz", "unsupported format")
+    (tmp_path / "x.xyz").write_bytes(b"xyz")
+    cases["bad png"] = (tmp_path / "x.png", "unreadable or truncated image")
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     zero = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
     zero.set_qform(None, code=0)
     zero.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)  # nibabel itself repairs a zero pixdim, not a zero sform

@@ -7,7 +7,9 @@ Layouts:
     btcv     ``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz``
     cases    one folder per case, channels and label found by glob patterns
              (``data.channels``, ``data.label_pattern``), e.g. BraTS
-    pairs    ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) with matching names
+    pairs    ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``, ``image/`` + ``label/``,
+             ``images/`` + ``masks/`` …) with matching names; with ``data.mode: image`` the files
+             are 2D images (ISBI 2012, Kvasir-SEG, DRIVE)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from imgx3d.config import DataConfig, SplitConfig
-from imgx3d.data.io import is_volume_path, read_label, strip_suffix
+from imgx3d.data.io import COLOR_CHANNELS, is_image_path, is_volume_path, read_label, strip_suffix
 from imgx3d.errors import InputError
 
 BTCV_LABELS = {
@@ -184,27 +186,52 @@ def _cases(root: Path, cfg: DataConfig) -> Catalog:
     return Catalog(root, "cases", cases, {}, channels)
 
 
-def _pairs(root: Path) -> Catalog:
-    for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
-        images_dir, labels_dir = root / images_name, root / labels_name
-        if images_dir.is_dir():
-            break
-    else:
+IMAGE_DIRS = ("images", "imagesTr", "image", "imgs", "test_images")
+LABEL_DIRS = ("labels", "labelsTr", "label", "masks", "1st_manual", "mask", "gt", "test_masks")
+
+
+def _pair_folders(root: Path, cfg: DataConfig) -> tuple[Path, Path]:
+    images = [cfg.image_dir] if cfg.image_dir else [n for n in IMAGE_DIRS if (root / n).is_dir()]
+    labels = [cfg.label_dir] if cfg.label_dir else [n for n in LABEL_DIRS if (root / n).is_dir()]
+    if not images or not (root / images[0]).is_dir():
         raise InputError(
             f"{root}: dataset layout not recognised; expected dataset.json (MSD / nnU-Net v2), img/ + label/ (BTCV), "
-            "images/ + labels/ (pairs), or set data.layout=cases with data.channels"
+            "images/ + labels/ (pairs; or set data.image_dir and data.label_dir), or data.layout=cases with data.channels"
         )
-    labels = {strip_suffix(p.name): p for p in labels_dir.iterdir() if is_volume_path(p)} if labels_dir.is_dir() else {}
-    cases = [Case(strip_suffix(p.name), [p], labels.get(strip_suffix(p.name)))
-             for p in sorted(images_dir.iterdir()) if is_volume_path(p)]
-    return Catalog(root, "pairs", cases, {})
+    return root / images[0], root / (labels[0] if labels else "labels")
 
 
-def _labels_from_files(catalog: Catalog) -> dict[int, str]:
+def _pairs(root: Path, cfg: DataConfig) -> Catalog:
+    """Image and label folders with matching names; DRIVE-style names match by their leading id
+    (``21_training.tif`` ↔ ``21_manual1.gif``) when no full name matches."""
+    wanted = is_image_path if cfg.mode == "image" else is_volume_path
+    images_dir, labels_dir = _pair_folders(root, cfg)
+    images = sorted(p for p in images_dir.iterdir() if wanted(p) and not p.name.startswith("."))
+    if not images and cfg.mode == "volume" and any(is_image_path(p) for p in images_dir.iterdir()):
+        raise InputError(f"{images_dir}: holds 2D images, not volumes; train a 2D method on them with --image")
+    label_files = sorted(p for p in labels_dir.iterdir() if wanted(p)) if labels_dir.is_dir() else []
+    by_name = {strip_suffix(p.name): p for p in label_files}
+    by_id: dict[str, list[Path]] = {}
+    for p in label_files:
+        by_id.setdefault(strip_suffix(p.name).split("_")[0], []).append(p)
+    cases = []
+    for image in images:
+        name = strip_suffix(image.name)
+        same_id = by_id.get(name.split("_")[0], [])
+        label = by_name.get(name) or (same_id[0] if len(same_id) == 1 else None)
+        cases.append(Case(name, [image], label))
+    channels = COLOR_CHANNELS[cfg.color] if cfg.mode == "image" else ["image"]
+    return Catalog(root, "pairs", cases, {}, channels)
+
+
+def _labels_from_files(catalog: Catalog, cfg: DataConfig) -> dict[int, str]:
     values: set[int] = {0}
     for case in catalog.cases:
         if case.label is not None:
-            values |= {int(v) for v in np.unique(read_label(case.label).array)}
+            values |= {int(v) for v in np.unique(read_label(case.label, cfg).array)}
+    if max(values) == 255 and cfg.mask_threshold is None and not cfg.label_map:
+        raise InputError(f"{catalog.root}: label files hold values {sorted(values)[:4]}..., like 8-bit masks; set "
+                         "data.mask_threshold=127 for binary 0/255 masks, or data.labels / data.label_map")
     return {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
 
 
@@ -227,7 +254,7 @@ def find_cases(root: str | Path, cfg: DataConfig | None = None) -> Catalog:
     if layout == "auto":
         if meta is not None:
             layout = "nnunet" if "file_ending" in meta and "channel_names" in meta else "msd"
-        elif (root / "img").is_dir() or (root / "Training" / "img").is_dir():
+        elif cfg.mode == "volume" and ((root / "img").is_dir() or (root / "Training" / "img").is_dir()):
             layout = "btcv"
         elif cfg.channels:
             layout = "cases"
@@ -236,7 +263,7 @@ def find_cases(root: str | Path, cfg: DataConfig | None = None) -> Catalog:
     if layout in ("msd", "nnunet") and meta is None:
         raise InputError(f"{root}: layout '{layout}' needs a dataset.json in the folder")
     builders = {"msd": lambda: _msd(root, meta, json_path), "nnunet": lambda: _nnunet(root, meta, json_path),
-                "btcv": lambda: _btcv(root), "cases": lambda: _cases(root, cfg), "pairs": lambda: _pairs(root)}
+                "btcv": lambda: _btcv(root), "cases": lambda: _cases(root, cfg), "pairs": lambda: _pairs(root, cfg)}
     catalog = builders[layout]()
     if not catalog.cases:
         raise InputError(f"{root}: no cases found for layout '{layout}'; check the folder and data.layout")
@@ -247,7 +274,7 @@ def find_cases(root: str | Path, cfg: DataConfig | None = None) -> Catalog:
     if cfg.labels:
         catalog.labels = {0: "background", **dict(sorted(cfg.labels.items()))}
     elif not catalog.labels:
-        catalog.labels = _labels_from_files(catalog)
+        catalog.labels = _labels_from_files(catalog, cfg)
     return catalog
 
 
@@ -280,6 +307,8 @@ def make_split(catalog: Catalog, cfg: SplitConfig) -> Split:
     if cfg.val_fraction > 0 and n_val == 0 and len(rest) > 1:
         n_val = 1
     val, train = rest[:n_val], rest[n_val:]
+    if cfg.max_train > 0:
+        train = train[:cfg.max_train]  # a seeded subset: the shuffle already randomised the order
     if not train:
         raise InputError(f"{catalog.root}: only {len(perm)} labelled cases; too few for the configured split")
     return Split(sorted(map(str, train)), sorted(map(str, val)), sorted(map(str, test)))

@@ -108,7 +108,9 @@ def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
     split = json.loads((result.run_dir / "split.json").read_text(encoding="utf-8"))
     inputs = [data / "imagesTr" / f"{case}.nii.gz" for case in split["test"]]
     pred_dir = workdir / "predictions"
-    predict_to_folder(Predictor.from_checkpoint(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True)
+    overlay_dir = workdir / "overlays"
+    predict_to_folder(Predictor.from_checkpoint(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True,
+                      overlay_dir=overlay_dir)
     ref_dir = workdir / "references"
     ref_dir.mkdir(exist_ok=True)
     for case in split["test"]:
@@ -119,3 +121,4 @@ def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
     print(f"run folder: {result.run_dir}  (mlflow run {result.run_id})")
     print(f"trained {result.steps} steps ({result.stop_reason}); predictions for {len(inputs)} held-out volumes in {pred_dir}")
     print(format_table(summary))
+    print(f"contour overlays of the predictions: {overlay_dir}")

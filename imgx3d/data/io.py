@@ -3,7 +3,10 @@
 NIfTI is read with nibabel; NRRD, MHA/MHD and DICOM series with SimpleITK, whose LPS
 geometry is converted to nibabel's RAS+ affine. Arrays are kept in the file's voxel order
 (x, y, z) so that a prediction written with the input's affine and header lands exactly
-on the input's grid. Every problem a user can cause becomes an :class:`InputError`.
+on the input's grid. 2D images (PNG, JPEG, TIFF, GIF, BMP; read with Pillow, which unlike
+SimpleITK reads GIF and palette PNGs) become one-slice volumes ``(rows, columns, 1)`` with
+an identity affine, and predictions for them are written back as images of the same size.
+Every problem a user can cause becomes an :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -17,11 +20,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from monai.transforms import MapLabelValue
 
+from imgx3d.config import DataConfig
 from imgx3d.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+MULTIFRAME_SUFFIXES = (".dcm",)  # one file holding a whole volume (DBT); folders of .dcm slices are series
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
+SHEAR_TOLERANCE = 1e-3  # largest |cos| between voxel axes accepted as perpendicular
+COLOR_CHANNELS = {"grey": ["grey"], "green": ["green"], "rgb": ["red", "green", "blue"]}
 # SimpleITK/DICOM use LPS world coordinates; nibabel (and imgx3d) use RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -59,10 +68,15 @@ def is_volume_path(path: Path) -> bool:
     return name.endswith(NIFTI_SUFFIXES) or name.endswith(SITK_SUFFIXES)
 
 
+def is_image_path(path: Path) -> bool:
+    """True for a 2D image file imgx3d reads (PNG, JPEG, TIFF, GIF, BMP)."""
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
 def strip_suffix(name: str) -> str:
-    """``case.nii.gz`` → ``case`` (any supported volume suffix)."""
+    """``case.nii.gz`` → ``case`` (any supported volume or image suffix)."""
     low = name.lower()
-    for suffix in sorted(NIFTI_SUFFIXES + SITK_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(NIFTI_SUFFIXES + SITK_SUFFIXES + MULTIFRAME_SUFFIXES + IMAGE_SUFFIXES, key=len, reverse=True):
         if low.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -74,9 +88,16 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
 
 
-def _check_readable(path: Path) -> None:
+def check_exists(path: Path, hint: str = "check the path") -> None:
+    """A one-line error for a missing path, a broken symbolic link or a link loop."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: is a broken symbolic link or a link loop; point it at a real file")
     if not path.exists():
-        raise InputError(f"{path}: not found; check the path")
+        raise InputError(f"{path}: not found; {hint}")
+
+
+def _check_readable(path: Path) -> None:
+    check_exists(path)
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: cannot be read (permission denied); fix its permissions")
 
@@ -116,11 +137,30 @@ def _read_dicom_series(folder: Path) -> Volume:
         )
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
     except RuntimeError as err:
         raise InputError(f"{folder}: DICOM series could not be read ({str(err).splitlines()[0]}); check the slices") from None
+    _check_slice_gaps(reader, len(files), folder)
     return _sitk_to_volume(image, folder)
+
+
+def _check_slice_gaps(reader: sitk.ImageSeriesReader, n_files: int, folder: Path) -> None:
+    """Refuse a series whose slice positions are unevenly spaced (missing slices): SimpleITK
+    only warns and stacks them as if they were contiguous, which would put labels in the wrong place."""
+    positions = []
+    for i in range(n_files):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return
+        positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+    if len(positions) < 3:
+        return
+    steps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
+    if steps.max() > 1.5 * np.median(steps):
+        gap = int(np.argmax(steps))
+        raise InputError(f"{folder}: DICOM series has a gap after slice {gap + 1} of {n_files} ({steps.max():.2f} mm "
+                         f"where slices are {np.median(steps):.2f} mm apart): slices are missing; export the full series")
 
 
 def _read_sitk(path: Path) -> Volume:
@@ -131,13 +171,70 @@ def _read_sitk(path: Path) -> Volume:
     return _sitk_to_volume(image, path)
 
 
-def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "image") -> Volume:
-    """Read a 3D volume (or a 4D multi-channel one when ``allow_channels``).
+def _grey_palette(img) -> bool:
+    """True when every colour a palette image uses is a grey (GIF masks): read it by luminance."""
+    used = np.unique(np.asarray(img))
+    colours = np.asarray(img.getpalette("RGB") or [], dtype=np.int64).reshape(-1, 3)
+    used = used[used < len(colours)]
+    return bool(np.all(colours[used] == colours[used][:, :1]))
+
+
+def _image_pixels(img, color: str, what: str) -> np.ndarray:
+    """Pixels of a Pillow image: ``(H, W)``, or ``(H, W, 3)`` for ``color == 'rgb'`` images."""
+    if what == "label":
+        if img.mode == "P" and not _grey_palette(img):  # colour-coded classes: the indices are the labels
+            return np.asarray(img)
+        return np.asarray(img if img.mode in ("L", "1", "I", "I;16", "F") else img.convert("L"))
+    multi = img.mode not in ("L", "1", "I", "I;16", "I;16B", "F")
+    if color == "rgb":
+        rgb = np.asarray(img.convert("RGB") if multi else img)
+        return rgb if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, axis=-1)
+    if color == "green" and multi:
+        return np.asarray(img.convert("RGB"))[..., 1]
+    return np.asarray(img.convert("L") if multi else img)
+
+
+def _read_image2d(path: Path, color: str, what: str) -> Volume:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                raise InputError(f"{path}: has {img.n_frames} frames; save each frame as its own image")
+            array = _image_pixels(img, color, what).astype(np.float32)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise InputError(f"{path}: unreadable or truncated image ({_short(err)}); re-export it") from None
+    array = array[:, :, None] if array.ndim == 2 else np.moveaxis(array, -1, 0)[..., None]
+    return Volume(array=np.ascontiguousarray(array), affine=np.eye(4), path=path, header=None)
+
+
+def _as_3d(array: np.ndarray, path: Path, what: str, allow_channels: bool) -> np.ndarray:
+    """A volume file's array as (X, Y, Z), or channel-first (C, X, Y, Z) when ``allow_channels``."""
+    if array.size == 0:
+        raise InputError(f"{path}: has a zero-size dimension (shape {array.shape}); the file is empty or corrupt")
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        raise InputError(f"{path}: is 2D (shape {array.shape}) where a 3D volume is expected; save 2D images as "
+                         "PNG/TIFF and train a 2D method with --image, or stack them into a 3D volume")
+    if array.ndim == 4:
+        if not allow_channels:
+            raise InputError(f"{path}: is 4D (shape {array.shape}) where a 3D {what} is expected; split it into 3D files")
+        return np.moveaxis(array, 3, 0)
+    if array.ndim != 3:
+        raise InputError(f"{path}: has {array.ndim} dimensions; a 3D {what} is expected")
+    return array
+
+
+def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "image", color: str = "grey") -> Volume:
+    """Read a 3D volume (or a 4D multi-channel one when ``allow_channels``), or a 2D image.
 
     Args:
-        path: NIfTI, NRRD, MHA/MHD file, or a folder holding one DICOM series.
+        path: NIfTI, NRRD, MHA/MHD file, a folder holding one DICOM series, or a 2D image
+            (read as a ``(rows, columns, 1)`` volume with an identity affine).
         allow_channels: accept a 4D NIfTI as (X, Y, Z, C) channels; returned channel-first.
         what: ``image`` or ``label``, for messages and value checks.
+        color: 2D colour images: ``grey``, ``green`` or ``rgb`` (3 channels, channel-first).
 
     Raises:
         InputError: missing, unreadable, truncated, wrong dimensionality, empty, non-finite,
@@ -149,23 +246,17 @@ def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "
         volume = _read_dicom_series(path)
     elif path.name.lower().endswith(NIFTI_SUFFIXES):
         volume = _read_nifti(path)
-    elif path.name.lower().endswith(SITK_SUFFIXES):
+    elif path.name.lower().endswith(SITK_SUFFIXES + MULTIFRAME_SUFFIXES):
         volume = _read_sitk(path)
+    elif is_image_path(path):
+        volume = _read_image2d(path, color, what)
     else:
         raise InputError(
-            f"{path}: unsupported format; use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, or a DICOM series folder"
+            f"{path}: unsupported format; use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM series folder, "
+            "a multi-frame DICOM file, "
+            "or a 2D image (PNG/JPEG/TIFF/GIF/BMP)"
         )
-    array = volume.array
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        raise InputError(f"{path}: is a 2D image (shape {array.shape}); imgx3d reads 3D volumes; stack 2D images into a volume (2D image folders are not supported yet)")
-    if array.ndim == 4:
-        if not allow_channels:
-            raise InputError(f"{path}: is 4D (shape {array.shape}) where a 3D {what} is expected; split it into 3D files")
-        array = np.moveaxis(array, 3, 0)
-    elif array.ndim != 3:
-        raise InputError(f"{path}: has {array.ndim} dimensions; a 3D {what} is expected")
+    array = volume.array if is_image_path(path) else _as_3d(volume.array, path, what, allow_channels)
     if 0 in array.shape:
         raise InputError(f"{path}: has a zero-size dimension (shape {array.shape}); the file is empty or corrupt")
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -185,6 +276,11 @@ def check_affine(affine: np.ndarray, path: Path | None) -> None:
         raise InputError(f"{path}: zero voxel spacing {tuple(float(s) for s in spacing.round(6))}; fix the header's pixdim/qform/sform")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(spacing)):
         raise InputError(f"{path}: affine is singular (axes are collinear); fix the header's qform/sform")
+    axes = affine[:3, :3] / spacing
+    shear = float(np.abs(axes.T @ axes - np.eye(3)).max())
+    if shear > SHEAR_TOLERANCE:
+        raise InputError(f"{path}: affine is sheared (voxel axes {np.degrees(np.arccos(1 - shear)):.1f}° off "
+                         "perpendicular, e.g. a tilted-gantry CT); resample it onto an orthogonal grid first")
 
 
 def read_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -201,16 +297,35 @@ def read_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     return volume.spatial_shape, volume.affine
 
 
-def read_label(path: str | Path) -> Volume:
-    """Read a label map: 3D, integer-valued and non-negative."""
+def read_label(path: str | Path, cfg: DataConfig | None = None) -> Volume:
+    """Read a label map: 3D (or a 2D image), integer-valued and non-negative.
+
+    With ``cfg``, its ``mask_threshold`` and ``label_map`` turn file values into class values.
+    """
     volume = read_volume(path, what="label")
     array = volume.array
     if not np.all(np.equal(np.mod(array, 1), 0)):
         raise InputError(f"{path}: label map has non-integer values; labels must be whole numbers (0 = background)")
     if array.min() < 0:
         raise InputError(f"{path}: label map has negative values (min {array.min():g}); labels must be >= 0")
-    volume.array = array.astype(np.int64)
+    volume.array = array.astype(np.int64) if cfg is None else file_to_class(array, cfg)
     return volume
+
+
+def file_to_class(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """File label values → class values: ``data.mask_threshold``, then ``data.label_map``."""
+    values = (array > cfg.mask_threshold).astype(np.int64) if cfg.mask_threshold is not None else array.astype(np.int64)
+    if not cfg.label_map:
+        return values
+    return MapLabelValue(list(cfg.label_map), list(cfg.label_map.values()), dtype=np.int64)(values)
+
+
+def class_to_file(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Class values → the label files' values (inverse of :func:`file_to_class`; 1 → 255 for thresholded masks)."""
+    out = np.asarray(array, dtype=np.int64)
+    if cfg.label_map:
+        out = MapLabelValue(list(cfg.label_map.values()), list(cfg.label_map), dtype=np.int64)(out)
+    return out * 255 if cfg.mask_threshold is not None else out
 
 
 def atomic_write(path: Path, write) -> None:
@@ -221,6 +336,9 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -252,6 +370,17 @@ def write_nifti(array: np.ndarray, path: str | Path, reference: Volume, dtype: t
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+def write_image2d(array: np.ndarray, path: str | Path) -> None:
+    """Write a label map of a 2D image (``(rows, columns[, 1])``) as an 8- or 16-bit grey image."""
+    from PIL import Image
+
+    array = np.asarray(array)
+    array = array[..., 0] if array.ndim == 3 else array
+    dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+    image = Image.fromarray(np.ascontiguousarray(array.astype(dtype)))
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()]))
 
 
 def label_dtype(labels: dict[int, str]) -> type:

@@ -1,9 +1,10 @@
 """From files to model-space tensors and back, plus the training patch sampler.
 
 Model space = reoriented to RAS (an exact axis permutation/flip, from nibabel's
-orientation tools) and, if ``data.spacing`` is set, resized to that spacing. The map is
-recorded in a :class:`GridMap` so predictions go back to the exact native grid: resized
-to the RAS shape, then un-permuted. We resize by size (MONAI ``Resize``) rather than
+orientation tools), cropped to the non-air bounding box when ``data.crop_air`` is set (``dbt`` preset),
+and, if ``data.spacing`` is set, resized to that spacing. The map is recorded in a
+:class:`GridMap` so predictions go back to the exact native grid: resized to the cropped
+shape, padded with background, then un-permuted. We resize by size (MONAI ``Resize``) rather than
 ``Spacing``: a size-based resize inverts to exactly the input's shape.
 """
 
@@ -27,6 +28,7 @@ from monai.transforms import (
     Resize,
     SpatialPadd,
 )
+from monai.transforms.utils import generate_spatial_bounding_box
 from torch.utils.data import IterableDataset, get_worker_info
 
 from imgx3d.config import DataConfig
@@ -46,13 +48,35 @@ class GridMap:
         native_shape: spatial shape of the file.
         to_ras: nibabel orientation transform from the file's axes to RAS.
         ras_shape: spatial shape after reorientation.
-        model_shape: spatial shape after resizing to the target spacing.
+        model_shape: spatial shape after cropping and resizing to the target spacing.
+        crop: ``(start, stop)`` per RAS axis of the kept box (None: the whole grid).
     """
 
     native_shape: tuple[int, int, int]
     to_ras: np.ndarray
     ras_shape: tuple[int, int, int]
     model_shape: tuple[int, int, int]
+    crop: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def cropped_shape(self) -> tuple[int, int, int]:
+        """Spatial shape after reorientation and cropping, before resizing."""
+        return tuple(b - a for a, b in self.crop) if self.crop else self.ras_shape
+
+    def cut(self, x: torch.Tensor) -> torch.Tensor:
+        """The crop box of a RAS ``(C, X, Y, Z)`` tensor."""
+        return x[(slice(None), *(slice(a, b) for a, b in self.crop))] if self.crop else x
+
+    def uncut(self, x: torch.Tensor) -> torch.Tensor:
+        """A cropped ``(C, ...)`` map back on the RAS grid; outside the box: background (class 0,
+        or probability 1 of channel 0 for a multi-channel probability map)."""
+        if not self.crop:
+            return x
+        out = x.new_zeros((x.shape[0], *self.ras_shape))
+        if x.shape[0] > 1:
+            out[0] = 1
+        out[(slice(None), *(slice(a, b) for a, b in self.crop))] = x
+        return out
 
 
 def reorient(x: torch.Tensor, transform: np.ndarray) -> torch.Tensor:
@@ -78,7 +102,7 @@ class Preprocessor:
 
     def read_image(self, paths: list, expected_channels: int | None = None) -> tuple[np.ndarray, Volume]:
         """Read channel files into a (C, X, Y, Z) array; returns it and the first channel's volume."""
-        volumes = [read_volume(p, allow_channels=len(paths) == 1) for p in paths]
+        volumes = [read_volume(p, allow_channels=len(paths) == 1, color=self.cfg.color) for p in paths]
         ref = volumes[0]
         for vol in volumes[1:]:
             _check_same_grid(ref, vol, "channel")
@@ -99,26 +123,40 @@ class Preprocessor:
         to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(reference.affine), RAS)
         native = reference.spatial_shape
         ras_shape = tuple(int(native[int(np.flatnonzero(to_ras[:, 0] == a)[0])]) for a in range(3))
+        crop = self._air_crop(reference.array, to_ras) if self.cfg.air_crop is not None else None
+        cropped = tuple(b - a for a, b in crop) if crop else ras_shape
         if self.cfg.spacing is None:
-            model_shape = ras_shape
+            model_shape = cropped
         else:
             spacing = np.asarray(reference.spacing)
             ras_spacing = [spacing[int(np.flatnonzero(to_ras[:, 0] == a)[0])] for a in range(3)]
-            model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, ras_spacing, self.cfg.spacing))
-        return GridMap(native, to_ras, ras_shape, model_shape)
+            model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(cropped, ras_spacing, self.cfg.spacing))
+        return GridMap(native, to_ras, ras_shape, model_shape, crop)
+
+    def _air_crop(self, array: np.ndarray, to_ras: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+        """Bounding box (RAS) of voxels above ``crop_air`` of the intensity range, plus ``crop_margin``
+        (MONAI's ``generate_spatial_bounding_box``); None when nothing rises above it."""
+        image = reorient(torch.from_numpy(np.asarray(array, dtype=np.float32).reshape(-1, *array.shape[-3:])), to_ras)
+        low, high = float(image.min()), float(image.max())
+        threshold = low + self.cfg.air_crop * (high - low)
+        start, end = generate_spatial_bounding_box(image, select_fn=lambda x: x > threshold,
+                                                   margin=self.cfg.crop_margin, allow_smaller=True)
+        if any(e <= s for s, e in zip(start, end)):
+            return None
+        return tuple((int(s), int(e)) for s, e in zip(start, end))
 
     def image_to_model(self, array: np.ndarray, grid: GridMap) -> torch.Tensor:
         """(C, X, Y, Z) native image → normalised model-space tensor."""
-        x = reorient(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), grid.to_ras)
-        if grid.model_shape != grid.ras_shape:
+        x = grid.cut(reorient(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), grid.to_ras))
+        if grid.model_shape != grid.cropped_shape:
             x = Resize(grid.model_shape, mode="trilinear")(x)
             x = x.as_tensor() if hasattr(x, "as_tensor") else x
         return normalize_intensity(x, self.cfg)
 
     def label_to_model(self, label: np.ndarray, grid: GridMap) -> torch.Tensor:
         """(X, Y, Z) native label map → (1, X', Y', Z') model-space uint8/int tensor."""
-        y = reorient(torch.from_numpy(label.astype(np.int64))[None], grid.to_ras)
-        if grid.model_shape != grid.ras_shape:
+        y = grid.cut(reorient(torch.from_numpy(label.astype(np.int64))[None], grid.to_ras))
+        if grid.model_shape != grid.cropped_shape:
             y = Resize(grid.model_shape, mode="nearest-exact")(y.float())
             y = (y.as_tensor() if hasattr(y, "as_tensor") else y).round().long()
         return y
@@ -126,10 +164,10 @@ class Preprocessor:
     def to_native(self, probs: torch.Tensor, grid: GridMap) -> torch.Tensor:
         """(K, X', Y', Z') model-space probabilities (or, on an unresampled grid, any per-voxel map)
         → (K, X, Y, Z) on the native grid."""
-        if tuple(probs.shape[1:]) != grid.ras_shape:  # only probabilities are resampled
-            probs = Resize(grid.ras_shape, mode="trilinear")(probs.float())
+        if tuple(probs.shape[1:]) != grid.cropped_shape:  # only probabilities are resampled
+            probs = Resize(grid.cropped_shape, mode="trilinear")(probs.float())
             probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
-        return reorient(probs, nib.orientations.ornt_transform(RAS, grid.to_ras))
+        return reorient(grid.uncut(probs), nib.orientations.ornt_transform(RAS, grid.to_ras))
 
     def load_case(self, case: Case, labels: dict[int, str], in_channels: int | None = None) -> dict[str, Any]:
         """Read and preprocess a labelled case into model space, validating the label."""
@@ -137,7 +175,7 @@ class Preprocessor:
         grid = self.grid_map(ref)
         item: dict[str, Any] = {"case_id": case.case_id, "image": self.image_to_model(array, grid)}
         if case.label is not None:
-            label = read_label(case.label)
+            label = read_label(case.label, self.cfg)
             _check_same_grid(ref, label, "label")
             unknown = sorted(set(np.unique(label.array).tolist()) - set(labels))
             if unknown:
@@ -203,6 +241,16 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
+def draw_indices(rng: np.random.Generator, n: int, is_extra: np.ndarray, extra_fraction: float | None) -> np.ndarray:
+    """``n`` indices into a pool: uniform, or with ``extra_fraction`` of them drawn from its extra
+    (generated) entries and the rest from its real ones."""
+    if extra_fraction is None or is_extra.all() or not is_extra.any():
+        return rng.integers(len(is_extra), size=n)
+    real, extra = np.flatnonzero(~is_extra), np.flatnonzero(is_extra)
+    from_extra = rng.random(n) < extra_fraction
+    return np.where(from_extra, extra[rng.integers(len(extra), size=n)], real[rng.integers(len(real), size=n)])
+
+
 class PatchBatches(IterableDataset):
     """Training batches as a pure function of (seed, step).
 
@@ -213,15 +261,17 @@ class PatchBatches(IterableDataset):
     """
 
     def __init__(self, items: list[dict[str, Any]], transform: Compose, batch_size: int, seed: int,
-                 start_step: int, stop_step: int):
+                 start_step: int, stop_step: int, extra_fraction: float | None = None):
         self.items, self.transform, self.batch_size = items, transform, batch_size
         self.seed, self.start_step, self.stop_step = seed, start_step, stop_step
+        self.extra_fraction = extra_fraction  # items with "extra": True are generated data (data.extra)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of training step ``step``."""
         rng = np.random.default_rng([self.seed, step])
         samples = []
-        for index in rng.integers(len(self.items), size=self.batch_size):
+        is_extra = np.array([bool(item.get("extra")) for item in self.items])
+        for index in draw_indices(rng, self.batch_size, is_extra, self.extra_fraction):
             item = self.items[int(index)]
             self.transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
             out = self.transform({"image": item["image"], "label": item["label"]})

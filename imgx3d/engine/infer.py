@@ -7,20 +7,36 @@ back to the input's native grid and written with the input's affine and header.
 
 from __future__ import annotations
 
+import collections
 import itertools
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
 from imgx3d.config import Config, DataConfig, InferConfig, SliceConfig, from_dict
-from imgx3d.data.io import is_volume_path, label_dtype, strip_suffix, write_nifti
+from imgx3d.data.io import (
+    Volume,
+    check_exists,
+    class_to_file,
+    is_image_path,
+    is_volume_path,
+    label_dtype,
+    strip_suffix,
+    write_image2d,
+    write_nifti,
+)
 from imgx3d.data.slices import predict_by_slices
-from imgx3d.data.transforms import Preprocessor
+from imgx3d.data.transforms import GridMap, Preprocessor
+from imgx3d.engine.streaming import streaming_argmax
 from imgx3d.errors import CheckpointError, InputError
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
 
@@ -53,6 +69,12 @@ def class_map(probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     return probs.max(0, keepdim=keepdim).indices
 
 
+def flip_combinations(tta_flips: list[int] | tuple[int, ...]) -> list[list[int]]:
+    """Every subset of the spatial ``tta_flips`` axes as tensor dims of a ``(B, C, X, Y, Z)`` batch
+    (the empty one first: the unmirrored prediction)."""
+    return [[a + 2 for a in c] for r in range(len(tta_flips) + 1) for c in itertools.combinations(sorted(tta_flips), r)]
+
+
 def predict_probabilities(method: Method, image: torch.Tensor, window: Windowed,
                           tta_flips: list[int] | tuple[int, ...] = (), slices: SliceConfig | None = None) -> torch.Tensor:
     """Class probabilities (K, ...) for one model-space image (C, ...), averaged over flips.
@@ -62,7 +84,7 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Windowed,
     ``tta_flips = [0, 1, 2]`` the 8 mirrorings of nnU-Net are used.
     """
     x = image[None]
-    combos = [c for r in range(len(tta_flips) + 1) for c in itertools.combinations(sorted(tta_flips), r)]
+    combos = flip_combinations(tta_flips)
     if method.spatial_dims == 2:
         slice_cfg = slices or SliceConfig()
 
@@ -73,12 +95,20 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Windowed,
             return method.predict(volume, window)
     total = None
     with torch.inference_mode():
-        for axes in combos:
-            dims = [a + 2 for a in axes]
+        for dims in combos:
             probs = run(x.flip(dims) if dims else x)
             probs = probs.flip(dims) if dims else probs
             total = probs if total is None else total + probs
     return (total / len(combos) if len(combos) > 1 else total)[0]
+
+
+@dataclass
+class LoadedCase:
+    """A case read and preprocessed for prediction."""
+
+    image: torch.Tensor  # (C, X', Y', Z') model space
+    grid: GridMap
+    reference: Volume  # the first channel's file: the outputs' grid and header
 
 
 @dataclass
@@ -116,6 +146,69 @@ class Predictor:
         """Preprocessing as in training."""
         return Preprocessor(self.config.data)
 
+    def load(self, paths: list[Path]) -> LoadedCase:
+        """Read one case's channel files and bring them to model space (no model work: safe to
+        run in a reader thread while another case is predicted)."""
+        check_input_kind(paths[0], self.config.data)
+        pre = self.preprocessor
+        array, ref = pre.read_image(paths, self.in_channels)
+        grid = pre.grid_map(ref)
+        return LoadedCase(pre.image_to_model(array, grid), grid, ref)
+
+    def predict_loaded(self, case: LoadedCase, probabilities: bool = False
+                       ) -> tuple[np.ndarray, torch.Tensor | None, Any]:
+        """Predict a loaded case; returns what :meth:`predict_paths` returns."""
+        pre, grid = self.preprocessor, case.grid
+        if not probabilities and self._streams(case.image):
+            return self._labels_to_native(self._stream(case.image), grid), None, case.reference
+        window = make_window(self.config.infer, self.config.data.patch_size)
+        probs = predict_probabilities(self.method, case.image.to(self.device), window, self.config.infer.tta_flips,
+                                      self.config.data.slices).cpu()
+        native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.cropped_shape else None
+        if native is not None:
+            labelmap = class_map(native).numpy()
+        else:  # same grid up to axis order: argmax first, then move only the label map
+            labelmap = pre.to_native(class_map(probs, keepdim=True), grid)[0].numpy()
+        return self._class_values(labelmap, probs.shape[0]), native if probabilities else None, case.reference
+
+    def _class_values(self, labelmap: np.ndarray, n_classes: int) -> np.ndarray:
+        """Class indices → the dataset's label values (when they are not 0 … K-1)."""
+        values = np.array(sorted(self.labels), dtype=np.int64)
+        if len(values) != n_classes or not np.array_equal(values, np.arange(len(values))):
+            labelmap = values[np.clip(labelmap, 0, len(values) - 1)]
+        return labelmap
+
+    def _streams(self, image: torch.Tensor) -> bool:
+        """Whether this prediction goes through the memory-bounded sliding window."""
+        infer = self.config.infer
+        if infer.streaming == "off" or self.method.spatial_dims != 3 or self.method.window_probabilities() is None:
+            return False
+        full_gib = 4 * self.method.num_classes * image[0].numel() / 2**30
+        return infer.streaming == "on" or full_gib > infer.streaming_above_gib
+
+    def _stream(self, image: torch.Tensor) -> torch.Tensor:
+        """Model-space class indices of a single-pass method, window by window (flip TTA per window)."""
+        infer, fn = self.config.infer, self.method.window_probabilities()
+        combos = flip_combinations(infer.tta_flips)
+
+        def mirrored(x: torch.Tensor) -> torch.Tensor:
+            return sum(fn(x.flip(d)).flip(d) if d else fn(x) for d in combos) / len(combos)
+
+        # On CPU, windows go one at a time: batching them measured no faster (1.08x vs 1.12x of
+        # MONAI's time on 512x512x300x14) and held 0.66 GiB more (scripts/bench_sliding_window.py).
+        batch = infer.sw_batch_size if self.device.type == "cuda" else 1
+        with torch.inference_mode():
+            return streaming_argmax(mirrored, image[None].to(self.device), infer.roi_size or self.config.data.patch_size,
+                                    batch, infer.overlap, infer.blend).cpu()
+
+    def _labels_to_native(self, labels: torch.Tensor, grid: GridMap) -> np.ndarray:
+        """Model-space class indices → native-grid label values (nearest resampling back)."""
+        labels = labels[None].long()
+        if tuple(labels.shape[1:]) != grid.cropped_shape:
+            labels = F.interpolate(labels[None].float(), size=grid.cropped_shape, mode="nearest-exact")[0].long()
+        native = self.preprocessor.to_native(labels, grid)[0].numpy()
+        return self._class_values(native, self.method.num_classes)
+
     def predict_paths(self, paths: list[Path], probabilities: bool = False
                       ) -> tuple[np.ndarray, torch.Tensor | None, Any]:
         """Predict one case from its channel files.
@@ -124,41 +217,54 @@ class Predictor:
             (label map on the native grid, native-grid probabilities (K, X, Y, Z) if asked
             for, the reference volume whose affine/header the outputs are written with).
         """
-        pre = self.preprocessor
-        array, ref = pre.read_image(paths, self.in_channels)
-        grid = pre.grid_map(ref)
-        image = pre.image_to_model(array, grid).to(self.device)
-        window = make_window(self.config.infer, self.config.data.patch_size)
-        probs = predict_probabilities(self.method, image, window, self.config.infer.tta_flips,
-                                      self.config.data.slices).cpu()
-        native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.ras_shape else None
-        if native is not None:
-            labelmap = class_map(native).numpy()
-        else:  # same grid up to axis order: argmax first, then move only the label map
-            labelmap = pre.to_native(class_map(probs, keepdim=True), grid)[0].numpy()
-        values = np.array(sorted(self.labels), dtype=np.int64)
-        if len(values) != probs.shape[0] or not np.array_equal(values, np.arange(len(values))):
-            labelmap = values[np.clip(labelmap, 0, len(values) - 1)]
-        return labelmap, native if probabilities else None, ref
+        return self.predict_loaded(self.load(paths), probabilities)
+
+
+def check_input_kind(path: Path, data_cfg: DataConfig) -> None:
+    """Refuse a 2D image for a run trained on volumes, and a volume for a run trained on 2D images."""
+    if data_cfg.mode == "volume" and is_image_path(Path(path)):
+        raise InputError(f"{path}: is a 2D image but this run was trained on volumes; use a run trained with --image")
+    if data_cfg.mode == "image" and not is_image_path(Path(path)):
+        raise InputError(f"{path}: this run was trained on 2D images (--image); pass PNG/JPEG/TIFF/GIF/BMP files")
+
+
+def prediction_path(output: Path, case_id: str, data_cfg: DataConfig) -> Path:
+    """Where a case's label map goes: ``<case>.png`` for 2D images, ``<case>.nii.gz`` for volumes."""
+    return output / f"{case_id}{'.png' if data_cfg.mode == 'image' else '.nii.gz'}"
+
+
+def write_labelmap(labelmap: np.ndarray, path: Path, reference: Volume, labels: dict[int, str],
+                   data_cfg: DataConfig) -> None:
+    """Write class values as the dataset's own label values (``data.label_map`` / ``mask_threshold``
+    undone), as a PNG for 2D images or a NIfTI on the reference's grid."""
+    values = class_to_file(labelmap, data_cfg)
+    if path.suffix == ".png":
+        write_image2d(values, path)
+    else:
+        largest = int(class_to_file(np.array(sorted(labels)), data_cfg).max())
+        write_nifti(values, path, reference, dtype=label_dtype({largest: ""}))
 
 
 def resolve_inputs(inputs: list[str | Path], data_cfg: DataConfig, in_channels: int) -> list[tuple[str, list[Path]]]:
     """Turn ``--input`` files/folders into cases ``(case_id, channel files)``.
 
-    Single-channel models: every volume file (or DICOM series folder) is a case.
+    Single-channel models (and runs trained on 2D images): every volume file (or DICOM series
+    folder), or every 2D image, is a case.
     Multi-channel models: nnU-Net style ``CASE_0000`` … files are grouped; folders of case
     folders are matched with ``data.channels``; a 4D NIfTI is one case.
     """
     cases: list[tuple[str, list[Path]]] = []
     for item in inputs:
         path = Path(item)
-        if not path.exists():
-            raise InputError(f"{path}: not found; check --input")
+        check_exists(path, "check --input")
         if path.is_file():
             cases.append((strip_suffix(path.name), [path]))
             continue
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_volume_path(p) and not p.name.startswith("."))
-        if in_channels > 1 and data_cfg.channels:
+        wanted = is_image_path if data_cfg.mode == "image" else is_volume_path
+        files = sorted(p for p in path.iterdir() if p.is_file() and wanted(p) and not p.name.startswith("."))
+        if data_cfg.mode == "image":
+            cases += [(strip_suffix(p.name), [p]) for p in files]
+        elif in_channels > 1 and data_cfg.channels:
             from imgx3d.data.catalog import find_cases
 
             cfg = from_dict(DataConfig, {"layout": "cases", "channels": data_cfg.channels,
@@ -174,7 +280,9 @@ def resolve_inputs(inputs: list[str | Path], data_cfg: DataConfig, in_channels: 
         elif any(p.is_file() for p in path.iterdir()):
             cases.append((path.name, [path]))  # a DICOM series folder
     if not cases:
-        raise InputError(f"{', '.join(map(str, inputs))}: no input volumes found (.nii/.nii.gz/.nrrd/.mha or DICOM folders)")
+        kinds = "2D images (.png/.jpg/.tif/.gif/.bmp)" if data_cfg.mode == "image" else \
+            "input volumes (.nii/.nii.gz/.nrrd/.mha or DICOM folders)"
+        raise InputError(f"{', '.join(map(str, inputs))}: no {kinds} found")
     ids = [c for c, _ in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -184,32 +292,163 @@ def resolve_inputs(inputs: list[str | Path], data_cfg: DataConfig, in_channels: 
 
 def check_output_folder(output: Path, inputs: list[str | Path]) -> None:
     """Refuse to write into (or below) an input folder, or next to input files."""
-    out = output.resolve()
+    out = Path(os.path.realpath(output))
     for item in inputs:
-        path = Path(item).resolve()
+        check_exists(Path(item), "check --input")
+        path = Path(os.path.realpath(item))
         folder = path if path.is_dir() else path.parent
         if out == folder or (path.is_dir() and folder in out.parents):
             raise InputError(f"{output}: is inside the input folder {folder}; choose an --output folder outside the inputs")
 
 
+class _Pipeline:
+    """Reading ahead and writing behind the model: ``workers`` reader threads (0: everything in
+    the calling thread, in order) and one writer thread. Results and errors come back in order."""
+
+    def __init__(self, workers: int):
+        self.readers = ThreadPoolExecutor(workers) if workers > 0 else None
+        self.writer = ThreadPoolExecutor(1) if workers > 0 else None
+        self.writes: list = []
+
+    def read(self, fn, *args):
+        """Start ``fn(*args)``; returns a callable that gives its result (or raises its error)."""
+        if self.readers is None:
+            return lambda: fn(*args)
+        future = self.readers.submit(fn, *args)
+        return future.result
+
+    def write(self, fn, *args, done) -> None:
+        """Run ``fn(*args)`` behind the model, then ``done()`` (also when it fails)."""
+        def run():
+            try:
+                fn(*args)
+            finally:
+                done()
+        if self.writer is None:
+            run()
+        else:
+            self.writes.append(self.writer.submit(run))
+
+    def drain(self) -> None:
+        """Wait for every write; the first write error is raised."""
+        writes, self.writes = self.writes, []
+        for future in writes:
+            future.result()
+
+    def __enter__(self) -> "_Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pool in (self.readers, self.writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+LOCK_GRACE_S = 10.0  # a lock file without a PID yet is its creator's for this long
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only; PermissionError means it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def claim_case(output: Path, case_id: str) -> Path | None:
+    """Take ``output/.<case>.lock`` (atomic create) for this process; None while another live
+    process holds it. A lock whose process died is taken over."""
+    lock = output / f".{case_id}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text, age = lock.read_text(encoding="utf-8").strip(), time.time() - lock.stat().st_mtime
+            except OSError:  # released meanwhile
+                continue
+            if (text.isdigit() and _alive(int(text))) or (not text and age < LOCK_GRACE_S):
+                return None
+            lock.unlink(missing_ok=True)  # its process died mid-case
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return lock
+    return None
+
+
 def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: str | Path, overwrite: bool = False,
-                      probabilities: bool = False) -> list[Path]:
-    """Predict every input case into ``output/<case>.nii.gz`` (atomic writes, skip existing)."""
+                      probabilities: bool = False, overlay_dir: str | Path | None = None,
+                      workers: int = 0) -> list[Path]:
+    """Predict every input case into ``output/<case>.nii.gz`` (``.png`` for 2D images); with
+    ``overlay_dir``, also a contour montage ``<case>.png`` of each newly predicted case there.
+
+    With ``workers`` > 0, that many threads read and preprocess the next cases while the model
+    predicts, and a writer thread saves results behind it (same outputs as ``workers=0``).
+    Safe to interrupt and to share: outputs are written atomically (never half-written under
+    their final name), existing ones are skipped, so a restarted run finishes the rest; a case
+    another live process is predicting into the same folder is waited for, not redone.
+    """
+    from imgx3d.engine.plots import overlay_montage
+
     output = Path(output)
     check_output_folder(output, inputs)
-    cases = resolve_inputs(inputs, predictor.config.data, predictor.in_channels)
-    output.mkdir(parents=True, exist_ok=True)
-    dtype = label_dtype(predictor.labels)
-    written = []
-    for case_id, paths in tqdm(cases, desc="predict", unit="case", disable=None):
-        target = output / f"{case_id}.nii.gz"
-        if target.exists() and not overwrite:
-            written.append(target)
-            continue
-        labelmap, probs, ref = predictor.predict_paths(paths, probabilities)
-        write_nifti(labelmap, target, ref, dtype=dtype)
+    data_cfg = predictor.config.data
+    cases = resolve_inputs(inputs, data_cfg, predictor.in_channels)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{output}: cannot create the output folder ({err.strerror}); choose a writable --output") from None
+    done: dict[str, Path] = {}
+    pending = [(case_id, paths, overwrite) for case_id, paths in cases]
+
+    def write(case_id: str, target: Path, labelmap: np.ndarray, probs: torch.Tensor | None, ref: Volume) -> None:
+        write_labelmap(labelmap, target, ref, predictor.labels, data_cfg)
         if probs is not None:
             write_nifti(probs.permute(1, 2, 3, 0).numpy(), output / f"{case_id}_probabilities.nii.gz", ref,
                         dtype=np.float32)
-        written.append(target)
-    return written
+        if overlay_dir is not None:
+            overlay_montage(ref.array[0], labelmap, predictor.labels, Path(overlay_dir) / f"{case_id}.png", title=case_id)
+
+    with tqdm(total=len(cases), desc="predict", unit="case", disable=None) as bar, _Pipeline(workers) as pipe:
+        while pending:
+            busy: list = []
+            ahead: collections.deque = collections.deque()  # claimed cases whose reading has started
+
+            def predict_next() -> None:
+                case_id, target, lock, loaded = ahead.popleft()
+                try:
+                    labelmap, probs, ref = predictor.predict_loaded(loaded(), probabilities)
+                except BaseException:
+                    lock.unlink(missing_ok=True)
+                    raise
+                pipe.write(write, case_id, target, labelmap, probs, ref, done=lambda: lock.unlink(missing_ok=True))
+                done[case_id] = target
+                bar.update()
+
+            try:
+                for case_id, paths, redo in pending:
+                    target = prediction_path(output, case_id, data_cfg)
+                    if target.exists() and not redo:
+                        done[case_id] = target
+                        bar.update()
+                        continue
+                    lock = claim_case(output, case_id)
+                    if lock is None:  # another process is on it: its result will do
+                        busy.append((case_id, paths, False))
+                        continue
+                    ahead.append((case_id, target, lock, pipe.read(predictor.load, paths)))
+                    if len(ahead) > workers:
+                        predict_next()
+                while ahead:
+                    predict_next()
+            finally:
+                for _, _, lock, _ in ahead:
+                    lock.unlink(missing_ok=True)
+                pipe.drain()
+            if busy:
+                time.sleep(0.5)
+            pending = busy
+    return [done[case_id] for case_id, _ in cases]

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from imgx3d.data.io import is_volume_path, read_label, strip_suffix
+from imgx3d.config import DataConfig
+from imgx3d.data.io import is_image_path, is_volume_path, read_label, strip_suffix
 from imgx3d.errors import InputError
 
 ALL_METRICS = ("dice", "iou", "hd95", "nsd")
@@ -26,7 +27,8 @@ def _crop_to_objects(pred: np.ndarray, ref: np.ndarray, margin: int = 2) -> tupl
     """Crop both maps to the union bounding box of their foreground (distances are unchanged)."""
     fg = np.argwhere((pred > 0) | (ref > 0))
     if fg.size == 0:
-        return pred[:1, :1, :1], ref[:1, :1, :1]
+        corner = tuple(slice(0, 1) for _ in pred.shape)
+        return pred[corner], ref[corner]
     lo = np.maximum(fg.min(0) - margin, 0)
     hi = np.minimum(fg.max(0) + margin + 1, pred.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -37,6 +39,9 @@ def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: t
                metrics: tuple[str, ...] = ALL_METRICS, nsd_tolerance_mm: float = 1.0) -> dict[int, dict[str, float]]:
     """Metrics per foreground class of one case.
 
+    Axes of size 1 are dropped first, so a 2D image (or a one-slice volume) is scored in 2D:
+    its surfaces are contours, not the whole slice.
+
     Args:
         pred, ref: integer label maps of the same shape.
         classes: label values to score (normally all but background).
@@ -44,7 +49,10 @@ def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: t
         metrics: any of ``dice``, ``iou``, ``hd95``, ``nsd``.
         nsd_tolerance_mm: surface tolerance of the normalised surface Dice.
     """
-    pred, ref = _crop_to_objects(np.asarray(pred), np.asarray(ref))
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    axes = [a for a, n in enumerate(pred.shape) if n > 1] or [0]
+    spacing = tuple(spacing[a] for a in axes)
+    pred, ref = _crop_to_objects(pred.reshape([pred.shape[a] for a in axes]), ref.reshape([ref.shape[a] for a in axes]))
     p = torch.from_numpy(np.stack([pred == c for c in classes])[None].astype(np.float32))
     r = torch.from_numpy(np.stack([ref == c for c in classes])[None].astype(np.float32))
     out: dict[str, torch.Tensor] = {}
@@ -94,32 +102,37 @@ def summarize(rows: list[dict], labels: dict[int, str], metrics: tuple[str, ...]
     return summary
 
 
-def _volume_files(folder: Path) -> dict[str, Path]:
+def label_files(folder: Path) -> dict[str, Path]:
+    """Label maps (volumes or 2D images) of a folder by case name (probability maps left out)."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; pass a folder of label maps")
     return {strip_suffix(p.name): p for p in sorted(folder.iterdir())
-            if is_volume_path(p) and not p.name.startswith(".") and "_probabilities" not in p.name}
+            if (is_volume_path(p) or is_image_path(p)) and not p.name.startswith(".") and "_probabilities" not in p.name}
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int, str] | None = None,
-                     output_dir: str | Path | None = None, nsd_tolerance_mm: float = 1.0) -> tuple[list[dict], dict]:
+                     output_dir: str | Path | None = None, nsd_tolerance_mm: float = 1.0,
+                     data_cfg: DataConfig | None = None) -> tuple[list[dict], dict]:
     """Score every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
 
-    Writes ``metrics.csv`` (per case, per class) and ``summary.json`` into ``output_dir``.
+    Label maps are volumes or 2D images (scored in 2D). With ``data_cfg``, both folders' values
+    pass through its ``mask_threshold`` / ``label_map`` first (files in the dataset's own values,
+    as ``imgx3d predict`` writes them). Writes ``metrics.csv`` (per case, per class) and
+    ``summary.json`` into ``output_dir``.
 
     Raises:
         InputError: missing folders/files, or a prediction not on its reference's grid.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    preds, refs = _volume_files(pred_dir), _volume_files(ref_dir)
+    preds, refs = label_files(pred_dir), label_files(ref_dir)
     if not preds:
-        raise InputError(f"{pred_dir}: no predictions (.nii/.nii.gz/.nrrd/.mha) found")
+        raise InputError(f"{pred_dir}: no predictions (.nii/.nii.gz/.nrrd/.mha or 2D images) found")
     missing = sorted(set(preds) - set(refs))
     if missing:
         raise InputError(f"{ref_dir}: no reference for case '{missing[0]}' (from {preds[missing[0]]}); add it or remove the prediction")
     loaded = {}
     for case in preds:
-        pred, ref = read_label(preds[case]), read_label(refs[case])
+        pred, ref = read_label(preds[case], data_cfg), read_label(refs[case], data_cfg)
         if pred.spatial_shape != ref.spatial_shape or not np.allclose(pred.affine, ref.affine, atol=1e-3):
             raise InputError(f"{preds[case]}: not on the grid of its reference {refs[case]} (shape or affine differ); "
                              "predict on the original image")

@@ -3,13 +3,20 @@
 The default store is ``sqlite:///mlflow.db`` in the working directory (mlflow 3 refuses a
 bare ``./mlruns`` file store); artifacts of a local sqlite store go to ``mlartifacts/``
 beside the database file.
+
+A tracking server that stops answering mid-run does not stop training: the first failure is
+reported in one line, every later call is kept in memory and in a local JSON-lines file
+(``keep_locally``), the server is tried again every ``RETRY_SECONDS``, and whatever was kept is
+sent, in order, as soon as it answers (at the latest when the run ends).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +57,7 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
 
 _OPEN_ATTEMPTS = 5
+RETRY_SECONDS = 60.0  # while the server is away, how often a call tries it again
 
 
 def _lost_a_race(err: Exception) -> bool:
@@ -92,6 +100,10 @@ class Tracker:
                  run_id: str | None = None):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        self._local_path: Path | None = None
+        self._pending: list[tuple[str, Any]] = []
+        self._away_since: float | None = None
         for name in ("alembic", "mlflow"):  # their INFO lines (db migrations) are noise to a user
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
@@ -124,46 +136,95 @@ class Tracker:
             return run_id
         return self.client.create_run(exp_id, run_name=run_name or None, tags=tags or {}).info.run_id
 
+    def keep_locally(self, path: str | Path) -> None:
+        """Where calls are written while the server does not answer (JSON lines)."""
+        self._local_path = Path(path)
+
+    def _send(self, op: str, payload: Any) -> None:
+        """Perform a call, or keep it (in order) while the server is away."""
+        pending, away_since = self._pending, self._away_since
+        if away_since is not None and time.monotonic() - away_since < RETRY_SECONDS:
+            self._keep(op, payload)
+            return
+        try:
+            while pending:
+                self._perform(*pending[0])
+                pending.pop(0)
+            self._perform(op, payload)
+        except Exception as err:  # any transport or server error: keep going, keep the data
+            if away_since is None:
+                print(f"imgx3d: warning: mlflow at '{self.uri}' stopped answering ({type(err).__name__}); training "
+                      f"goes on, tracking calls are kept{' in ' + str(self._local_path) if self._local_path else ''} "
+                      "and sent when it answers again", file=sys.stderr)
+            self._away_since = time.monotonic()
+            self._keep(op, payload)
+            return
+        if away_since is not None:
+            print(f"imgx3d: mlflow at '{self.uri}' answers again; the kept tracking calls were sent", file=sys.stderr)
+            self._away_since = None
+
+    def _keep(self, op: str, payload: Any) -> None:
+        self._pending.append((op, payload))
+        if self._local_path is not None:
+            with open(self._local_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"run_id": self.run_id, "op": op, "payload": payload}, default=str) + "\n")
+
+    def _perform(self, op: str, payload: Any) -> None:
+        from mlflow.entities import Metric, Param
+
+        if op == "params":
+            existing = self.client.get_run(self.run_id).data.params
+            batch = [Param(k, v) for k, v in payload.items() if k not in existing]
+            for start in range(0, len(batch), 100):
+                self.client.log_batch(self.run_id, params=batch[start:start + 100])
+        elif op == "metrics":
+            batch = [Metric(k, v, ts, step) for k, v, ts, step in payload]
+            for start in range(0, len(batch), 500):
+                self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
+        elif op == "tags":
+            for key, value in payload.items():
+                self.client.set_tag(self.run_id, key, value)
+        elif op == "artifact":
+            path, artifact_path = Path(payload[0]), payload[1]
+            log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+            log(self.run_id, str(path), artifact_path)
+        elif op == "end":
+            self.client.set_terminated(self.run_id, status=payload)
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Log short scalar params (long values are truncated to mlflow's limit)."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        batch = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in params.items() if k not in existing]
-        for start in range(0, len(batch), 100):
-            self.client.log_batch(self.run_id, params=batch[start:start + 100])
+        self._send("params", {k: str(v)[:PARAM_MAX_CHARS] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (NaNs are skipped)."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k.replace(" ", "_"), float(v), now, step) for k, v in metrics.items() if v == v]
-        for start in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
+        self._send("metrics", [(k.replace(" ", "_"), float(v), now, step) for k, v in metrics.items() if v == v])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._send("tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder."""
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send("artifact", (str(path), artifact_path))
 
     def end(self, status: str = "FINISHED") -> None:
-        """Mark the run finished (or FAILED / KILLED)."""
-        self.client.set_terminated(self.run_id, status=status)
+        """Mark the run finished (or FAILED / KILLED), first sending anything kept while the server was away."""
+        self._away_since = None  # one last try, whatever the retry interval
+        self._send("end", status)
+        if self._pending:
+            where = f"; they are in {self._local_path}" if self._local_path else ""
+            print(f"imgx3d: warning: mlflow at '{self.uri}' still does not answer: {len(self._pending)} tracking "
+                  f"call(s) of run {self.run_id} were not sent{where}", file=sys.stderr)
 
 
 class NullTracker:
     """Stands in for :class:`Tracker` when tracking is off."""
 
     run_id = None
+
+    def keep_locally(self, path: str | Path) -> None:
+        """No-op."""
 
     def log_params(self, params: dict[str, Any]) -> None:
         """No-op."""

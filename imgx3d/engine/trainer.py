@@ -5,6 +5,7 @@ One optimiser per parameter group of the method, each updated from its own
 Mixed precision where the device supports it, gradient clipping, whole-volume validation with the sliding window, best checkpoint by
 validation Dice, early stopping, a wall-time budget, atomic checkpoints and an exact
 resume (model, optimisers, step, elapsed time, RNG states; batches are a function of step).
+Under torchrun the same loop runs on every rank (see :mod:`imgx3d.engine.distributed`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,9 +24,11 @@ from tqdm.auto import tqdm
 
 from imgx3d.config import Config, TrainConfig, to_dict
 from imgx3d.data.io import atomic_write
+from imgx3d.engine.distributed import DistContext
 from imgx3d.engine.infer import CHECKPOINT_FORMAT, class_map, make_window, predict_probabilities
 from imgx3d.engine.metrics import score_case
 from imgx3d.engine.tracking import NullTracker, Tracker
+from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, load_method_state
 
 
@@ -60,7 +64,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -85,14 +89,18 @@ class Trainer:
         run_dir: where ``last.pt`` and ``best.pt`` are written.
         meta: extra fields stored in every checkpoint (labels, channels, class counts).
         tracker: mlflow tracker (or :class:`NullTracker`).
+        dist: this process's place in a torchrun job; rank 0 validates, checkpoints and logs.
     """
 
     def __init__(self, cfg: Config, method: Method, run_dir: Path, meta: dict[str, Any],
-                 tracker: Tracker | NullTracker | None = None, device: torch.device | None = None):
+                 tracker: Tracker | NullTracker | None = None, device: torch.device | None = None,
+                 dist: DistContext | None = None):
         self.cfg, self.method, self.run_dir, self.meta = cfg, method, Path(run_dir), meta
         self.tracker = tracker or NullTracker()
         self.device = device or torch.device("cpu")
+        self.dist = dist or DistContext()
         self.method.to(self.device)
+        self.training_step = self.dist.wrap(method.training_step, method, self.device)
         self.groups = method.parameter_groups()
         self.optimizers = {g: make_optimizer(p, cfg.train) for g, p in self.groups.items()}
         amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
@@ -102,33 +110,46 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, weights_only: bool = False) -> dict[str, Any]:
-        """Everything needed to predict (and, unless ``weights_only``, to resume)."""
+        """Everything needed to predict (and, unless ``weights_only``, to resume).
+
+        A full checkpoint holds every rank's RNG states (``rng_ranks``), so every rank of a
+        distributed run must call this together.
+        """
         ckpt = {"format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "method": self.method.name,
                 "model": self.method.state_dict(), "step": self.state.step, **self.meta}
         if not weights_only:
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             ckpt.update({
                 "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
                 "train_state": vars(self.state).copy(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "rng_ranks": self.dist.gather(rng),
             })
         return ckpt
 
     def save(self, name: str, weights_only: bool = False) -> Path:
-        """Write a checkpoint atomically (temp file + rename)."""
+        """Write a checkpoint atomically (temp file + rename); only rank 0 writes."""
         path = self.run_dir / name
         ckpt = self.checkpoint(weights_only)
-        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        if self.dist.is_main:
+            atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        """Continue from a ``last.pt`` checkpoint exactly where it stopped."""
+        """Continue from a ``last.pt`` checkpoint exactly where it stopped (each rank its own RNG)."""
         load_method_state(self.method, ckpt["model"], str(self.run_dir / "last.pt"))
         for g, o in self.optimizers.items():
             o.load_state_dict(ckpt["optimizers"][g])
         self.state = TrainState(**ckpt["train_state"])
-        rng = ckpt["rng"]
+        ranks = ckpt["rng_ranks"] if "rng_ranks" in ckpt else [ckpt["rng"]]  # "rng": before torchrun support
+        if len(ranks) != self.dist.world_size:
+            if self.dist.is_main:
+                warnings.warn(f"{self.run_dir / 'last.pt'} was written by {len(ranks)} process(es) and is resumed "
+                              f"by {self.dist.world_size}: training goes on, but not as the same sequence of batches",
+                              stacklevel=2)
+            torch.manual_seed(self.cfg.seed + self.state.step + 7919 * self.dist.rank)
+            return
+        rng = ranks[self.dist.rank]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -146,18 +167,21 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            out = self.method.training_step(batch, self.state.step)
+            out = self.training_step(batch, self.state.step)
         names = [g for g in self.groups if f"loss/{g}" in out]  # a staged method trains some groups per step
         if not names:
             raise RuntimeError(f"{self.method.name}.training_step returned no loss/<group> of {sorted(self.groups)}")
+        if self.dist.enabled and len(names) > 1:
+            # DDP averages gradients during one backward per forward; several losses would need several.
+            raise ConfigError(f"method '{self.method.name}' updates {names} in one step, which torchrun training "
+                              "does not support yet; train it in one process")
         for i, group in enumerate(names):
             params = [p for p in self.groups[group] if p.requires_grad]
             loss = out[f"loss/{group}"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss/{group} is {loss.item()} at step {self.state.step}; lower train.lr")
-            grads = torch.autograd.grad(loss, params, retain_graph=i < len(names) - 1, allow_unused=True)
-            for p, grad in zip(params, grads):
-                p.grad = grad
+            # backward (not autograd.grad): DDP's gradient averaging hooks fire as .grad is accumulated
+            loss.backward(inputs=params, retain_graph=i < len(names) - 1)
             if self.cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
             self.optimizers[group].step()
@@ -193,12 +217,14 @@ class Trainer:
         """Train until ``max_steps``, the time budget, or early stopping."""
         t = self.cfg.train
         start, elapsed0 = self._clock(), self.state.elapsed_s
-        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", disable=None)
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
+                   disable=None if self.dist.is_main else True)
         running: dict[str, list[float]] = {}
         validated_at = -1
         while self.state.step < t.max_steps:
             self.state.elapsed_s = elapsed0 + self._clock() - start
-            if t.max_minutes and self.state.elapsed_s >= 60 * t.max_minutes:
+            out_of_time = bool(t.max_minutes) and self.state.elapsed_s >= 60 * t.max_minutes
+            if self.dist.broadcast(out_of_time):  # rank 0's clock decides, so every rank stops at one step
                 self.state.stop_reason = "time budget"
                 break
             scalars = self.step(next(batches))
@@ -207,7 +233,8 @@ class Trainer:
             for k, v in scalars.items():
                 running.setdefault(k, []).append(v)
             if self.state.step % 50 == 0 or self.state.step == t.max_steps:
-                means = {f"train/{k.replace('loss/', 'loss_')}": float(np.mean(v)) for k, v in running.items()}
+                means = self.dist.mean({f"train/{k.replace('loss/', 'loss_')}": float(np.mean(v))
+                                        for k, v in running.items()})
                 self.tracker.log_metrics(means, self.state.step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in means.items() if "loss" in k})
                 running = {}
@@ -224,24 +251,30 @@ class Trainer:
         if validated_at != self.state.step:
             self._validate_and_checkpoint(val_cases, labels, start, elapsed0)
         bar.close()
+        self.dist.check_same_weights(self.method)
         return self.state
 
     def _validate_and_checkpoint(self, val_cases: list[dict[str, Any]], labels: dict[int, str],
                                  start: float, elapsed0: float) -> bool:
-        """Validate, keep the best weights, save ``last.pt``; True when patience ran out."""
-        if val_cases:
+        """Validate, keep the best weights, save ``last.pt``; True when patience ran out.
+
+        Under torchrun rank 0 validates (it alone holds the validation cases) and its
+        bookkeeping is handed to every rank, so their checkpoints and stops agree.
+        """
+        if self.dist.is_main and val_cases:
             metrics = self.validate(val_cases, labels)
             self.tracker.log_metrics(metrics, self.state.step)
             self.state.history.append({"step": self.state.step, **metrics})
-            score = metrics["val/dice_mean"]
-            if score > self.state.best_metric:
+            score = metrics.get("val/dice_mean", -math.inf)  # a generator may report no Dice (keeps_latest)
+            if score > self.state.best_metric or self.method.keeps_latest:
                 self.state.best_metric, self.state.best_step, self.state.bad_validations = score, self.state.step, 0
                 self.save("best.pt", weights_only=True)
             else:
                 self.state.bad_validations += 1
-        else:  # no validation cases: the latest weights are the ones to use
+        elif self.dist.is_main:  # no validation cases: the latest weights are the ones to use
             self.state.best_step = self.state.step
             self.save("best.pt", weights_only=True)
         self.state.elapsed_s = elapsed0 + self._clock() - start
+        self.state = self.dist.broadcast(self.state)
         self.save("last.pt")
         return bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience

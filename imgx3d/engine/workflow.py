@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,22 @@ from torch.utils.data import DataLoader
 
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
-from imgx3d.data.io import label_dtype, write_nifti
-from imgx3d.data.slices import SliceBatches
+from imgx3d.data.io import read_grid, read_label, strip_suffix
+from imgx3d.data.slices import SliceBatches, slice_spacing
 from imgx3d.data.transforms import PatchBatches, Preprocessor, check_case_grids, train_transforms
-from imgx3d.engine.infer import Predictor, resolve_device
+from imgx3d.engine import distributed
+from imgx3d.engine.infer import Predictor, prediction_path, resolve_device, write_labelmap
 from imgx3d.engine.metrics import evaluate_folders, format_table
+from imgx3d.engine.plots import overlay_montage
 from imgx3d.engine.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
 from imgx3d.engine.trainer import Trainer, seed_everything
-from imgx3d.errors import CheckpointError
-from imgx3d.methods.base import build_method, load_method_state
+from imgx3d.errors import CheckpointError, ConfigError, InputError
+from imgx3d.methods.base import build_method, load_method_state, method_class
+
+
+OVERLAY_CASES = 4  # contour montages of the first test cases, logged with the run
+SPACING_CASES = 8  # training cases whose headers give the slice geometry of 2D runs
+RANK_SEED_STRIDE = 1_000_003  # distributed rank r trains on seed + r * stride
 
 
 @dataclass
@@ -36,26 +44,54 @@ class TrainResult:
     steps: int
     stop_reason: str
     test_summary: dict[str, Any] | None
+    rank: int = 0  # under torchrun: the process that returned this (only rank 0's has a test summary)
 
 
-def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str]) -> list[dict[str, Any]]:
+def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str], labels: bool = True) -> list[dict[str, Any]]:
+    """Preprocessed cases; ``labels=False`` never opens their label files (self-supervised training)."""
     cases = catalog.by_id()
+    if not labels:
+        cases = {i: replace(cases[i], label=None) for i in ids}
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda i: pre.load_case(cases[i], catalog.labels, catalog.in_channels), ids))
+
+
+def _extra_items(cfg: Config, catalog: Catalog, pre: Preprocessor, ctx: distributed.DistContext) -> list[dict[str, Any]]:
+    """The generated pairs of ``data.extra`` (synth folders), as training items marked ``extra``.
+
+    They are read as MSD-layout volumes without an intensity preset (synth writes [0, 1]
+    images on the method's slice grid); their labels must be the dataset's.
+    """
+    extra_cfg = replace(cfg.data, mode="volume", layout="auto", preset="none", crop_air=None, labels={}, label_map={},
+                        mask_threshold=None, spacing=None, image_dir="", label_dir="", channels=[], label_pattern="")
+    items: list[dict[str, Any]] = []
+    for root in cfg.data.extra:
+        extra = find_cases(root, extra_cfg)
+        if extra.labels != catalog.labels:
+            raise InputError(f"{Path(root) / 'dataset.json'}: labels {extra.labels} differ from the dataset's "
+                             f"{catalog.labels}; generate the pairs with a run trained on this dataset")
+        ids = [c.case_id for c in extra.cases if c.label is not None][ctx.rank::ctx.world_size]
+        items += [{**item, "extra": True} for item in _load_items(Preprocessor(extra_cfg), extra, ids)]
+    return items
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int):
-    """Training batches: 3D patches, or 2D slices through the slice adapter for 2D methods."""
+def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int, rank: int = 0):
+    """Training batches: 3D patches, or 2D slices through the slice adapter for 2D methods.
+
+    Rank ``r`` of a torchrun job draws its own stream (seed offset by rank; rank 0 keeps the
+    one-process stream) from its own shard of the training cases.
+    """
+    seed = cfg.seed + RANK_SEED_STRIDE * rank
     if spatial_dims == 2:
-        dataset = SliceBatches(items, cfg.data.slices, cfg.data.flip_axes, cfg.data.batch_size, cfg.seed, start_step,
-                               cfg.train.max_steps)
+        dataset = SliceBatches(items, cfg.data.slices, cfg.data.flip_axes, cfg.data.batch_size, seed, start_step,
+                               cfg.train.max_steps, cfg.data.extra_fraction)
     else:
-        dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, cfg.seed, start_step,
-                               cfg.train.max_steps)
+        dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, seed, start_step,
+                               cfg.train.max_steps, cfg.data.extra_fraction)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if cfg.data.num_workers else None)
     return iter(loader)
@@ -72,75 +108,132 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
               test_at_end: bool = True) -> TrainResult:
     """Train ``cfg`` on the dataset at ``data_root`` and evaluate on its held-out test cases.
 
+    Under ``torchrun`` every rank calls this; training is data-parallel and rank 0 alone writes
+    the run folder, logs to mlflow and scores the test split (the other ranks return no summary).
+
     Args:
         run_dir: output folder (default ``runs/<dataset>/<method>-<time>``).
         resume: a run folder or its ``last.pt``: continue that run exactly.
         test_at_end: predict the test split on the native grid and log per-class metrics.
     """
-    resume_ckpt = None
+    ctx, dist_device = distributed.setup(cfg.train.device)
+    finished = False
+    try:
+        result = _train_run(cfg, data_root, run_dir, resume, test_at_end, ctx, dist_device)
+        finished = True
+        return result
+    finally:
+        distributed.teardown(ctx, finished)
+
+
+def _load_resume(resume: str | Path, cfg: Config, ctx: distributed.DistContext) -> dict[str, Any]:
+    """The ``last.pt`` to resume from, checked against ``cfg``; rank 0 clears interrupted temp files."""
+    resume = Path(resume)
+    last = resume / "last.pt" if resume.is_dir() else resume
+    if not last.is_file():
+        raise CheckpointError(f"{resume}: no last.pt to resume from; pass the run folder of an earlier imgx3d train")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    if ctx.is_main:
+        for stale in [*last.parent.glob(".last.pt.*"), *last.parent.glob(".best.pt.*")]:
+            stale.unlink()  # temp files of checkpoint writes the crash interrupted
+    if ckpt.get("config", {}).get("method", {}).get("name") != cfg.method["name"]:
+        raise CheckpointError(f"{last}: was trained with method '{ckpt.get('method')}', not "
+                              f"'{cfg.method['name']}'; resume with the run's own config")
+    return ckpt
+
+
+def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, resume: str | Path | None,
+               test_at_end: bool, ctx: distributed.DistContext, dist_device: torch.device | None) -> TrainResult:
+    resume_ckpt = _load_resume(resume, cfg, ctx) if resume is not None else None
     if resume is not None:
-        resume = Path(resume)
-        last = resume / "last.pt" if resume.is_dir() else resume
-        if not last.is_file():
-            raise CheckpointError(f"{resume}: no last.pt to resume from; pass the run folder of an earlier imgx3d train")
-        resume_ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        run_dir = last.parent
-        if resume_ckpt.get("config", {}).get("method", {}).get("name") != cfg.method["name"]:
-            raise CheckpointError(f"{last}: was trained with method '{resume_ckpt.get('method')}', not "
-                                  f"'{cfg.method['name']}'; resume with the run's own config")
-    run_dir = Path(run_dir or Path("runs") / cfg.dataset / f"{cfg.method['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    # the default folder name carries the time: rank 0's name for every rank
+    run_dir = Path(ctx.broadcast(str(run_dir or Path("runs") / cfg.dataset /
+                                     f"{cfg.method['name']}-{time.strftime('%Y%m%d-%H%M%S')}")))
     seed_everything(cfg.seed)
 
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
-    check_case_grids([c for c in catalog.cases if c.label is not None])
-    (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=1), encoding="utf-8")
-    save_config(cfg, run_dir / "config.yaml")
+    uses_labels = method_class(cfg.method["name"]).uses_labels
+    unread = set() if uses_labels else set(split.train)  # a self-supervised method's training labels stay closed
+    check_case_grids([c for c in catalog.cases if c.label is not None and c.case_id not in unread])
+    if len(split.train) < ctx.world_size:
+        raise ConfigError(f"{len(split.train)} training case(s) cannot be shared by {ctx.world_size} processes; "
+                          "use fewer processes (--nproc_per_node)")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=1), encoding="utf-8")
+        save_config(cfg, run_dir / "config.yaml")
     pre = Preprocessor(cfg.data)
-    train_items = _load_items(pre, catalog, split.train)
-    val_items = _load_items(pre, catalog, split.val)
+    # each rank holds only its shard of the training cases, and only rank 0 validates
+    train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=uses_labels)
+    train_items += _extra_items(cfg, catalog, pre, ctx)
+    val_items = _load_items(pre, catalog, split.val) if ctx.is_main else []
 
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
-    device = resolve_device(cfg.train.device)
+    if cfg.data.mode == "image" and method.spatial_dims != 2:
+        raise ConfigError(f"method '{cfg.method['name']}' is 3D; 2D images (--image) need a 2D method "
+                          "(sdseg, vae, or unet with method.spatial_dims: 2)")
+    device = dist_device or resolve_device(cfg.train.device)
     tracker: Tracker | NullTracker = NullTracker()
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled and ctx.is_main:
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset,
-                          run_name=run_dir.name, tags=_run_tags(cfg, split),
+                          run_name=run_dir.name, tags={**_run_tags(cfg, split), "processes": str(ctx.world_size)},
                           run_id=resume_ckpt.get("mlflow_run_id") if resume_ckpt else None)
+    if ctx.is_main:
+        tracker.keep_locally(run_dir / "mlflow_offline.jsonl")
     meta = {"num_classes": catalog.num_classes, "in_channels": catalog.in_channels, "labels": catalog.labels,
             "channel_names": catalog.channel_names, "mlflow_run_id": tracker.run_id}
-    trainer = Trainer(cfg, method, run_dir, meta, tracker, device)
+    if method.spatial_dims == 2:  # what a generator's synthetic slices are written on
+        cases = catalog.by_id()
+        grids = [read_grid(cases[i].images[0]) for i in split.train[ctx.rank::ctx.world_size][:SPACING_CASES]]
+        meta["slice_spacing"] = slice_spacing(grids, [item["image"].shape[1:] for item in train_items], cfg.data.slices,
+                                              cfg.data.spacing)
+    trainer = Trainer(cfg, method, run_dir, meta, tracker, device, ctx)
     if resume_ckpt is not None:
         trainer.restore(resume_ckpt)
     else:
+        if ctx.enabled:  # ranks draw their own noise and timesteps
+            torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * ctx.rank)
         n_params = sum(p.numel() for p in method.parameters())
         tracker.log_params({**{k: v for k, v in flatten(to_dict(cfg)).items() if not isinstance(v, (list, dict))
-                               or len(str(v)) < 100}, "n_parameters": n_params})
+                               or len(str(v)) < 100}, "n_parameters": n_params, "processes": ctx.world_size})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "split.json")
 
     try:
-        state = trainer.fit(_batches(train_items, cfg, trainer.state.step, method.spatial_dims), val_items,
+        state = trainer.fit(_batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank), val_items,
                             catalog.labels)
-        tracker.log_metrics({"train/minutes": state.elapsed_s / 60, "train/steps": state.step,
-                             "val/best_dice_mean": state.best_metric}, state.step)
-        tracker.set_tags({"stop_reason": state.stop_reason})
-        tracker.log_artifact(run_dir / "best.pt", "checkpoint")
         summary = None
-        if test_at_end and split.test and method.segments:
-            summary = evaluate_test_split(run_dir, catalog, split, tracker, state.step)
-        elif test_at_end and split.test:  # a codec: its own metrics on the test volumes, best weights
-            best = run_dir / "best.pt"
-            load_method_state(method, torch.load(best, map_location="cpu", weights_only=False)["model"], str(best))
-            summary = method.validation_metrics(_load_items(pre, catalog, split.test), catalog.labels, cfg.data.slices)
-            summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
-            tracker.log_metrics(summary, state.step)
+        if ctx.is_main:
+            summary = _finish_run(cfg, run_dir, catalog, split, method, pre, tracker, state, test_at_end)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("KILLED")
         raise
-    return TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary)
+    return TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary, ctx.rank)
+
+
+def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, method: Any, pre: Preprocessor,
+                tracker: Tracker | NullTracker, state: Any, test_at_end: bool) -> dict[str, Any] | None:
+    """Log the run's totals and best checkpoint, then score the test split (rank 0)."""
+    totals = {"train/minutes": state.elapsed_s / 60, "train/steps": state.step}
+    if math.isfinite(state.best_metric):  # no validation Dice: no validation cases, or a generator's run
+        totals["val/best_dice_mean"] = state.best_metric
+    tracker.log_metrics(totals, state.step)
+    tracker.set_tags({"stop_reason": state.stop_reason})
+    tracker.log_artifact(run_dir / "best.pt", "checkpoint")
+    if not (test_at_end and split.test):
+        return None
+    if method.segments:
+        return evaluate_test_split(run_dir, catalog, split, tracker, state.step)
+    # a codec: its own metrics on the test volumes, best weights
+    best = run_dir / "best.pt"
+    load_method_state(method, torch.load(best, map_location="cpu", weights_only=False)["model"], str(best))
+    summary = method.validation_metrics(_load_items(pre, catalog, split.test), catalog.labels, cfg.data.slices)
+    summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
+    tracker.log_metrics(summary, state.step)
+    return summary
 
 
 def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: Tracker | NullTracker,
@@ -151,15 +244,22 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     pred_dir, ref_dir = run_dir / "test_predictions", run_dir / "test_references"
     ref_dir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
+    data_cfg = predictor.config.data
+    overlays: list[Path] = []
     for case_id in split.test:  # predict per case so case ids follow the catalog, not file names
         case = cases[case_id]
         labelmap, _, ref = predictor.predict_paths(case.images)
-        write_nifti(labelmap, pred_dir / f"{case_id}.nii.gz", ref, dtype=label_dtype(catalog.labels))
-        link = ref_dir / f"{case_id}.nii.gz"
+        write_labelmap(labelmap, prediction_path(pred_dir, case_id, data_cfg), ref, catalog.labels, data_cfg)
+        if len(overlays) < OVERLAY_CASES:
+            overlays.append(overlay_montage(ref.array[0], labelmap, catalog.labels, run_dir / "test_overlays" /
+                                            f"{case_id}.png", reference=read_label(case.label, data_cfg).array,
+                                            title=case_id))
+        link = ref_dir / (case_id + case.label.name[len(strip_suffix(case.label.name)):])
         if not link.exists():
             link.symlink_to(Path(case.label).resolve())
     seconds = (time.perf_counter() - t0) / len(split.test)
-    rows, summary = evaluate_folders(pred_dir, ref_dir, catalog.labels, output_dir=run_dir / "test_metrics")
+    rows, summary = evaluate_folders(pred_dir, ref_dir, catalog.labels, output_dir=run_dir / "test_metrics",
+                                     data_cfg=data_cfg)
     summary["seconds_per_volume"] = seconds
     metrics = {"test/seconds_per_volume": seconds}
     for name, stats in summary["per_class"].items():
@@ -167,6 +267,8 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     metrics.update({f"test/{m}_mean": v for m, v in summary["foreground_mean"].items()})
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(run_dir / "test_metrics", "test_metrics")
+    if overlays:
+        tracker.log_artifact(run_dir / "test_overlays", "test_overlays")
     (run_dir / "test_metrics" / "table.txt").write_text(format_table(summary) + "\n", encoding="utf-8")
     return summary
 

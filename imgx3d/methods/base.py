@@ -21,7 +21,8 @@ Windowed = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torc
 
 METHODS: dict[str, type["Method"]] = {}
 # Modules that register methods; imported lazily so `imgx3d --help` stays fast.
-METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx", "imgx3d.methods.vae", "imgx3d.methods.sdseg")
+METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx", "imgx3d.methods.vae", "imgx3d.methods.sdseg",
+                  "imgx3d.methods.pig", "imgx3d.methods.darl", "imgx3d.methods.siamese")
 
 
 class Method(nn.Module):
@@ -32,8 +33,11 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str]
-    spatial_dims: ClassVar[int]  # 3: volumetric; 2: runs per slice on volumes
+    spatial_dims: int  # 3: volumetric; 2: runs per slice (a method may set it per instance, e.g. unet)
     segments: ClassVar[bool] = True  # False: not a segmenter (a codec); no test-split prediction
+    uses_labels: ClassVar[bool] = True  # False (self-supervised): training never reads label files
+    keeps_latest: ClassVar[bool] = False  # True (generators): best.pt is the latest validated weights
+    ddp_unused_parameters: ClassVar[bool] = False  # True: some trainable weights sit out a step (staged training)
     Config: ClassVar[type]
 
     def __init__(self, cfg: Any, num_classes: int, in_channels: int):
@@ -56,6 +60,11 @@ class Method(nn.Module):
         """Class probabilities (B, K, ...) for whole images (B, C, ...), same spatial size."""
         raise NotImplementedError
 
+    def window_probabilities(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For a method whose prediction is one sliding-window pass of a network: the per-window
+        class probabilities, which lets the engine stream large volumes (None otherwise)."""
+        return None
+
     def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],
                            slices: Any = None) -> dict[str, float] | None:
         """Validation of a method that does not segment (a codec): its own ``val/...`` metrics,
@@ -65,10 +74,12 @@ class Method(nn.Module):
 
 
 class Generator(Protocol):
-    """Methods that also synthesise image/mask pairs."""
+    """Methods that also synthesise image/mask pairs (``imgx3d synth``)."""
 
-    def sample(self, n: int | None = None, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generated (images, masks)."""
+    def generate(self, indices: list[int], size: list[int], masks: torch.Tensor | None = None,
+                 steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated (images ``(B, C, H, W)`` in [-1, 1], labels ``(B, 1, H, W)``); pair ``i`` depends
+        only on the method's seed and ``i`` (and, for mask-conditioned generators, its mask)."""
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -146,6 +146,7 @@ class SDSeg(Method):
             raise ConfigError(f"config key 'method.infer_steps' must be in 1 … {cfg.base_steps}")
         self.codec = LatentCodec.build(cfg.codec)
         self.train_codec_first = not cfg.codec.path
+        self.ddp_unused_parameters = self.train_codec_first  # the codec trains first, the rest sits out
         self.tau = VisionEncoder(self.codec)
         latent = self.codec.vae.config.latent_channels
         if any(c % cfg.norm_groups for c in cfg.channels):
@@ -174,12 +175,6 @@ class SDSeg(Method):
         return self.cfg.codec_lr_scale if group == "codec" else 1.0
 
     # -- pieces --------------------------------------------------------------------------
-    def _check_size(self, x: torch.Tensor) -> None:
-        f = self.codec.factor
-        if x.shape[-2] % f or x.shape[-1] % f:
-            raise ConfigError(f"slices of {tuple(x.shape[-2:])} do not fit a codec with downsampling {f}; set "
-                              f"data.slices.size to multiples of {f}")
-
     def _eps(self, z_t: torch.Tensor, z_c: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         labels = classes - 1 if self.multi_class else None
         return self.denoiser(torch.cat([z_t, z_c], 1), t, class_labels=labels)
@@ -196,7 +191,7 @@ class SDSeg(Method):
     # -- the Method interface ------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         image, label = to_rgb(batch["image"]), batch["label"]
-        self._check_size(image)
+        self.codec.check_fits(image)
         classes, masks = random_class_masks(label, self.num_classes)
         masks = mask_to_rgb(masks)
         if self.train_codec_first and step < self.cfg.codec_steps:
@@ -220,7 +215,7 @@ class SDSeg(Method):
     def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
         """Class probabilities ``(B, K, H, W)`` of slices ``(B, C, H, W)`` in [-1, 1]."""
         image = to_rgb(image)
-        self._check_size(image)
+        self.codec.check_fits(image)
         z_c = window(lambda x: self.tau(x, self.codec.latent_scale), image)
         generator = torch.Generator(device=image.device).manual_seed(self.cfg.seed)
         foreground = []

@@ -155,6 +155,13 @@ class LatentCodec(nn.Module):
         codec.load_state_dict(state)
         return codec
 
+    def check_fits(self, x: torch.Tensor) -> None:
+        """Refuse slices whose size the codec's downsampling does not divide (a one-line config error)."""
+        f = self.factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ConfigError(f"slices of {tuple(x.shape[-2:])} do not fit a codec with downsampling {f}; set "
+                              f"data.slices.size to multiples of {f}")
+
     @property
     def latent_scale(self) -> torch.Tensor:
         """``scale``, or 1 while it is not yet fitted (a codec still in training)."""
@@ -173,7 +180,11 @@ class LatentCodec(nn.Module):
     def fit_scale(self, x: torch.Tensor) -> None:
         """``scale_by_std``: set ``scale`` to 1 / std of this batch's latents, once."""
         if float(self.scale) == 0.0:
-            self.scale.fill_(1.0 / float(self.vae.encode(x).latent_dist.mode().std()))
+            std = self.vae.encode(x).latent_dist.mode().std().detach()
+            if torch.distributed.is_initialized():  # torchrun: the ranks' mean, one scale for all
+                torch.distributed.all_reduce(std)
+                std /= torch.distributed.get_world_size()
+            self.scale.fill_(1.0 / float(std))
 
     def training_loss(self, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
         """L1 reconstruction + ``kl_weight`` · KL of the posterior (no perceptual/GAN terms:
@@ -186,6 +197,11 @@ class LatentCodec(nn.Module):
 def to_rgb(x: torch.Tensor) -> torch.Tensor:
     """``(B, 1, H, W)`` → ``(B, 3, H, W)``; more channels: the first three (fewer: repeated)."""
     return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x[:, :3] if x.shape[1] >= 3 else x[:, [0, 1, 1]]
+
+
+def from_rgb(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`to_rgb` for decoded images: the channel mean for one channel, else the first ``channels``."""
+    return x.mean(1, keepdim=True) if channels == 1 else x[:, :channels]
 
 
 def mask_to_rgb(mask: torch.Tensor) -> torch.Tensor:
