@@ -1,0 +1,141 @@
+"""Data-parallel training under ``torchrun``: process group, rank roles and the collectives the trainer needs.
+
+``torchrun --nproc_per_node N -m imgx3d train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+:func:`setup` then joins the process group (NCCL on GPUs, gloo on CPU) and every other
+entry point sees a one-process :class:`DistContext` that does nothing. Gradients are
+averaged by torch's ``DistributedDataParallel``; rank 0 alone validates, writes checkpoints
+and talks to mlflow, and broadcasts its decisions (stop now, the run folder) so that every
+rank takes the same number of steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# Ranks wait in a collective while rank 0 validates whole volumes or writes a checkpoint:
+# the default 30-minute collective timeout is too short for a large CT validation set.
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a (possibly one-process) training job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: validates, checkpoints, logs, prints."""
+        return self.rank == 0
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def mean(self, scalars: dict[str, float]) -> dict[str, float]:
+        """Average of per-rank scalars (the same keys on every rank), e.g. running losses."""
+        if not self.enabled or not scalars:
+            return scalars
+        keys = sorted(scalars)
+        values = torch.tensor([scalars[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.enabled:
+            dist.barrier()
+
+    def wrap(self, step_fn: Callable[..., dict[str, torch.Tensor]], module: nn.Module,
+             device: torch.device) -> Callable[..., dict[str, torch.Tensor]]:
+        """``step_fn`` (a method's ``training_step``) run through DDP so its backward averages gradients."""
+        if not self.enabled:
+            return step_fn
+        # A staged method (one network trained per step, the others idle) says so with
+        # ``ddp_unused_parameters``; for the rest DDP skips the extra graph traversal.
+        return DistributedDataParallel(_StepModule(module, step_fn),
+                                       find_unused_parameters=getattr(module, "ddp_unused_parameters", False),
+                                       device_ids=[device.index] if device.type == "cuda" else None)
+
+    def check_same_weights(self, module: nn.Module) -> None:
+        """Raise if the ranks' weights have drifted apart (they must stay bit-identical under DDP)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            local = [float(p.detach().double().sum()) for p in module.parameters()]
+        ranks = self.gather(local)
+        if any(r != ranks[0] for r in ranks[1:]):
+            raise RuntimeError("distributed training: the ranks' weights differ; gradients were not averaged")
+
+
+class _StepModule(nn.Module):
+    """Presents a method's ``training_step`` as ``forward``, which is what DDP wraps."""
+
+    def __init__(self, module: nn.Module, step_fn: Callable[..., dict[str, torch.Tensor]]):
+        super().__init__()
+        self.module, self.step_fn = module, step_fn
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        return self.step_fn(batch, step)
+
+
+def setup(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
+    """Join the torchrun process group when there is one.
+
+    Returns the context and, under torchrun, the device this rank trains on (``cuda:LOCAL_RANK``
+    on GPU machines; None leaves the choice to the config).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(), None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return DistContext(rank, world_size, local_rank), device
+
+
+def teardown(ctx: DistContext, finished: bool = True) -> None:
+    """Leave the process group.
+
+    Args:
+        finished: every rank got through its work. The ranks then meet first, so that none
+            shuts down its gloo/NCCL connections while rank 0 is still scoring the test split
+            (a rank leaving early was seen to abort in the C++ runtime). After a failure the
+            others are not waited for: torchrun stops them.
+    """
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    if finished:
+        ctx.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,62 @@
+"""ImgX K-step volume prediction time relative to one U-Net sliding-window pass, same process.
+
+Hippocampus-sized volumes (36 x 50 x 35, one window), the hippocampus configs' networks with
+random weights (the cost does not depend on the weights), no TTA. ImgX runs K = 5 network
+passes of its FiLM time U-Net; its cost per pass relative to the U-Net's sets the ratio. Both
+up-path variants are measured: ``up_subunits`` null (as the runs measured so far) and 1
+(MONAI UNet's decoder exactly). JSON lines.
+
+    python scripts/bench_imgx_inference.py [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import emit, machine  # noqa: E402
+
+from imgx3d.config import load_config  # noqa: E402
+from imgx3d.engine.infer import make_window, predict_probabilities  # noqa: E402
+from imgx3d.methods.base import build_method  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
+
+
+def seconds(method, image: torch.Tensor, window, repeats: int) -> float:
+    """Mean seconds of one whole-volume prediction, after a warm-up."""
+    predict_probabilities(method, image, window)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        predict_probabilities(method, image, window)
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--shape", type=int, nargs=3, default=[36, 50, 35])
+    args = parser.parse_args()
+    unet_cfg, imgx_cfg = load_config(CONFIGS / "unet.yaml"), load_config(CONFIGS / "imgx.yaml")
+    torch.manual_seed(0)
+    image = torch.randn(1, *args.shape)
+    unet = build_method(unet_cfg.method, 3, 1).eval()
+    emit("imgx_inference.setup", None, "", machine=machine(), shape=args.shape, repeats=args.repeats,
+         k=imgx_cfg.method.get("infer_steps", 5))
+    with torch.inference_mode():
+        base = seconds(unet, image, make_window(unet_cfg.infer, unet_cfg.data.patch_size), args.repeats)
+        emit("imgx_inference.unet.seconds_per_volume", round(base, 4), "s")
+        for up in (None, 1):
+            imgx = build_method({**imgx_cfg.method, "up_subunits": up}, 3, 1).eval()
+            took = seconds(imgx, image, make_window(imgx_cfg.infer, imgx_cfg.data.patch_size), args.repeats)
+            emit(f"imgx_inference.imgx_up_subunits_{up or 'default'}.seconds_per_volume", round(took, 4), "s",
+                 ratio_to_unet=round(took / base, 2), goal="<= 5x (stretch 2.5x)")
+
+
+if __name__ == "__main__":
+    main()

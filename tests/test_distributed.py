@@ -1,0 +1,121 @@
+"""torchrun data parallelism on CPU (gloo, 2 processes): averaged gradients, identical ranks,
+rank-0-only outputs, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgx3d.config import load_config
+from imgx3d.engine.trainer import Trainer
+from imgx3d.methods.base import build_method
+from tests.conftest import TINY_OVERRIDES
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}
+OVERRIDES = ["method.name=unet", *TINY_OVERRIDES, "method.batch_dice=false", "train.optimizer=sgd", "train.lr=0.05"]
+
+# Each rank takes a few steps on its own batches and saves its weights and batches.
+RANK_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from imgx3d.config import load_config
+from imgx3d.engine import distributed
+from imgx3d.engine.trainer import Trainer
+from imgx3d.methods.base import build_method
+
+out, steps = Path(sys.argv[1]), int(sys.argv[2])
+ctx, device = distributed.setup("cpu")
+cfg = load_config(None, sys.argv[3:])
+torch.manual_seed(0)
+method = build_method(cfg.method, 3, 1)
+trainer = Trainer(cfg, method, out, {}, device=torch.device("cpu"), dist=ctx)
+batches = []
+for step in range(steps):
+    g = torch.Generator().manual_seed(1000 * ctx.rank + step)
+    batch = {"image": torch.randn(2, 1, 16, 16, 16, generator=g),
+             "label": torch.randint(0, 3, (2, 1, 16, 16, 16), generator=g)}
+    trainer.step(batch)
+    trainer.state.step += 1
+    batches.append(batch)
+torch.save({"model": method.state_dict(), "batches": batches}, out / f"rank{ctx.rank}.pt")
+distributed.teardown(ctx)
+"""
+
+
+def _torchrun(*argv: str, nproc: int = 2, cwd: Path | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *argv], env=ENV, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_two_ranks_average_gradients_and_stay_identical(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    steps = 3
+    _torchrun(str(script), str(tmp_path), str(steps), *OVERRIDES)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), f"{key} differs between the ranks"
+    assert not torch.equal(rank0["batches"][0]["image"], rank1["batches"][0]["image"]), "ranks saw the same data"
+
+    # one process on both ranks' batches at once takes the same steps: DDP averages the gradients
+    cfg = load_config(None, OVERRIDES)
+    torch.manual_seed(0)
+    method = build_method(cfg.method, 3, 1)
+    initial = {k: v.clone() for k, v in method.state_dict().items()}
+    trainer = Trainer(cfg, method, tmp_path, {})
+    for step in range(steps):
+        both = {k: torch.cat([rank0["batches"][step][k], rank1["batches"][step][k]]) for k in ("image", "label")}
+        trainer.step(both)
+        trainer.state.step += 1
+    moved = 0
+    for key, value in method.state_dict().items():
+        torch.testing.assert_close(rank0["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        moved += not torch.equal(value, initial[key])
+    assert moved > 0, "training changed no weight"
+
+
+@pytest.fixture
+def config(tmp_path) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("dataset: ddp\nmethod: {name: unet}\n")
+    return str(path)
+
+
+def test_torchrun_cli_trains_writes_once_and_resumes(msd_dataset, tmp_path, config):
+    run = tmp_path / "run"
+    common = ["-m", "imgx3d", "train", "--config", config, "--data", str(msd_dataset), "--tracking-uri",
+              f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    out = _torchrun(*common, "--run-dir", str(run), *TINY_OVERRIDES, "train.max_steps=4", "train.val_every=2")
+    assert out.count("run folder:") == 1, "one report, from rank 0"
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng_ranks"]) == 2
+    assert (run / "test_metrics" / "metrics.csv").is_file()
+    assert not list(run.glob(".*")), "no temp file left: only rank 0 wrote checkpoints"
+
+    out = _torchrun(*common, "--resume", str(run), *TINY_OVERRIDES, "train.max_steps=8", "train.val_every=2")
+    assert "steps: 8" in out
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"] == 8
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 1, "the resumed run logs into the same mlflow run, and only rank 0 logs"
+    assert runs[0].data.tags["processes"] == "2" and runs[0].data.metrics["train/steps"] == 8
+
+
+def test_more_processes_than_training_cases_is_a_one_line_error(msd_dataset, tmp_path, config):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "imgx3d", "train", "--config", config, "--data", str(msd_dataset), "--no-track",
+                           "--run-dir", str(tmp_path / "run"), *TINY_OVERRIDES, "data.split.test_fraction=0.75",
+                           "data.split.val_fraction=0.3"],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "cannot be shared by 2 processes" in proc.stderr
