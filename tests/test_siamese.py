@@ -1,0 +1,148 @@
+"""Siamese-Diffusion: stop-gradients, the w_i ramp, when online augmentation is active, sampling
+through the mask branch only, DHI shapes, SD-folder initialisation, and synth from masks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from imgx3d.errors import CheckpointError
+from imgx3d.methods.base import build_method
+from imgx3d.nets.dense_hint import DenseHintEncoder
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}
+TINY = {"name": "siamese", "codec": {"widths": [8, 16], "norm_groups": 4, "latent_channels": 4}, "codec_steps": 1,
+        "channels": [16, 32], "norm_groups": 8, "attention_head_dim": 4, "context_dim": 16, "hint_widths": [8, 16, 32],
+        "ramp_steps": 9, "sample_steps": 3, "cond_dropout": 0.0}
+
+
+def _siamese(**changes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    method = build_method({**TINY, **changes}, 3, 1)
+    with torch.no_grad():  # leave the zero-initialised (no-op) controls, so gradients reach every branch
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    method.codec.fit_scale(torch.rand(2, 3, 32, 32))
+    return method
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    label = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    label[:, :, 8:20, 8:20] = 1
+    label[:, :, 20:28, 10:16] = 2
+    return {"image": torch.rand(2, 1, 32, 32, generator=g) * 2 - 1, "label": label}
+
+
+def _grads(loss: torch.Tensor, module: torch.nn.Module) -> float:
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return sum(float(g.abs().sum()) for g in grads if g is not None)
+
+
+def test_stop_gradients_anchor_the_mask_branch_on_the_image_branch():
+    method = _siamese()
+    terms = method.losses(_batch(), k=5)
+    assert _grads(terms["consistency"], method.control_image) == 0, "sg(eps_mix): L_c leaves the image branch alone"
+    assert _grads(terms["consistency"], method.hint_image) == 0
+    assert _grads(terms["consistency"], method.control_mask) > 0 and _grads(terms["consistency"], method.hint_mask) > 0
+    assert _grads(terms["image"], method.hint_mask) == 0, "sg(c_m) inside c_mix: L_i does not train the mask hint"
+    assert _grads(terms["image"], method.hint_image) > 0 and _grads(terms["image"], method.control_image) > 0
+    assert _grads(terms["mask"], method.control_image) == 0 and _grads(terms["mask"], method.hint_mask) > 0
+
+
+def test_image_weight_ramps_from_zero_to_one():
+    method = _siamese()
+    assert [method.ramp(k) for k in (0, 3, 9, 20)] == [0.0, pytest.approx(1 / 3), 1.0, 1.0]
+    out = method.training_step(_batch(), step=TINY["codec_steps"] + 3)
+    assert float(out["w_i"]) == pytest.approx(1 / 3), "counted from the end of the codec phase"
+
+
+def test_online_augmentation_only_past_k_tau_and_for_t_up_to_t_tau():
+    every_t = _siamese(t_tau=10_000)  # every t qualifies: only the iteration threshold decides
+    assert "online" not in every_t.losses(_batch(), k=2), "before N_iter / 3"
+    assert "online" in every_t.losses(_batch(), k=3)
+    no_t = _siamese(t_tau=-1)
+    assert "online" not in no_t.losses(_batch(), k=8), "no sample with t <= T_tau"
+    assert "online" not in _siamese(t_tau=10_000, online_augmentation=False).losses(_batch(), k=8)
+
+
+def test_sampling_uses_the_mask_branch_only_with_guidance():
+    method = _siamese().eval()
+    calls = {"mask": 0, "image": 0}
+    for name, control in (("mask", method.control_mask), ("image", method.control_image)):
+        forward = control.forward
+        control.forward = lambda *a, _f=forward, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k)
+    label = _batch()["label"]
+    images, labels = method.generate([0, 1], [32, 32], label)
+    assert calls == {"mask": 2 * TINY["sample_steps"], "image": 0}, "conditional + null control per step"
+    assert images.shape == (2, 1, 32, 32) and torch.equal(labels, label)
+    again, _ = method.generate([1], [32, 32], label[1:])
+    torch.testing.assert_close(again[0], images[1], rtol=1e-4, atol=1e-5)
+
+
+def test_dense_hint_encoder_reaches_the_latent_grid_and_starts_as_a_no_op():
+    dhi = DenseHintEncoder(2, 24, factor=8)
+    out = dhi(torch.randn(3, 2, 64, 48))
+    assert out.shape == (3, 24, 8, 6) and torch.count_nonzero(out) == 0
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) or isinstance(m, torch.nn.GroupNorm)
+                   for m in dhi.modules()), "no normalisation"
+    with pytest.raises(ValueError):
+        DenseHintEncoder(2, 24, factor=32)
+
+
+def test_sd_folder_initialisation_loads_unet_and_vae_and_freezes_the_encoder(tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                norm_num_groups=8, cross_attention_dim=24, attention_head_dim=4)
+    vae.save_pretrained(tmp_path / "sd" / "vae")
+    unet.save_pretrained(tmp_path / "sd" / "unet")
+    method = build_method({"name": "siamese", "sd_path": str(tmp_path / "sd"), "hint_widths": [8, 16, 32]}, 2, 1)
+    torch.testing.assert_close(method.unet.conv_in.weight, unet.conv_in.weight)
+    assert not method.train_codec_first and set(method.parameter_groups()) == {"model"}
+    assert not any(p.requires_grad for p in method.unet.down_blocks.parameters())
+    assert all(p.requires_grad for p in method.unet.up_blocks.parameters())
+    assert method.context.shape[-1] == 24
+    with pytest.raises(CheckpointError, match="unet/ and vae/"):
+        build_method({"name": "siamese", "sd_path": str(tmp_path)}, 2, 1)
+
+
+def test_train_then_synth_from_real_and_random_masks(msd_dataset, tmp_path):
+    overrides = ["method.codec.widths=[8,16]", "method.codec.norm_groups=4", "method.codec_steps=1",
+                 "method.channels=[16,32]", "method.norm_groups=8", "method.attention_head_dim=4",
+                 "method.context_dim=16", "method.hint_widths=[8,16,32]", "method.ramp_steps=3",
+                 "data.slices.size=[32,32]", "data.batch_size=2", "data.num_workers=0", "data.split.test_fraction=0.25",
+                 "train.max_steps=3", "train.val_every=3", "train.max_minutes=0", "train.warmup_steps=0"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imgx3d"]
+    proc = subprocess.run([*cmd, "train", "--config", str(CONFIGS / "hippocampus" / "siamese.yaml"), "--data",
+                           str(msd_dataset), "--run-dir", str(run), "--no-track", *overrides],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for name, extra in (("real", []), ("random", ["--random-masks"])):
+        proc = subprocess.run([*cmd, "synth", "--run", str(run), "--n", "3", "--batch", "2", "--steps", "2", "--masks",
+                               str(msd_dataset), "--output", str(tmp_path / name), *extra],
+                              env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert json.loads((tmp_path / name / "dataset.json").read_text())["numTraining"] == 3
+    real = np.asarray(nib.load(str(tmp_path / "real" / "labelsTr" / "synth_00000.nii.gz")).dataobj)
+    moved = np.asarray(nib.load(str(tmp_path / "random" / "labelsTr" / "synth_00000.nii.gz")).dataobj)
+    assert real.shape == (32, 32, 1) and real.any() and not np.array_equal(real, moved)
+    proc = subprocess.run([*cmd, "synth", "--run", str(run), "--n", "2", "--output", str(tmp_path / "none")],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "--masks" in proc.stderr
