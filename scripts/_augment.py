@@ -199,3 +199,10 @@ def emit_mean_dice(prefix: str, dice: dict[str, list[float]], reference: str = "
         emit(f"{prefix}.{variant}.test_dice_mean", round(float(np.mean(values)), 4), "dice",
              std=round(float(np.std(values)), 4), seeds=len(values),
              delta_vs_real=round(float(np.mean(values) - np.mean(dice[reference])), 4))
+
+
+def print_dice_table(dice: dict[str, list[float]]) -> None:
+    """The Markdown table of test Dice per training-data variant, mean ± std over seeds."""
+    print("\n| training data | test Dice (mean ± std over seeds) | seeds |\n|---|---|---|")
+    for variant, values in dice.items():
+        print(f"| {variant} | {np.mean(values):.4f} ± {np.std(values):.4f} | {len(values)} |")

@@ -28,12 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _augment import (FeatureSpace, Job, emit_mean_dice, first_pairs, mask_image_agreement,  # noqa: E402
-                      real_slice_count, run_jobs, test_dice)
+                      print_dice_table, real_slice_count, run_jobs, test_dice)
 from _bench import emit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +94,7 @@ def main() -> None:
     space = FeatureSpace(out / f"real-seed{args.seeds[0]}", pig, args.data)
     space.report("augment", "generated_vs_real_train", synth2x)
     space.report("augment", "real_test_vs_real_train")
-    print("\n| training data | test Dice (mean ± std over seeds) |\n|---|---|")
-    for variant, values in dice.items():
-        print(f"| {variant} | {np.mean(values):.4f} ± {np.std(values):.4f} |")
+    print_dice_table(dice)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _augment import (FeatureSpace, Job, emit_mean_dice, first_pairs, mask_image_agreement,  # noqa: E402
-                      real_slice_count, run_jobs, test_dice, training_cases)
+                      print_dice_table, real_slice_count, run_jobs, test_dice, training_cases)
 from _bench import emit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,9 +83,10 @@ def main() -> None:
 
     synth_sets = {variant: out / f"synth-{variant}" for variant in ABLATIONS}
     # the long generator runs first, so the queue keeps every core busy
-    jobs = [Job(variant, ["train", "--config", str(CONFIGS / "siamese.yaml"), "--run-dir", str(out / variant), *low_data,
-                          f"method.codec.path={codec}", f"train.max_steps={args.steps}", f"method.ramp_steps={args.steps}",
-                          "train.val_every=250", *overrides]) for variant, overrides in ABLATIONS.items()]
+    same = [f"method.codec.path={codec}", f"train.max_steps={args.steps}", f"method.ramp_steps={args.steps}",
+            "train.val_every=250"]
+    jobs = [Job(variant, ["train", "--config", str(CONFIGS / "siamese.yaml"), "--run-dir", str(out / variant),
+                          *low_data, *same, *overrides]) for variant, overrides in ABLATIONS.items()]
     jobs += [segmenter(f"real-seed{s}", s, [], []) for s in args.seeds[1:]]
     for variant, pairs in synth_sets.items():
         jobs.append(Job(f"synth-{variant}", ["synth", "--run", str(out / variant), "--masks", str(masks), "--n",
@@ -120,9 +121,7 @@ def main() -> None:
     for variant, q in quality.items():
         print(f"| {variant} | {q['fd']:.3f} | {q['kid']:.4f} | {q['agreement']:.3f} | "
               f"{np.mean(dice[variant]):.4f} ({len(dice[variant])} seed(s)) |")
-    print("\n| training data | test Dice (mean ± std over seeds) |\n|---|---|")
-    for variant, values in dice.items():
-        print(f"| {variant} | {np.mean(values):.4f} ± {np.std(values):.4f} ({len(values)}) |")
+    print_dice_table(dice)
 
 
 if __name__ == "__main__":
