@@ -144,3 +144,24 @@ def test_a_3d_method_on_images_is_a_config_error(png_dataset, tmp_path, capsys):
     assert main(["train", "--image", "--config", str(config), "--data", str(png_dataset), "--no-track",
                  "--run-dir", str(tmp_path / "run")]) == 2
     assert "need a 2D method" in capsys.readouterr().err
+
+
+def test_sdseg_trains_and_predicts_pngs_with_image(png_dataset, tmp_path, capsys):
+    """The latent 2D method through --image: codec phase, SDSeg, one-step PNG predictions of the input's size."""
+    from tests.test_sdseg import TINY_SDSEG
+
+    config = tmp_path / "disc.yaml"
+    config.write_text("dataset: discs\ndata: {mode: image, preset: none, mask_threshold: 127, labels: {1: disc}, "
+                      "batch_size: 4, slices: {keep_empty: 1.0}, split: {test_fraction: 0.2, val_fraction: 0.15}}\n"
+                      "train: {max_steps: 6, val_every: 6, checkpoint_every: 6, warmup_steps: 0}\n")
+    assert main(["train", "--image", "--config", str(config), "--data", str(png_dataset), "--no-track",
+                 "--run-dir", str(tmp_path / "run"), *TINY_SDSEG, "method.codec_steps=3"]) == 0
+    assert "disc" in capsys.readouterr().out
+    assert main(["predict", "--run", str(tmp_path / "run"), "--input", str(png_dataset / "image"),
+                 "--output", str(tmp_path / "pred")]) == 0
+    for i in range(10):
+        pred = np.asarray(Image.open(tmp_path / "pred" / f"{i}.png"))
+        assert pred.shape == (48, 48) and set(np.unique(pred).tolist()) <= {0, 255}
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(png_dataset / "label"),
+                 "--config", str(config)]) == 0
+    assert "disc" in capsys.readouterr().out
