@@ -30,7 +30,8 @@ def _save(fig: Figure, path: Path) -> Path:
 def metric_boxplots(records: list[RunRecord], metric: str, path: Path) -> Path:
     """One panel per class: the per-case ``metric`` of every run as a box plot."""
     classes = list(dict.fromkeys(c for rec in records for c in rec.classes))
-    fig = Figure(figsize=(max(4.0, 1.1 * len(records)) * min(len(classes), 4), 3.6 * math.ceil(len(classes) / 4)))
+    fig = Figure(figsize=(max(4.0, 1.1 * len(records)) * min(len(classes), 4), 3.6 * math.ceil(len(classes) / 4)),
+                 layout="constrained")  # no y-label over the neighbouring panel
     for k, class_name in enumerate(classes):
         ax = fig.add_subplot(math.ceil(len(classes) / 4), min(len(classes), 4), k + 1)
         data = [[v for v in rec.values(metric, class_name).values() if not math.isnan(v)] for rec in records]
