@@ -57,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_tracking(p)
 
-    p = sub.add_parser("synth", help="generate image/mask pairs with a generator run (pig) as a dataset")
+    p = sub.add_parser("synth", help="generate image/mask pairs with a generator run (pig, siamese) as a dataset")
     p.add_argument("--run", required=True, help="the generator's run folder or checkpoint")
     p.add_argument("--n", type=int, required=True, help="number of pairs")
     p.add_argument("--output", required=True, help="dataset folder to write (an interrupted synthesis resumes)")
     p.add_argument("--masks", help="dataset folder whose label slices condition a mask-conditioned generator "
-                   "(siamese); pair i takes mask i mod M")
+                   "(siamese); pair i takes mask i mod M; the run's validation and test cases are left out")
     p.add_argument("--random-masks", action="store_true", help="scale, rotate and shift each mask first")
     p.add_argument("--seed", type=int, default=0, help="pair i depends only on (seed, i)")
     p.add_argument("--batch", type=int, default=8, help="pairs generated per forward pass")

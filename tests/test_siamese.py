@@ -146,3 +146,15 @@ def test_train_then_synth_from_real_and_random_masks(msd_dataset, tmp_path):
     proc = subprocess.run([*cmd, "synth", "--run", str(run), "--n", "2", "--output", str(tmp_path / "none")],
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "--masks" in proc.stderr
+    # the masks of the run's validation and test cases never condition synthetic training pairs
+    from imgx3d.engine.infer import Predictor
+    from imgx3d.engine.synth import held_out_cases, mask_slices
+
+    split = json.loads((run / "split.json").read_text())
+    held_out = held_out_cases(run / "best.pt")
+    assert held_out == set(split["val"]) | set(split["test"]) and held_out
+    predictor = Predictor.from_checkpoint(run / "best.pt", "cpu")
+    every = mask_slices(msd_dataset, predictor)
+    train_only = mask_slices(msd_dataset, predictor, held_out)
+    assert 0 < len(train_only) < len(every)
+    assert held_out_cases(tmp_path / "elsewhere" / "best.pt") == set(), "no split.json: every case is used"

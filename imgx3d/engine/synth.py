@@ -70,8 +70,13 @@ def random_mask_transform(mask: torch.Tensor, rng: np.random.Generator) -> torch
     return (out.as_tensor() if hasattr(out, "as_tensor") else out).round().long()
 
 
-def mask_slices(root: str | Path, predictor: Predictor) -> torch.Tensor:
-    """The foreground label slices ``(M, 1, H, W)`` of a dataset folder, as the run's method sees them."""
+def mask_slices(root: str | Path, predictor: Predictor, held_out: set[str] = frozenset()) -> torch.Tensor:
+    """The foreground label slices ``(M, 1, H, W)`` of a dataset folder, as the run's method sees them.
+
+    Args:
+        held_out: case ids left out (the generator run's validation and test cases: their masks
+            must not become training data of the segmenters the pairs are for).
+    """
     from imgx3d.data.catalog import find_cases
     from imgx3d.data.slices import volume_to_slices
     from imgx3d.data.transforms import Preprocessor
@@ -82,13 +87,23 @@ def mask_slices(root: str | Path, predictor: Predictor) -> torch.Tensor:
         raise InputError(f"{root}: labels {catalog.labels} differ from the run's {predictor.labels}; pass masks "
                          "of the dataset the generator was trained on")
     pre, slices = Preprocessor(data_cfg), []
-    for case in (c for c in catalog.cases if c.label is not None):
+    for case in (c for c in catalog.cases if c.label is not None and c.case_id not in held_out):
         model = pre.load_case(case, catalog.labels)["label"]  # through the image's grid map (crop, resize)
         cut = volume_to_slices(model, data_cfg.slices.axis, data_cfg.slices.size, label=True)
         slices.append(cut[cut.flatten(1).amax(1) > 0])
     if not slices or sum(len(s) for s in slices) == 0:
-        raise InputError(f"{root}: no label slice with foreground; pass a dataset folder with masks")
+        raise InputError(f"{root}: no label slice with foreground" + (" outside the run's validation and test cases"
+                         if held_out else "") + "; pass a dataset folder with masks")
     return torch.cat(slices)
+
+
+def held_out_cases(checkpoint: Path) -> set[str]:
+    """The validation and test case ids of the run a checkpoint belongs to (none without its ``split.json``)."""
+    split = checkpoint.parent / "split.json"
+    if not split.is_file():
+        return set()
+    parts = json.loads(split.read_text(encoding="utf-8"))
+    return set(parts.get("val", [])) | set(parts.get("test", []))
 
 
 def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int = 8, steps: int | None = None,
@@ -98,7 +113,8 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
     Args:
         steps: sampling steps (default: the method's ``sample_steps``).
         masks: a dataset folder whose label slices condition a mask-conditioned generator
-            (pair i takes mask i mod M).
+            (pair i takes mask i mod M). Cases of the run's validation and test split
+            (``split.json`` beside the checkpoint) are left out.
         random_masks: scale / rotate / shift each mask first (seeded by pair).
     """
     checkpoint = Path(run) / "best.pt" if Path(run).is_dir() else Path(run)
@@ -113,7 +129,7 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
     output = Path(output)
     steps = steps or method.cfg.sample_steps
     method.cfg.seed = seed
-    bank = mask_slices(masks, predictor) if masks else None
+    bank = mask_slices(masks, predictor, held_out_cases(checkpoint)) if masks else None
     _check_settings(output, {"checkpoint": str(checkpoint.resolve()), "seed": seed, "steps": steps,
                              "batch": batch, "n": n, "masks": str(Path(masks).resolve()) if masks else None,
                              "random_masks": random_masks})
