@@ -140,7 +140,8 @@ def _print_result(result) -> None:
     print(f"run folder: {result.run_dir}")
     if result.run_id:
         print(f"mlflow run: {result.run_id}")
-    best = f"{result.best_val_dice:.4f}" if result.best_val_dice > float("-inf") else "n/a (no validation cases)"
+    best = (f"{result.best_val_dice:.4f}" if result.best_val_dice > float("-inf")
+            else "n/a (no validation cases, or the method reports no Dice)")
     print(f"steps: {result.steps} ({result.stop_reason}); best validation Dice: {best}")
     if result.test_summary and "per_class" in result.test_summary:
         print(f"test cases ({result.test_summary['cases']}), native grid:")
