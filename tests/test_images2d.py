@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -99,6 +101,16 @@ def test_2d_metrics_use_contours_not_the_whole_slice():
     assert flat["nsd"] < thick["nsd"] and flat["dice"] == pytest.approx(thick["dice"])
 
 
+def _predict_and_evaluate_pngs(run: Path, dataset: Path, config: Path, pred: Path, capsys) -> str:
+    """Predict the dataset's PNGs with ``run`` (checking size and mask values), evaluate them; the printed table."""
+    assert main(["predict", "--run", str(run), "--input", str(dataset / "image"), "--output", str(pred)]) == 0
+    for i in range(10):
+        image = np.asarray(Image.open(pred / f"{i}.png"))
+        assert image.shape == (48, 48) and set(np.unique(image).tolist()) <= {0, 255}
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(dataset / "label"), "--config", str(config)]) == 0
+    return capsys.readouterr().out
+
+
 def test_train_predict_evaluate_pngs_in_the_masks_convention(png_dataset, tmp_path, capsys):
     config = tmp_path / "disc.yaml"
     config.write_text("""
@@ -122,14 +134,7 @@ train: {max_steps: 60, val_every: 30, checkpoint_every: 30, lr: 0.01, warmup_ste
     assert main(["train", "--image", "--config", str(config), "--data", str(png_dataset), "--no-track",
                  "--run-dir", str(tmp_path / "run")]) == 0
     assert "disc" in capsys.readouterr().out
-    assert main(["predict", "--run", str(tmp_path / "run"), "--input", str(png_dataset / "image"),
-                 "--output", str(tmp_path / "pred")]) == 0
-    for i in range(10):
-        pred = np.asarray(Image.open(tmp_path / "pred" / f"{i}.png"))
-        assert pred.shape == (48, 48) and set(np.unique(pred).tolist()) <= {0, 255}
-    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(png_dataset / "label"),
-                 "--config", str(config)]) == 0
-    out = capsys.readouterr().out
+    out = _predict_and_evaluate_pngs(tmp_path / "run", png_dataset, config, tmp_path / "pred", capsys)
     dice = float(out.split("disc")[1].split()[0])
     assert dice > 0.8, out  # 60 steps find bright discs on every image
     assert tree_digest(png_dataset) == before
@@ -157,11 +162,4 @@ def test_sdseg_trains_and_predicts_pngs_with_image(png_dataset, tmp_path, capsys
     assert main(["train", "--image", "--config", str(config), "--data", str(png_dataset), "--no-track",
                  "--run-dir", str(tmp_path / "run"), *TINY_SDSEG, "method.codec_steps=3"]) == 0
     assert "disc" in capsys.readouterr().out
-    assert main(["predict", "--run", str(tmp_path / "run"), "--input", str(png_dataset / "image"),
-                 "--output", str(tmp_path / "pred")]) == 0
-    for i in range(10):
-        pred = np.asarray(Image.open(tmp_path / "pred" / f"{i}.png"))
-        assert pred.shape == (48, 48) and set(np.unique(pred).tolist()) <= {0, 255}
-    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(png_dataset / "label"),
-                 "--config", str(config)]) == 0
-    assert "disc" in capsys.readouterr().out
+    assert "disc" in _predict_and_evaluate_pngs(tmp_path / "run", png_dataset, config, tmp_path / "pred", capsys)
