@@ -7,6 +7,7 @@ Fréchet / kernel distances on a real-only segmenter's features.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,6 +26,22 @@ from imgx3d.data.slices import foreground_slices as slice_foreground
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.engine.infer import Predictor
 from imgx3d.engine.synth_quality import extract, frechet_distance, kernel_distance, segmenter_features
+
+
+def low_data_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The arguments every augmentation benchmark shares (data, low-data regime, seeds, budgets,
+    outputs); ``name`` names its output folder and mlflow experiment (``bench-NAME``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"))
+    parser.add_argument("--max-train", type=int, default=20, help="real training volumes (low-data regime)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seg-minutes", type=float, default=5.0, help="CPU minutes per segmenter run")
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (1 thread each)")
+    parser.add_argument("--out", default=f"runs/bench-{name}")
+    parser.add_argument("--experiment", default=f"bench-{name}")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    return parser
 
 
 @dataclass

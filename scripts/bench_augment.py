@@ -22,7 +22,6 @@ Every run logs to one mlflow experiment; JSON lines on stdout, then the table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _augment import (FeatureSpace, Job, emit_mean_dice, first_pairs, mask_image_agreement,  # noqa: E402
-                      print_dice_table, real_slice_count, run_jobs, test_dice)
+from _augment import (FeatureSpace, Job, emit_mean_dice, first_pairs, low_data_parser,  # noqa: E402
+                      mask_image_agreement, print_dice_table, real_slice_count, run_jobs, test_dice)
 from _bench import emit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,17 +39,8 @@ CONFIGS = ROOT / "configs" / "hippocampus"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--max-train", type=int, default=20, help="real training volumes (low-data regime)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = low_data_parser(__doc__, "augment")
     parser.add_argument("--pig-steps", type=int, default=0, help="PIG training steps (0: the config's)")
-    parser.add_argument("--seg-minutes", type=float, default=5.0, help="CPU minutes per segmenter run")
-    parser.add_argument("--sample-steps", type=int, default=50)
-    parser.add_argument("--parallel", type=int, default=2, help="segmenter runs at once (1 thread each)")
-    parser.add_argument("--out", default="runs/bench-augment")
-    parser.add_argument("--experiment", default="bench-augment")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
