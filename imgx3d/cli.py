@@ -6,11 +6,14 @@ User errors (:class:`Imgx3dError`) are printed as one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from imgx3d.errors import Imgx3dError, InputError
+from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
+from imgx3d.interrupts import stop_on_signals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,17 +233,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The ``imgx3d train`` command line that continues ``run_dir``: ``argv`` with ``--resume RUN_DIR``
+    in place of any ``--run-dir`` / ``--resume``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--run-dir", "--resume"):
+            skip = True
+        elif not arg.startswith(("--run-dir=", "--resume=")):
+            kept.append(arg)
+    at = kept.index("train") + 1 if "train" in kept else 0
+    return shlex.join(["imgx3d", *kept[:at], "--resume", str(run_dir), *kept[at:]])
+
+
+# Commands that stop at a safe point on SIGTERM / SIGINT (the rest stop at once).
+STOPPABLE = ("train", "predict", "synth", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imgx3d`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; stay quiet without it
     commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
                 "demo": cmd_demo, "synth": cmd_synth}
     try:
-        return commands[args.command](args)
+        with stop_on_signals() if args.command in STOPPABLE else contextlib.nullcontext():
+            return commands[args.command](args)
+    except Interrupted as err:
+        hint = f"; continue with: {resume_command(argv, err.resume_dir)}" if err.resume_dir is not None else ""
+        print(f"imgx3d: interrupted: {err}{hint}", file=sys.stderr)
+        return err.exit_code
     except Imgx3dError as err:
         print(f"imgx3d: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except OSError as err:  # a write outside atomic_write (mlflow's store, a folder) that found no room
+        no_room = resource_error(err)
+        if no_room is None:
+            raise
+        print(f"imgx3d: error: {no_room}", file=sys.stderr)
+        return no_room.exit_code
     except KeyboardInterrupt:
         print("imgx3d: interrupted", file=sys.stderr)
         return 130

@@ -457,4 +457,6 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    from imgx3d.data.io import atomic_write_text  # data imports config: import here, not at the top
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
 from imgx3d.config import Config
-from imgx3d.data.io import atomic_write
+from imgx3d.data.io import atomic_write, atomic_write_text
 
 DEMO_LABELS = {0: "background", 1: "blob", 2: "tube", 3: "box"}
 DEMO_SHAPE = (48, 48, 32)
@@ -92,7 +92,7 @@ def write_demo_dataset(root: Path, n_cases: int, seed: int = 0) -> Path:
     meta = {"name": "imgx3d-demo", "description": "procedural volumes: blob, tube, box", "tensorImageSize": "3D",
             "modality": {"0": "MRI"}, "labels": {str(k): v for k, v in DEMO_LABELS.items()},
             "numTraining": n_cases, "training": training}
-    (root / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    atomic_write_text(root / "dataset.json", json.dumps(meta, indent=1))
     return root
 
 

@@ -11,11 +11,15 @@ Every problem a user can cause becomes an :class:`InputError`.
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import os
 import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -23,7 +27,8 @@ import SimpleITK as sitk
 from monai.transforms import MapLabelValue
 
 from imgx3d.config import DataConfig
-from imgx3d.errors import InputError
+from imgx3d.errors import InputError, resource_error
+from imgx3d.resources import available_host_bytes, gib
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -102,9 +107,63 @@ def _check_readable(path: Path) -> None:
         raise InputError(f"{path}: cannot be read (permission denied); fix its permissions")
 
 
+def _gzip_data_size(path: Path, expected: int) -> int:
+    """Uncompressed size of a gzip file, read no further than ``expected + 1`` bytes.
+
+    The trailer's ISIZE (size modulo 2**32) answers at once when it agrees; otherwise (a
+    larger file, several gzip members, a truncated file) the stream is decompressed up to
+    one byte past ``expected``, so an absurd header never makes this read unbounded.
+    """
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % 2**32:
+            return expected
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while total <= expected:
+            chunk = f.read(min(1 << 24, expected + 1 - total))
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _check_nifti_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header whose implied voxel data disagrees with the file, before allocating it.
+
+    A corrupt header (or a truncated file) would otherwise make numpy allocate whatever the
+    dimensions claim, ending in a bare ``MemoryError``.
+    """
+    header = img.header
+    offset = int(header.get_data_offset())
+    expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+    try:
+        found = _gzip_data_size(path, expected) if path.name.lower().endswith(".gz") else path.stat().st_size
+    except (EOFError, zlib.error, OSError) as err:
+        raise InputError(f"{path}: unreadable or truncated NIfTI file ({_short(err)}); re-export or re-copy it") from None
+    if found < expected:
+        shape = "x".join(str(n) for n in header.get_data_shape())
+        raise InputError(f"{path}: unreadable or truncated NIfTI file (Expected {expected} bytes for its header's "
+                         f"{shape} {header.get_data_dtype()} voxels, the file holds {found}); the header is corrupt "
+                         "or the file was cut short: re-export or re-copy it")
+
+
+def _check_fits_in_memory(path: Path, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a volume whose array (as stored, plus its float32 copy) exceeds the free host memory."""
+    voxels = int(np.prod(shape, dtype=np.int64))
+    needed = voxels * (itemsize + 4)
+    free = available_host_bytes()
+    if free is not None and needed > free:
+        raise InputError(f"{path}: its {'x'.join(map(str, shape))} voxels need {gib(needed)} to read but "
+                         f"{gib(free)} of memory is free; check the header's dimensions, or crop or resample "
+                         "the volume first (or read it on a machine with more memory)")
+
+
 def _read_nifti(path: Path) -> Volume:
     try:
         img = nib.load(str(path))
+        _check_nifti_size(path, img)
+        _check_fits_in_memory(path, img.header.get_data_shape(), img.header.get_data_dtype().itemsize)
         array = np.asarray(img.dataobj, dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
         raise InputError(f"{path}: unreadable or truncated NIfTI file ({_short(err)}); re-export or re-copy it") from None
@@ -165,7 +224,11 @@ def _check_slice_gaps(reader: sitk.ImageSeriesReader, n_files: int, folder: Path
 
 def _read_sitk(path: Path) -> Volume:
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header alone: refuse an absurd size before SimpleITK allocates it
+        _check_fits_in_memory(path, (*reader.GetSize(), reader.GetNumberOfComponents()), 8)
+        image = reader.Execute()
     except RuntimeError as err:
         raise InputError(f"{path}: unreadable or truncated file ({str(err).strip().splitlines()[-1]}); re-export it") from None
     return _sitk_to_volume(image, path)
@@ -328,21 +391,48 @@ def class_to_file(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return out * 255 if cfg.mask_threshold is not None else out
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: no half-written file under its final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: no half-written file under its final name.
+
+    Every file imgx3d writes goes through here, so this is where "no room" errors (a full
+    disk, a file-size limit, a quota, a read-only file system) become one-line
+    :class:`~imgx3d.errors.ResourceError`\\ s naming ``path``; the temp file is removed and a
+    previous file under ``path`` stays as it was.
+    """
+    path = Path(path)
+    tmp: Path | None = None
     try:
-        write(Path(tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        no_room = resource_error(err, path) if isinstance(err, OSError) else None
+        if no_room is not None:
+            raise no_room from None
         raise
+
+
+def csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text with a header line (keys outside ``fields`` are left out)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file (CSV, JSON, YAML, Markdown) through :func:`atomic_write`."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_nifti(array: np.ndarray, path: str | Path, reference: Volume, dtype: type = np.uint8) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import wilcoxon
 
+from imgx3d.data.io import atomic_write_text, csv_text
 from imgx3d.engine.tracking import resolve_uri
 from imgx3d.errors import Imgx3dError
 
@@ -239,21 +240,18 @@ def write_csv(comparison: Comparison, table_path: Path, paired_path: Path) -> No
     fields = ["run", "method", "run_id"]
     for c in comparison.columns:
         fields += [c, f"{c} std"] if isinstance(comparison.rows[0][c], tuple) else [c]
-    with open(table_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in comparison.rows:
-            flat = {}
-            for key, value in row.items():
-                if isinstance(value, tuple):
-                    flat[key], flat[f"{key} std"] = value
-                else:
-                    flat[key] = value
-            writer.writerow(flat)
-    with open(paired_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(comparison.paired[0]) if comparison.paired else ["run"])
-        writer.writeheader()
-        writer.writerows(comparison.paired)
+    flat_rows = []
+    for row in comparison.rows:
+        flat = {}
+        for key, value in row.items():
+            if isinstance(value, tuple):
+                flat[key], flat[f"{key} std"] = value
+            else:
+                flat[key] = value
+        flat_rows.append(flat)
+    atomic_write_text(table_path, csv_text(fields, flat_rows))
+    atomic_write_text(paired_path, csv_text(list(comparison.paired[0]) if comparison.paired else ["run"],
+                                            comparison.paired))
 
 
 def write_comparison(uri: str, experiment: str, output: str | Path, runs: list[str] | None = None,
@@ -268,7 +266,7 @@ def write_comparison(uri: str, experiment: str, output: str | Path, runs: list[s
     comparison = compare(records, metric, reference)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "table.md").write_text(to_markdown(comparison) + "\n", encoding="utf-8")
+    atomic_write_text(output / "table.md", to_markdown(comparison) + "\n")
     write_csv(comparison, output / "table.csv", output / "paired.csv")
     files = [output / "table.md", output / "table.csv", output / "paired.csv",
              plots.metric_boxplots(records, metric, output / f"{metric}_boxplots.png"),

@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ from imgx3d.data.io import (
 from imgx3d.data.slices import predict_by_slices
 from imgx3d.data.transforms import GridMap, Preprocessor
 from imgx3d.engine.streaming import streaming_argmax
-from imgx3d.errors import CheckpointError, InputError
+from imgx3d.errors import CheckpointError, InputError, ResourceError
+from imgx3d.interrupts import raise_if_requested, requested
+from imgx3d.resources import available_device_bytes, available_host_bytes, gib
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
 
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v1"
@@ -50,14 +53,57 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_window(cfg: InferConfig, patch_size: list[int]) -> Windowed:
-    """The sliding-window runner handed to ``Method.predict``: MONAI gaussian blending."""
+def make_window(cfg: InferConfig, patch_size: list[int], sw_device: torch.device | None = None,
+                output_device: torch.device | None = None) -> Windowed:
+    """The sliding-window runner handed to ``Method.predict``: MONAI gaussian blending.
+
+    Args:
+        sw_device, output_device: where each window runs and where the blended whole-volume
+            output is held (MONAI's ``sw_device`` / ``device``); None: the input's device.
+    """
     roi = list(cfg.roi_size or patch_size)
 
     def window(fn, x: torch.Tensor) -> torch.Tensor:
-        return sliding_window_inference(x, roi, cfg.sw_batch_size, fn, overlap=cfg.overlap, mode=cfg.blend)
+        return sliding_window_inference(x, roi, cfg.sw_batch_size, fn, overlap=cfg.overlap, mode=cfg.blend,
+                                        sw_device=sw_device, device=output_device)
 
     return window
+
+
+# Whole-volume float32 maps of K classes held at once by the window path: MONAI's output and
+# its weight map, the returned probabilities, and the flip-TTA sum (an estimate: a diffusion
+# method's reverse steps hold a few more, which the margin below leaves room for).
+WINDOW_PATH_VOLUMES = 3
+MEMORY_MARGIN = 1.25  # headroom over the estimate for temporaries and the allocator
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a prediction needs on the host and, on CUDA, on the device (outputs held there)."""
+
+    host: int
+    device: int
+
+
+def estimate_memory(n_classes: int, in_channels: int, model_shape: tuple[int, ...], native_shape: tuple[int, ...],
+                    roi: list[int], streaming: bool, probabilities: bool) -> MemoryEstimate:
+    """What predicting one volume holds at its peak, from its shapes alone (before any model work).
+
+    The model-space input, then either the window path's whole-volume maps
+    (:data:`WINDOW_PATH_VOLUMES` of ``K`` float32 values per voxel) or the streaming window's
+    slab (two ``roi``-deep slabs of ``K + 1`` maps) and its int64 label map; native-grid
+    probabilities and the label map on the input's grid come on top.
+    """
+    model = int(np.prod(model_shape, dtype=np.int64))
+    native = int(np.prod(native_shape, dtype=np.int64))
+    image = 4 * in_channels * model
+    if streaming:
+        slab = 2 * 4 * (n_classes + 1) * int(np.prod(model_shape[:2], dtype=np.int64)) * min(roi[2], model_shape[2])
+        held = slab + 8 * model
+    else:
+        held = WINDOW_PATH_VOLUMES * 4 * n_classes * model
+    host = image + held + (4 * n_classes * native if probabilities else 0) + 8 * native
+    return MemoryEstimate(int(MEMORY_MARGIN * host), int(MEMORY_MARGIN * (image + held)))
 
 
 def class_map(probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
@@ -157,13 +203,78 @@ class Predictor:
 
     def predict_loaded(self, case: LoadedCase, probabilities: bool = False
                        ) -> tuple[np.ndarray, torch.Tensor | None, Any]:
-        """Predict a loaded case; returns what :meth:`predict_paths` returns."""
+        """Predict a loaded case; returns what :meth:`predict_paths` returns.
+
+        The memory the prediction needs is estimated first: a volume whose whole-volume maps
+        would not fit the free host memory goes through the streaming window when the method
+        allows it, and is refused in one line when even that would not fit; on CUDA, outputs
+        too large for the free device memory are kept on the host. Out of GPU memory all the
+        same, it is tried once more with windows one at a time and outputs on the host.
+
+        Raises:
+            ResourceError: the volume cannot be predicted within this machine's memory.
+        """
+        streaming = self._streams(case.image) and not probabilities
+        stream_instead, outputs_on_host = self._plan_memory(case, probabilities, streaming)
+        streaming = streaming or stream_instead
+        try:
+            return self._predict(case, probabilities, streaming, self.config.infer, outputs_on_host)
+        except torch.cuda.OutOfMemoryError:
+            name = case.reference.path or "the volume"
+            print(f"imgx3d: warning: {name}: out of GPU memory; trying again with windows one at a time and outputs "
+                  "on the host", file=sys.stderr)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            one_window = replace(self.config.infer, sw_batch_size=1)
+            try:
+                return self._predict(case, probabilities, streaming, one_window, True)
+            except torch.cuda.OutOfMemoryError:
+                raise ResourceError(
+                    f"{name}: out of GPU memory even with windows one at a time and outputs on the host; lower "
+                    f"infer.roi_size (now {self.config.infer.roi_size or self.config.data.patch_size}), predict on "
+                    "the CPU with --device cpu, or use a GPU with more memory") from None
+
+    def _plan_memory(self, case: LoadedCase, probabilities: bool, streaming: bool) -> tuple[bool, bool]:
+        """Whether to stream because the host is short of memory, and whether to hold outputs on the host."""
+        infer, grid = self.config.infer, case.grid
+        roi = list(infer.roi_size or self.config.data.patch_size)
+
+        def need(stream: bool) -> MemoryEstimate:
+            return estimate_memory(self.method.num_classes, case.image.shape[0], tuple(case.image.shape[1:]),
+                                   grid.native_shape, roi, stream, probabilities)
+
+        free = available_host_bytes()
+        stream_instead = False
+        if free is not None and need(streaming).host > free:
+            can_stream = (not streaming and not probabilities and infer.streaming != "off"
+                          and self.method.spatial_dims == 3 and self.method.window_probabilities() is not None)
+            if can_stream and need(True).host <= free:
+                stream_instead = True
+            else:
+                shape = "x".join(map(str, case.image.shape[1:]))
+                raise ResourceError(
+                    f"{case.reference.path or 'the volume'}: predicting it needs about {gib(need(streaming).host)} of "
+                    f"host memory ({self.method.num_classes} classes on a {shape} model grid) but {gib(free)} is free; "
+                    "set a coarser data.spacing, predict without --probabilities"
+                    + ("" if streaming or can_stream else ", use infer.streaming: on with a single-pass 3D method")
+                    + ", or lower infer.sw_batch_size and free memory")
+        device_free = available_device_bytes(self.device)
+        on_host = device_free is not None and need(streaming or stream_instead).device > device_free
+        return stream_instead, on_host
+
+    def _predict(self, case: LoadedCase, probabilities: bool, streaming: bool, infer: InferConfig,
+                 outputs_on_host: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
+        """One attempt at :meth:`predict_loaded` with these window settings."""
         pre, grid = self.preprocessor, case.grid
-        if not probabilities and self._streams(case.image):
-            return self._labels_to_native(self._stream(case.image), grid), None, case.reference
-        window = make_window(self.config.infer, self.config.data.patch_size)
-        probs = predict_probabilities(self.method, case.image.to(self.device), window, self.config.infer.tta_flips,
-                                      self.config.data.slices).cpu()
+        if streaming:
+            return self._labels_to_native(self._stream(case.image, infer), grid), None, case.reference
+        if outputs_on_host:
+            window = make_window(infer, self.config.data.patch_size, self.device, torch.device("cpu"))
+            image = case.image
+        else:
+            window = make_window(infer, self.config.data.patch_size)
+            image = case.image.to(self.device)
+        probs = predict_probabilities(self.method, image, window, infer.tta_flips, self.config.data.slices).cpu()
         native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.cropped_shape else None
         if native is not None:
             labelmap = class_map(native).numpy()
@@ -186,9 +297,9 @@ class Predictor:
         full_gib = 4 * self.method.num_classes * image[0].numel() / 2**30
         return infer.streaming == "on" or full_gib > infer.streaming_above_gib
 
-    def _stream(self, image: torch.Tensor) -> torch.Tensor:
+    def _stream(self, image: torch.Tensor, infer: InferConfig) -> torch.Tensor:
         """Model-space class indices of a single-pass method, window by window (flip TTA per window)."""
-        infer, fn = self.config.infer, self.method.window_probabilities()
+        fn = self.method.window_probabilities()
         combos = flip_combinations(infer.tta_flips)
 
         def mirrored(x: torch.Tensor) -> torch.Tensor:
@@ -430,6 +541,8 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
 
             try:
                 for case_id, paths, redo in pending:
+                    if requested() is not None:  # stop claiming cases; the ones read ahead are dropped
+                        break
                     target = prediction_path(output, case_id, data_cfg)
                     if target.exists() and not redo:
                         done[case_id] = target
@@ -442,12 +555,14 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
                     ahead.append((case_id, target, lock, pipe.read(predictor.load, paths)))
                     if len(ahead) > workers:
                         predict_next()
-                while ahead:
+                while ahead and requested() is None:
                     predict_next()
             finally:
                 for _, _, lock, _ in ahead:
                     lock.unlink(missing_ok=True)
                 pipe.drain()
+            raise_if_requested(f"{len(done)} of {len(cases)} case(s) are in {output}, each complete; run the same "
+                               "command again to predict the rest")
             if busy:
                 time.sleep(0.5)
             pending = busy

@@ -6,7 +6,6 @@ and HD95 0; exactly one empty → Dice/IoU/NSD 0 and HD95 NaN (undefined, left o
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import warnings
@@ -17,7 +16,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
 from imgx3d.config import DataConfig
-from imgx3d.data.io import is_image_path, is_volume_path, read_label, strip_suffix
+from imgx3d.data.io import atomic_write_text, csv_text, is_image_path, is_volume_path, read_label, strip_suffix
 from imgx3d.errors import InputError
 
 ALL_METRICS = ("dice", "iou", "hd95", "nsd")
@@ -153,12 +152,8 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int
 
 def write_metrics(rows: list[dict], summary: dict, output_dir: Path) -> None:
     """Write ``metrics.csv`` and ``summary.json``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "class", "name", *ALL_METRICS], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    atomic_write_text(output_dir / "metrics.csv", csv_text(["case", "class", "name", *ALL_METRICS], rows))
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def format_table(summary: dict) -> str:

@@ -26,9 +26,10 @@ import torch
 from monai.transforms import Affine
 from tqdm.auto import tqdm
 
-from imgx3d.data.io import atomic_write
+from imgx3d.data.io import atomic_write, atomic_write_text
 from imgx3d.engine.infer import Predictor
 from imgx3d.errors import ConfigError, InputError
+from imgx3d.interrupts import raise_if_requested
 
 SETTINGS_FILE = "synth.json"
 
@@ -57,7 +58,7 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
     elif output.exists() and any(output.iterdir()):
         raise InputError(f"{output}: not empty and not an imgx3d synth folder; choose a new --output")
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1), encoding="utf-8"))
+    atomic_write_text(file, json.dumps(settings, indent=1))
 
 
 def random_mask_transform(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -148,6 +149,8 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
     blocks = sorted({i // batch for i in missing})
     bar = tqdm(total=n, initial=n - len(missing), desc="synth", unit="pair", disable=None)
     for block in blocks:
+        raise_if_requested(f"{bar.n} of {n} pair(s) are in {output}, each complete; run the same command again to "
+                           "write the rest")
         indices = list(range(block * batch, (block + 1) * batch))  # whole blocks: the same numbers as a fresh run
         block_masks = torch.stack([mask_of(i) for i in indices]) if bank is not None else None
         images, labels = method.generate(indices, size, block_masks, steps)
@@ -166,6 +169,5 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
                "labels": labels, "modality": {str(i): name for i, name in enumerate(channels or ["image"])},
                "numTraining": n,
                "training": [{"image": f"./{a}", "label": f"./{b}"} for a, b in map(_pair_names, range(n))]}
-    atomic_write(output / "dataset.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(dataset, indent=1), encoding="utf-8"))
+    atomic_write_text(output / "dataset.json", json.dumps(dataset, indent=1))
     return output

@@ -10,6 +10,7 @@ Under torchrun the same loop runs on every rank (see :mod:`imgx3d.engine.distrib
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -28,7 +29,9 @@ from imgx3d.engine.distributed import DistContext
 from imgx3d.engine.infer import CHECKPOINT_FORMAT, class_map, make_window, predict_probabilities
 from imgx3d.engine.metrics import score_case
 from imgx3d.engine.tracking import NullTracker, Tracker
-from imgx3d.errors import ConfigError
+from imgx3d.errors import ConfigError, Interrupted, ResourceError
+from imgx3d.interrupts import requested, signal_name
+from imgx3d.resources import gib
 from imgx3d.methods.base import Method, load_method_state
 
 
@@ -132,7 +135,11 @@ class Trainer:
         path = self.run_dir / name
         ckpt = self.checkpoint(weights_only)
         if self.dist.is_main:
-            atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+            # Serialised in memory first: torch's own file writer reports a full disk as a bare
+            # RuntimeError, a Python write as the OSError that atomic_write explains.
+            buffer = io.BytesIO()
+            torch.save(ckpt, buffer)
+            atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -214,7 +221,45 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def fit(self, batches: Iterator[dict[str, torch.Tensor]], val_cases: list[dict[str, Any]],
             labels: dict[int, str]) -> TrainState:
-        """Train until ``max_steps``, the time budget, or early stopping."""
+        """Train until ``max_steps``, the time budget, or early stopping.
+
+        Raises:
+            Interrupted: after SIGTERM / SIGINT (see :mod:`imgx3d.interrupts`), once ``last.pt``
+                holds the step reached; resuming from it continues exactly.
+            ResourceError: out of GPU memory, naming the peak, the settings to lower and the
+                checkpoint to resume from.
+        """
+        try:
+            return self._fit(batches, val_cases, labels)
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory() from None
+
+    def _out_of_memory(self) -> ResourceError:
+        """The one-line error of a CUDA out-of-memory during training."""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            peak = f"peak {gib(torch.cuda.max_memory_allocated(self.device))} of {gib(total)} on {self.device}"
+        else:
+            peak = f"on {self.device}"
+        d = self.cfg.data
+        last = self.run_dir / "last.pt"
+        then = (f"then continue from {last} with --resume {self.run_dir}" if last.is_file()
+                else "then train again (no checkpoint was written yet)")
+        return ResourceError(f"out of GPU memory at training step {self.state.step} ({peak}); lower data.batch_size "
+                             f"(now {d.batch_size}) or data.patch_size (now {d.patch_size}), or infer.sw_batch_size "
+                             f"(now {self.cfg.infer.sw_batch_size}) if it ran out while validating; {then}")
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """Save ``last.pt`` at the step reached, mark the run interrupted, and raise :class:`Interrupted`."""
+        self.save("last.pt")
+        name = signal_name(signum)
+        self.state.stop_reason = f"interrupted ({name})"
+        self.tracker.set_tags({"imgx3d.interrupted": name, "stop_reason": self.state.stop_reason})
+        raise Interrupted(f"{name} received: training stopped at step {self.state.step} and saved it in "
+                          f"{self.run_dir / 'last.pt'}", signum, resume_dir=self.run_dir)
+
+    def _fit(self, batches: Iterator[dict[str, torch.Tensor]], val_cases: list[dict[str, Any]],
+             labels: dict[int, str]) -> TrainState:
         t = self.cfg.train
         start, elapsed0 = self._clock(), self.state.elapsed_s
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
@@ -224,7 +269,12 @@ class Trainer:
         while self.state.step < t.max_steps:
             self.state.elapsed_s = elapsed0 + self._clock() - start
             out_of_time = bool(t.max_minutes) and self.state.elapsed_s >= 60 * t.max_minutes
-            if self.dist.broadcast(out_of_time):  # rank 0's clock decides, so every rank stops at one step
+            # rank 0's clock and signals decide, so every rank stops at the same step
+            out_of_time, signum = self.dist.broadcast((out_of_time, requested()))
+            if signum is not None:
+                bar.close()
+                self._stop_for_signal(signum)
+            if out_of_time:
                 self.state.stop_reason = "time budget"
                 break
             scalars = self.step(next(batches))

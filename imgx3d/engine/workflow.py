@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
-from imgx3d.data.io import read_grid, read_label, strip_suffix
+from imgx3d.data.io import atomic_write_text, read_grid, read_label, strip_suffix
 from imgx3d.data.slices import SliceBatches, slice_spacing
 from imgx3d.data.transforms import PatchBatches, Preprocessor, check_case_grids, train_transforms
 from imgx3d.engine import distributed
@@ -77,6 +78,10 @@ def _extra_items(cfg: Config, catalog: Catalog, pre: Preprocessor, ctx: distribu
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    # The main process decides when to stop (imgx3d.interrupts) and ends its workers itself; a
+    # signal sent to the whole process group must not kill them under it mid-batch.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int, rank: int = 0):
@@ -162,7 +167,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
                           "use fewer processes (--nproc_per_node)")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=1), encoding="utf-8")
+        atomic_write_text(run_dir / "split.json", json.dumps(split.to_json(), indent=1))
         save_config(cfg, run_dir / "config.yaml")
     pre = Preprocessor(cfg.data)
     # each rank holds only its shard of the training cases, and only rank 0 validates
@@ -269,7 +274,7 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     tracker.log_artifact(run_dir / "test_metrics", "test_metrics")
     if overlays:
         tracker.log_artifact(run_dir / "test_overlays", "test_overlays")
-    (run_dir / "test_metrics" / "table.txt").write_text(format_table(summary) + "\n", encoding="utf-8")
+    atomic_write_text(run_dir / "test_metrics" / "table.txt", format_table(summary) + "\n")
     return summary
 
 
