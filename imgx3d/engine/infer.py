@@ -91,15 +91,15 @@ def estimate_memory(n_classes: int, in_channels: int, model_shape: tuple[int, ..
 
     The model-space input, then either the window path's whole-volume maps
     (:data:`WINDOW_PATH_VOLUMES` of ``K`` float32 values per voxel) or the streaming window's
-    slab (two ``roi``-deep slabs of ``K + 1`` maps) and its int64 label map; native-grid
+    slab (``K + 1`` maps one ``roi`` deep, see :mod:`imgx3d.engine.streaming`) and its int64 label map; native-grid
     probabilities and the label map on the input's grid come on top.
     """
     model = int(np.prod(model_shape, dtype=np.int64))
     native = int(np.prod(native_shape, dtype=np.int64))
     image = 4 * in_channels * model
     if streaming:
-        slab = 2 * 4 * (n_classes + 1) * int(np.prod(model_shape[:2], dtype=np.int64)) * min(roi[2], model_shape[2])
-        held = slab + 8 * model
+        depth = min(roi[2], model_shape[2])
+        held = 4 * (n_classes + 1) * int(np.prod(model_shape[:2], dtype=np.int64)) * depth + 8 * model
     else:
         held = WINDOW_PATH_VOLUMES * 4 * n_classes * model
     host = image + held + (4 * n_classes * native if probabilities else 0) + 8 * native
