@@ -147,9 +147,10 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
 
     missing = [i for i in range(n) if not all((output / p).exists() for p in _pair_names(i))]
     blocks = sorted({i // batch for i in missing})
-    bar = tqdm(total=n, initial=n - len(missing), desc="synth", unit="pair", disable=None)
+    complete = n - len(missing)
+    bar = tqdm(total=n, initial=complete, desc="synth", unit="pair", disable=None)
     for block in blocks:
-        raise_if_requested(f"{bar.n} of {n} pair(s) are in {output}, each complete; run the same command again to "
+        raise_if_requested(f"{complete} of {n} pair(s) are in {output}, each complete; run the same command again to "
                            "write the rest")
         indices = list(range(block * batch, (block + 1) * batch))  # whole blocks: the same numbers as a fresh run
         block_masks = torch.stack([mask_of(i) for i in indices]) if bank is not None else None
@@ -161,6 +162,7 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
             volume = np.moveaxis(np.expand_dims((image + 1) / 2, axis + 1), 0, -1)  # (X, Y, Z, C) in [0, 1]
             _write(volume[..., 0] if volume.shape[-1] == 1 else volume, image_path, affine, np.float32)
             _write(np.expand_dims(label[0], axis), label_path, affine, np.uint8)
+            complete += 1
             bar.update(1)
     bar.close()
     labels = {str(k): v for k, v in sorted(predictor.labels.items())}
