@@ -277,3 +277,24 @@ def test_a_volume_too_large_for_free_memory_streams_or_is_refused_in_one_line(tr
                                    str(tmp_path / "r")]))
     assert f"{image}: predicting it needs about" in line and "of host memory (3 classes on a 20x24x16 model grid)" in line
     assert "data.spacing" in line and not (tmp_path / "r" / "case_2.nii.gz").exists()
+
+
+def test_a_full_disk_while_writing_synthetic_pairs_is_one_line_and_a_rerun_completes(msd_dataset, tmp_path,
+                                                                                   monkeypatch, capsys):
+    from tests.test_pig import SLICES, TINY_CLI
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["train", "--config", str(configs / "hippocampus" / "pig.yaml"), "--data", str(msd_dataset),
+                 "--run-dir", str(tmp_path / "pig"), "--no-track", *TINY_CLI, *SLICES, "train.max_steps=2",
+                 "train.val_every=2"]) == 0
+    argv = ["synth", "--run", str(tmp_path / "pig"), "--n", "4", "--batch", "2", "--steps", "2", "--output",
+            str(tmp_path / "pairs")]
+    refused = disk_full(monkeypatch, "synth_00003.nii.gz")
+    line = _one_line(capsys, main(argv))
+    assert refused == ["synth_00003.nii.gz"]
+    assert f"{tmp_path / 'pairs' / 'imagesTr' / 'synth_00003.nii.gz'}: could not be written: the disk is full" in line
+    assert not (tmp_path / "pairs" / "dataset.json").exists()
+    _no_temp_files(tmp_path / "pairs")
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert len(list((tmp_path / "pairs").glob("labelsTr/synth_*.nii.gz"))) == 4

@@ -353,6 +353,7 @@ def read_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     try:
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             img = nib.load(str(path))
+            _check_nifti_size(path, img)  # a corrupt header is named as such, not as a grid mismatch
             return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
     except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
         raise InputError(f"{path}: unreadable or truncated NIfTI file ({_short(err)}); re-export or re-copy it") from None
