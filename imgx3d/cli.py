@@ -1,6 +1,8 @@
 """``imgx3d`` command line: train, predict, evaluate, compare, demo.
 
-User errors (:class:`Imgx3dError`) are printed as one line and exit with code 2.
+User errors (:class:`Imgx3dError`) are printed as one line and exit with code 2; "no room to write"
+errors likewise; ``train``, ``predict``, ``synth`` and ``demo`` stop at a safe point on SIGTERM /
+SIGINT (:mod:`imgx3d.interrupts`) and exit 143 / 130.
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals() if args.command in STOPPABLE else contextlib.nullcontext():
             return commands[args.command](args)
     except Interrupted as err:
-        hint = f"; continue with: {resume_command(argv, err.resume_dir)}" if err.resume_dir is not None else ""
+        resumable = err.resume_dir is not None and args.command == "train"
+        hint = f"; continue with: {resume_command(argv, err.resume_dir)}" if resumable else ""
         print(f"imgx3d: interrupted: {err}{hint}", file=sys.stderr)
         return err.exit_code
     except Imgx3dError as err:

@@ -143,7 +143,7 @@ def test_dbt_pig_and_segmenter_run_end_to_end_on_native_grids(dbt_dataset, tmp_p
     image, _ = dbt_volume(np.random.default_rng(9))
     write_multiframe_dicom(image, tmp_path / "new.dcm")
     _cli("predict", "--run", str(tmp_path / "seg"), "--input", str(tmp_path / "new.dcm"), "--output",
-         str(tmp_path / "pred"))
+         str(tmp_path / "pred"), "--probabilities")
     out = nib.load(str(tmp_path / "pred" / "new.nii.gz"))
     source = read_volume(tmp_path / "new.dcm")
     assert out.shape == image.shape and np.allclose(out.affine, source.affine, atol=1e-5)
@@ -152,3 +152,8 @@ def test_dbt_pig_and_segmenter_run_end_to_end_on_native_grids(dbt_dataset, tmp_p
     box = np.zeros_like(above)
     box[tuple(slice(max(int(i.min()) - 4, 0), int(i.max()) + 5) for i in np.nonzero(above))] = True
     assert box.sum() < 0.9 * box.size and not pred[~box].any(), "outside the breast box the prediction is background"
+    # ... because the crop put it there, not because the model predicts background everywhere: the
+    # padded-back region is background with probability exactly 1, the box holds the model's softmax
+    background = np.asarray(nib.load(str(tmp_path / "pred" / "new_probabilities.nii.gz")).dataobj)[..., 0]
+    assert background.shape == image.shape and np.all(background[~box] == 1.0)
+    assert np.mean(background[box] < 1.0) > 0.99, "inside the box every voxel is the model's own estimate"

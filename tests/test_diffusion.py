@@ -62,9 +62,38 @@ def test_k_step_ddpm_is_exact_not_a_skipped_step(t):
     assert x_prev.var().item() == pytest.approx(1 - ab_prev, abs=5e-3)
 
 
-def test_sample_with_a_perfect_model_returns_x0():
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_runs_the_hand_computed_chain_from_t4_down_to_t0(sampler):
+    """The model's answer depends on x_t, so a wrong step order, formula or count changes what it sees."""
     s = make_schedule("linear", 1001, num_steps=5)
-    x0 = torch.rand(2, 3, 4) * 2 - 1
-    for sampler in ("ddpm", "ddim"):
-        out = sample(s, lambda x_t, t: x0, torch.randn(2, 3, 4), sampler, generator=torch.Generator().manual_seed(0))
-        assert torch.equal(out, x0)
+    ab = s.alpha_bar.double()
+    x_T = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def model(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        return 0.5 * x_t + 0.1 * (t + 1)
+
+    seen: list[tuple[int, torch.Tensor]] = []
+    out = sample(s, lambda x_t, t: seen.append((t, x_t.clone())) or model(x_t, t), x_T, sampler,
+                 generator=torch.Generator().manual_seed(0))
+
+    noise = torch.Generator().manual_seed(0)
+    x_t, expected = x_T, []
+    for t in (4, 3, 2, 1, 0):
+        expected.append((t, x_t))
+        x0 = model(x_t, t)
+        if t == 0:
+            break
+        a_t, a_prev = ab[t], ab[t - 1]
+        if sampler == "ddim":  # eta = 0: x_{t-1} = sqrt(a') x0 + sqrt(1 - a') eps
+            eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            x_t = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        else:  # the posterior q(x_{t-1} | x_t, x0) of the 5-step chain, with the generator's noise
+            beta = 1 - a_t / a_prev
+            mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x_t
+            x_t = mean + (beta * (1 - a_prev) / (1 - a_t)).sqrt() * torch.randn(x_t.shape, generator=noise,
+                                                                                 dtype=torch.float64)
+    assert [t for t, _ in seen] == [4, 3, 2, 1, 0]
+    for (t, got), (_, want) in zip(seen, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=f"x_t seen at t={t}")
+    torch.testing.assert_close(out, model(expected[-1][1], 0))
+    assert not torch.allclose(seen[1][1], seen[0][1]), "the chain moved"

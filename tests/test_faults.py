@@ -172,7 +172,11 @@ def test_same_seed_gives_bit_identical_predictions_across_runs_and_workers(tmp_p
                      *TINY_OVERRIDES, f"data.num_workers={workers}"))
         _finish(_cli("predict", "--run", str(tmp_path / name), "--input", image, "--output", str(tmp_path / f"p{name}")))
         outputs.append((tmp_path / f"p{name}" / "case_0.nii.gz").read_bytes())
+    for name in ("b", "c"):  # the weights themselves, not only an arg-max that a few steps barely move
+        _assert_same_weights(tmp_path / "a" / "last.pt", tmp_path / name / "last.pt")
     assert outputs[0] == outputs[1] == outputs[2]
+    predicted = np.asarray(nib.load(str(tmp_path / "pa" / "case_0.nii.gz")).dataobj)
+    assert len(np.unique(predicted)) > 1, "a constant prediction would make the comparison vacuous"
     by_workers = []
     for workers in (0, 3):
         _finish(_cli("predict", "--run", str(tmp_path / "a"), "--input", str(data / "imagesTr"), "--workers",

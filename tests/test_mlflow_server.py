@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -105,22 +106,33 @@ def test_train_predict_compare_through_a_real_server(mlflow_server, msd_dataset,
     assert {"table.md", "table.csv", "paired.csv", "dice_boxplots.png", "validation_curves.png"} <= logged
 
 
-def test_training_survives_a_server_that_goes_away_and_loses_no_metric(mlflow_server, tmp_path, capsys):
+def test_training_survives_a_server_that_goes_away_and_loses_no_metric(mlflow_server, tmp_path, capsys, monkeypatch):
+    from imgx3d.engine import tracking
+
+    clock = types.SimpleNamespace(now=1000.0)  # the tracker's monotonic clock, moved by hand
+    monkeypatch.setattr(tracking, "time", types.SimpleNamespace(monotonic=lambda: clock.now, time=time.time,
+                                                               sleep=time.sleep))
     tracker = Tracker(mlflow_server.url, "flaky", run_name="r")
     tracker.keep_locally(tmp_path / "kept.jsonl")
     tracker.log_metrics({"loss": 1.0}, step=1)
     mlflow_server.stop()
-    tracker.log_metrics({"loss": 0.5}, step=2)  # must neither raise nor block training for long
-    t0 = time.monotonic()
+    real_perform, tries = tracker._perform, []
+    monkeypatch.setattr(tracker, "_perform", lambda *a: tries.append(a[0]) or real_perform(*a))
+    tracker.log_metrics({"loss": 0.5}, step=2)  # must not raise: the failure is kept
+    assert tries == ["metrics"]
+    clock.now += tracking.RETRY_SECONDS - 1
     tracker.log_metrics({"loss": 0.25}, step=3)
     tracker.set_tags({"stop_reason": "max steps"})
-    assert time.monotonic() - t0 < 1.0, "while the server is away, calls are kept without waiting on it"
+    assert tries == ["metrics"], "while the server is away, calls are kept without trying it (no waiting on it)"
+    clock.now += 2  # past the retry interval: the next call tries the server again, oldest kept call first
+    tracker.log_metrics({"loss": 0.125}, step=4)
+    assert tries == ["metrics", "metrics"]
     assert "stopped answering" in capsys.readouterr().err
     kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
-    assert [k["op"] for k in kept] == ["metrics", "metrics", "tags"]
+    assert [k["op"] for k in kept] == ["metrics", "metrics", "tags", "metrics"]
     mlflow_server.start()
     tracker.end("FINISHED")
     run = MlflowClient(tracking_uri=mlflow_server.url).get_run(tracker.run_id)
     history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(tracker.run_id, "loss")
-    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.25), (4, 0.125)]
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "max steps"

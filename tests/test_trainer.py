@@ -52,12 +52,23 @@ def test_early_stopping_and_time_budget(msd_dataset, tmp_path):
     assert (tmp_path / "tb" / "best.pt").is_file() and (tmp_path / "tb" / "last.pt").is_file()
 
 
-def test_training_lowers_the_loss_and_scores_the_test_split(msd_dataset, tmp_path):
+def test_training_lowers_the_loss_and_scores_the_test_split(msd_dataset, tmp_path, monkeypatch):
+    real_step, losses = Trainer.step, []
+    monkeypatch.setattr(Trainer, "step", lambda self, batch: losses.append(real_step(self, batch)["loss/model"])
+                        or {"loss/model": losses[-1]})
     result = train_run(_cfg("train.max_steps=60", "train.val_every=30", "train.lr=0.01"), msd_dataset, tmp_path / "r")
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.75 * first, f"the loss fell from {first:.3f} to only {last:.3f}"
     history = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["train_state"]["history"]
-    assert len(history) == 2
+    assert [h["step"] for h in history] == [30, 60]
     assert result.test_summary["cases"] == 2
-    assert result.best_val_dice > 0.2, "60 steps on bright spheres and dark cubes must learn something"
+    # Trivial predictors on these volumes (a radius-4 sphere and a 4^3 cube in 20x24x16): all
+    # background scores Dice 0; a constant class map 0.067 (sphere) / 0.013 (cube), 0.04 mean.
+    # 60 steps find the sphere (mean foreground Dice 0.46 measured, val 0.45): the floor is 7x
+    # the constant map's score.
+    assert result.test_summary["foreground_mean"]["dice"] > 0.3, result.test_summary
+    assert result.best_val_dice > 0.3
     assert (tmp_path / "r" / "test_metrics" / "metrics.csv").is_file()
 
 
@@ -77,12 +88,18 @@ def test_lr_schedule_over_steps_or_budget():
 @pytest.mark.parametrize("clock, expected", [("wall", "time budget"), ("cpu", "max steps")])
 def test_budget_clock_wall_counts_waiting_cpu_does_not(msd_dataset, tmp_path, monkeypatch, clock, expected):
     """A run that waits (a loaded machine, slow storage) spends wall budget but not CPU budget."""
-    import time
+    import types
 
+    from imgx3d.engine import trainer
+
+    clocks = types.SimpleNamespace(wall=0.0, cpu=0.0)  # injected: no real waiting, no busy-machine flakiness
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(monotonic=lambda: clocks.wall,
+                                                              process_time=lambda: clocks.cpu))
     real_step = Trainer.step
 
     def slow_step(self, batch):
-        time.sleep(0.4)  # no CPU used
+        clocks.wall += 0.4  # each step waits 0.4 s ...
+        clocks.cpu += 0.01  # ... and computes for 0.01 s
         return real_step(self, batch)
 
     monkeypatch.setattr(Trainer, "step", slow_step)
