@@ -56,16 +56,36 @@ def test_by_method_picks_on_validation_not_test():
         compare([good_val_bad_test], reference="nope")
 
 
-def test_outputs_and_plots_are_written(tmp_path):
-    runs = [record("unet", "unet", [0.8, 0.85, 0.9], 0.8), record("imgx", "imgx", [0.82, 0.8, 0.91], 0.81)]
+def test_outputs_and_plots_are_written(tmp_path, monkeypatch):
+    from imgx3d.engine import plots
+
+    runs = [record("unet", "unet", [0.8, 0.85, 0.9], 0.8, seconds=2.0),
+            record("imgx", "imgx", [0.82, 0.8, 0.91], 0.81, seconds=9.0)]
     result = compare(runs)
     write_csv(result, tmp_path / "table.csv", tmp_path / "paired.csv")
     header = (tmp_path / "table.csv").read_text().splitlines()[0]
     assert "dice organ,dice organ std" in header and "n_parameters" in header
     assert len((tmp_path / "paired.csv").read_text().splitlines()) == 1 + 3  # organ, vessel, mean
+
+    figures = {}
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.name, fig) and real_save(fig, path))
     for path in (metric_boxplots(runs, "dice", tmp_path / "box.png"), quality_vs_time(result, tmp_path / "t.png"),
                  validation_curves(runs, tmp_path / "v.png")):
         assert Image.open(path).size[0] > 200
+    # what is drawn is the data: one panel per class, one box per run with that run's median
+    organ, vessel = figures["box.png"].axes
+    assert organ.get_title() == "organ" and vessel.get_title() == "vessel"
+    medians = [line.get_ydata()[0] for line in organ.lines if len(line.get_xdata()) == 2
+               and line.get_xdata()[0] != line.get_xdata()[1] and line.get_color() in ("C1", "#ff7f0e", "orange")]
+    assert medians == pytest.approx([0.85, 0.82])
+    assert [t.get_text() for t in organ.get_xticklabels()] == ["unet", "imgx"]
+    [ax] = figures["t.png"].axes  # Dice against seconds, one point per run
+    points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines if line.get_marker() == "o"]
+    assert points == pytest.approx([(2.0, result.rows[0]["dice mean"][0]), (9.0, result.rows[1]["dice mean"][0])])
+    [ax] = figures["v.png"].axes
+    assert [list(line.get_xdata()) for line in ax.lines] == [[100, 200], [100, 200]]
+    assert [y for line in ax.lines for y in line.get_ydata()] == pytest.approx([0.7, 0.8, 0.71, 0.81])
 
 
 def test_overlay_montage_picks_slices_with_foreground(tmp_path):

@@ -149,4 +149,13 @@ def test_darl_runs_per_slice_on_volumes(msd_dataset, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     predictions = sorted((tmp_path / "run" / "test_predictions").glob("*.nii.gz"))
-    assert predictions and "test cases (2)" in proc.stdout, "scored in 3D on the native grid"
+    assert len(predictions) == 2 and "test cases (2)" in proc.stdout, "scored in 3D on the native grid"
+    import nibabel as nib
+
+    for path in predictions:  # every slice predicted, back on the input's own grid, in the file's label values
+        source = nib.load(str(msd_dataset / "imagesTr" / path.name))
+        pred = nib.load(str(path))
+        assert pred.shape == source.shape and np.allclose(pred.affine, source.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 2}, "class 1 written back as file value 2"
+    metrics = (tmp_path / "run" / "test_metrics" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 2 and all(",vessel," in row for row in metrics[1:])

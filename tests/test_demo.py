@@ -28,5 +28,23 @@ def test_demo_runs_end_to_end(tmp_path, capsys, method):
         img = nib.load(str(path))
         assert img.shape == DEMO_SHAPE
         np.testing.assert_allclose(img.affine, DEMO_AFFINE, atol=1e-5)
-    assert (tmp_path / "demo" / "evaluation" / "summary.json").is_file()
-    assert (tmp_path / "mlflow.db").is_file()
+    # the printed and saved evaluation is that of these predictions against the held-out labels
+    import json
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from imgx3d.data.demo import DEMO_LABELS
+    from imgx3d.engine.metrics import evaluate_folders
+
+    _, again = evaluate_folders(tmp_path / "demo" / "predictions", tmp_path / "demo" / "references", DEMO_LABELS)
+    saved = json.loads((tmp_path / "demo" / "evaluation" / "summary.json").read_text())
+    assert saved["foreground_mean"]["dice"] == pytest.approx(again["foreground_mean"]["dice"])
+    assert saved["cases"] == 2 and set(saved["per_class"]) == {"blob", "tube", "box"}
+    assert f"{again['foreground_mean']['dice']:.4f}" in out
+    for path in predictions:  # label values of the demo's classes only
+        assert set(np.unique(np.asarray(nib.load(str(path)).dataobj)).tolist()) <= set(DEMO_LABELS)
+    run_id = re.search(r"mlflow run (\w+)", out).group(1)
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/steps"] == 4
+    assert run.data.tags["method"] == method

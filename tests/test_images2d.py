@@ -159,7 +159,16 @@ def test_sdseg_trains_and_predicts_pngs_with_image(png_dataset, tmp_path, capsys
     config.write_text("dataset: discs\ndata: {mode: image, preset: none, mask_threshold: 127, labels: {1: disc}, "
                       "batch_size: 4, slices: {keep_empty: 1.0}, split: {test_fraction: 0.2, val_fraction: 0.15}}\n"
                       "train: {max_steps: 6, val_every: 6, checkpoint_every: 6, warmup_steps: 0}\n")
+    import torch
+
     assert main(["train", "--image", "--config", str(config), "--data", str(png_dataset), "--no-track",
                  "--run-dir", str(tmp_path / "run"), *TINY_SDSEG, "method.codec_steps=3"]) == 0
     assert "disc" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] == 6 and saved["config"]["method"].get("infer_steps", 1) == 1, "SDSeg's single step"
     assert "disc" in _predict_and_evaluate_pngs(tmp_path / "run", png_dataset, config, tmp_path / "pred", capsys)
+    # one deterministic step: predicting again gives the same masks
+    assert main(["predict", "--run", str(tmp_path / "run"), "--input", str(png_dataset / "image"), "--output",
+                 str(tmp_path / "again")]) == 0
+    for i in range(10):
+        assert (tmp_path / "pred" / f"{i}.png").read_bytes() == (tmp_path / "again" / f"{i}.png").read_bytes()

@@ -109,9 +109,20 @@ def test_eps_ablation_and_ensemble_and_misaligned_chain():
 def test_monai_diffusion_unet_backbone_trains():
     method = _method(backbone="diffusion_unet", channels=[8, 16], norm_num_groups=8, num_head_channels=8,
                      num_res_units=1)
-    loss = method.training_step(_batch(), 0)["loss/model"]
-    loss.backward()
-    assert torch.isfinite(loss)
+    batch = _batch()
+    optimizer = torch.optim.Adam(method.parameters(), lr=3e-3)
+    losses = []
+    for step in range(15):
+        torch.manual_seed(0)  # the same t and noise every step: the loss of one fixed sample
+        loss = method.training_step(batch, step)["loss/model"]
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, f"parameters outside the graph: {missing[:3]}"
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_time_unet_with_one_up_subunit_is_monai_unet_plus_time_conditioning():

@@ -25,14 +25,28 @@ def test_known_values_with_anisotropic_spacing():
 
 def test_evaluate_folders_writes_csv_and_summary(tmp_path):
     ref = np.zeros((10, 10, 10), np.uint8)
-    ref[2:6, 2:6, 2:6] = 1
-    for case in ("a", "b"):
+    ref[2:6, 2:6, 2:6] = 1  # 64 voxels
+    ref[7:9, 7:9, 7:9] = 2  # 8 voxels
+    half = ref.copy()
+    half[2:6, 2:6, 4:6] = 0  # case b: half the organ found (Dice 2*32/96), the vessel exactly
+    for case, pred in (("a", ref), ("b", half)):
         save_nifti(tmp_path / "ref" / f"{case}.nii.gz", ref)
-        save_nifti(tmp_path / "pred" / f"{case}.nii.gz", ref)
-    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {0: "bg", 1: "organ"}, tmp_path / "out")
-    assert len(rows) == 2 and summary["per_class"]["organ"]["dice"]["mean"] == 1.0
-    assert (tmp_path / "out" / "metrics.csv").read_text().count("\n") == 3
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["foreground_mean"]["dice"] == 1.0
+        save_nifti(tmp_path / "pred" / f"{case}.nii.gz", pred)
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {0: "bg", 1: "organ", 2: "vessel"},
+                                     tmp_path / "out")
+    assert len(rows) == 4
+    organ = summary["per_class"]["organ"]["dice"]
+    assert organ["mean"] == pytest.approx((1 + 2 / 3) / 2) and organ["std"] == pytest.approx(1 / 6)  # std over cases
+    assert summary["per_class"]["organ"]["iou"]["mean"] == pytest.approx((1 + 0.5) / 2)
+    assert summary["per_class"]["vessel"]["dice"] == {"mean": 1.0, "std": 0.0}
+    assert summary["foreground_mean"]["dice"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    csv_rows = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("case,class,name,dice") and len(csv_rows) == 5
+    assert [r.split(",")[:3] for r in csv_rows[1:]] == [["a", "1", "organ"], ["a", "2", "vessel"],
+                                                         ["b", "1", "organ"], ["b", "2", "vessel"]]
+    assert float(csv_rows[3].split(",")[3]) == pytest.approx(2 / 3)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["foreground_mean"]["dice"] == pytest.approx(summary["foreground_mean"]["dice"])
 
 
 def test_evaluate_refuses_grid_mismatch_and_missing_reference(tmp_path):

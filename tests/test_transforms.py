@@ -61,8 +61,10 @@ def test_patch_batches_are_a_function_of_step(msd_dataset):
                               batch_size=None, num_workers=2))
     other_seed = PatchBatches(items, transform, 2, seed=6, start_step=0, stop_step=1).batch(0)
     assert one[0]["image"].shape == (2, 1, 16, 16, 16) and one[0]["label"].shape == (2, 1, 16, 16, 16)
-    for a, b in zip(one[3:], resumed):
+    assert len(one) == 6 and len(resumed) == 3 and len(workers) == 6
+    for a, b in zip(one[3:], resumed, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-    for a, b in zip(one, workers):
-        assert torch.equal(a["image"], b["image"])
+    for a, b in zip(one, workers, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert not torch.equal(one[0]["image"], one[1]["image"]), "steps draw different patches"
     assert not torch.equal(one[0]["image"], other_seed["image"])
