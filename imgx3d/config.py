@@ -297,6 +297,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads the documented `on` / `off` (amp, streaming) as booleans
+            return "on" if value else "off"
     elif isinstance(value, tp):
         return value
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")

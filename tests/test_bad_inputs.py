@@ -406,6 +406,18 @@ def evaluate_without_matching_references(root, tmp, ckpt):
         f"{root / 'labelsTr'}: no reference for case 'other_name'"
 
 
+def too_few_cases_for_the_split(root, tmp, ckpt):
+    return _train(root, tmp, "data.split.test_fraction=0.95"), f"{root}: only 8 labelled cases; too few for the configured split"
+
+
+def more_folds_than_cases(root, tmp, ckpt):
+    return _train(root, tmp, "data.split.folds=9"), f"{root}: 8 labelled cases cannot make 9 folds"
+
+
+def device_not_on_this_machine(root, tmp, ckpt):
+    return [*_predict(ckpt, [_image(root)], tmp / "out"), "--device", "cuda:99"], "--device cuda:99: "
+
+
 def synth_with_a_segmenter_run(root, tmp, ckpt):
     return ["synth", "--run", str(ckpt), "--n", "2", "--output", str(tmp / "pairs_out")], \
         "method 'unet' does not generate image/mask pairs"
@@ -421,7 +433,8 @@ CASES = [truncated, wrong_magic, size_mismatch, four_d_label, two_d_file, zero_s
          absurd_header_in_dataset, truncated_gzip_stream, resume_without_last_pt, negative_workers, same_case_name_twice,
          output_is_a_file, truncated_checkpoint, run_folder_without_checkpoint, config_invalid_yaml, config_extends_loop,
          config_unknown_method, override_without_equals, config_method_key_unknown, dataset_folder_missing,
-         evaluate_without_matching_references, synth_with_a_segmenter_run]
+         evaluate_without_matching_references, synth_with_a_segmenter_run, too_few_cases_for_the_split,
+         more_folds_than_cases, device_not_on_this_machine]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

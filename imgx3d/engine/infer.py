@@ -38,7 +38,7 @@ from imgx3d.data.io import (
 from imgx3d.data.slices import predict_by_slices
 from imgx3d.data.transforms import GridMap, Preprocessor
 from imgx3d.engine.streaming import streaming_argmax
-from imgx3d.errors import CheckpointError, InputError, ResourceError
+from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
 from imgx3d.interrupts import raise_if_requested, requested
 from imgx3d.resources import available_device_bytes, available_host_bytes, gib
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
@@ -46,11 +46,22 @@ from imgx3d.methods.base import Method, Windowed, build_method, load_method_stat
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v1"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
+def resolve_device(name: str = "auto", what: str = "--device") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a device this machine lacks is a one-line error
+    naming ``what`` (the flag or config key that asked for it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{what} {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} {name}: no CUDA device is available here (this torch build: "
+                          f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU only'}); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          "use one of cuda:0 … or auto")
+    return device
 
 
 def make_window(cfg: InferConfig, patch_size: list[int], sw_device: torch.device | None = None,

@@ -186,7 +186,9 @@ class Trainer:
             params = [p for p in self.groups[group] if p.requires_grad]
             loss = out[f"loss/{group}"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss/{group} is {loss.item()} at step {self.state.step}; lower train.lr")
+                raise ConfigError(f"loss/{group} is {loss.item()} at step {self.state.step} of run {self.run_dir}; "
+                                  f"lower train.lr (now {self.cfg.train.lr:g}) or check the data for extreme values, "
+                                  "then train again (or --resume from its last.pt)")
             # backward (not autograd.grad): DDP's gradient averaging hooks fire as .grad is accumulated
             loss.backward(inputs=params, retain_graph=i < len(names) - 1)
             if self.cfg.train.grad_clip > 0:

@@ -179,7 +179,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     if cfg.data.mode == "image" and method.spatial_dims != 2:
         raise ConfigError(f"method '{cfg.method['name']}' is 3D; 2D images (--image) need a 2D method "
                           "(sdseg, vae, or unet with method.spatial_dims: 2)")
-    device = dist_device or resolve_device(cfg.train.device)
+    device = dist_device or resolve_device(cfg.train.device, "train.device")
     tracker: Tracker | NullTracker = NullTracker()
     if cfg.tracking.enabled and ctx.is_main:
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset,

@@ -1,0 +1,422 @@
+"""Flags and config keys users rely on, each with an exact expectation: test-time augmentation,
+``predict --overwrite / --device``, spatial augmentation, intensity presets, crops, pairs folders,
+window blending and size, LR schedules, gradient clipping, weight decay, the config's range
+checks, ``evaluate`` and ``compare`` options and errors, ``synth``'s folder check and seed, and a
+NaN loss."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from imgx3d.cli import main
+from imgx3d.config import DataConfig, InferConfig, load_config
+from imgx3d.data.catalog import find_cases
+from imgx3d.data.presets import normalize_intensity
+from imgx3d.data.transforms import GridMap, Preprocessor, train_transforms
+from imgx3d.engine import infer
+from imgx3d.engine.infer import Predictor, make_window, predict_probabilities
+from imgx3d.engine.trainer import lr_factor
+from imgx3d.errors import ConfigError
+from tests.conftest import TINY_OVERRIDES, save_nifti, write_msd_dataset
+
+
+class Pointwise(torch.nn.Module):
+    """A fake 3D segmenter whose class probabilities depend on each voxel's own intensity only:
+    mirroring its input mirrors its output, so flip-TTA done right changes nothing."""
+
+    spatial_dims, num_classes = 3, 2
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(torch.cat([x, -x], 1) * 3.0, 1)
+
+    def predict(self, image: torch.Tensor, window) -> torch.Tensor:
+        return window(self._probs, image)
+
+    def window_probabilities(self):
+        return self._probs
+
+
+def _ramp(shape=(12, 10, 8)) -> torch.Tensor:
+    """An image without mirror symmetry along any axis."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    return (0.3 * grid[0] - 0.2 * grid[1] + 0.1 * grid[2] ** 1.5 - 1.0)[None]
+
+
+def test_tta_flips_every_mirrored_prediction_back():
+    image, window = _ramp(), make_window(InferConfig(sw_batch_size=2), [8, 8, 8])
+    plain = predict_probabilities(Pointwise(), image, window)
+    tta = predict_probabilities(Pointwise(), image, window, tta_flips=[0, 1, 2])
+    torch.testing.assert_close(tta, plain, rtol=1e-5, atol=1e-6)
+    unflipped = (plain + plain.flip(1)) / 2  # what forgetting to flip back would give for tta_flips=[0]
+    assert not torch.allclose(predict_probabilities(Pointwise(), image, window, tta_flips=[0]), unflipped, atol=1e-3)
+
+
+def test_streaming_tta_mirrors_each_window_and_flips_it_back():
+    cfg = load_config(None, ["infer.tta_flips=[0,1,2]", "infer.streaming=on", "data.patch_size=[8,8,8]"])
+    predictor = Predictor(Pointwise(), cfg, {0: "bg", 1: "fg"}, 1, torch.device("cpu"))
+    image = _ramp()
+    labels = predictor._stream(image, cfg.infer)
+    expected = (image[0] < 0).long()  # class 1 where -x > x
+    assert torch.equal(labels.reshape(expected.shape), expected)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("options")
+    data = write_msd_dataset(root / "msd")
+    config = root / "cfg.yaml"
+    config.write_text("method: {name: unet}\n")
+    assert main(["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir", str(root / "run"),
+                 *TINY_OVERRIDES]) == 0
+    return root / "run", data
+
+
+def test_predict_tta_flag_mirrors_over_all_three_axes(run, tmp_path, monkeypatch):
+    seen = []
+    real = infer.predict_probabilities
+    monkeypatch.setattr(infer, "predict_probabilities",
+                        lambda method, image, window, tta_flips=(), slices=None:
+                        seen.append(list(tta_flips)) or real(method, image, window, tta_flips, slices))
+    folder, data = run
+    image = data / "imagesTr" / "case_0.nii.gz"
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "a")]) == 0
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "b"), "--tta"]) == 0
+    assert seen == [[], [0, 1, 2]]
+
+
+def test_predict_skips_existing_outputs_unless_overwrite(run, tmp_path):
+    folder, data = run
+    image = data / "imagesTr" / "case_0.nii.gz"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case_0.nii.gz").write_bytes(b"an earlier result")
+    argv = ["predict", "--run", str(folder), "--input", str(image), "--output", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    assert (out / "case_0.nii.gz").read_bytes() == b"an earlier result"
+    assert main([*argv, "--overwrite"]) == 0
+    assert nib.load(str(out / "case_0.nii.gz")).shape == (20, 24, 16)
+
+
+def test_predict_device_without_cuda_is_one_line(run, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    folder, data = run
+    for device, words in (("cuda", "no CUDA device is available"), ("tpu9", "not a device")):
+        code = main(["predict", "--run", str(folder), "--input", str(data / "imagesTr" / "case_0.nii.gz"),
+                     "--output", str(tmp_path / "out"), "--device", device])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"--device {device}: {words}" in err, err
+
+
+def test_spatial_augmentation_moves_image_and_label_together():
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.long)
+    label[0, 4:14, 6:18, 8:16] = 1
+    item = {"image": label.float() * 2 - 1, "label": label}
+    cfg = DataConfig(patch_size=[24, 24, 24], affine_prob=1.0, rotate_deg=25, scale_range=0.2, flip_axes=[0, 1, 2],
+                     intensity_aug=False, pos_fraction=1.0)
+    transform = train_transforms(cfg)
+    moved = 0
+    for seed in range(6):
+        transform.set_random_state(seed)
+        out = transform(dict(item))
+        out = out[0] if isinstance(out, list) else out
+        image, lab = torch.as_tensor(out["image"])[0], torch.as_tensor(out["label"])[0]
+        fg, bright = lab == 1, image > 0
+        dice = 2 * (fg & bright).sum() / (fg.sum() + bright.sum())
+        assert dice > 0.9, f"seed {seed}: image and label moved apart (Dice {dice:.2f})"
+        moved += int(not torch.equal(lab, label[0]))
+    assert moved >= 4, "the augmentation changed the geometry"
+
+
+def test_intensity_presets_and_their_keys():
+    rng = np.random.default_rng(0)
+    image = torch.zeros(1, 10, 10, 10)
+    image[0, 2:8, 2:8, 2:8] = torch.from_numpy(rng.normal(100, 20, (6, 6, 6)).astype(np.float32))
+    nonzero = normalize_intensity(image.clone(), DataConfig(preset="mri", mri_nonzero=True))
+    inside = nonzero[image != 0]
+    assert float(inside.mean()) == pytest.approx(0.0, abs=1e-4) and float(inside.std(unbiased=False)) == \
+        pytest.approx(1.0, abs=1e-3)
+    assert torch.all(nonzero[image == 0] == 0), "mri_nonzero leaves the background at 0"
+    whole = normalize_intensity(image.clone(), DataConfig(preset="mri"))
+    assert float(whole.mean()) == pytest.approx(0.0, abs=1e-4) and float(whole[image == 0][0]) < -0.5
+    pct = normalize_intensity(image.clone(), DataConfig(preset="mri", mri_norm="percentile",
+                                                        mri_percentiles=[10.0, 90.0]))
+    low, high = np.percentile(image.numpy(), [10, 90])
+    expected = np.clip((image.numpy() - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(pct.numpy(), expected, atol=1e-5)
+    assert float(pct.min()) == 0.0 and float(pct.max()) == 1.0
+
+
+def test_training_patches_without_intensity_augmentation_are_crops_of_the_image():
+    image = torch.rand(1, 20, 20, 20)
+    label = (image > 0.5).long()
+    cfg = DataConfig(patch_size=[8, 8, 8], flip_axes=[], intensity_aug=False)
+    out = train_transforms(cfg)({"image": image, "label": label})
+    patch = torch.as_tensor((out[0] if isinstance(out, list) else out)["image"])
+    assert set(patch.flatten().tolist()) <= set(image.flatten().tolist())
+    cfg_aug = DataConfig(patch_size=[8, 8, 8], flip_axes=[], intensity_aug=True)
+    changed = 0
+    for seed in range(5):
+        transform = train_transforms(cfg_aug)
+        transform.set_random_state(seed)
+        out = transform({"image": image, "label": label})
+        patch = torch.as_tensor((out[0] if isinstance(out, list) else out)["image"])
+        changed += int(not set(patch.flatten().tolist()) <= set(image.flatten().tolist()))
+    assert changed >= 1, "intensity_aug: true changes intensities"
+
+
+def test_air_crop_keeps_the_box_plus_margin():
+    array = np.zeros((1, 30, 30, 20), np.float32)
+    array[0, 10:15, 8:20, 5:9] = 100.0
+    volume = type("V", (), {"affine": np.eye(4), "spatial_shape": (30, 30, 20), "array": array,
+                            "spacing": (1.0, 1.0, 1.0)})()
+    grid = Preprocessor(DataConfig(crop_air=0.5, crop_margin=3)).grid_map(volume)
+    assert grid.crop == ((7, 18), (5, 23), (2, 12))
+    assert grid.model_shape == (11, 18, 10)
+    assert Preprocessor(DataConfig(crop_air=0.5, crop_margin=0)).grid_map(volume).crop == ((10, 15), (8, 20), (5, 9))
+    assert Preprocessor(DataConfig()).grid_map(volume).crop is None
+    uncut = GridMap((30, 30, 20), np.array([[0, 1], [1, 1], [2, 1]]), (30, 30, 20), (11, 18, 10),
+                    ((7, 18), (5, 23), (2, 12))).uncut(torch.ones(1, 11, 18, 10))
+    assert int(uncut.sum()) == 11 * 18 * 10 and uncut[0, 6, 5, 2] == 0 and uncut[0, 7, 5, 2] == 1
+
+
+def test_pairs_layout_with_named_image_and_label_folders(tmp_path):
+    for folder in ("scans", "truth", "images"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        save_nifti(tmp_path / "scans" / f"p{i}.nii.gz", np.random.default_rng(i).random((6, 6, 4)).astype(np.float32))
+        save_nifti(tmp_path / "truth" / f"p{i}.nii.gz", (np.arange(144).reshape(6, 6, 4) % 2).astype(np.uint8))
+    save_nifti(tmp_path / "images" / "decoy.nii.gz", np.ones((6, 6, 4), np.float32))  # a common name, not chosen
+    cfg = DataConfig(layout="pairs", image_dir="scans", label_dir="truth", labels={0: "bg", 1: "fg"})
+    catalog = find_cases(tmp_path, cfg)
+    assert [c.case_id for c in catalog.cases] == ["p0", "p1", "p2"]
+    assert all(c.images[0].parent.name == "scans" and c.label.parent.name == "truth" for c in catalog.cases)
+
+
+def test_window_blend_and_roi_size():
+    calls = []
+
+    def fn(x):
+        calls.append(tuple(x.shape[2:]))
+        return torch.full((x.shape[0], 1, *x.shape[2:]), float(len(calls)))  # each window its own constant
+
+    image = torch.zeros(1, 1, 12, 8, 8)
+    constant = make_window(InferConfig(blend="constant", sw_batch_size=1, overlap=0.5), [8, 8, 8])(fn, image)
+    assert set(calls) == {(8, 8, 8)} and len(calls) == 2  # windows at x = 0 and 4 (scan interval 4)
+    # constant blending: where the two windows overlap (x = 4 … 7), the plain mean of their values
+    assert [float(constant[0, 0, x, 0, 0]) for x in (0, 5, 10)] == pytest.approx([1.0, 1.5, 2.0])
+    calls.clear()
+    gaussian = make_window(InferConfig(blend="gaussian", sw_batch_size=1, overlap=0.5), [8, 8, 8])(fn, image)
+    assert not torch.allclose(gaussian, constant), "gaussian blending weighs window centres more"
+    calls.clear()
+    make_window(InferConfig(roi_size=[4, 4, 4], sw_batch_size=1, overlap=0.0), [8, 8, 8])(fn, image)
+    assert set(calls) == {(4, 4, 4)} and len(calls) == 3 * 2 * 2, "infer.roi_size wins over data.patch_size"
+
+
+def test_poly_schedule_and_constant():
+    cfg = load_config(None, ["train.scheduler=poly", "train.max_steps=100", "train.lr=1.0", "train.min_lr=0.0"]).train
+    for step in (0, 30, 75):
+        assert lr_factor(cfg, step, 0.0) == pytest.approx((1 - step / 100) ** 0.9)
+    cfg.min_lr = 0.05
+    assert lr_factor(cfg, 99, 0.0) == pytest.approx(0.05), "poly never goes below min_lr"
+    cfg.scheduler = "constant"
+    assert lr_factor(cfg, 99, 0.0) == 1.0
+
+
+def test_grad_clip_and_weight_decay_reach_the_optimiser(msd_dataset, tmp_path, monkeypatch):
+    from imgx3d.engine.trainer import Trainer
+    from imgx3d.engine.workflow import train_run
+
+    norms, decays = [], []
+    real_clip, real_step = torch.nn.utils.clip_grad_norm_, Trainer.step
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = real_clip(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        norms.append((float(total), float(after), max_norm))
+        return total
+
+    def step(self, batch):
+        decays.extend(g["weight_decay"] for o in self.optimizers.values() for g in o.param_groups)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(Trainer, "step", step)
+    cfg = load_config(None, ["method.name=unet", "tracking.enabled=false", *TINY_OVERRIDES, "train.max_steps=3",
+                             "train.grad_clip=0.01", "train.weight_decay=0.123", "train.lr=0.1"])
+    train_run(cfg, msd_dataset, tmp_path / "r", test_at_end=False)
+    assert len(norms) == 3 and all(m == 0.01 for _, _, m in norms)
+    assert all(total > 0.01 and after == pytest.approx(0.01, rel=1e-3) for total, after, _ in norms)
+    assert decays and set(decays) == {0.123}
+    norms.clear()
+    cfg.train.grad_clip = 0.0
+    train_run(cfg, msd_dataset, tmp_path / "off", test_at_end=False)
+    assert norms == [], "grad_clip: 0 turns clipping off"
+
+
+BAD_VALUES = [
+    ("data.mode=slices", "data.mode"), ("data.color=cmyk", "data.color"), ("data.layout=bids", "data.layout"),
+    ("data.preset=pet", "data.preset"), ("data.crop_air=1.5", "data.crop_air"), ("data.crop_margin=-1", "data.crop_margin"),
+    ("data.mri_norm=minmax", "data.mri_norm"), ("data.ct_window=[300,-100]", "data.ct_window"),
+    ("data.patch_size=[16,16]", "data.patch_size"), ("data.patch_size=[16,0,16]", "data.patch_size"),
+    ("data.slices.axis=3", "data.slices.axis"), ("data.slices.size=[32]", "data.slices.size"),
+    ("data.slices.keep_empty=2", "data.slices.keep_empty"), ("data.slices.percentiles=[90,10]", "data.slices.percentiles"),
+    ("data.slices.predict_batch=0", "data.slices.predict_batch"), ("data.spacing=[1,1,0]", "data.spacing"),
+    ("data.batch_size=0", "data.batch_size"), ("data.extra_fraction=1.5", "data.extra_fraction"),
+    ("data.flip_axes=[3]", "data.flip_axes"), ("data.affine_prob=-0.1", "data.affine_prob"),
+    ("data.scale_range=1.0", "data.scale_range"), ("data.num_workers=-1", "data.num_workers"),
+    ("data.split.test_fraction=1.0", "data.split.test_fraction"), ("data.split.val_fraction=-0.1", "data.split.val_fraction"),
+    ("data.split.folds=1", "data.split.folds"), ("data.split.max_train=-2", "data.split.max_train"),
+    ("data.label_map={0: 1, 255: 1}", "data.label_map"),
+    ("train.max_steps=0", "train.max_steps"), ("train.max_minutes=-1", "train.max_minutes"),
+    ("train.optimizer=lion", "train.optimizer"), ("train.betas=[0.9,1.0]", "train.betas"), ("train.lr=0", "train.lr"),
+    ("train.scheduler=step", "train.scheduler"), ("train.schedule_over=epochs", "train.schedule_over"),
+    ("train.budget_clock=gpu", "train.budget_clock"), ("train.amp=maybe", "train.amp"),
+    ("train.val_every=0", "train.val_every"), ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.patience=-1", "train.patience"), ("infer.overlap=1.0", "infer.overlap"),
+    ("infer.sw_batch_size=0", "infer.sw_batch_size"), ("infer.blend=median", "infer.blend"),
+    ("infer.streaming=maybe", "infer.streaming"), ("infer.roi_size=[8,8]", "infer.roi_size"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD_VALUES, ids=[k for _, k in BAD_VALUES])
+def test_out_of_range_config_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
+        load_config(None, [override])
+
+
+def test_evaluate_labels_nsd_tolerance_and_overlays(tmp_path, capsys):
+    ref = np.zeros((16, 16, 8), np.uint8)
+    ref[3:9, 3:9, 2:6] = 1
+    ref[10:14, 10:14, 2:6] = 2
+    pred = ref.copy()
+    pred[3:9, 3:9, 6] = 1  # one extra slice of class 1, 2 mm away (z spacing 2)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    save_nifti(tmp_path / "ref" / "c.nii.gz", ref, affine)
+    save_nifti(tmp_path / "pred" / "c.nii.gz", pred, affine)
+    save_nifti(tmp_path / "img" / "c.nii.gz", ref.astype(np.float32) * 10, affine)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--labels", "1",
+                 "--output", str(tmp_path / "only1")]) == 0
+    rows = (tmp_path / "only1" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("c,1,label_1,")
+    nsd = {}
+    for tolerance in ("1", "2.5"):
+        assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--labels", "1",
+                     "--nsd-tolerance", tolerance, "--output", str(tmp_path / tolerance)]) == 0
+        nsd[tolerance] = float((tmp_path / tolerance / "metrics.csv").read_text().splitlines()[1].split(",")[-1])
+    assert nsd["1"] < 1.0 and nsd["2.5"] == 1.0, "a 2 mm surface error is inside 2.5 mm, not inside 1 mm"
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--overlay",
+                 str(tmp_path / "ov"), "--images", str(tmp_path / "img"), "--output", str(tmp_path / "all")]) == 0
+    assert "1 overlay(s)" in capsys.readouterr().out
+    from PIL import Image
+
+    picture = np.asarray(Image.open(tmp_path / "ov" / "c.png").convert("RGB"))
+    assert picture.std() > 10, "a montage with image and contours, not a blank page"
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> str:
+    """Two finished U-Net runs (different seeds) with test metrics in experiment 'opts'."""
+    root = tmp_path_factory.mktemp("experiment")
+    data = write_msd_dataset(root / "msd")
+    config = root / "cfg.yaml"
+    config.write_text("dataset: opts\nmethod: {name: unet}\n")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    for seed in (0, 1):
+        assert main(["train", "--config", str(config), "--data", str(data), "--run-dir", str(root / f"s{seed}"),
+                     "--tracking-uri", uri, "--seed", str(seed), *TINY_OVERRIDES]) == 0
+    return uri
+
+
+def test_compare_runs_metric_hd95_and_by_method(experiment, tmp_path, capsys):
+    client = MlflowClient(tracking_uri=experiment)
+    runs = client.search_runs([client.get_experiment_by_name("opts").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"s0", "s1"}
+    assert main(["compare", "--tracking-uri", experiment, "--experiment", "opts", "--runs", "s1", "--metric", "hd95",
+                 "--no-log", "--output", str(tmp_path / "one")]) == 0
+    table = (tmp_path / "one" / "table.md").read_text()
+    assert "| s1 |" in table and "| s0 |" not in table and "hd95" in table
+    capsys.readouterr()
+    assert main(["compare", "--tracking-uri", experiment, "--experiment", "opts", "--metric", "hd95", "--no-log",
+                 "--output", str(tmp_path / "both")]) == 0
+    lines = (tmp_path / "both" / "table.md").read_text().split("\n\n")[0].splitlines()  # the table, not the tests
+    column = [c.strip() for c in lines[0].split("|")].index("hd95 mean")
+    rows = [line for line in lines if line.startswith("| s")]
+    hd95 = {r.info.run_name: r.data.metrics["test/hd95_mean"] for r in runs}
+    lower = min(hd95, key=hd95.get)
+    if hd95["s0"] != hd95["s1"]:  # lower is better: the smaller HD95 mean is the bold one
+        mean_cells = {row.split("|")[1].strip(): row.split("|")[column].strip() for row in rows}
+        assert mean_cells[lower].startswith("**"), mean_cells
+    assert main(["compare", "--tracking-uri", experiment, "--experiment", "opts", "--by", "method", "--no-log",
+                 "--output", str(tmp_path / "method")]) == 0
+    best = max(runs, key=lambda r: r.data.metrics["val/best_dice_mean"]).info.run_name
+    method_rows = [line for line in (tmp_path / "method" / "table.md").read_text().split("\n\n")[0].splitlines()
+                   if line.startswith("| s")]
+    assert len(method_rows) == 1 and method_rows[0].startswith(f"| {best} |"), "one row per method: best validation"
+
+
+def test_compare_errors_are_one_line(experiment, tmp_path, capsys):
+    MlflowClient(tracking_uri=experiment).create_experiment("empty")
+    for argv, words in ((["--experiment", "nope"], "experiment 'nope' not found"),
+                        (["--experiment", "empty"], "experiment 'empty' has no finished runs with test metrics"),
+                        (["--experiment", "opts", "--runs", "s0", "ghost"], "run 'ghost' is not a finished run")):
+        code = main(["compare", "--tracking-uri", experiment, *argv, "--no-log", "--output", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_synth_refuses_a_foreign_folder_and_its_seed_changes_the_pairs(msd_dataset, tmp_path, capsys):
+    from tests.test_pig import SLICES, TINY_CLI
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["train", "--config", str(configs / "hippocampus" / "pig.yaml"), "--data", str(msd_dataset),
+                 "--run-dir", str(tmp_path / "pig"), "--no-track", *TINY_CLI, *SLICES, "train.max_steps=2",
+                 "train.val_every=2"]) == 0
+    foreign = tmp_path / "my_data"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    common = ["synth", "--run", str(tmp_path / "pig"), "--n", "2", "--batch", "2", "--steps", "2"]
+    capsys.readouterr()
+    assert main([*common, "--output", str(foreign)]) == 2
+    assert f"{foreign}: not empty and not an imgx3d synth folder" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["precious.txt"]
+
+    def pairs(seed: int) -> bytes:
+        out = tmp_path / f"seed{seed}"
+        assert main([*common, "--seed", str(seed), "--output", str(out)]) == 0
+        return np.asarray(nib.load(str(out / "imagesTr" / "synth_00000.nii.gz")).dataobj).tobytes()
+
+    assert pairs(0) != pairs(1)
+    shutil.rmtree(tmp_path / "seed0")
+    assert pairs(0) == pairs(0 + 0), "the same seed writes the same pair"
+
+
+def test_a_nan_loss_is_one_line_naming_the_step_and_the_fix(msd_dataset, tmp_path, monkeypatch, capsys):
+    from imgx3d.methods.unet import UNetMethod
+
+    real = UNetMethod.training_step
+
+    def nan_at_step_2(self, batch, step):
+        out = real(self, batch, step)
+        return {**out, "loss/model": out["loss/model"] * float("nan")} if step == 2 else out
+
+    monkeypatch.setattr(UNetMethod, "training_step", nan_at_step_2)
+    config = tmp_path / "cfg.yaml"
+    config.write_text("method: {name: unet}\n")
+    code = main(["train", "--no-track", "--config", str(config), "--data", str(msd_dataset), "--run-dir",
+                 str(tmp_path / "run"), *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "loss/model is nan at step 2" in err and "lower train.lr" in err
+
