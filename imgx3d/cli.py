@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config's method are kept), e.g. --method vae to train the codec an sdseg config describes")
     p.add_argument("--seed", type=int, help="seed of Python, NumPy, torch and the patch sampler")
     p.add_argument("--run-dir", help="output folder of the run (default runs/<dataset>/<method>-<time>)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device; under torchrun each rank takes its "
+                   "own GPU)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--experiment", help="mlflow experiment (default: the config's dataset name)")
     p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
@@ -59,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="threads reading the next cases while one is predicted, "
                    "results written behind it (0, the default: one case at a time; pays off when reading is slow "
                    "and cores are free)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (infer.sw_batch_size; larger is faster "
+                   "on a GPU with memory to spare)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap fraction (infer.overlap, nnU-Net: 0.5)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision of the network (infer.precision; auto: bf16/fp16 on CUDA, fp32 on CPU)")
     _add_tracking(p)
 
     p = sub.add_parser("synth", help="generate image/mask pairs with a generator run (pig, siamese) as a dataset")
@@ -117,6 +124,8 @@ def _load(args: argparse.Namespace):
     overrides = list(args.overrides)
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={args.device}")
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if getattr(args, "experiment", None):
@@ -166,6 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from imgx3d.config import validate
     from imgx3d.engine.infer import Predictor, predict_to_folder
     from imgx3d.engine.workflow import load_predictor
 
@@ -175,6 +185,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.run, args.tracking_uri or "sqlite:///mlflow.db", args.device)
     if args.tta:
         predictor.config.infer.tta_flips = [0, 1, 2]
+    for flag, key in (("sw_batch_size", "sw_batch_size"), ("overlap", "overlap"), ("precision", "precision")):
+        if getattr(args, flag) is not None:
+            setattr(predictor.config.infer, key, getattr(args, flag))
+    validate(predictor.config)  # --sw-batch-size 0, --overlap 1.5: the config's own one-line errors
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: must be >= 0")
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,

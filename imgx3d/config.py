@@ -22,6 +22,7 @@ import yaml
 from imgx3d.errors import ConfigError
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
 
 
@@ -167,7 +168,11 @@ class TrainConfig:
             (anneal over whichever ends first, steps or ``max_minutes``: a budgeted run always
             finishes its schedule, whatever the machine's speed).
         grad_clip: max gradient norm per parameter group; 0 = off.
-        amp: mixed precision: ``auto`` (on for CUDA only), ``on`` or ``off``.
+        precision: ``auto`` (bf16 on GPUs with bf16 tensor cores, compute capability 8.0 and up;
+            fp16 with a gradient scaler below that; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``.
+            The diffusion arithmetic (``q_sample``, posteriors) stays fp32 whatever the setting.
+        amp: the setting ``precision`` replaced, kept so that older configs load: ``off`` means
+            ``precision: fp32``, ``on`` means ``precision: auto``; ``auto`` defers to ``precision``.
         val_every: validate on whole volumes every N steps.
         val_cases: at most this many validation volumes per validation (0 = all).
         patience: early stopping after N validations without improvement; 0 = off.
@@ -187,6 +192,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr: float = 1e-6
     grad_clip: float = 1.0
+    precision: str = "auto"
     amp: str = "auto"
     val_every: int = 200
     val_cases: int = 0
@@ -209,6 +215,9 @@ class InferConfig:
             (``imgx3d.engine.streaming``): ``on``, ``off``, or ``auto`` (when those maps would
             exceed ``streaming_above_gib``). With TTA, streaming mirrors each window, not the volume.
         streaming_above_gib: the ``auto`` threshold in GiB of float32 probabilities.
+        precision: the networks' autocast precision at inference, as ``train.precision``
+            (``auto``: bf16 / fp16 on CUDA by compute capability, fp32 on the CPU); probabilities
+            are blended and returned in fp32.
     """
 
     roi_size: list[int] = field(default_factory=list)
@@ -218,6 +227,7 @@ class InferConfig:
     tta_flips: list[int] = field(default_factory=list)
     streaming: str = "auto"
     streaming_above_gib: float = 1.0
+    precision: str = "auto"
 
 
 @dataclass
@@ -449,6 +459,7 @@ def validate(cfg: Config) -> None:
     _check(t.schedule_over in ("steps", "budget"), "train.schedule_over", "must be steps or budget")
     _check(t.budget_clock in ("wall", "cpu"), "train.budget_clock", "must be wall or cpu")
     _check(t.amp in ("auto", "on", "off"), "train.amp", "must be auto, on or off")
+    _check(t.precision in PRECISIONS, "train.precision", "must be auto, fp32, bf16 or fp16")
     _check(t.val_every >= 1, "train.val_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.patience >= 0, "train.patience", "must be >= 0")
@@ -456,6 +467,7 @@ def validate(cfg: Config) -> None:
     _check(i.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
     _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")
     _check(i.streaming in ("auto", "on", "off"), "infer.streaming", "must be auto, on or off")
+    _check(i.precision in PRECISIONS, "infer.precision", "must be auto, fp32, bf16 or fp16")
     _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
     _check(isinstance(cfg.method.get("name"), str), "method.name", "must name a method (e.g. unet)")
 

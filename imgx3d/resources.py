@@ -1,4 +1,4 @@
-"""How much memory the machine has free, and sizes in words a user reads.
+"""What the machine offers: free memory (host, GPU), the precision its GPU computes fast, sizes in words.
 
 Read by the volume reader (refuse a file that cannot fit before allocating it) and by the
 predictor (estimate a prediction's memory before running it). Linux reports free host
@@ -55,3 +55,31 @@ def available_device_bytes(device: torch.device) -> int | None:
 def gib(n_bytes: float) -> str:
     """``1.5 GiB``: a size as a user reads it."""
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def choose_precision(setting: str, device: torch.device, capability: tuple[int, int] | None = None
+                     ) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` / ``infer.precision`` on ``device`` (None: fp32).
+
+    ``auto``: bf16 where the GPU has bf16 tensor cores (compute capability 8.0, Ampere, and up),
+    fp16 (with a gradient scaler in training) below that: ``torch.cuda.is_bf16_supported()``
+    also answers yes on V100 / T4 / RTX 20xx, where bf16 is emulated and cuDNN has no bf16
+    convolutions. fp32 on the CPU, where autocast buys little for convolutions.
+
+    Args:
+        capability: the CUDA compute capability (default: asked of ``device``).
+    """
+    if setting != "auto":
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+    if device.type != "cuda":
+        return None
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if (major, minor) >= (8, 0) else torch.float16
+
+
+def device_tags(device: torch.device, precision: torch.dtype | None) -> dict[str, str]:
+    """mlflow tags that say where a run computed, so that comparisons never mix CPU and GPU
+    timings unawares: device, GPU name, torch and CUDA versions, precision."""
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "cpu", "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "none",
+            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision]}

@@ -52,6 +52,17 @@ def test_image_pool_mixes_history_and_survives_the_state_dict():
     assert [float(i) for i in restored.images] == [float(i) for i in pool.images]
 
 
+def test_a_restored_image_pool_follows_the_fakes_device_and_dtype():
+    """--resume on a GPU: the pool comes back from the checkpoint on the CPU while the fakes are on
+    the method's device; what it hands out must be on the fakes' device (here: their dtype)."""
+    torch.manual_seed(1)
+    restored = ImagePool(2)
+    restored.set_extra_state([torch.zeros(1, 2, 2, dtype=torch.float64), torch.ones(1, 2, 2, dtype=torch.float64)])
+    fakes = torch.full((32, 1, 2, 2), 5.0, dtype=torch.float32)
+    out = restored.query(fakes)
+    assert out.dtype == torch.float32 and out.device == fakes.device
+    assert (out != 5).any(), "stored images were mixed in"
+
 def test_polyphase_split_and_merge_are_inverse():
     x = torch.arange(2 * 8 * 6.0).reshape(1, 2, 8, 6)
     parts = polyphase_split(x)

@@ -97,3 +97,21 @@ def test_sample_runs_the_hand_computed_chain_from_t4_down_to_t0(sampler):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=f"x_t seen at t={t}")
     torch.testing.assert_close(out, model(expected[-1][1], 0))
     assert not torch.allclose(seen[1][1], seen[0][1]), "the chain moved"
+
+
+def test_diffusion_arithmetic_runs_in_fp32_for_bf16_inputs():
+    """Under autocast the latent methods' x0 and noise arrive in bf16; z_t must not be quantised."""
+    s = make_schedule("linear", 1000)
+    t = torch.arange(0, 1000, 5)  # 200 steps, the small t values included
+    x0 = (torch.linspace(-1, 1, 200)[:, None] * torch.ones(1, 8)).bfloat16()
+    noise = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    z_t = s.q_sample(x0, t, noise)
+    assert z_t.dtype == torch.float32
+    ab = s.alpha_bar[t].float()[:, None]
+    torch.testing.assert_close(z_t, ab.sqrt() * x0.float() + (1 - ab).sqrt() * noise.float())
+    assert bool(torch.all((z_t - x0.float()).abs().amax(1) > 0)), "every t adds noise"
+    eps = s.eps_from_x0(z_t.bfloat16(), t, x0)
+    assert eps.dtype == torch.float32 and s.x0_from_eps(z_t.bfloat16(), t, eps.bfloat16()).dtype == torch.float32
+    mean, variance = s.posterior(x0, z_t.bfloat16(), t)
+    assert mean.dtype == variance.dtype == torch.float32
+    assert s.q_sample(x0.double(), t, noise.double()).dtype == torch.float64, "fp64 stays fp64"

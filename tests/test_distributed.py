@@ -119,3 +119,18 @@ def test_more_processes_than_training_cases_is_a_one_line_error(msd_dataset, tmp
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "cannot be shared by 2 processes" in proc.stderr
+
+
+def test_collectives_run_on_the_backends_device(monkeypatch):
+    """NCCL cannot reduce a CPU tensor (multi-GPU training died at its first logged step)."""
+    from imgx3d.engine import distributed
+
+    assert distributed.collective_device("nccl", 1) == torch.device("cuda", 1)
+    assert distributed.collective_device("gloo") == torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(distributed, "collective_device",
+                        lambda backend, index=None: seen.append(backend) or torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor: seen.append(tensor.device) or tensor.mul_(2))
+    out = distributed.DistContext(rank=0, world_size=2).mean({"loss": 1.5, "dice": 0.25})
+    assert seen == ["nccl", torch.device("cpu")] and out == {"loss": 1.5, "dice": 0.25}

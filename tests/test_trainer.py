@@ -106,3 +106,52 @@ def test_budget_clock_wall_counts_waiting_cpu_does_not(msd_dataset, tmp_path, mo
     result = train_run(_cfg("train.max_steps=4", "train.max_minutes=0.01", f"train.budget_clock={clock}",
                             "data.num_workers=0"), msd_dataset, tmp_path / clock, test_at_end=False)
     assert result.stop_reason == expected
+
+
+def test_precision_is_a_function_of_the_setting_and_the_gpu():
+    from imgx3d.resources import choose_precision
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert choose_precision("auto", cuda, (7, 0)) is torch.float16    # V100: bf16 only emulated
+    assert choose_precision("auto", cuda, (7, 5)) is torch.float16    # T4, RTX 20xx
+    assert choose_precision("auto", cuda, (8, 0)) is torch.bfloat16   # A100
+    assert choose_precision("auto", cuda, (9, 0)) is torch.bfloat16   # H100 / H200
+    assert choose_precision("auto", cpu) is None
+    assert choose_precision("fp32", cuda, (9, 0)) is None
+    assert choose_precision("bf16", cpu) is torch.bfloat16 and choose_precision("fp16", cpu) is torch.float16
+
+
+def test_fp16_trains_through_a_gradient_scaler_saved_in_checkpoints(msd_dataset, tmp_path, monkeypatch):
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(self.is_enabled())
+                        or real_scale(self, loss))
+    train_run(_cfg("train.precision=fp16"), msd_dataset, tmp_path / "fp16", test_at_end=False)
+    ckpt = torch.load(tmp_path / "fp16" / "last.pt", weights_only=False)
+    assert scaled == [True] * 6 and ckpt["grad_scaler"]["scale"] > 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    scaled.clear()
+    train_run(_cfg("train.precision=auto"), msd_dataset, tmp_path / "cpu", test_at_end=False)  # CPU: fp32
+    assert scaled == [False] * 6 and not torch.load(tmp_path / "cpu" / "last.pt", weights_only=False)["grad_scaler"]
+
+
+def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from imgx3d.engine.infer import Predictor
+
+    validated, loaded = [], []
+    real_validate, real_load = Trainer.validate, Predictor.from_checkpoint.__func__
+    monkeypatch.setattr(Trainer, "validate", lambda self, cases, labels: validated.append(len(cases))
+                        or real_validate(self, cases, labels))
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, path, device="auto": loaded.append(device)
+                                                                  or real_load(cls, path, device)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["method.name=unet", f"tracking.uri={uri}", *TINY_OVERRIDES, "data.split.val_fraction=0.5",
+                             "train.val_cases=2", "train.device=cpu"])
+    result = train_run(cfg, msd_dataset, tmp_path / "r")
+    assert validated == [2, 2], "3 validation cases in the split, train.val_cases=2 of them validated"
+    assert loaded == ["cpu"], "the test split is scored on the training's device"
+    tags = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags
+    assert tags["device"] == "cpu" and tags["device_name"] == "cpu" and tags["precision"] == "fp32"
+    assert tags["torch_version"] == torch.__version__ and tags["cuda_version"] == (torch.version.cuda or "none")

@@ -67,8 +67,14 @@ def resample_betas(betas: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, t
 
 
 def value_at_steps(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] shaped to broadcast over ``like`` (B, C, ...), in ``like``'s dtype/device."""
-    out = values.to(like.device)[t.to(like.device)].to(like.dtype)
+    """values[t] shaped to broadcast over ``like`` (B, C, ...), on its device, in fp32 at least.
+
+    Diffusion arithmetic never runs below fp32: in bf16 (autocast), sqrt(1 − ᾱ_t) of the
+    small t values rounds to 0 and x_t loses its noise. An fp32 (or fp64) coefficient makes
+    every ``q_sample`` / ``x0_from_eps`` / posterior product fp32 by type promotion.
+    """
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    out = values.to(like.device)[t.to(like.device)].to(dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 

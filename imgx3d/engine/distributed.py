@@ -25,6 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 COLLECTIVE_TIMEOUT = timedelta(hours=3)
 
 
+def collective_device(backend: str, cuda_index: int | None = None) -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces on this rank's GPU, gloo on the CPU."""
+    if backend == "nccl":
+        return torch.device("cuda", cuda_index if cuda_index is not None else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands in a (possibly one-process) training job."""
@@ -64,9 +71,10 @@ class DistContext:
         if not self.enabled or not scalars:
             return scalars
         keys = sorted(scalars)
-        values = torch.tensor([scalars[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([scalars[k] for k in keys], dtype=torch.float64,
+                              device=collective_device(dist.get_backend()))
         dist.all_reduce(values)
-        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
+        return {k: float(v) / self.world_size for k, v in zip(keys, values.cpu())}
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""

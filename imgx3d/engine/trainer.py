@@ -31,7 +31,7 @@ from imgx3d.engine.metrics import score_case
 from imgx3d.engine.tracking import NullTracker, Tracker
 from imgx3d.errors import ConfigError, Interrupted, ResourceError
 from imgx3d.interrupts import requested, signal_name
-from imgx3d.resources import gib
+from imgx3d.resources import choose_precision, gib
 from imgx3d.methods.base import Method, load_method_state
 
 
@@ -106,10 +106,20 @@ class Trainer:
         self.training_step = self.dist.wrap(method.training_step, method, self.device)
         self.groups = method.parameter_groups()
         self.optimizers = {g: make_optimizer(p, cfg.train) for g, p in self.groups.items()}
-        amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if amp else None
+        setting = "fp32" if cfg.train.amp == "off" else cfg.train.precision
+        self.autocast_dtype = choose_precision(setting, self.device)
+        # fp16 gradients underflow without loss scaling; disabled (a no-op) for every other precision
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.state = TrainState()
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
+
+    def release(self) -> None:
+        """Free the device memory training held (weights, optimiser states) once ``best.pt`` is written:
+        the test split is predicted from that checkpoint, not from this copy."""
+        self.optimizers.clear()
+        self.method.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, weights_only: bool = False) -> dict[str, Any]:
@@ -125,6 +135,7 @@ class Trainer:
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             ckpt.update({
                 "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
+                "grad_scaler": self.scaler.state_dict(),
                 "train_state": vars(self.state).copy(),
                 "rng_ranks": self.dist.gather(rng),
             })
@@ -147,6 +158,8 @@ class Trainer:
         load_method_state(self.method, ckpt["model"], str(self.run_dir / "last.pt"))
         for g, o in self.optimizers.items():
             o.load_state_dict(ckpt["optimizers"][g])
+        if ckpt.get("grad_scaler"):
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.state = TrainState(**ckpt["train_state"])
         ranks = ckpt["rng_ranks"] if "rng_ranks" in ckpt else [ckpt["rng"]]  # "rng": before torchrun support
         if len(ranks) != self.dist.world_size:
@@ -190,11 +203,13 @@ class Trainer:
                                   f"lower train.lr (now {self.cfg.train.lr:g}) or check the data for extreme values, "
                                   "then train again (or --resume from its last.pt)")
             # backward (not autograd.grad): DDP's gradient averaging hooks fire as .grad is accumulated
-            loss.backward(inputs=params, retain_graph=i < len(names) - 1)
+            self.scaler.scale(loss).backward(inputs=params, retain_graph=i < len(names) - 1)
             if self.cfg.train.grad_clip > 0:
+                self.scaler.unscale_(self.optimizers[group])  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            self.optimizers[group].step()
+            self.scaler.step(self.optimizers[group])  # skipped when fp16 gradients overflowed
             self.optimizers[group].zero_grad(set_to_none=True)
+        self.scaler.update()
         scalars = {k: float(v.detach()) for k, v in out.items()}
         scalars["lr"] = lr
         return scalars

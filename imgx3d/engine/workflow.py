@@ -28,6 +28,7 @@ from imgx3d.engine.tracking import NullTracker, Tracker, download_run_checkpoint
 from imgx3d.engine.trainer import Trainer, seed_everything
 from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.methods.base import build_method, load_method_state, method_class
+from imgx3d.resources import device_tags
 
 
 OVERLAY_CASES = 4  # contour montages of the first test cases, logged with the run
@@ -173,7 +174,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     # each rank holds only its shard of the training cases, and only rank 0 validates
     train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=uses_labels)
     train_items += _extra_items(cfg, catalog, pre, ctx)
-    val_items = _load_items(pre, catalog, split.val) if ctx.is_main else []
+    val_ids = split.val[:cfg.train.val_cases] if cfg.train.val_cases else split.val  # the split's first N
+    val_items = _load_items(pre, catalog, val_ids) if ctx.is_main else []
 
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
     if cfg.data.mode == "image" and method.spatial_dims != 2:
@@ -195,6 +197,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         meta["slice_spacing"] = slice_spacing(grids, [item["image"].shape[1:] for item in train_items], cfg.data.slices,
                                               cfg.data.spacing)
     trainer = Trainer(cfg, method, run_dir, meta, tracker, device, ctx)
+    tracker.set_tags(device_tags(device, trainer.autocast_dtype))
     if resume_ckpt is not None:
         trainer.restore(resume_ckpt)
     else:
@@ -210,8 +213,9 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         state = trainer.fit(_batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank), val_items,
                             catalog.labels)
         summary = None
+        trainer.release()  # the test split is scored from best.pt: the training copy and optimisers go
         if ctx.is_main:
-            summary = _finish_run(cfg, run_dir, catalog, split, method, pre, tracker, state, test_at_end)
+            summary = _finish_run(cfg, run_dir, catalog, split, method, pre, tracker, state, test_at_end, device)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("KILLED")
@@ -220,7 +224,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
 
 
 def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, method: Any, pre: Preprocessor,
-                tracker: Tracker | NullTracker, state: Any, test_at_end: bool) -> dict[str, Any] | None:
+                tracker: Tracker | NullTracker, state: Any, test_at_end: bool, device: torch.device
+                ) -> dict[str, Any] | None:
     """Log the run's totals and best checkpoint, then score the test split (rank 0)."""
     totals = {"train/minutes": state.elapsed_s / 60, "train/steps": state.step}
     if math.isfinite(state.best_metric):  # no validation Dice: no validation cases, or a generator's run
@@ -231,10 +236,11 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
     if not (test_at_end and split.test):
         return None
     if method.segments:
-        return evaluate_test_split(run_dir, catalog, split, tracker, state.step)
+        return evaluate_test_split(run_dir, catalog, split, tracker, state.step, str(device))
     # a codec: its own metrics on the test volumes, best weights
     best = run_dir / "best.pt"
     load_method_state(method, torch.load(best, map_location="cpu", weights_only=False)["model"], str(best))
+    method.to(device)
     summary = method.validation_metrics(_load_items(pre, catalog, split.test), catalog.labels, cfg.data.slices)
     summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
     tracker.log_metrics(summary, state.step)
@@ -242,9 +248,9 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
 
 
 def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: Tracker | NullTracker,
-                        step: int) -> dict[str, Any]:
-    """Predict the test cases from ``best.pt`` on their native grid, score, and log."""
-    predictor = Predictor.from_checkpoint(run_dir / "best.pt")
+                        step: int, device: str = "auto") -> dict[str, Any]:
+    """Predict the test cases from ``best.pt`` on their native grid (on the training's ``device``), score, and log."""
+    predictor = Predictor.from_checkpoint(run_dir / "best.pt", device)
     cases = catalog.by_id()
     pred_dir, ref_dir = run_dir / "test_predictions", run_dir / "test_references"
     ref_dir.mkdir(exist_ok=True)

@@ -95,7 +95,9 @@ class DARLConfig:
 
 class ImagePool(nn.Module):
     """CycleGAN's history of fakes: each query returns, per sample, the new fake or (half the
-    time, once full) a stored one that the new fake replaces. Kept in the state dict for resume."""
+    time, once full) a stored one that the new fake replaces. Kept in the state dict for resume
+    (on the CPU); a stored image is moved to the device and dtype of the fakes it is mixed with,
+    so a pool restored after the method moved to a GPU serves GPU tensors."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -109,7 +111,7 @@ class ImagePool(nn.Module):
                 out.append(fake)
             elif torch.rand(()) < 0.5:
                 i = int(torch.randint(len(self.images), ()))
-                out.append(self.images[i].clone())
+                out.append(self.images[i].to(fake, copy=True))
                 self.images[i] = fake.clone()
             else:
                 out.append(fake)
