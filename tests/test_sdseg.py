@@ -246,6 +246,10 @@ def test_codec_validation_scores_the_decoded_masks_exactly():
         def decode(self, z):
             return torch.full_like(z, -1.0)
 
+    class Faint(Identity):  # decodes masks to probabilities 0.6 / 0.4: the 0.5 threshold still separates them
+        def decode(self, z):
+            return 0.2 * z
+
     label = torch.zeros(1, 16, 16, 5, dtype=torch.long)
     label[0, 2:9, 3:10, 1:4] = 1
     label[0, 10:14, 10:15, 2:5] = 2
@@ -256,3 +260,4 @@ def test_codec_validation_scores_the_decoded_masks_exactly():
     assert perfect["val/image_psnr"] == pytest.approx(10 * np.log10(4.0 / 1e-12))
     blank = codec_validation(Blank(), cases, labels, SliceConfig(size=[16, 16]))
     assert blank["val/dice/a"] == 0.0 and blank["val/dice/b"] == 0.0
+    assert codec_validation(Faint(), cases, labels, SliceConfig(size=[16, 16]))["val/dice_mean"] == 1.0
