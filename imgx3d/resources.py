@@ -83,3 +83,15 @@ def device_tags(device: torch.device, precision: torch.dtype | None) -> dict[str
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "none",
             "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision]}
+
+
+def use_fast_cuda_kernels(device: torch.device) -> None:
+    """On CUDA: let cuDNN pick the fastest convolution algorithm for the fixed patch and window
+    shapes (``cudnn.benchmark``), and fp32 matrix products and convolutions use TF32 tensor cores
+    (Ampere and up; a 10-bit mantissa for the products, fp32 accumulation), as PyTorch's own
+    mixed-precision recipes do. Nothing changes on the CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -31,7 +31,7 @@ def test_label_goes_to_model_space_and_back_exactly_without_resampling():
     grid = pre.grid_map(_volume(label.shape, affine))
     model = pre.label_to_model(label, grid)
     assert tuple(model.shape[1:]) == grid.model_shape == grid.ras_shape
-    onehot = torch.nn.functional.one_hot(model[0], 3).permute(3, 0, 1, 2).float()
+    onehot = torch.nn.functional.one_hot(model[0].long(), 3).permute(3, 0, 1, 2).float()
     np.testing.assert_array_equal(pre.to_native(onehot, grid).argmax(0).numpy(), label)
 
 
@@ -43,7 +43,7 @@ def test_resampling_to_target_spacing_round_trips():
     grid = pre.grid_map(_volume(label.shape, affine))
     assert grid.model_shape == (20, 20, 20)
     model = pre.label_to_model(label, grid)
-    onehot = torch.nn.functional.one_hot(model[0], 2).permute(3, 0, 1, 2).float()
+    onehot = torch.nn.functional.one_hot(model[0].long(), 2).permute(3, 0, 1, 2).float()
     back = pre.to_native(onehot, grid).argmax(0).numpy()
     assert back.shape == label.shape
     assert (back == label).mean() > 0.98
@@ -68,3 +68,28 @@ def test_patch_batches_are_a_function_of_step(msd_dataset):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     assert not torch.equal(one[0]["image"], one[1]["image"]), "steps draw different patches"
     assert not torch.equal(one[0]["image"], other_seed["image"])
+
+
+def test_indices_computed_once_give_the_patches_of_a_rescan_and_labels_are_stored_small(msd_dataset, monkeypatch):
+    import monai.transforms.croppad.array as croppad
+
+    from imgx3d.data.transforms import PatchBatches, crop_indices
+
+    cfg = DataConfig(patch_size=[16, 16, 16], batch_size=2)
+    catalog = find_cases(msd_dataset)
+    items = [Preprocessor(cfg).load_case(c, catalog.labels) for c in catalog.cases[:4]]
+    assert all(item["label"].dtype == torch.uint8 for item in items), "labels cached as uint8, not int64"
+    scans = []
+    real = croppad.map_binary_to_indices
+    monkeypatch.setattr(croppad, "map_binary_to_indices", lambda *a, **k: scans.append(1) or real(*a, **k))
+    rescanned = list(PatchBatches(items, train_transforms(cfg), 2, seed=5, start_step=0, stop_step=5))
+    assert len(scans) == 10, "MONAI's own path scans the label for every patch"
+    scans.clear()
+    once = list(PatchBatches(items, train_transforms(cfg), 2, seed=5, start_step=0, stop_step=5, patch_size=[16] * 3))
+    assert scans == [], "with precomputed indices the sampler never rescans"
+    for a, b in zip(rescanned, once, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert b["label"].dtype == torch.int64
+    indices = crop_indices(items[0]["label"], [16, 16, 16])
+    assert indices["fg_indices"].dtype == torch.int32
+    assert len(indices["fg_indices"]) == int((items[0]["label"] > 0).sum())

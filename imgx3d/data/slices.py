@@ -162,4 +162,4 @@ class SliceBatches(PatchBatches):
             dims = [d for d in self.flip_dims if rng.random() < 0.5]
             images.append(image.flip(dims) if dims else image)
             labels.append(label.flip(dims) if dims else label)
-        return {"image": torch.stack(images), "label": torch.stack(labels)}
+        return {"image": torch.stack(images), "label": torch.stack(labels).long()}

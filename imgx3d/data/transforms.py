@@ -26,9 +26,10 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     Resize,
+    SpatialPad,
     SpatialPadd,
 )
-from monai.transforms.utils import generate_spatial_bounding_box
+from monai.transforms.utils import generate_spatial_bounding_box, map_binary_to_indices
 from torch.utils.data import IterableDataset, get_worker_info
 
 from imgx3d.config import DataConfig
@@ -154,12 +155,14 @@ class Preprocessor:
         return normalize_intensity(x, self.cfg)
 
     def label_to_model(self, label: np.ndarray, grid: GridMap) -> torch.Tensor:
-        """(X, Y, Z) native label map → (1, X', Y', Z') model-space uint8/int tensor."""
+        """(X, Y, Z) native label map → (1, X', Y', Z') model-space label map in the smallest integer
+        dtype that holds its values (uint8 for up to 255 classes: an eighth of int64's memory in the
+        training cache; batches are made int64 where the losses need it)."""
         y = grid.cut(reorient(torch.from_numpy(label.astype(np.int64))[None], grid.to_ras))
         if grid.model_shape != grid.cropped_shape:
             y = Resize(grid.model_shape, mode="nearest-exact")(y.float())
             y = (y.as_tensor() if hasattr(y, "as_tensor") else y).round().long()
-        return y
+        return y.to(label_storage_dtype(int(y.max()) if y.numel() else 0))
 
     def to_native(self, probs: torch.Tensor, grid: GridMap) -> torch.Tensor:
         """(K, X', Y', Z') model-space probabilities (or, on an unresampled grid, any per-voxel map)
@@ -213,13 +216,31 @@ def check_case_grids(cases: list[Case]) -> None:
             check_grids(case.images[0], shape, affine, other, *read_grid(other), what)
 
 
+def label_storage_dtype(max_value: int) -> torch.dtype:
+    """The smallest integer dtype holding label values up to ``max_value``."""
+    return torch.uint8 if max_value < 256 else torch.int16 if max_value < 2**15 else torch.int32
+
+
+def crop_indices(label: torch.Tensor, patch_size: list[int]) -> dict[str, torch.Tensor]:
+    """Foreground / background voxel indices of a case's label as the patch sampler sees it (padded
+    to ``patch_size``), computed once per case: MONAI's ``RandCropByPosNegLabeld`` would otherwise
+    rescan the whole label for every patch. int32 where the volume allows: together they take
+    4 bytes per voxel, less than the int64 label map they replace."""
+    padded = SpatialPad(patch_size, mode="constant")(label)
+    fg, bg = map_binary_to_indices(padded.as_tensor() if hasattr(padded, "as_tensor") else padded)
+    dtype = torch.int32 if padded.numel() < 2**31 else torch.int64
+    return {"fg_indices": torch.as_tensor(fg).to(dtype), "bg_indices": torch.as_tensor(bg).to(dtype)}
+
+
 def train_transforms(cfg: DataConfig) -> Compose:
-    """Random patch sampling and augmentation (MONAI) on model-space {image, label} dicts."""
+    """Random patch sampling and augmentation (MONAI) on model-space {image, label} dicts; the
+    precomputed ``fg_indices`` / ``bg_indices`` of :func:`crop_indices` are used when present."""
     keys = ["image", "label"]
     transforms: list = [
         SpatialPadd(keys, spatial_size=cfg.patch_size, mode="constant"),
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size,
-                               pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, num_samples=1),
+                               pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, num_samples=1,
+                               fg_indices_key="fg_indices", bg_indices_key="bg_indices"),
     ]
     if cfg.affine_prob > 0:
         angle = float(np.deg2rad(cfg.rotate_deg))
@@ -260,8 +281,11 @@ class PatchBatches(IterableDataset):
     returns in step order).
     """
 
-    def __init__(self, items: list[dict[str, Any]], transform: Compose, batch_size: int, seed: int,
-                 start_step: int, stop_step: int, extra_fraction: float | None = None):
+    def __init__(self, items: list[dict[str, Any]], transform: Compose | None, batch_size: int, seed: int,
+                 start_step: int, stop_step: int, extra_fraction: float | None = None,
+                 patch_size: list[int] | None = None):
+        if patch_size is not None:  # the sampler's indices, once per case (see crop_indices)
+            items = [{**item, **crop_indices(item["label"], patch_size)} for item in items]
         self.items, self.transform, self.batch_size = items, transform, batch_size
         self.seed, self.start_step, self.stop_step = seed, start_step, stop_step
         self.extra_fraction = extra_fraction  # items with "extra": True are generated data (data.extra)
@@ -274,10 +298,11 @@ class PatchBatches(IterableDataset):
         for index in draw_indices(rng, self.batch_size, is_extra, self.extra_fraction):
             item = self.items[int(index)]
             self.transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
-            out = self.transform({"image": item["image"], "label": item["label"]})
+            out = self.transform({k: item[k] for k in ("image", "label", "fg_indices", "bg_indices") if k in item})
             out = out[0] if isinstance(out, list) else out
             samples.append(out)
-        return {k: torch.stack([_plain(s[k]) for s in samples]) for k in ("image", "label")}
+        return {"image": torch.stack([_plain(s["image"]) for s in samples]),
+                "label": torch.stack([_plain(s["label"]) for s in samples]).long()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

@@ -58,6 +58,16 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def agree_to_stop(self, out_of_time: bool, signum: int | None) -> tuple[bool, int | None]:
+        """Rank 0's (time budget spent, pending stop signal) on every rank, as one small tensor
+        broadcast on the backend's device (no pickling); in one process, the values themselves."""
+        if not self.enabled:
+            return out_of_time, signum
+        flags = torch.tensor([int(out_of_time), signum or 0], device=collective_device(dist.get_backend()))
+        dist.broadcast(flags, src=0)
+        spent, signal_number = flags.tolist()
+        return bool(spent), signal_number or None
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order, on every rank."""
         if not self.enabled:
@@ -82,15 +92,45 @@ class DistContext:
             dist.barrier()
 
     def wrap(self, step_fn: Callable[..., dict[str, torch.Tensor]], module: nn.Module,
-             device: torch.device) -> Callable[..., dict[str, torch.Tensor]]:
-        """``step_fn`` (a method's ``training_step``) run through DDP so its backward averages gradients."""
+             device: torch.device, groups: int = 1) -> tuple[Callable[..., dict[str, torch.Tensor]], bool]:
+        """``step_fn`` (a method's ``training_step``) made data-parallel.
+
+        One parameter group: through DDP, whose backward averages the gradients while it runs.
+        Several groups updated in one step (a GAN's generator and discriminator, DARL): DDP
+        allows one backward per forward, so the ranks start from rank 0's weights and the
+        trainer averages each group's gradients after its backward (:meth:`average_gradients`).
+
+        Returns:
+            The step function, and whether the trainer must average gradients itself.
+        """
         if not self.enabled:
-            return step_fn
+            return step_fn, False
+        if groups > 1:
+            self.broadcast_weights(module)
+            return step_fn, True
         # A staged method (one network trained per step, the others idle) says so with
         # ``ddp_unused_parameters``; for the rest DDP skips the extra graph traversal.
         return DistributedDataParallel(_StepModule(module, step_fn),
                                        find_unused_parameters=getattr(module, "ddp_unused_parameters", False),
-                                       device_ids=[device.index] if device.type == "cuda" else None)
+                                       device_ids=[device.index] if device.type == "cuda" else None), False
+
+    def broadcast_weights(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a module)."""
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over the ranks, in one flat all-reduce (the same
+        parameters have gradients on every rank: the ranks run the same code on their own batches)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.enabled or not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
 
     def check_same_weights(self, module: nn.Module) -> None:
         """Raise if the ranks' weights have drifted apart (they must stay bit-identical under DDP)."""

@@ -40,7 +40,13 @@ from imgx3d.data.transforms import GridMap, Preprocessor
 from imgx3d.engine.streaming import streaming_argmax
 from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
 from imgx3d.interrupts import raise_if_requested, requested
-from imgx3d.resources import available_device_bytes, available_host_bytes, choose_precision, gib
+from imgx3d.resources import (
+    available_device_bytes,
+    available_host_bytes,
+    choose_precision,
+    gib,
+    use_fast_cuda_kernels,
+)
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
 
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v1"
@@ -195,6 +201,7 @@ class Predictor:
         load_method_state(method, state["model"], str(path))
         dev = resolve_device(device)
         method.to(dev).eval()
+        use_fast_cuda_kernels(dev)
         labels = {int(k): v for k, v in state["labels"].items()}
         return cls(method, config, labels, state["in_channels"], dev)
 
@@ -280,18 +287,37 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return self._predict_at_precision(case, probabilities, streaming, infer, outputs_on_host)
 
+    def _model_space_probabilities(self, image: torch.Tensor, infer: InferConfig, outputs_on_host: bool
+                                   ) -> torch.Tensor:
+        """Class probabilities (K, X', Y', Z') of a model-space image, in fp32 on the host.
+
+        Windows run on the predictor's device; the whole-volume output is held on the host on
+        CUDA (and wherever ``outputs_on_host``), so GPU memory holds windows, not volumes.
+        """
+        if outputs_on_host or self.device.type == "cuda":
+            window = make_window(infer, self.config.data.patch_size, self.device, torch.device("cpu"))
+        else:
+            window = make_window(infer, self.config.data.patch_size)
+            image = image.to(self.device)
+        return predict_probabilities(self.method, image, window, infer.tta_flips, self.config.data.slices).float().cpu()
+
+    def model_space_classes(self, image: torch.Tensor) -> torch.Tensor:
+        """Class indices (X', Y', Z') of a model-space image (C, X', Y', Z'), by the same windows,
+        precision and memory rules as :meth:`predict_loaded` (streaming where it applies), without
+        test-time augmentation: what validation during training scores."""
+        infer = replace(self.config.infer, tta_flips=[])
+        dtype = choose_precision(infer.precision, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if self._streams(image):
+                return self._stream(image, infer).reshape(image.shape[1:])
+            return class_map(self._model_space_probabilities(image, infer, False))
+
     def _predict_at_precision(self, case: LoadedCase, probabilities: bool, streaming: bool, infer: InferConfig,
                               outputs_on_host: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
         pre, grid = self.preprocessor, case.grid
         if streaming:
             return self._labels_to_native(self._stream(case.image, infer), grid), None, case.reference
-        if outputs_on_host:
-            window = make_window(infer, self.config.data.patch_size, self.device, torch.device("cpu"))
-            image = case.image
-        else:
-            window = make_window(infer, self.config.data.patch_size)
-            image = case.image.to(self.device)
-        probs = predict_probabilities(self.method, image, window, infer.tta_flips, self.config.data.slices).float().cpu()
+        probs = self._model_space_probabilities(case.image, infer, outputs_on_host)
         native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.cropped_shape else None
         if native is not None:
             labelmap = class_map(native).numpy()

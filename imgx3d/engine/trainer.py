@@ -26,13 +26,23 @@ from tqdm.auto import tqdm
 from imgx3d.config import Config, TrainConfig, to_dict
 from imgx3d.data.io import atomic_write
 from imgx3d.engine.distributed import DistContext
-from imgx3d.engine.infer import CHECKPOINT_FORMAT, class_map, make_window, predict_probabilities
+from imgx3d.engine.infer import CHECKPOINT_FORMAT, Predictor
 from imgx3d.engine.metrics import score_case
 from imgx3d.engine.tracking import NullTracker, Tracker
 from imgx3d.errors import ConfigError, Interrupted, ResourceError
 from imgx3d.interrupts import requested, signal_name
-from imgx3d.resources import choose_precision, gib
+from imgx3d.resources import choose_precision, gib, use_fast_cuda_kernels
 from imgx3d.methods.base import Method, load_method_state
+
+
+LOG_EVERY = 50  # steps between logged running means (and, on CUDA, loss finiteness checks)
+
+
+def _mean(values: list[torch.Tensor | float]) -> float:
+    """Mean of a running list of scalars: one device sync for tensors, however many."""
+    if torch.is_tensor(values[0]):
+        return float(torch.stack(values).float().mean())
+    return float(np.mean(values))
 
 
 def seed_everything(seed: int) -> None:
@@ -103,8 +113,10 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.dist = dist or DistContext()
         self.method.to(self.device)
-        self.training_step = self.dist.wrap(method.training_step, method, self.device)
+        use_fast_cuda_kernels(self.device)
         self.groups = method.parameter_groups()
+        self.training_step, self.average_gradients = self.dist.wrap(method.training_step, method, self.device,
+                                                                    len(self.groups))
         self.optimizers = {g: make_optimizer(p, cfg.train) for g, p in self.groups.items()}
         setting = "fp32" if cfg.train.amp == "off" else cfg.train.precision
         self.autocast_dtype = choose_precision(setting, self.device)
@@ -191,43 +203,45 @@ class Trainer:
         names = [g for g in self.groups if f"loss/{g}" in out]  # a staged method trains some groups per step
         if not names:
             raise RuntimeError(f"{self.method.name}.training_step returned no loss/<group> of {sorted(self.groups)}")
-        if self.dist.enabled and len(names) > 1:
-            # DDP averages gradients during one backward per forward; several losses would need several.
-            raise ConfigError(f"method '{self.method.name}' updates {names} in one step, which torchrun training "
-                              "does not support yet; train it in one process")
         for i, group in enumerate(names):
             params = [p for p in self.groups[group] if p.requires_grad]
             loss = out[f"loss/{group}"]
-            if not torch.isfinite(loss):
-                raise ConfigError(f"loss/{group} is {loss.item()} at step {self.state.step} of run {self.run_dir}; "
-                                  f"lower train.lr (now {self.cfg.train.lr:g}) or check the data for extreme values, "
-                                  "then train again (or --resume from its last.pt)")
+            if self.device.type != "cuda" and not torch.isfinite(loss):  # on CUDA: checked when logged (no sync)
+                raise self._not_finite(f"loss/{group}", float(loss), f"at step {self.state.step}")
             # backward (not autograd.grad): DDP's gradient averaging hooks fire as .grad is accumulated
             self.scaler.scale(loss).backward(inputs=params, retain_graph=i < len(names) - 1)
+            if self.average_gradients:  # several groups: no DDP (see DistContext.wrap)
+                self.dist.average_gradients(params)
             if self.cfg.train.grad_clip > 0:
                 self.scaler.unscale_(self.optimizers[group])  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
             self.scaler.step(self.optimizers[group])  # skipped when fp16 gradients overflowed
             self.optimizers[group].zero_grad(set_to_none=True)
         self.scaler.update()
-        scalars = {k: float(v.detach()) for k, v in out.items()}
+        # detached tensors, not floats: a float() per scalar would wait for the GPU every step
+        scalars: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in out.items()}
         scalars["lr"] = lr
         return scalars
 
+    def _not_finite(self, name: str, value: float, when: str) -> ConfigError:
+        return ConfigError(f"{name} is {value} {when} of run {self.run_dir}; lower train.lr (now "
+                           f"{self.cfg.train.lr:g}) or check the data for extreme values, then train again (or "
+                           "--resume from its last.pt)")
+
     # -- validation ----------------------------------------------------------------------
     def validate(self, cases: list[dict[str, Any]], labels: dict[int, str]) -> dict[str, float]:
-        """Mean Dice per class over whole validation volumes (sliding window, model space)."""
+        """Mean Dice per class over whole validation volumes, predicted in model space by the same
+        :class:`~imgx3d.engine.infer.Predictor` rules as ``imgx3d predict`` (windows on the device,
+        volumes on the host, streaming where it applies)."""
         self.method.eval()
         own = self.method.validation_metrics(cases, labels, self.cfg.data.slices)
         if own is not None:
             return own
-        window = make_window(self.cfg.infer, self.cfg.data.patch_size)
         classes = [c for c in sorted(labels) if c != 0]
         per_class: dict[int, list[float]] = {c: [] for c in classes}
         for case in cases:
-            probs = predict_probabilities(self.method, case["image"].to(self.device), window,
-                                          slices=self.cfg.data.slices)
-            pred = class_map(probs).cpu().numpy()
+            predictor = Predictor(self.method, self.cfg, labels, case["image"].shape[0], self.device)
+            pred = predictor.model_space_classes(case["image"]).numpy()
             scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
             for c in classes:
                 per_class[c].append(scores[c]["dice"])
@@ -287,7 +301,7 @@ class Trainer:
             self.state.elapsed_s = elapsed0 + self._clock() - start
             out_of_time = bool(t.max_minutes) and self.state.elapsed_s >= 60 * t.max_minutes
             # rank 0's clock and signals decide, so every rank stops at the same step
-            out_of_time, signum = self.dist.broadcast((out_of_time, requested()))
+            out_of_time, signum = self.dist.agree_to_stop(out_of_time, requested())
             if signum is not None:
                 bar.close()
                 self._stop_for_signal(signum)
@@ -299,9 +313,14 @@ class Trainer:
             bar.update(1)
             for k, v in scalars.items():
                 running.setdefault(k, []).append(v)
-            if self.state.step % 50 == 0 or self.state.step == t.max_steps:
-                means = self.dist.mean({f"train/{k.replace('loss/', 'loss_')}": float(np.mean(v))
+            if self.state.step % LOG_EVERY == 0 or self.state.step == t.max_steps:
+                means = self.dist.mean({f"train/{k.replace('loss/', 'loss_')}": _mean(v)
                                         for k, v in running.items()})
+                for name, value in means.items():
+                    if "loss" in name and not math.isfinite(value):
+                        raise self._not_finite(name.replace("train/loss_", "loss/"), value,
+                                               f"in steps {self.state.step - len(running[next(iter(running))]) + 1}"
+                                               f"–{self.state.step}")
                 self.tracker.log_metrics(means, self.state.step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in means.items() if "loss" in k})
                 running = {}

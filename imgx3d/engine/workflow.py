@@ -97,7 +97,7 @@ def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_
                                cfg.train.max_steps, cfg.data.extra_fraction)
     else:
         dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, seed, start_step,
-                               cfg.train.max_steps, cfg.data.extra_fraction)
+                               cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if cfg.data.num_workers else None)
     return iter(loader)
