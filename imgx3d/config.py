@@ -104,6 +104,10 @@ class DataConfig:
             scaling (±``scale_range``), applied to the patch (nnU-Net-style spatial augmentation).
         intensity_aug: random scale/shift/noise/gamma of intensities.
         num_workers: data-loader worker processes.
+        cache_gib: host memory (GiB) for the preprocessed training cases of 3D methods (image
+            float32, label uint8, crop indices int32: about 4·C + 5 bytes a voxel); the cases beyond
+            it are read and preprocessed again each time they are drawn — slower, but a dataset
+            larger than the machine's memory trains. null: every training case stays in memory.
         slices: the slice adapter of 2D methods (ignored by 3D methods).
         extra: dataset folders of generated pairs (``imgx3d synth``) added to the training cases
             only; validation and test stay real.
@@ -138,6 +142,7 @@ class DataConfig:
     scale_range: float = 0.15
     intensity_aug: bool = True
     num_workers: int = 0
+    cache_gib: float | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     slices: SliceConfig = field(default_factory=SliceConfig)
     extra: list[str] = field(default_factory=list)
@@ -444,6 +449,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
     _check(0.0 <= d.scale_range < 1.0, "data.scale_range", "must be in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.cache_gib is None or d.cache_gib >= 0, "data.cache_gib", "must be null or >= 0")
     s = d.split
     _check(0.0 <= s.test_fraction < 1.0, "data.split.test_fraction", "must be in [0, 1)")
     _check(0.0 <= s.val_fraction < 1.0, "data.split.val_fraction", "must be in [0, 1)")

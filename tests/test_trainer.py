@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from imgx3d.config import load_config
 from imgx3d.engine.trainer import Trainer
 from imgx3d.engine.workflow import train_run
+from imgx3d.methods.base import build_method
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -155,3 +157,37 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
     tags = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags
     assert tags["device"] == "cpu" and tags["device_name"] == "cpu" and tags["precision"] == "fp32"
     assert tags["torch_version"] == torch.__version__ and tags["cuda_version"] == (torch.version.cuda or "none")
+
+
+def test_validation_is_shared_by_the_ranks_and_averaged_over_every_case(msd_dataset, tmp_path, monkeypatch):
+    """Rank r predicts cases r, r + N, ...; the gathered per-case scores give every rank the mean over all."""
+    from imgx3d.data.catalog import find_cases
+    from imgx3d.data.transforms import Preprocessor
+    from imgx3d.engine.distributed import DistContext
+
+    cfg = _cfg()
+    catalog = find_cases(msd_dataset)
+    cases = [Preprocessor(cfg.data).load_case(c, catalog.labels) for c in catalog.cases[:5]]
+    torch.manual_seed(0)
+    method = build_method(cfg.method, 3, 1)
+    alone = Trainer(cfg, method, tmp_path, {}).validate(cases, catalog.labels)
+
+    predicted, shares = [], {}
+    from imgx3d.engine.infer import Predictor
+
+    real = Predictor.model_space_classes
+    monkeypatch.setattr(Predictor, "model_space_classes", lambda self, image: predicted.append(image) or real(self, image))
+    for rank in (0, 1):  # each rank on its own, the other rank's share coming through gather
+        ctx = DistContext(rank=rank, world_size=2)
+        monkeypatch.setattr(DistContext, "broadcast", lambda self, value: value)
+        monkeypatch.setattr(DistContext, "gather", lambda self, value, r=rank: shares.setdefault(r, value) and
+                            [shares.get(0, value), shares.get(1, value)])
+        trainer = Trainer(cfg, method, tmp_path, {})
+        trainer.dist = ctx
+        predicted.clear()
+        trainer.validate(cases, catalog.labels)
+        assert [id(p) for p in predicted] == [id(c["image"]) for c in cases[rank::2]]
+    combined = {c: shares[0][c] + shares[1][c] for c in shares[0]}
+    expected = {f"val/dice/{catalog.labels[c]}": float(np.mean(v)) for c, v in combined.items()}
+    for key, value in expected.items():
+        assert value == pytest.approx(alone[key]), key

@@ -93,3 +93,27 @@ def test_indices_computed_once_give_the_patches_of_a_rescan_and_labels_are_store
     indices = crop_indices(items[0]["label"], [16, 16, 16])
     assert indices["fg_indices"].dtype == torch.int32
     assert len(indices["fg_indices"]) == int((items[0]["label"] > 0).sum())
+
+
+def test_cases_over_the_cache_bound_are_read_when_drawn_and_give_the_same_patches(msd_dataset, monkeypatch):
+    from imgx3d.config import load_config
+    from imgx3d.data.transforms import DeferredCase, PatchBatches, item_bytes
+    from imgx3d.engine import workflow
+
+    cfg = load_config(None, ["data.patch_size=[16,16,16]", "data.batch_size=2"]).data
+    catalog = find_cases(msd_dataset)
+    pre = Preprocessor(cfg)
+    ids = [c.case_id for c in catalog.cases[:4]]
+    cached = workflow._load_items(pre, catalog, ids)
+    one_case = item_bytes(cached[0])
+    bounded = workflow._load_items(pre, catalog, ids, cache_gib=2.5 * one_case / 2**30)
+    assert [isinstance(i, DeferredCase) for i in bounded] == [False, False, True, True], "two cases fit the bound"
+    loads = []
+    real_load = DeferredCase.load
+    monkeypatch.setattr(DeferredCase, "load", lambda self, patch: loads.append(self.case.case_id) or real_load(self, patch))
+    a = list(PatchBatches(cached, train_transforms(cfg), 2, seed=3, start_step=0, stop_step=6, patch_size=[16] * 3))
+    b = list(PatchBatches(bounded, train_transforms(cfg), 2, seed=3, start_step=0, stop_step=6, patch_size=[16] * 3))
+    assert loads and set(loads) <= set(ids[2:]), "only the uncached cases are read again"
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+    assert all(isinstance(i, DeferredCase) for i in workflow._load_items(pre, catalog, ids, cache_gib=0.0))

@@ -232,6 +232,32 @@ def crop_indices(label: torch.Tensor, patch_size: list[int]) -> dict[str, torch.
     return {"fg_indices": torch.as_tensor(fg).to(dtype), "bg_indices": torch.as_tensor(bg).to(dtype)}
 
 
+def item_bytes(item: dict[str, Any]) -> int:
+    """Host memory a cached training case takes, its crop indices included."""
+    image, label = item["image"], item["label"]
+    return image.numel() * image.element_size() + label.numel() * (label.element_size() + 4)
+
+
+@dataclass
+class DeferredCase:
+    """A training case left on disk (over ``data.cache_gib``): read and preprocessed each time it is drawn."""
+
+    case: Case
+    preprocessor: "Preprocessor"
+    labels: dict[int, str]
+    in_channels: int
+    extra: bool = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-like access to the flags a sampler reads before loading (``extra``)."""
+        return self.extra if key == "extra" else default
+
+    def load(self, patch_size: list[int]) -> dict[str, Any]:
+        """The case as a cached item would hold it, crop indices included."""
+        item = self.preprocessor.load_case(self.case, self.labels, self.in_channels)
+        return {**item, **crop_indices(item["label"], patch_size)}
+
+
 def train_transforms(cfg: DataConfig) -> Compose:
     """Random patch sampling and augmentation (MONAI) on model-space {image, label} dicts; the
     precomputed ``fg_indices`` / ``bg_indices`` of :func:`crop_indices` are used when present."""
@@ -285,8 +311,9 @@ class PatchBatches(IterableDataset):
                  start_step: int, stop_step: int, extra_fraction: float | None = None,
                  patch_size: list[int] | None = None):
         if patch_size is not None:  # the sampler's indices, once per case (see crop_indices)
-            items = [{**item, **crop_indices(item["label"], patch_size)} for item in items]
-        self.items, self.transform, self.batch_size = items, transform, batch_size
+            items = [item if isinstance(item, DeferredCase) else {**item, **crop_indices(item["label"], patch_size)}
+                     for item in items]
+        self.items, self.transform, self.batch_size, self.patch_size = items, transform, batch_size, patch_size
         self.seed, self.start_step, self.stop_step = seed, start_step, stop_step
         self.extra_fraction = extra_fraction  # items with "extra": True are generated data (data.extra)
 
@@ -297,6 +324,8 @@ class PatchBatches(IterableDataset):
         is_extra = np.array([bool(item.get("extra")) for item in self.items])
         for index in draw_indices(rng, self.batch_size, is_extra, self.extra_fraction):
             item = self.items[int(index)]
+            if isinstance(item, DeferredCase):
+                item = item.load(self.patch_size)
             self.transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
             out = self.transform({k: item[k] for k in ("image", "label", "fg_indices", "bg_indices") if k in item})
             out = out[0] if isinstance(out, list) else out

@@ -3,9 +3,10 @@
 ``torchrun --nproc_per_node N -m imgx3d train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
 :func:`setup` then joins the process group (NCCL on GPUs, gloo on CPU) and every other
 entry point sees a one-process :class:`DistContext` that does nothing. Gradients are
-averaged by torch's ``DistributedDataParallel``; rank 0 alone validates, writes checkpoints
-and talks to mlflow, and broadcasts its decisions (stop now, the run folder) so that every
-rank takes the same number of steps.
+averaged by torch's ``DistributedDataParallel`` (or, for methods with several optimisers,
+by :meth:`DistContext.average_gradients`); the ranks share validation, rank 0 alone writes
+checkpoints and talks to mlflow, and broadcasts its decisions (stop now, the run folder) so
+that every rank takes the same number of steps.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-# Ranks wait in a collective while rank 0 validates whole volumes or writes a checkpoint:
-# the default 30-minute collective timeout is too short for a large CT validation set.
+# Ranks wait in a collective while rank 0 validates itself (codecs, generators), writes a checkpoint
+# or scores the test split: the default 30-minute collective timeout is too short for large CTs.
 COLLECTIVE_TIMEOUT = timedelta(hours=3)
 
 
@@ -164,6 +165,8 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
     if world_size <= 1:
         return DistContext(), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if os.environ.get("OMP_NUM_THREADS") == "1":  # torchrun's default; augmentation runs on this thread pool
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -102,7 +102,7 @@ class Trainer:
         run_dir: where ``last.pt`` and ``best.pt`` are written.
         meta: extra fields stored in every checkpoint (labels, channels, class counts).
         tracker: mlflow tracker (or :class:`NullTracker`).
-        dist: this process's place in a torchrun job; rank 0 validates, checkpoints and logs.
+        dist: this process's place in a torchrun job; every rank validates its share; rank 0 checkpoints and logs.
     """
 
     def __init__(self, cfg: Config, method: Method, run_dir: Path, meta: dict[str, Any],
@@ -232,19 +232,25 @@ class Trainer:
     def validate(self, cases: list[dict[str, Any]], labels: dict[int, str]) -> dict[str, float]:
         """Mean Dice per class over whole validation volumes, predicted in model space by the same
         :class:`~imgx3d.engine.infer.Predictor` rules as ``imgx3d predict`` (windows on the device,
-        volumes on the host, streaming where it applies)."""
+        volumes on the host, streaming where it applies).
+
+        Under torchrun every rank calls this with every validation case and predicts its share
+        (case ``i`` on rank ``i mod N``); the per-case scores are gathered, so each rank returns the
+        mean over all cases. A method that validates itself (a codec, a generator) does so on rank 0.
+        """
         self.method.eval()
-        own = self.method.validation_metrics(cases, labels, self.cfg.data.slices)
-        if own is not None:
-            return own
+        own = self.method.validation_metrics(cases, labels, self.cfg.data.slices) if self.dist.is_main else None
+        if self.dist.broadcast(own is not None):
+            return own or {}
         classes = [c for c in sorted(labels) if c != 0]
-        per_class: dict[int, list[float]] = {c: [] for c in classes}
-        for case in cases:
+        mine: dict[int, list[float]] = {c: [] for c in classes}
+        for case in cases[self.dist.rank::self.dist.world_size]:
             predictor = Predictor(self.method, self.cfg, labels, case["image"].shape[0], self.device)
             pred = predictor.model_space_classes(case["image"]).numpy()
             scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
             for c in classes:
-                per_class[c].append(scores[c]["dice"])
+                mine[c].append(scores[c]["dice"])
+        per_class = {c: [d for part in self.dist.gather(mine) for d in part[c]] for c in classes}
         metrics = {f"val/dice/{labels[c]}": float(np.mean(v)) for c, v in per_class.items()}
         metrics["val/dice_mean"] = float(np.mean(list(metrics.values())))
         return metrics
@@ -344,11 +350,11 @@ class Trainer:
                                  start: float, elapsed0: float) -> bool:
         """Validate, keep the best weights, save ``last.pt``; True when patience ran out.
 
-        Under torchrun rank 0 validates (it alone holds the validation cases) and its
-        bookkeeping is handed to every rank, so their checkpoints and stops agree.
+        Under torchrun every rank validates its share of the cases (see :meth:`validate`); rank
+        0 keeps the books and hands them to every rank, so their checkpoints and stops agree.
         """
+        metrics = self.validate(val_cases, labels) if val_cases else {}
         if self.dist.is_main and val_cases:
-            metrics = self.validate(val_cases, labels)
             self.tracker.log_metrics(metrics, self.state.step)
             self.state.history.append({"step": self.state.step, **metrics})
             score = metrics.get("val/dice_mean", -math.inf)  # a generator may report no Dice (keeps_latest)

@@ -19,7 +19,14 @@ from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.io import atomic_write_text, read_grid, read_label, strip_suffix
 from imgx3d.data.slices import SliceBatches, slice_spacing
-from imgx3d.data.transforms import PatchBatches, Preprocessor, check_case_grids, train_transforms
+from imgx3d.data.transforms import (
+    DeferredCase,
+    PatchBatches,
+    Preprocessor,
+    check_case_grids,
+    item_bytes,
+    train_transforms,
+)
 from imgx3d.engine import distributed
 from imgx3d.engine.infer import Predictor, prediction_path, resolve_device, write_labelmap
 from imgx3d.engine.metrics import evaluate_folders, format_table
@@ -49,13 +56,30 @@ class TrainResult:
     rank: int = 0  # under torchrun: the process that returned this (only rank 0's has a test summary)
 
 
-def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str], labels: bool = True) -> list[dict[str, Any]]:
-    """Preprocessed cases; ``labels=False`` never opens their label files (self-supervised training)."""
+def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str], labels: bool = True,
+                cache_gib: float | None = None) -> list[dict[str, Any] | DeferredCase]:
+    """Preprocessed cases; ``labels=False`` never opens their label files (self-supervised training).
+
+    With ``cache_gib`` the cases are loaded in order until they fill it; the rest stay on disk
+    as :class:`DeferredCase` items, loaded when drawn.
+    """
     cases = catalog.by_id()
     if not labels:
         cases = {i: replace(cases[i], label=None) for i in ids}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda i: pre.load_case(cases[i], catalog.labels, catalog.in_channels), ids))
+    if cache_gib is None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(lambda i: pre.load_case(cases[i], catalog.labels, catalog.in_channels), ids))
+    items: list[dict[str, Any] | DeferredCase] = []
+    room = cache_gib * 2**30
+    for case_id in ids:
+        if room > 0:
+            item = pre.load_case(cases[case_id], catalog.labels, catalog.in_channels)
+            room -= item_bytes(item)
+            if room >= 0:
+                items.append(item)
+                continue
+        items.append(DeferredCase(cases[case_id], pre, catalog.labels, catalog.in_channels))
+    return items
 
 
 def _extra_items(cfg: Config, catalog: Catalog, pre: Preprocessor, ctx: distributed.DistContext) -> list[dict[str, Any]]:
@@ -85,7 +109,8 @@ def _worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int, rank: int = 0):
+def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int, rank: int = 0,
+             pin_memory: bool = False):
     """Training batches: 3D patches, or 2D slices through the slice adapter for 2D methods.
 
     Rank ``r`` of a torchrun job draws its own stream (seed offset by rank; rank 0 keeps the
@@ -99,7 +124,7 @@ def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_
         dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, seed, start_step,
                                cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
-                        prefetch_factor=4 if cfg.data.num_workers else None)
+                        prefetch_factor=4 if cfg.data.num_workers else None, pin_memory=pin_memory)
     return iter(loader)
 
 
@@ -170,17 +195,18 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "split.json", json.dumps(split.to_json(), indent=1))
         save_config(cfg, run_dir / "config.yaml")
-    pre = Preprocessor(cfg.data)
-    # each rank holds only its shard of the training cases, and only rank 0 validates
-    train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=uses_labels)
-    train_items += _extra_items(cfg, catalog, pre, ctx)
-    val_ids = split.val[:cfg.train.val_cases] if cfg.train.val_cases else split.val  # the split's first N
-    val_items = _load_items(pre, catalog, val_ids) if ctx.is_main else []
-
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
     if cfg.data.mode == "image" and method.spatial_dims != 2:
         raise ConfigError(f"method '{cfg.method['name']}' is 3D; 2D images (--image) need a 2D method "
                           "(sdseg, vae, or unet with method.spatial_dims: 2)")
+    pre = Preprocessor(cfg.data)
+    # each rank holds only its shard of the training cases; validation cases are predicted by all ranks in turn
+    train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=uses_labels,
+                              cache_gib=cfg.data.cache_gib if method.spatial_dims == 3 else None)
+    train_items += _extra_items(cfg, catalog, pre, ctx)
+    val_ids = split.val[:cfg.train.val_cases] if cfg.train.val_cases else split.val  # the split's first N
+    val_items = _load_items(pre, catalog, val_ids)  # every rank: each predicts its share of them
+
     device = dist_device or resolve_device(cfg.train.device, "train.device")
     tracker: Tracker | NullTracker = NullTracker()
     if cfg.tracking.enabled and ctx.is_main:
@@ -210,8 +236,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         tracker.log_artifact(run_dir / "split.json")
 
     try:
-        state = trainer.fit(_batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank), val_items,
-                            catalog.labels)
+        batches = _batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank, device.type == "cuda")
+        state = trainer.fit(batches, val_items, catalog.labels)
         summary = None
         trainer.release()  # the test split is scored from best.pt: the training copy and optimisers go
         if ctx.is_main:
