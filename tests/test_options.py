@@ -420,3 +420,69 @@ def test_a_nan_loss_is_one_line_naming_the_step_and_the_fix(msd_dataset, tmp_pat
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "loss/model is nan at step 2" in err and "lower train.lr" in err
 
+
+
+def test_predict_window_flags_and_inference_precision_reach_the_network(run, tmp_path, monkeypatch):
+    from imgx3d.methods.unet import UNetMethod
+
+    seen = []
+    real_predict = UNetMethod.predict
+    real_window = infer.make_window
+
+    def window(cfg, patch, *devices):
+        seen.append(("window", cfg.sw_batch_size, cfg.overlap))
+        return real_window(cfg, patch, *devices)
+
+    def predict(self, volume, win):
+        seen.append(("autocast", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_predict(self, volume, win)
+
+    monkeypatch.setattr(infer, "make_window", window)
+    monkeypatch.setattr(UNetMethod, "predict", predict)
+    folder, data = run
+    image = data / "imagesTr" / "case_0.nii.gz"
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "a"),
+                 "--sw-batch-size", "3", "--overlap", "0.25", "--precision", "bf16"]) == 0
+    assert seen == [("window", 3, 0.25), ("autocast", True, torch.bfloat16)]
+    seen.clear()
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "b")]) == 0
+    assert seen[1][1] is False, "auto on the CPU: fp32, no autocast"
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "c"),
+                 "--overlap", "1.5"]) == 2
+
+
+def test_on_cuda_windows_go_to_the_device_and_the_volume_stays_on_the_host(run, monkeypatch):
+    """Large outputs on the host, windows on the GPU (MONAI's ``sw_device`` / ``device``), also in validation."""
+    from imgx3d.engine.infer import Predictor
+
+    folder, _ = run
+    predictor = Predictor.from_checkpoint(folder / "best.pt", "cpu")
+    calls = []
+    real_window = infer.make_window
+
+    def window(cfg, patch, sw_device=None, output_device=None):
+        calls.append((sw_device, output_device))
+        return real_window(cfg, patch)  # run on the CPU: this machine has no GPU
+
+    monkeypatch.setattr(infer, "make_window", window)
+    image = torch.rand(1, 20, 24, 16)
+    predictor.model_space_classes(image)
+    assert calls == [(None, None)], "CPU: the plain window"
+    predictor.device = torch.device("cuda", 0)
+    monkeypatch.setattr(infer, "choose_precision", lambda setting, device: None)
+    predictor.model_space_classes(image)
+    assert calls[1] == (torch.device("cuda", 0), torch.device("cpu"))
+
+
+def test_train_device_flag_sets_train_device(msd_dataset, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = tmp_path / "cfg.yaml"
+    config.write_text("method: {name: unet}\n")
+    code = main(["train", "--no-track", "--config", str(config), "--data", str(msd_dataset), "--device", "cuda",
+                 *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.device cuda: no CUDA device is available here" in err, err
+    assert main(["train", "--no-track", "--config", str(config), "--data", str(msd_dataset), "--device", "cpu",
+                 "--run-dir", str(tmp_path / "r"), *TINY_OVERRIDES]) == 0
+    assert "device: cpu" in (tmp_path / "r" / "config.yaml").read_text()

@@ -148,12 +148,15 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
                         or real_validate(self, cases, labels))
     monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, path, device="auto": loaded.append(device)
                                                                   or real_load(cls, path, device)))
+    real_release = Trainer.release
+    monkeypatch.setattr(Trainer, "release", lambda self: loaded.append(("released", len(self.optimizers)))
+                        or real_release(self))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, ["method.name=unet", f"tracking.uri={uri}", *TINY_OVERRIDES, "data.split.val_fraction=0.5",
                              "train.val_cases=2", "train.device=cpu"])
     result = train_run(cfg, msd_dataset, tmp_path / "r")
     assert validated == [2, 2], "3 validation cases in the split, train.val_cases=2 of them validated"
-    assert loaded == ["cpu"], "the test split is scored on the training's device"
+    assert loaded == [("released", 1), "cpu"], "the training copy goes first; the test split is scored on its device"
     tags = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags
     assert tags["device"] == "cpu" and tags["device_name"] == "cpu" and tags["precision"] == "fp32"
     assert tags["torch_version"] == torch.__version__ and tags["cuda_version"] == (torch.version.cuda or "none")
