@@ -87,6 +87,18 @@ TINY_OVERRIDES = [
 ]
 
 
+def train_tiny_unet(root: Path) -> tuple[Path, Path]:
+    """Train the tiny U-Net (``TINY_OVERRIDES``) on the blob dataset under ``root``: (run folder, dataset)."""
+    from imgx3d.cli import main
+
+    data = write_msd_dataset(root / "msd")
+    config = root / "cfg.yaml"
+    config.write_text("method: {name: unet}\n")
+    assert main(["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir", str(root / "run"),
+                 *TINY_OVERRIDES]) == 0
+    return root / "run", data
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder`` (to prove inputs are untouched)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -25,7 +25,7 @@ from imgx3d.engine import infer
 from imgx3d.engine.infer import Predictor, make_window, predict_probabilities
 from imgx3d.engine.trainer import lr_factor
 from imgx3d.errors import ConfigError
-from tests.conftest import TINY_OVERRIDES, save_nifti, write_msd_dataset
+from tests.conftest import TINY_OVERRIDES, save_nifti, train_tiny_unet, write_msd_dataset
 
 
 class Pointwise(torch.nn.Module):
@@ -70,13 +70,7 @@ def test_streaming_tta_mirrors_each_window_and_flips_it_back():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("options")
-    data = write_msd_dataset(root / "msd")
-    config = root / "cfg.yaml"
-    config.write_text("method: {name: unet}\n")
-    assert main(["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir", str(root / "run"),
-                 *TINY_OVERRIDES]) == 0
-    return root / "run", data
+    return train_tiny_unet(tmp_path_factory.mktemp("options"))
 
 
 def test_predict_tta_flag_mirrors_over_all_three_axes(run, tmp_path, monkeypatch):
@@ -285,6 +279,8 @@ BAD_VALUES = [
     ("train.patience=-1", "train.patience"), ("infer.overlap=1.0", "infer.overlap"),
     ("infer.sw_batch_size=0", "infer.sw_batch_size"), ("infer.blend=median", "infer.blend"),
     ("infer.streaming=maybe", "infer.streaming"), ("infer.roi_size=[8,8]", "infer.roi_size"),
+    ("train.precision=fp8", "train.precision"), ("infer.precision=int8", "infer.precision"),
+    ("data.cache_gib=-1", "data.cache_gib"),
 ]
 
 

@@ -28,7 +28,7 @@ from imgx3d.engine.infer import WINDOW_PATH_VOLUMES, estimate_memory
 from imgx3d.engine.plots import metric_boxplots
 from imgx3d.errors import ResourceError, resource_error
 from imgx3d.methods.unet import UNetMethod
-from tests.conftest import TINY_OVERRIDES, write_msd_dataset
+from tests.conftest import TINY_OVERRIDES, train_tiny_unet, write_msd_dataset
 from tests.test_compare import record
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}
@@ -37,13 +37,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny U-Net run folder and its dataset."""
-    root = tmp_path_factory.mktemp("resources")
-    data = write_msd_dataset(root / "msd")
-    config = root / "cfg.yaml"
-    config.write_text("method: {name: unet}\n")
-    assert main(["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir", str(root / "run"),
-                 *TINY_OVERRIDES]) == 0
-    return root / "run", data
+    return train_tiny_unet(tmp_path_factory.mktemp("resources"))
 
 
 def disk_full(monkeypatch, pattern: str) -> list[str]:
