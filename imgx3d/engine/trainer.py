@@ -207,7 +207,7 @@ class Trainer:
             params = [p for p in self.groups[group] if p.requires_grad]
             loss = out[f"loss/{group}"]
             if self.device.type != "cuda" and not torch.isfinite(loss):  # on CUDA: checked when logged (no sync)
-                raise self._not_finite(f"loss/{group}", float(loss), f"at step {self.state.step}")
+                raise self._not_finite(f"loss/{group}", float(loss.detach()), f"at step {self.state.step}")
             # backward (not autograd.grad): DDP's gradient averaging hooks fire as .grad is accumulated
             self.scaler.scale(loss).backward(inputs=params, retain_graph=i < len(names) - 1)
             if self.average_gradients:  # several groups: no DDP (see DistContext.wrap)
