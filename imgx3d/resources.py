@@ -1,4 +1,4 @@
-"""What the machine offers: free memory (host, GPU), the precision its GPU computes fast, sizes in words.
+"""What the machine offers: free host memory, the precision its GPU computes fast, sizes in words.
 
 Read by the volume reader (refuse a file that cannot fit before allocating it) and by the
 predictor (estimate a prediction's memory before running it). Linux reports free host
@@ -42,14 +42,6 @@ def available_host_bytes() -> int | None:
     if cgroup is not None:
         free = cgroup if free is None else min(free, cgroup)
     return free
-
-
-def available_device_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device plus what torch's caching allocator holds unused (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def gib(n_bytes: float) -> str:

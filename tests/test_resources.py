@@ -24,7 +24,7 @@ import torch
 from imgx3d.cli import main
 from imgx3d.engine import infer
 from imgx3d.engine.compare import compare, write_csv
-from imgx3d.engine.infer import WINDOW_PATH_VOLUMES, estimate_memory
+from imgx3d.engine.infer import WINDOW_PATH_VOLUMES, estimate_host_memory
 from imgx3d.engine.plots import metric_boxplots
 from imgx3d.errors import ResourceError, resource_error
 from imgx3d.methods.unet import UNetMethod
@@ -242,27 +242,29 @@ def test_out_of_gpu_memory_in_prediction_retries_once_with_lighter_windows(train
 
 
 def test_memory_estimate_counts_the_window_maps_and_the_streaming_slab():
-    full = estimate_memory(14, 1, (512, 512, 300), (512, 512, 300), [96, 96, 96], streaming=False, probabilities=False)
+    full = estimate_host_memory(14, 1, (512, 512, 300), (512, 512, 300), [96, 96, 96], streaming=False,
+                                probabilities=False)
     voxels = 512 * 512 * 300
     host = 4 * voxels + WINDOW_PATH_VOLUMES * 4 * 14 * voxels + 8 * voxels
-    assert full.host == int(1.25 * host)
-    stream = estimate_memory(14, 1, (512, 512, 300), (512, 512, 300), [96, 96, 96], streaming=True, probabilities=False)
+    assert full == int(1.25 * host)
+    stream = estimate_host_memory(14, 1, (512, 512, 300), (512, 512, 300), [96, 96, 96], streaming=True,
+                                  probabilities=False)
     slab = 4 * 15 * 512 * 512 * 96  # K + 1 maps, one window deep
-    assert stream.host == int(1.25 * (4 * voxels + slab + 8 * voxels + 8 * voxels))
-    assert stream.host < full.host / 4
-    with_probs = estimate_memory(3, 2, (10, 10, 10), (20, 20, 20), [8, 8, 8], streaming=False, probabilities=True)
-    assert with_probs.host == int(1.25 * (4 * 2 * 1000 + 3 * 4 * 3 * 1000 + 4 * 3 * 8000 + 8 * 8000))
+    assert stream == int(1.25 * (4 * voxels + slab + 8 * voxels + 8 * voxels))
+    assert stream < full / 4
+    with_probs = estimate_host_memory(3, 2, (10, 10, 10), (20, 20, 20), [8, 8, 8], streaming=False, probabilities=True)
+    assert with_probs == int(1.25 * (4 * 2 * 1000 + 3 * 4 * 3 * 1000 + 4 * 3 * 8000 + 8 * 8000))
 
 
 def test_a_volume_too_large_for_free_memory_streams_or_is_refused_in_one_line(trained, tmp_path, monkeypatch, capsys):
     run, data = trained
     image = data / "imagesTr" / "case_2.nii.gz"
     voxels = 20 * 24 * 16
-    full = estimate_memory(3, 1, (20, 24, 16), (20, 24, 16), [16, 16, 16], streaming=False, probabilities=False)
+    full = estimate_host_memory(3, 1, (20, 24, 16), (20, 24, 16), [16, 16, 16], streaming=False, probabilities=False)
     streamed = []
     real_stream = infer.Predictor._stream
     monkeypatch.setattr(infer.Predictor, "_stream", lambda self, *a: streamed.append(1) or real_stream(self, *a))
-    monkeypatch.setattr(infer, "available_host_bytes", lambda: full.host - 1)  # the window path does not fit
+    monkeypatch.setattr(infer, "available_host_bytes", lambda: full - 1)  # the window path does not fit
     assert main(["predict", "--run", str(run), "--input", str(image), "--output", str(tmp_path / "s")]) == 0
     assert streamed == [1], "it went through the streaming window instead"
 

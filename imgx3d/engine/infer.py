@@ -40,13 +40,7 @@ from imgx3d.data.transforms import GridMap, Preprocessor
 from imgx3d.engine.streaming import streaming_argmax
 from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
 from imgx3d.interrupts import raise_if_requested, requested
-from imgx3d.resources import (
-    available_device_bytes,
-    available_host_bytes,
-    choose_precision,
-    gib,
-    use_fast_cuda_kernels,
-)
+from imgx3d.resources import available_host_bytes, choose_precision, gib, use_fast_cuda_kernels
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
 
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v1"
@@ -94,17 +88,12 @@ WINDOW_PATH_VOLUMES = 3
 MEMORY_MARGIN = 1.25  # headroom over the estimate for temporaries and the allocator
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes a prediction needs on the host and, on CUDA, on the device (outputs held there)."""
+def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[int, ...],
+                         native_shape: tuple[int, ...], roi: list[int], streaming: bool, probabilities: bool) -> int:
+    """Host bytes predicting one volume holds at its peak, from its shapes alone (before any model work).
 
-    host: int
-    device: int
-
-
-def estimate_memory(n_classes: int, in_channels: int, model_shape: tuple[int, ...], native_shape: tuple[int, ...],
-                    roi: list[int], streaming: bool, probabilities: bool) -> MemoryEstimate:
-    """What predicting one volume holds at its peak, from its shapes alone (before any model work).
+    Whole-volume outputs always live on the host (on CUDA too: windows go to the GPU), so the
+    host is where a large volume runs out of memory.
 
     The model-space input, then either the window path's whole-volume maps
     (:data:`WINDOW_PATH_VOLUMES` of ``K`` float32 values per voxel) or the streaming window's
@@ -119,8 +108,7 @@ def estimate_memory(n_classes: int, in_channels: int, model_shape: tuple[int, ..
         held = 4 * (n_classes + 1) * int(np.prod(model_shape[:2], dtype=np.int64)) * depth + 8 * model
     else:
         held = WINDOW_PATH_VOLUMES * 4 * n_classes * model
-    host = image + held + (4 * n_classes * native if probabilities else 0) + 8 * native
-    return MemoryEstimate(int(MEMORY_MARGIN * host), int(MEMORY_MARGIN * (image + held)))
+    return int(MEMORY_MARGIN * (image + held + (4 * n_classes * native if probabilities else 0) + 8 * native))
 
 
 def class_map(probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
@@ -225,76 +213,69 @@ class Predictor:
 
         The memory the prediction needs is estimated first: a volume whose whole-volume maps
         would not fit the free host memory goes through the streaming window when the method
-        allows it, and is refused in one line when even that would not fit; on CUDA, outputs
-        too large for the free device memory are kept on the host. Out of GPU memory all the
-        same, it is tried once more with windows one at a time and outputs on the host.
+        allows it, and is refused in one line when even that would not fit. On CUDA windows run
+        on the GPU and the volume-sized outputs stay on the host; out of GPU memory all the same,
+        it is tried once more with windows one at a time.
 
         Raises:
             ResourceError: the volume cannot be predicted within this machine's memory.
         """
         streaming = self._streams(case.image) and not probabilities
-        stream_instead, outputs_on_host = self._plan_memory(case, probabilities, streaming)
-        streaming = streaming or stream_instead
+        streaming = streaming or self._must_stream(case, probabilities, streaming)
         try:
-            return self._predict(case, probabilities, streaming, self.config.infer, outputs_on_host)
+            return self._predict(case, probabilities, streaming, self.config.infer)
         except torch.cuda.OutOfMemoryError:
             name = case.reference.path or "the volume"
-            print(f"imgx3d: warning: {name}: out of GPU memory; trying again with windows one at a time and outputs "
-                  "on the host", file=sys.stderr)
+            print(f"imgx3d: warning: {name}: out of GPU memory; trying again with windows one at a time",
+                  file=sys.stderr)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             one_window = replace(self.config.infer, sw_batch_size=1)
             try:
-                return self._predict(case, probabilities, streaming, one_window, True)
+                return self._predict(case, probabilities, streaming, one_window)
             except torch.cuda.OutOfMemoryError:
                 raise ResourceError(
-                    f"{name}: out of GPU memory even with windows one at a time and outputs on the host; lower "
+                    f"{name}: out of GPU memory even with windows one at a time; lower "
                     f"infer.roi_size (now {self.config.infer.roi_size or self.config.data.patch_size}), predict on "
                     "the CPU with --device cpu, or use a GPU with more memory") from None
 
-    def _plan_memory(self, case: LoadedCase, probabilities: bool, streaming: bool) -> tuple[bool, bool]:
-        """Whether to stream because the host is short of memory, and whether to hold outputs on the host."""
+    def _must_stream(self, case: LoadedCase, probabilities: bool, streaming: bool) -> bool:
+        """True when the whole-volume maps would not fit the free host memory but the streaming
+        window would; a one-line :class:`ResourceError` when neither would."""
         infer, grid = self.config.infer, case.grid
         roi = list(infer.roi_size or self.config.data.patch_size)
 
-        def need(stream: bool) -> MemoryEstimate:
-            return estimate_memory(self.method.num_classes, case.image.shape[0], tuple(case.image.shape[1:]),
-                                   grid.native_shape, roi, stream, probabilities)
+        def need(stream: bool) -> int:
+            return estimate_host_memory(self.method.num_classes, case.image.shape[0], tuple(case.image.shape[1:]),
+                                        grid.native_shape, roi, stream, probabilities)
 
         free = available_host_bytes()
-        stream_instead = False
-        if free is not None and need(streaming).host > free:
-            can_stream = (not streaming and not probabilities and infer.streaming != "off"
-                          and self.method.spatial_dims == 3 and self.method.window_probabilities() is not None)
-            if can_stream and need(True).host <= free:
-                stream_instead = True
-            else:
-                shape = "x".join(map(str, case.image.shape[1:]))
-                raise ResourceError(
-                    f"{case.reference.path or 'the volume'}: predicting it needs about {gib(need(streaming).host)} of "
-                    f"host memory ({self.method.num_classes} classes on a {shape} model grid) but {gib(free)} is free; "
-                    "set a coarser data.spacing, predict without --probabilities"
-                    + ("" if streaming or can_stream else ", use infer.streaming: on with a single-pass 3D method")
-                    + ", or lower infer.sw_batch_size and free memory")
-        device_free = available_device_bytes(self.device)
-        on_host = device_free is not None and need(streaming or stream_instead).device > device_free
-        return stream_instead, on_host
+        if free is None or need(streaming) <= free:
+            return False
+        can_stream = (not streaming and not probabilities and infer.streaming != "off"
+                      and self.method.spatial_dims == 3 and self.method.window_probabilities() is not None)
+        if can_stream and need(True) <= free:
+            return True
+        shape = "x".join(map(str, case.image.shape[1:]))
+        raise ResourceError(
+            f"{case.reference.path or 'the volume'}: predicting it needs about {gib(need(streaming))} of host memory "
+            f"({self.method.num_classes} classes on a {shape} model grid) but {gib(free)} is free; set a coarser "
+            "data.spacing, predict without --probabilities"
+            + ("" if streaming or can_stream else ", use infer.streaming: on with a single-pass 3D method")
+            + ", or lower infer.sw_batch_size and free memory")
 
-    def _predict(self, case: LoadedCase, probabilities: bool, streaming: bool, infer: InferConfig,
-                 outputs_on_host: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
-        """One attempt at :meth:`predict_loaded` with these window settings."""
+    def _autocast(self, infer: InferConfig) -> torch.autocast:
+        """The networks' precision at inference (``infer.precision``; fp32: autocast off)."""
         dtype = choose_precision(infer.precision, self.device)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self._predict_at_precision(case, probabilities, streaming, infer, outputs_on_host)
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    def _model_space_probabilities(self, image: torch.Tensor, infer: InferConfig, outputs_on_host: bool
-                                   ) -> torch.Tensor:
+    def _model_space_probabilities(self, image: torch.Tensor, infer: InferConfig) -> torch.Tensor:
         """Class probabilities (K, X', Y', Z') of a model-space image, in fp32 on the host.
 
-        Windows run on the predictor's device; the whole-volume output is held on the host on
-        CUDA (and wherever ``outputs_on_host``), so GPU memory holds windows, not volumes.
+        On CUDA the windows go to the GPU and the whole-volume output stays on the host
+        (MONAI's ``sw_device`` / ``device``), so GPU memory holds windows, not volumes.
         """
-        if outputs_on_host or self.device.type == "cuda":
+        if self.device.type == "cuda":
             window = make_window(infer, self.config.data.patch_size, self.device, torch.device("cpu"))
         else:
             window = make_window(infer, self.config.data.patch_size)
@@ -306,18 +287,19 @@ class Predictor:
         precision and memory rules as :meth:`predict_loaded` (streaming where it applies), without
         test-time augmentation: what validation during training scores."""
         infer = replace(self.config.infer, tta_flips=[])
-        dtype = choose_precision(infer.precision, self.device)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with self._autocast(infer):
             if self._streams(image):
                 return self._stream(image, infer).reshape(image.shape[1:])
-            return class_map(self._model_space_probabilities(image, infer, False))
+            return class_map(self._model_space_probabilities(image, infer))
 
-    def _predict_at_precision(self, case: LoadedCase, probabilities: bool, streaming: bool, infer: InferConfig,
-                              outputs_on_host: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
+    def _predict(self, case: LoadedCase, probabilities: bool, streaming: bool, infer: InferConfig
+                 ) -> tuple[np.ndarray, torch.Tensor | None, Any]:
+        """One attempt at :meth:`predict_loaded` with these window settings."""
         pre, grid = self.preprocessor, case.grid
-        if streaming:
-            return self._labels_to_native(self._stream(case.image, infer), grid), None, case.reference
-        probs = self._model_space_probabilities(case.image, infer, outputs_on_host)
+        with self._autocast(infer):
+            if streaming:
+                return self._labels_to_native(self._stream(case.image, infer), grid), None, case.reference
+            probs = self._model_space_probabilities(case.image, infer)
         native = pre.to_native(probs, grid) if probabilities or grid.model_shape != grid.cropped_shape else None
         if native is not None:
             labelmap = class_map(native).numpy()
