@@ -341,12 +341,12 @@ def test_compare_runs_metric_hd95_and_by_method(experiment, tmp_path, capsys):
     assert set(by_name) == {"s0", "s1"}
     assert main(["compare", "--tracking-uri", experiment, "--experiment", "opts", "--runs", "s1", "--metric", "hd95",
                  "--no-log", "--output", str(tmp_path / "one")]) == 0
-    table = (tmp_path / "one" / "table.md").read_text()
+    table = (tmp_path / "one" / "table.md").read_text(encoding="utf-8")
     assert "| s1 |" in table and "| s0 |" not in table and "hd95" in table
     capsys.readouterr()
     assert main(["compare", "--tracking-uri", experiment, "--experiment", "opts", "--metric", "hd95", "--no-log",
                  "--output", str(tmp_path / "both")]) == 0
-    lines = (tmp_path / "both" / "table.md").read_text().split("\n\n")[0].splitlines()  # the table, not the tests
+    lines = (tmp_path / "both" / "table.md").read_text(encoding="utf-8").split("\n\n")[0].splitlines()  # the table, not the tests
     column = [c.strip() for c in lines[0].split("|")].index("hd95 mean")
     rows = [line for line in lines if line.startswith("| s")]
     hd95 = {r.info.run_name: r.data.metrics["test/hd95_mean"] for r in runs}
@@ -357,7 +357,7 @@ def test_compare_runs_metric_hd95_and_by_method(experiment, tmp_path, capsys):
     assert main(["compare", "--tracking-uri", experiment, "--experiment", "opts", "--by", "method", "--no-log",
                  "--output", str(tmp_path / "method")]) == 0
     best = max(runs, key=lambda r: r.data.metrics["val/best_dice_mean"]).info.run_name
-    method_rows = [line for line in (tmp_path / "method" / "table.md").read_text().split("\n\n")[0].splitlines()
+    method_rows = [line for line in (tmp_path / "method" / "table.md").read_text(encoding="utf-8").split("\n\n")[0].splitlines()
                    if line.startswith("| s")]
     assert len(method_rows) == 1 and method_rows[0].startswith(f"| {best} |"), "one row per method: best validation"
 
