@@ -63,6 +63,34 @@ def test_a_restored_image_pool_follows_the_fakes_device_and_dtype():
     assert out.dtype == torch.float32 and out.device == fakes.device
     assert (out != 5).any(), "stored images were mixed in"
 
+
+def test_the_cycle_renoises_at_path_as_t_and_eps_and_the_losses_carry_the_papers_weights():
+    """The authors' p_losses: one eps for the B path, the A path and the cycle, the cycle at t_a;
+    L_G = L_diff + 0.2 L_adv + 5 L_cycle; t_a in [0, 200), t_b over the whole chain."""
+    torch.manual_seed(0)
+    darl = build_method(dict(TINY), 2, 1)
+    calls = []
+    real = darl.schedule.q_sample
+
+    def q_sample(x0, t, noise):
+        calls.append((t.clone(), noise.clone()))
+        return real(x0, t, noise)
+
+    darl.schedule.q_sample = q_sample
+    ts = {"a": [], "b": []}
+    for step in range(20):
+        calls.clear()
+        out = darl.training_step({"image": torch.rand(3, 1, 32, 32) * 2 - 1, "label": torch.zeros(3, 1, 32, 32)}, step)
+        (t_b, eps_b), (t_a, eps_a), (t_cycle, eps_cycle) = calls
+        assert torch.equal(t_cycle, t_a) and torch.equal(eps_cycle, eps_a), "the cycle reuses path A's t and eps"
+        assert torch.equal(eps_b, eps_a), "one eps per step, as the authors' code"
+        ts["a"] += t_a.tolist()
+        ts["b"] += t_b.tolist()
+        expected = out["diffusion"] + 0.2 * out["adversarial"] + 5.0 * out["cycle"]
+        torch.testing.assert_close(out["loss/generator"].detach(), expected)
+    assert 0 <= min(ts["a"]) and max(ts["a"]) < 200 and max(ts["b"]) >= 200, (max(ts["a"]), max(ts["b"]))
+
+
 def test_polyphase_split_and_merge_are_inverse():
     x = torch.arange(2 * 8 * 6.0).reshape(1, 2, 8, 6)
     parts = polyphase_split(x)

@@ -11,7 +11,8 @@ from a folder of vessel-free frames (``background: folder``, e.g. pre-contrast a
   fed ``[x_t, eps_theta(x_t, t)]``;
 - path A (segmentation): ``A`` noised at ``t_a ∈ [0, 200)``, ``G`` without mask → vessel map;
 - path B (synthesis): ``B`` noised at ``t_b ∈ [0, T)``, ``G`` modulated by ``F`` → fake angiogram;
-- cycle: the fake angiogram re-noised at ``t_a`` and segmented through path A, L1 to ``F``;
+- cycle: the fake angiogram re-noised at path A's ``t_a`` with the step's one ``eps`` (the
+  authors' code shares it between the paths) and segmented through path A, L1 to ``F``;
 - two PatchGAN discriminators (MONAI ``PatchDiscriminator``): ``D_a`` images vs real ``A``,
   ``D_s`` vessel maps vs ``F``; LSGAN losses, image pools of 50.
 ``L_G = L_diff + 0.2·L_adv + 5·L_cyc`` (parameter group ``generator``: eps_theta and G) and the
@@ -210,15 +211,13 @@ class DARLMethod(Method):
         return self._backgrounds[torch.randint(len(self._backgrounds), (images.shape[0],))].to(images.device)
 
     # -- the two paths ---------------------------------------------------------------------
-    def _path(self, x0: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Noise x0 at t, estimate the noise, run G (with ``mask``: synthesis; without: segmentation).
-
-        Returns (G's output, the noise estimate, the true noise)."""
-        noise = torch.randn_like(x0)
+    def _path(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise x0 at t with ``noise``, estimate the noise, run G (with ``mask``: synthesis; without:
+        segmentation). Returns (G's output, the noise estimate)."""
         x_t = self.schedule.q_sample(x0, t, noise).float()
         eps = self.eps_theta(x_t, t)
-        return self.generator(torch.cat([x_t, eps], 1), mask), eps, noise
+        return self.generator(torch.cat([x_t, eps], 1), mask), eps
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         images = batch["image"]  # A; batch["label"] is never used
@@ -227,12 +226,16 @@ class DARLMethod(Method):
         n, device = images.shape[0], images.device
         masks = self._fractal_batch(n, tuple(images.shape[-2:]), device)  # F
         backgrounds = self._background_batch(images)  # B
+        # One eps per step for every path, and the cycle re-noised at path A's t_a, as the authors'
+        # p_losses does (boahK/DARL, model/ddpm_modules/diffusion_seg.py): the cycle then asks G to
+        # segment a fake angiogram at exactly the noise level and noise of the real one.
+        noise = torch.randn_like(images)
         t_b = torch.randint(0, self.schedule.num_steps, (n,), device=device)
-        fake_images, eps_b, noise_b = self._path(backgrounds, t_b, masks)
-        loss_diff = F.mse_loss(eps_b.float(), noise_b)
+        fake_images, eps_b = self._path(backgrounds, t_b, noise, masks)
+        loss_diff = F.mse_loss(eps_b.float(), noise)
         t_a = torch.randint(0, self.cfg.t_a_max, (n,), device=device)
-        segmentation, _, _ = self._path(images, t_a, None)
-        cycled, _, _ = self._path(fake_images, torch.randint(0, self.cfg.t_a_max, (n,), device=device), None)
+        segmentation, _ = self._path(images, t_a, noise, None)
+        cycled, _ = self._path(fake_images, t_a, noise, None)
         loss_cycle = F.l1_loss(cycled, masks)
         loss_adv = _lsgan(self.d_image(fake_images), True) + _lsgan(self.d_mask(segmentation), True)
         loss_g = loss_diff + self.cfg.adv_weight * loss_adv + self.cfg.cycle_weight * loss_cycle
