@@ -173,6 +173,11 @@ class TrainConfig:
             (anneal over whichever ends first, steps or ``max_minutes``: a budgeted run always
             finishes its schedule, whatever the machine's speed).
         grad_clip: max gradient norm per parameter group; 0 = off.
+        ema: decay of an exponential moving average of the weights (0: off; the LDM / Stable
+            Diffusion family, SDSeg included, uses 0.9999). When on, validation, ``best.pt`` (and
+            so ``predict`` and ``synth``) use the averaged weights; ``last.pt`` keeps both, and a
+            resume continues the average exactly.
+        ema_start: the step from which the average is kept (it starts as a copy of the weights).
         precision: ``auto`` (bf16 on GPUs with bf16 tensor cores, compute capability 8.0 and up;
             fp16 with a gradient scaler below that; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``.
             The diffusion arithmetic (``q_sample``, posteriors) stays fp32 whatever the setting.
@@ -197,6 +202,8 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr: float = 1e-6
     grad_clip: float = 1.0
+    ema: float = 0.0
+    ema_start: int = 0
     precision: str = "auto"
     amp: str = "auto"
     val_every: int = 200
@@ -469,6 +476,8 @@ def validate(cfg: Config) -> None:
     _check(t.val_every >= 1, "train.val_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.patience >= 0, "train.patience", "must be >= 0")
+    _check(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0: no weight averaging; e.g. 0.9999)")
+    _check(t.ema_start >= 0, "train.ema_start", "must be >= 0")
     _check(0.0 <= i.overlap < 1.0, "infer.overlap", "must be in [0, 1)")
     _check(i.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
     _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")

@@ -280,7 +280,7 @@ BAD_VALUES = [
     ("infer.sw_batch_size=0", "infer.sw_batch_size"), ("infer.blend=median", "infer.blend"),
     ("infer.streaming=maybe", "infer.streaming"), ("infer.roi_size=[8,8]", "infer.roi_size"),
     ("train.precision=fp8", "train.precision"), ("infer.precision=int8", "infer.precision"),
-    ("data.cache_gib=-1", "data.cache_gib"),
+    ("data.cache_gib=-1", "data.cache_gib"), ("train.ema=1.0", "train.ema"), ("train.ema_start=-1", "train.ema_start"),
 ]
 
 

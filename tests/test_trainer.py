@@ -194,3 +194,43 @@ def test_validation_is_shared_by_the_ranks_and_averaged_over_every_case(msd_data
     expected = {f"val/dice/{catalog.labels[c]}": float(np.mean(v)) for c, v in combined.items()}
     for key, value in expected.items():
         assert value == pytest.approx(alone[key]), key
+
+
+def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exactly(msd_dataset, tmp_path,
+                                                                                    monkeypatch):
+    """train.ema: e_1 = w_1 (at ema_start), e_k = d e_{k-1} + (1 - d) w_k; best.pt holds the average,
+    last.pt the training weights and the average's state, and a resumed run ends on the same average."""
+    weights = []
+    real_step = Trainer.step
+
+    def step(self, batch):
+        out = real_step(self, batch)
+        weights.append({k: v.detach().clone() for k, v in self.method.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    cfg = _cfg("train.ema=0.6", "train.ema_start=1", "train.val_every=6")  # one validation, at the end
+    train_run(cfg, msd_dataset, tmp_path / "full", test_at_end=False)
+    assert len(weights) == 6
+    expected = {k: v.clone() for k, v in weights[1].items()}  # after step 2 (past ema_start = 1): a copy
+    for w in weights[2:]:
+        expected = {k: (0.6 * e + 0.4 * w[k]) if e.is_floating_point() else w[k] for k, e in expected.items()}
+    best = torch.load(tmp_path / "full" / "best.pt", weights_only=False)
+    assert best["step"] == 6
+    for key, value in expected.items():
+        torch.testing.assert_close(best["model"][key], value, msg=key)
+    assert any(not torch.equal(best["model"][k], weights[-1][k]) for k in expected), "the average, not the last"
+    last = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    for key, value in weights[-1].items():  # last.pt: the training weights, not the average
+        assert torch.equal(last["model"][key], value), key
+    assert int(last["ema"]["n_averaged"]) == 5
+
+    monkeypatch.setattr(Trainer, "step", lambda self, batch: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if self.state.step == 4 else real_step(self, batch))
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, msd_dataset, tmp_path / "broken", test_at_end=False)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    train_run(cfg, msd_dataset, resume=tmp_path / "broken", test_at_end=False)
+    resumed = torch.load(tmp_path / "broken" / "last.pt", weights_only=False)
+    for key, value in last["ema"].items():
+        assert torch.equal(resumed["ema"][key], value), key

@@ -10,6 +10,7 @@ Under torchrun the same loop runs on every rank (see :mod:`imgx3d.engine.distrib
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from imgx3d.config import Config, TrainConfig, to_dict
@@ -123,6 +125,10 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; disabled (a no-op) for every other precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.state = TrainState()
+        # torch's AveragedModel: its state (weights and count) is saved in last.pt, so a resume
+        # continues the average bit for bit; one update after each optimisation step.
+        self.ema = (AveragedModel(method, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
+                    if cfg.train.ema > 0 else None)
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
 
     def release(self) -> None:
@@ -148,6 +154,7 @@ class Trainer:
             ckpt.update({
                 "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
                 "grad_scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "train_state": vars(self.state).copy(),
                 "rng_ranks": self.dist.gather(rng),
             })
@@ -172,6 +179,8 @@ class Trainer:
             o.load_state_dict(ckpt["optimizers"][g])
         if ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self.state = TrainState(**ckpt["train_state"])
         ranks = ckpt["rng_ranks"] if "rng_ranks" in ckpt else [ckpt["rng"]]  # "rng": before torchrun support
         if len(ranks) != self.dist.world_size:
@@ -316,6 +325,8 @@ class Trainer:
                 break
             scalars = self.step(next(batches))
             self.state.step += 1
+            if self.ema is not None and self.state.step > t.ema_start:
+                self.ema.update_parameters(self.method)
             bar.update(1)
             for k, v in scalars.items():
                 running.setdefault(k, []).append(v)
@@ -346,6 +357,26 @@ class Trainer:
         self.dist.check_same_weights(self.method)
         return self.state
 
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside the block the method holds the moving average of its weights (``train.ema``, once
+        the average has started); the training weights come back after it."""
+        if self.ema is None or int(self.ema.n_averaged) == 0:
+            yield
+            return
+        tensors = [*self.method.parameters(), *self.method.buffers()]
+        averaged = [*self.ema.module.parameters(), *self.ema.module.buffers()]
+        training = [t.detach().clone() for t in tensors]
+        with torch.no_grad():
+            for tensor, value in zip(tensors, averaged, strict=True):
+                tensor.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(tensors, training, strict=True):
+                    tensor.copy_(value)
+
     def _validate_and_checkpoint(self, val_cases: list[dict[str, Any]], labels: dict[int, str],
                                  start: float, elapsed0: float) -> bool:
         """Validate, keep the best weights, save ``last.pt``; True when patience ran out.
@@ -353,6 +384,14 @@ class Trainer:
         Under torchrun every rank validates its share of the cases (see :meth:`validate`); rank
         0 keeps the books and hands them to every rank, so their checkpoints and stops agree.
         """
+        with self.averaged_weights():  # validation and best.pt: the averaged weights, when train.ema is on
+            self._validate_and_save_best(val_cases, labels)
+        self.state.elapsed_s = elapsed0 + self._clock() - start
+        self.state = self.dist.broadcast(self.state)
+        self.save("last.pt")  # the training weights (and the average's own state): an exact resume
+        return bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience
+
+    def _validate_and_save_best(self, val_cases: list[dict[str, Any]], labels: dict[int, str]) -> None:
         metrics = self.validate(val_cases, labels) if val_cases else {}
         if self.dist.is_main and val_cases:
             self.tracker.log_metrics(metrics, self.state.step)
@@ -366,7 +405,3 @@ class Trainer:
         elif self.dist.is_main:  # no validation cases: the latest weights are the ones to use
             self.state.best_step = self.state.step
             self.save("best.pt", weights_only=True)
-        self.state.elapsed_s = elapsed0 + self._clock() - start
-        self.state = self.dist.broadcast(self.state)
-        self.save("last.pt")
-        return bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience
