@@ -167,7 +167,11 @@ class TrainConfig:
         optimizer: ``adamw`` or ``sgd`` (Nesterov, momentum 0.99 as nnU-Net).
         betas: AdamW's (beta1, beta2); GANs (DARL) use (0.5, 0.999).
         lr, weight_decay: optimiser settings.
-        scheduler: ``cosine`` (linear warmup then cosine to ``min_lr``), ``poly`` or ``constant``.
+        scheduler: ``cosine`` (linear warmup then cosine to ``min_lr``), ``poly``, ``constant``, or
+            ``plateau`` (PyTorch's ``ReduceLROnPlateau`` on the validation Dice: the LR is multiplied by
+            ``plateau_factor`` after more than ``plateau_patience`` validations without improvement;
+            PIG's schedule, factor 1/4 and patience 4).
+        plateau_factor, plateau_patience: the ``plateau`` schedule's settings.
         warmup_steps, min_lr: schedule settings.
         schedule_over: ``steps`` (anneal over ``max_steps``; bit-reproducible) or ``budget``
             (anneal over whichever ends first, steps or ``max_minutes``: a budgeted run always
@@ -198,6 +202,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     scheduler: str = "cosine"
+    plateau_factor: float = 0.25
+    plateau_patience: int = 4
     schedule_over: str = "steps"
     warmup_steps: int = 0
     min_lr: float = 1e-6
@@ -468,7 +474,10 @@ def validate(cfg: Config) -> None:
     _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", "must be adamw or sgd")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
     _check(t.lr > 0, "train.lr", "must be > 0")
-    _check(t.scheduler in ("cosine", "poly", "constant"), "train.scheduler", "must be cosine, poly or constant")
+    _check(t.scheduler in ("cosine", "poly", "constant", "plateau"), "train.scheduler",
+           "must be cosine, poly, constant or plateau")
+    _check(0.0 < t.plateau_factor < 1.0, "train.plateau_factor", "must be in (0, 1)")
+    _check(t.plateau_patience >= 0, "train.plateau_patience", "must be >= 0")
     _check(t.schedule_over in ("steps", "budget"), "train.schedule_over", "must be steps or budget")
     _check(t.budget_clock in ("wall", "cpu"), "train.budget_clock", "must be wall or cpu")
     _check(t.amp in ("auto", "on", "off"), "train.amp", "must be auto, on or off")

@@ -281,6 +281,7 @@ BAD_VALUES = [
     ("infer.streaming=maybe", "infer.streaming"), ("infer.roi_size=[8,8]", "infer.roi_size"),
     ("train.precision=fp8", "train.precision"), ("infer.precision=int8", "infer.precision"),
     ("data.cache_gib=-1", "data.cache_gib"), ("train.ema=1.0", "train.ema"), ("train.ema_start=-1", "train.ema_start"),
+    ("train.plateau_factor=1.0", "train.plateau_factor"), ("train.plateau_patience=-1", "train.plateau_patience"),
 ]
 
 
@@ -482,3 +483,23 @@ def test_train_device_flag_sets_train_device(msd_dataset, tmp_path, capsys):
     assert main(["train", "--no-track", "--config", str(config), "--data", str(msd_dataset), "--device", "cpu",
                  "--run-dir", str(tmp_path / "r"), *TINY_OVERRIDES]) == 0
     assert "device: cpu" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_plateau_schedule_cuts_the_lr_after_patience_bad_validations_and_keeps_its_state(msd_dataset, tmp_path,
+                                                                                 monkeypatch):
+    from imgx3d.engine.trainer import Trainer
+    from imgx3d.engine.workflow import train_run
+
+    scores = iter([0.5, 0.4, 0.3, 0.6, 0.2, 0.1])
+    lrs = []
+    real_step = Trainer.step
+    monkeypatch.setattr(Trainer, "validate", lambda self, cases, labels: {"val/dice_mean": next(scores)})
+    monkeypatch.setattr(Trainer, "step", lambda self, batch: (out := real_step(self, batch), lrs.append(out["lr"]))[0])
+    cfg = load_config(None, ["method.name=unet", "tracking.enabled=false", *TINY_OVERRIDES, "train.scheduler=plateau",
+                             "train.plateau_patience=1", "train.plateau_factor=0.25", "train.lr=0.01",
+                             "train.val_every=1", "train.checkpoint_every=1"])
+    train_run(cfg, msd_dataset, tmp_path / "r", test_at_end=False)
+    # best 0.5; 0.4 and 0.3 are two bad validations (> patience 1): x 1/4; 0.6 is a new best; 0.2, 0.1: x 1/4 again
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.0025, 0.0025, 0.0025])
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    assert last["train_state"]["lr_scale"] == pytest.approx(1 / 16) and last["plateau"]["num_bad_epochs"] == 0

@@ -75,6 +75,16 @@ def lr_factor(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     return 1.0
 
 
+def _plateau(cfg: TrainConfig) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """PyTorch's ``ReduceLROnPlateau`` (mode max, on the validation Dice) driving a scale, not an LR:
+    it steps a one-parameter stand-in optimiser whose LR starts at 1, and that LR multiplies the
+    schedule of :func:`lr_factor` (warmup included) for every real optimiser; its state is in
+    ``last.pt``, so a resume continues its count of bad validations."""
+    scale = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(scale, mode="max", factor=cfg.plateau_factor,
+                                                      patience=cfg.plateau_patience, min_lr=0.0)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net)."""
     if cfg.optimizer == "sgd":
@@ -93,6 +103,7 @@ class TrainState:
     elapsed_s: float = 0.0
     stop_reason: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+    lr_scale: float = 1.0  # the plateau schedule's reductions so far (every rank gets rank 0's)
 
 
 class Trainer:
@@ -129,6 +140,7 @@ class Trainer:
         # continues the average bit for bit; one update after each optimisation step.
         self.ema = (AveragedModel(method, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
                     if cfg.train.ema > 0 else None)
+        self.plateau = _plateau(cfg.train) if cfg.train.scheduler == "plateau" else None
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
 
     def release(self) -> None:
@@ -155,6 +167,7 @@ class Trainer:
                 "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
                 "grad_scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None,
                 "train_state": vars(self.state).copy(),
                 "rng_ranks": self.dist.gather(rng),
             })
@@ -181,6 +194,9 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
+        if self.plateau is not None and ckpt.get("plateau") is not None:
+            self.plateau.load_state_dict(ckpt["plateau"])
+            self.plateau.optimizer.param_groups[0]["lr"] = self.state.lr_scale
         self.state = TrainState(**ckpt["train_state"])
         ranks = ckpt["rng_ranks"] if "rng_ranks" in ckpt else [ckpt["rng"]]  # "rng": before torchrun support
         if len(ranks) != self.dist.world_size:
@@ -201,7 +217,7 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step over every parameter group."""
         self.method.train()
-        lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.state.step, self.state.elapsed_s)
+        lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.state.step, self.state.elapsed_s) * self.state.lr_scale
         for group, optimizer in self.optimizers.items():
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr * self.method.lr_scale(group)
@@ -397,6 +413,9 @@ class Trainer:
             self.tracker.log_metrics(metrics, self.state.step)
             self.state.history.append({"step": self.state.step, **metrics})
             score = metrics.get("val/dice_mean", -math.inf)  # a generator may report no Dice (keeps_latest)
+            if self.plateau is not None and math.isfinite(score):
+                self.plateau.step(score)
+                self.state.lr_scale = self.plateau.optimizer.param_groups[0]["lr"]
             if score > self.state.best_metric or self.method.keeps_latest:
                 self.state.best_metric, self.state.best_step, self.state.bad_validations = score, self.state.step, 0
                 self.save("best.pt", weights_only=True)
