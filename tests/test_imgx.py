@@ -138,3 +138,19 @@ def test_time_unet_with_one_up_subunit_is_monai_unet_plus_time_conditioning():
     assert sum(p.numel() for p in heavier.parameters()) > sum(p.numel() for p in film.parameters())
     x = torch.randn(1, 1, 16, 16, 16)
     assert film(x, torch.tensor([3])).shape == (1, 3, 16, 16, 16)
+
+
+def test_x0_loss_is_dice_plus_cross_entropy_with_weights_one():
+    """ImgX-DiffSeg's x0 loss: soft Dice over the foreground classes + cross-entropy, weight 1 each
+    (hand-computed here, not through MONAI)."""
+    method = _method()
+    logits = torch.randn(2, 3, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+    method.net.forward = lambda x, t: logits
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=torch.Generator().manual_seed(5))
+    loss = method.training_step({"image": torch.rand(2, 1, 8, 8, 8), "label": label}, 0)["loss/model"]
+    p = torch.softmax(logits, 1)
+    g = torch.nn.functional.one_hot(label[:, 0], 3).movedim(-1, 1).float()
+    dims = (2, 3, 4)
+    dice = 1 - (2 * (p * g)[:, 1:].sum(dims) + 1e-5) / (p[:, 1:].sum(dims) + g[:, 1:].sum(dims) + 1e-5)
+    expected = dice.mean() + torch.nn.functional.cross_entropy(logits, label[:, 0])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -109,7 +109,8 @@ def _sdseg(*extra, num_classes=3):
 def test_latent_estimation_loss_matches_the_formula():
     torch.manual_seed(0)
     method = _sdseg("method.codec.path=", "method.codec_steps=0", "method.latent_weight=0.5")
-    method.denoiser.forward = lambda x, t, class_labels=None: torch.zeros_like(x[:, :4])  # eps_hat = 0
+    # eps_hat depends on z_t (the first 4 input channels): every term of the formula is exercised
+    method.denoiser.forward = lambda x, t, class_labels=None: 0.3 * x[:, :4] + 0.1
     batch = {"image": torch.rand(3, 1, 32, 32) * 2 - 1, "label": torch.randint(0, 3, (3, 1, 32, 32))}
     torch.manual_seed(1)
     loss = method.training_step(batch, step=0)["loss/model"]
@@ -122,8 +123,9 @@ def test_latent_estimation_loss_matches_the_formula():
     noise = torch.randn_like(z0)
     ab = method.schedule.alpha_bar[t].float().view(-1, 1, 1, 1)
     z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
-    z0_hat = z_t / ab.sqrt()  # (z_t - sqrt(1 - ab) * eps_hat) / sqrt(ab) with eps_hat = 0
-    expected = noise.abs().mean() + 0.5 * (z0_hat - z0).abs().mean()
+    eps_hat = 0.3 * z_t + 0.1
+    z0_hat = (z_t - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # SDSeg's latent estimation
+    expected = (eps_hat - noise).abs().mean() + 0.5 * (z0_hat - z0).abs().mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
 
