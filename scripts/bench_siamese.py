@@ -9,7 +9,7 @@ low-data regime of bench_augment.py (``--max-train`` real training volumes):
 2. Three Siamese variants train the same number of steps from that codec: ``full`` (noise
    consistency + online augmentation), ``no_consistency`` (w_c = 0), ``no_online`` (no L_m').
 3. Each synthesises one image per foreground mask slice of the real training volumes (the
-   training split only: test masks never reach training data), DDIM-50, guidance 9.
+   training split only: test masks never reach training data), DDIM-50, with the config's guidance (1 since stop 14: no control CFG; the figures of stop 13 used 9).
 4. Fidelity: Fréchet distance and KID of each variant's images to the real training slices on
    the real-only U-Net's features (as in bench_augment; real test slices give the floor), and
    mask–image agreement (that U-Net's Dice on the generated image against its mask).

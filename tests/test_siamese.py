@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from imgx3d.errors import CheckpointError
+from imgx3d.methods import siamese as siamese_module
 from imgx3d.methods.base import build_method
 from imgx3d.nets.dense_hint import DenseHintEncoder
 
@@ -76,15 +77,16 @@ def test_online_augmentation_only_past_k_tau_and_for_t_up_to_t_tau():
     assert "online" not in _siamese(t_tau=10_000, online_augmentation=False).losses(_batch(), k=8)
 
 
-def test_sampling_uses_the_mask_branch_only_with_guidance():
+def test_sampling_uses_the_mask_branch_only_without_control_guidance_by_default():
     method = _siamese().eval()
+    assert method.cfg.guidance == 1.0 and method.cfg.cond_dropout == 0.0
     calls = {"mask": 0, "image": 0}
     for name, control in (("mask", method.control_mask), ("image", method.control_image)):
         forward = control.forward
         control.forward = lambda *a, _f=forward, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k)
     label = _batch()["label"]
     images, labels = method.generate([0, 1], [32, 32], label)
-    assert calls == {"mask": 2 * TINY["sample_steps"], "image": 0}, "conditional + null control per step"
+    assert calls == {"mask": TINY["sample_steps"], "image": 0}, "one mask-branch call per step, no null control"
     assert images.shape == (2, 1, 32, 32) and torch.equal(labels, label)
     again, _ = method.generate([1], [32, 32], label[1:])
     torch.testing.assert_close(again[0], images[1], rtol=1e-4, atol=1e-5)
@@ -158,3 +160,31 @@ def test_train_then_synth_from_real_and_random_masks(msd_dataset, tmp_path):
     train_only = mask_slices(msd_dataset, predictor, held_out)
     assert 0 < len(train_only) < len(every)
     assert held_out_cases(tmp_path / "elsewhere" / "best.pt") == set(), "no split.json: every case is used"
+
+
+def test_opt_in_control_guidance_extrapolates_over_the_null_control_and_dropout_swaps_it_in():
+    method = _siamese(guidance=3.0, cond_dropout=1.0).eval()
+    seen = []
+
+    def eps(control, z, t, c):  # a stand-in denoiser: the null control gives 1, the mask control 2
+        seen.append(c)
+        return torch.full_like(z, 1.0 if torch.equal(c, method.null_control.expand_as(c)) else 2.0)
+
+    method._eps = eps
+    real_step = siamese_module.ddim_step
+    x0_targets = []
+    siamese_module.ddim_step = lambda schedule, z, t, x0, t_prev: x0_targets.append((z, t, x0)) or real_step(
+        schedule, z, t, x0, t_prev=t_prev)
+    try:
+        method.generate([0], [32, 32], _batch()["label"][:1], steps=2)
+    finally:
+        siamese_module.ddim_step = real_step
+    assert len(seen) == 4, "conditional and null control per step"
+    z, t, x0 = x0_targets[0]
+    tt = torch.full((1,), t, dtype=torch.long)
+    torch.testing.assert_close(x0, method.schedule.x0_from_eps(z, tt, torch.full_like(z, 1 + 3.0 * (2 - 1))))
+    # training: with cond_dropout 1 every sample's mask control is the null control
+    seen.clear()
+    method.train()
+    method.losses(_batch(), k=1)
+    assert torch.equal(seen[0], method.null_control.expand_as(seen[0])), "dropped to the null control"

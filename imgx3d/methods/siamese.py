@@ -11,9 +11,10 @@ share the noise and t:
 ``L = L_m + L_i + w_c·L_c (+ L_m')`` with the noise consistency ``L_c = ||eps_m − sg(eps_mix)||²``
 and the online augmentation ``L_m'``: past ``online_after`` of ``ramp_steps`` and for
 ``t ≤ t_tau``, the image branch's one-step ``z0'`` is re-noised and the mask branch learns that
-noise under ``c_m``. The control is replaced by a learned null control with p = 0.05 (there is no
-text prompt to drop) for classifier-free guidance. Sampling: the mask branch only, DDIM (eta 0,
-50 steps), guidance 9.0, from real or randomly transformed masks (``imgx3d synth --masks``).
+noise under ``c_m``. Control classifier-free guidance (a learned null control dropped in with
+``cond_dropout``, then ``guidance`` > 1) is an opt-in: the paper's CFG is on a text prompt, which
+there is none of here, so by default there is neither (``guidance`` 1, no control dropout). Sampling: the mask branch only, DDIM (eta 0, 50 steps), from real or
+randomly transformed masks (``imgx3d synth --masks``).
 
 The denoiser is a small diffusers ``UNet2DConditionModel`` trained from scratch, or an SD-1.x
 UNet from a local diffusers folder (``sd_path`` with ``unet/`` and ``vae/``; its encoder frozen
@@ -60,8 +61,12 @@ class SiameseConfig:
         ramp_steps: N_iter of ``w_i = k / N_iter`` (set it to train.max_steps).
         consistency_weight: w_c (0 turns noise consistency off, the ablation).
         online_augmentation, online_after, t_tau: ``L_m'`` after ``online_after``·ramp_steps steps, t ≤ t_tau.
-        cond_dropout: probability of the null control in training.
-        guidance, sample_steps: classifier-free guidance scale and DDIM steps when sampling.
+        cond_dropout: probability of the null control in training (0: the paper has no control
+            dropout; it drops the text prompt, which imgx3d has none of).
+        guidance, sample_steps: classifier-free guidance scale over the null control, and DDIM steps
+            when sampling. 1 (the default): no control CFG, one denoiser call per step; the authors'
+            9.0 is CFG on the text prompt with the control kept in both branches, so control CFG
+            is an opt-in (with ``cond_dropout`` > 0) whose scale has to be measured on its own.
         seed: sampling noise seed (per generated image).
     """
 
@@ -84,8 +89,8 @@ class SiameseConfig:
     online_augmentation: bool = True
     online_after: float = 1 / 3
     t_tau: int = 200
-    cond_dropout: float = 0.05
-    guidance: float = 9.0
+    cond_dropout: float = 0.0
+    guidance: float = 1.0
     sample_steps: int = 50
     seed: int = 0
 
@@ -215,7 +220,7 @@ class SiameseDiffusion(Method):
     def generate(self, indices: list[int], size: list[int], masks: torch.Tensor | None,
                  steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``(B, C, H, W)`` in [-1, 1] for label masks ``(B, 1, H, W)``: the mask branch, DDIM
-        (eta 0) with classifier-free guidance against the null control."""
+        (eta 0); with ``guidance`` != 1, classifier-free guidance against the null control."""
         if masks is None:
             raise ConfigError("method 'siamese' draws images for given masks: pass --masks DIR to imgx3d synth")
         device = next(self.parameters()).device
@@ -226,9 +231,10 @@ class SiameseDiffusion(Method):
         ts = torch.linspace(self.schedule.num_steps - 1, 0, steps or self.cfg.sample_steps).round().long().tolist()
         for i, t in enumerate(ts):
             tt = torch.full((z.shape[0],), t, dtype=torch.long, device=device)
-            eps_c = self._eps(self.control_mask, z, tt, c_m)
-            eps_u = self._eps(self.control_mask, z, tt, c_null)
-            eps = eps_u + self.cfg.guidance * (eps_c - eps_u)
+            eps = self._eps(self.control_mask, z, tt, c_m)
+            if self.cfg.guidance != 1.0:  # opt-in control CFG against the null control
+                eps_u = self._eps(self.control_mask, z, tt, c_null)
+                eps = eps_u + self.cfg.guidance * (eps - eps_u)
             z = ddim_step(self.schedule, z, t, self.schedule.x0_from_eps(z, tt, eps),
                           t_prev=ts[i + 1] if i + 1 < len(ts) else -1)
         return from_rgb(self.codec.decode(z).clamp(-1, 1), self.in_channels), masks.long()
