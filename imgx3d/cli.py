@@ -14,14 +14,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACKING_URI = TrackingConfig.uri  # the config's own default
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", help="mlflow tracking URI (default: sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--tracking-uri", help="mlflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db in the working directory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _load_overrides(args: argparse.Namespace):
     from imgx3d.config import load_config
 
     overrides = list(args.overrides)
@@ -146,6 +149,22 @@ def _load(args: argparse.Namespace):
                           **{k: v for k, v in tree.get("method", {}).items() if k in shared}}
         return load_config(None, overrides, base=tree)
     return load_config(args.config, overrides)
+
+
+def tracking_uri(flag: str | None) -> str:
+    """mlflow's own convention: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _load(args: argparse.Namespace):
+    """The run's config: the file, the flags and overrides, then mlflow's environment variables
+    (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``) where neither flag nor file set the value."""
+    cfg = _load_overrides(args)
+    if not args.tracking_uri and cfg.tracking.uri == DEFAULT_TRACKING_URI:
+        cfg.tracking.uri = tracking_uri(None)
+    if not getattr(args, "experiment", None) and not cfg.tracking.experiment:
+        cfg.tracking.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
+    return cfg
 
 
 def _print_result(result) -> None:
@@ -182,7 +201,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
     else:
-        predictor = load_predictor(args.run, args.tracking_uri or "sqlite:///mlflow.db", args.device)
+        predictor = load_predictor(args.run, tracking_uri(args.tracking_uri), args.device)
     if args.tta:
         predictor.config.infer.tta_flips = [0, 1, 2]
     for flag, key in (("sw_batch_size", "sw_batch_size"), ("overlap", "overlap"), ("precision", "precision")):
@@ -223,7 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from imgx3d.engine.compare import to_markdown, write_comparison
 
     output = Path(args.output or Path("comparisons") / args.experiment)
-    comparison, files = write_comparison(args.tracking_uri or "sqlite:///mlflow.db", args.experiment, output,
+    comparison, files = write_comparison(tracking_uri(args.tracking_uri), args.experiment, output,
                                          args.runs, args.metric, args.by, args.reference, not args.no_log)
     print(to_markdown(comparison))
     print(f"{len(files)} files in {output}: " + ", ".join(f.name for f in files))

@@ -96,3 +96,39 @@ def test_train_method_flag_keeps_the_keys_the_new_method_shares():
     cfg = _load(args)
     assert set(cfg.method) == {"name", "codec"} and cfg.method["name"] == "vae"
     assert cfg.method["codec"]["widths"] == [16, 32, 64, 64]
+
+
+def test_mlflow_environment_variables_are_honoured_below_the_flags(msd_dataset, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME are used when no flag (or config key) says
+    otherwise; runs are tagged with the imgx3d version and the working directory's git commit."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from imgx3d.cli import main
+    from tests.conftest import TINY_OVERRIDES
+
+    env_store, flag_store = f"sqlite:///{tmp_path / 'env.db'}", f"sqlite:///{tmp_path / 'flag.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for command in (["init", "-q"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty",
+                                     "-m", "x"]):
+        subprocess.run(["git", *command], check=True, cwd=work)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=work).stdout.strip()
+    config = tmp_path / "cfg.yaml"
+    config.write_text("method: {name: unet}\n")
+    common = ["train", "--config", str(config), "--data", str(msd_dataset), *TINY_OVERRIDES]
+    assert main([*common, "--run-dir", str(tmp_path / "a")]) == 0
+    runs = MlflowClient(tracking_uri=env_store).search_runs(
+        [MlflowClient(tracking_uri=env_store).get_experiment_by_name("from-env").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["mlflow.source.git.commit"] == commit
+    from importlib.metadata import version
+
+    assert runs[0].data.tags["imgx3d_version"] == version("imgx3d")
+    assert main([*common, "--run-dir", str(tmp_path / "b"), "--tracking-uri", flag_store, "--experiment", "flag"]) == 0
+    assert MlflowClient(tracking_uri=flag_store).get_experiment_by_name("flag") is not None, "the flags win"
+    assert len(MlflowClient(tracking_uri=env_store).search_runs(
+        [MlflowClient(tracking_uri=env_store).get_experiment_by_name("from-env").experiment_id])) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -128,8 +129,25 @@ def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_
     return iter(loader)
 
 
+def _code_tags() -> dict[str, str]:
+    """The imgx3d version, and the git commit of the working directory when it is a repository."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tags = {"imgx3d_version": version("imgx3d")}
+    except PackageNotFoundError:
+        tags = {"imgx3d_version": "unknown"}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
 def _run_tags(cfg: Config, split: Split) -> dict[str, str]:
-    return {"method": cfg.method["name"], "dataset": cfg.dataset, "seed": str(cfg.seed),
+    return {**_code_tags(), "method": cfg.method["name"], "dataset": cfg.dataset, "seed": str(cfg.seed),
             "split": f"seed{cfg.data.split.seed}-" + (f"fold{cfg.data.split.fold}of{cfg.data.split.folds}"
                                                        if cfg.data.split.folds else f"test{cfg.data.split.test_fraction}"),
             "n_train": str(len(split.train)), "n_val": str(len(split.val)), "n_test": str(len(split.test))}
