@@ -160,7 +160,14 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
         what = "codec reconstruction"
     emit(f"method.{method}", round(result.steps / seconds, 3), "steps/s", ok=True, steps=result.steps,
          train_seconds=round(seconds, 1), predicted=what, predict_seconds=round(time.perf_counter() - t0, 2),
-         peak_gpu_gib=_peak_gpu_gib(device), precision=cfg.train.precision)
+         peak_gpu_gib=_peak_gpu_gib(device), precision=_precision_name(cfg.train.precision, device))
+
+
+def _precision_name(setting: str, device: torch.device) -> str:
+    """What ``setting`` (``auto`` …) resolves to on ``device``: fp32, bf16 or fp16."""
+    from imgx3d.resources import choose_precision, device_tags
+
+    return device_tags(device, choose_precision(setting, device))["precision"]
 
 
 def _catalog(data: Path, cfg):
