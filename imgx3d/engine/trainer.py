@@ -144,9 +144,10 @@ class Trainer:
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
 
     def release(self) -> None:
-        """Free the device memory training held (weights, optimiser states) once ``best.pt`` is written:
-        the test split is predicted from that checkpoint, not from this copy."""
+        """Free the device memory training held (weights, optimiser states, the weight average) once
+        ``best.pt`` is written: the test split is predicted from that checkpoint, not from this copy."""
         self.optimizers.clear()
+        self.ema = None
         self.method.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
