@@ -294,3 +294,25 @@ def test_a_full_disk_while_writing_synthetic_pairs_is_one_line_and_a_rerun_compl
     monkeypatch.undo()
     assert main(argv) == 0
     assert len(list((tmp_path / "pairs").glob("labelsTr/synth_*.nii.gz"))) == 4
+
+
+def test_a_volume_larger_than_free_memory_is_refused_from_its_header(tmp_path, monkeypatch):
+    """NIfTI and SimpleITK formats: the header's size is checked against the free host memory before
+    any voxel is allocated."""
+    import SimpleITK as sitk
+
+    from imgx3d.data import io as volume_io
+    from imgx3d.data.io import read_volume
+    from imgx3d.errors import InputError
+
+    nifti = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 10), np.float32), np.eye(4)), str(nifti))
+    nrrd = tmp_path / "big.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((10, 20, 20), np.int16)), str(nrrd))
+    monkeypatch.setattr(volume_io, "available_host_bytes", lambda: 10_000)
+    with pytest.raises(InputError, match=r"big.nii.gz: its 20x20x10 voxels need 0.00 GiB to read but 0.00 GiB of memory"):
+        read_volume(nifti)
+    with pytest.raises(InputError, match=r"big.nrrd: its 20x20x10x1 voxels need .* crop or resample"):
+        read_volume(nrrd)
+    monkeypatch.setattr(volume_io, "available_host_bytes", lambda: 10**9)
+    assert read_volume(nifti).array.shape == (20, 20, 10) and read_volume(nrrd).array.shape == (20, 20, 10)
