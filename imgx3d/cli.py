@@ -204,9 +204,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.run, tracking_uri(args.tracking_uri), args.device)
     if args.tta:
         predictor.config.infer.tta_flips = [0, 1, 2]
-    for flag, key in (("sw_batch_size", "sw_batch_size"), ("overlap", "overlap"), ("precision", "precision")):
-        if getattr(args, flag) is not None:
-            setattr(predictor.config.infer, key, getattr(args, flag))
+    for key in ("sw_batch_size", "overlap", "precision"):  # --sw-batch-size, --overlap, --precision
+        if getattr(args, key) is not None:
+            setattr(predictor.config.infer, key, getattr(args, key))
     validate(predictor.config)  # --sw-batch-size 0, --overlap 1.5: the config's own one-line errors
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: must be >= 0")

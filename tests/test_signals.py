@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from imgx3d import interrupts
 from imgx3d.cli import main, resume_command
 from imgx3d.errors import Interrupted
-from tests.conftest import TINY_OVERRIDES, blob_case, save_nifti
+from tests.conftest import blob_case, save_nifti
 from tests.test_faults import LONG, _assert_same_weights, _finish
 from tests.test_pig import SLICES, TINY_CLI
 
