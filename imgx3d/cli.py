@@ -168,7 +168,7 @@ def _load(args: argparse.Namespace):
 
 
 def _print_result(result) -> None:
-    from imgx3d.engine.metrics import format_table
+    from imgx3d.evaluation.metrics import format_table
 
     print(f"run folder: {result.run_dir}")
     if result.run_id:
@@ -184,7 +184,7 @@ def _print_result(result) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgx3d.engine.workflow import train_run
+    from imgx3d.training.workflow import train_run
 
     cfg = _load(args)
     result = train_run(cfg, args.data, args.run_dir, args.resume)
@@ -195,8 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgx3d.config import validate
-    from imgx3d.engine.infer import Predictor, predict_to_folder
-    from imgx3d.engine.workflow import load_predictor
+    from imgx3d.inference.predictor import Predictor, predict_to_folder
+    from imgx3d.training.workflow import load_predictor
 
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
@@ -217,7 +217,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgx3d.engine.metrics import evaluate_folders, format_table
+    from imgx3d.evaluation.metrics import evaluate_folders, format_table
 
     labels, data_cfg = None, None
     if args.config:
@@ -229,7 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         labels = {0: "background", **{v: (labels or {}).get(v, f"label_{v}") for v in args.labels if v != 0}}
     _, summary = evaluate_folders(args.pred, args.ref, labels, args.output or args.pred, args.nsd_tolerance, data_cfg)
     if args.overlay:
-        from imgx3d.engine.plots import overlay_folder
+        from imgx3d.evaluation.plots import overlay_folder
 
         n = len(overlay_folder(args.pred, args.ref, args.overlay, args.images, data_cfg))
         print(f"{n} overlay(s) in {args.overlay}")
@@ -239,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from imgx3d.engine.compare import to_markdown, write_comparison
+    from imgx3d.evaluation.compare import to_markdown, write_comparison
 
     output = Path(args.output or Path("comparisons") / args.experiment)
     comparison, files = write_comparison(tracking_uri(args.tracking_uri), args.experiment, output,
@@ -250,7 +250,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from imgx3d.engine.synth import synthesize
+    from imgx3d.synthesis.synth import synthesize
 
     out = synthesize(args.run, args.n, args.output, args.seed, args.batch, args.steps, args.device, args.masks,
                      args.random_masks)
@@ -259,7 +259,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from imgx3d.data.demo import run_demo
+    from imgx3d.training.workflow import run_demo
 
     if not args.config:
         args.config = str(REPO_ROOT / "configs" / ("demo.yaml" if args.method == "unet" else "demo_imgx.yaml"))

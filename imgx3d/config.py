@@ -21,7 +21,6 @@ import yaml
 
 from imgx3d.errors import ConfigError
 
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
 
@@ -230,7 +229,7 @@ class InferConfig:
         blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
         tta_flips: spatial axes mirrored for test-time augmentation (all combinations).
         streaming: label maps of single-pass 3D methods without whole-volume probability maps
-            (``imgx3d.engine.streaming``): ``on``, ``off``, or ``auto`` (when those maps would
+            (``imgx3d.inference.windows``): ``on``, ``off``, or ``auto`` (when those maps would
             exceed ``streaming_above_gib``). With TTA, streaming mirrors each window, not the volume.
         streaming_above_gib: the ``auto`` threshold in GiB of float32 probabilities.
         precision: the networks' autocast precision at inference, as ``train.precision``
@@ -498,6 +497,8 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    from imgx3d.data.io import atomic_write_text  # data imports config: import here, not at the top
+    from imgx3d.data.io import (
+        atomic_write_text,  # data imports config: import here, not at the top
+    )
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -24,8 +24,13 @@ from imgx3d.config import load_config
 from imgx3d.data.catalog import find_cases
 from imgx3d.data.slices import foreground_slices as slice_foreground
 from imgx3d.data.transforms import Preprocessor
-from imgx3d.engine.infer import Predictor
-from imgx3d.engine.synth_quality import extract, frechet_distance, kernel_distance, segmenter_features
+from imgx3d.inference.predictor import Predictor
+from imgx3d.synthesis.quality import (
+    extract,
+    frechet_distance,
+    kernel_distance,
+    segmenter_features,
+)
 
 
 def low_data_parser(doc: str, name: str) -> argparse.ArgumentParser:

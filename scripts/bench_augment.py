@@ -30,8 +30,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _augment import (FeatureSpace, Job, emit_mean_dice, first_pairs, low_data_parser,  # noqa: E402
-                      mask_image_agreement, print_dice_table, real_slice_count, run_jobs, test_dice)
+from _augment import (  # noqa: E402
+    FeatureSpace,
+    Job,
+    emit_mean_dice,
+    first_pairs,
+    low_data_parser,
+    mask_image_agreement,
+    print_dice_table,
+    real_slice_count,
+    run_jobs,
+    test_dice,
+)
 from _bench import emit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

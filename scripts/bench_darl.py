@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import emit, machine  # noqa: E402
 
 from imgx3d.data.vessels import frangi_segmentation  # noqa: E402
-from imgx3d.engine.infer import Predictor  # noqa: E402
+from imgx3d.inference.predictor import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

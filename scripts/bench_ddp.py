@@ -31,10 +31,10 @@ def worker(args: argparse.Namespace) -> None:
     from imgx3d.config import load_config
     from imgx3d.data.catalog import find_cases, make_split
     from imgx3d.data.transforms import Preprocessor
-    from imgx3d.engine import distributed
-    from imgx3d.engine.trainer import Trainer
-    from imgx3d.engine.workflow import _batches, _load_items
     from imgx3d.methods.base import build_method
+    from imgx3d.training import distributed
+    from imgx3d.training.trainer import Trainer
+    from imgx3d.training.workflow import _batches, _load_items
 
     ctx, device = distributed.setup("cpu")
     total = WARMUP_STEPS + args.steps

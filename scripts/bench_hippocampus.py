@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
-from imgx3d.engine.workflow import train_run  # noqa: E402
+from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

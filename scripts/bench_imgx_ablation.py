@@ -39,8 +39,8 @@ from _bench import emit, emit_test_summary, machine  # noqa: E402
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
 from imgx3d.data.transforms import Preprocessor  # noqa: E402
-from imgx3d.engine.infer import Predictor, make_window, predict_probabilities  # noqa: E402
-from imgx3d.engine.workflow import train_run  # noqa: E402
+from imgx3d.inference.predictor import Predictor, make_window, predict_probabilities  # noqa: E402
+from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "hippocampus"

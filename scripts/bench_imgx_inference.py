@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
-from imgx3d.engine.infer import make_window, predict_probabilities  # noqa: E402
+from imgx3d.inference.predictor import make_window, predict_probabilities  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"

@@ -47,7 +47,7 @@ def prepare(folder: Path, shape: tuple[int, int, int]) -> None:
     from scipy.ndimage import gaussian_filter
 
     from imgx3d.config import to_dict
-    from imgx3d.engine.infer import CHECKPOINT_FORMAT
+    from imgx3d.inference.predictor import CHECKPOINT_FORMAT
     from imgx3d.methods.base import build_method
 
     rng = np.random.default_rng(0)
@@ -69,7 +69,7 @@ def child(variant: str, folder: Path) -> None:
     """Run one variant once and print its seconds and peak RSS as JSON."""
     from monai.inferers import sliding_window_inference
 
-    from imgx3d.engine.infer import Predictor, predict_to_folder
+    from imgx3d.inference.predictor import Predictor, predict_to_folder
 
     predictor = Predictor.from_checkpoint(folder / "model.pt", "cpu")
     net = predictor.method.net

@@ -19,8 +19,8 @@ from pathlib import Path
 from _bench import emit, machine
 
 from imgx3d.config import load_config
-from imgx3d.engine.infer import Predictor, predict_to_folder
-from imgx3d.engine.workflow import train_run
+from imgx3d.inference.predictor import Predictor, predict_to_folder
+from imgx3d.training.workflow import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 

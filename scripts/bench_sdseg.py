@@ -33,10 +33,10 @@ from _bench import emit, emit_test_summary, machine  # noqa: E402
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
 from imgx3d.data.io import read_label  # noqa: E402
-from imgx3d.engine.infer import Predictor  # noqa: E402
-from imgx3d.engine.metrics import score_case  # noqa: E402
-from imgx3d.engine.workflow import train_run  # noqa: E402
+from imgx3d.evaluation.metrics import score_case  # noqa: E402
+from imgx3d.inference.predictor import Predictor  # noqa: E402
 from imgx3d.methods.vae import codec_validation  # noqa: E402
+from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

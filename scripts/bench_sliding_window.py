@@ -30,7 +30,7 @@ def _run_variant(variant: str, shape: list[int], classes: int, roi: int, overlap
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNet
 
-    from imgx3d.engine.streaming import streaming_argmax
+    from imgx3d.inference.windows import streaming_argmax
 
     torch.manual_seed(0)
     net = UNet(3, 1, classes, channels=[8, 16, 32, 64], strides=[2, 2, 2], num_res_units=1).eval()

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from imgx3d.config import load_config
 from imgx3d.data.catalog import find_cases, make_split
 from imgx3d.data.transforms import PatchBatches, Preprocessor, train_transforms
-from imgx3d.engine.workflow import _load_items, _worker_init
 from imgx3d.methods.base import build_method
+from imgx3d.training.workflow import _load_items, _worker_init
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -124,7 +124,7 @@ def check_env(device: torch.device) -> None:
 
 
 def _train(cfg, data: Path, run_dir: Path):
-    from imgx3d.engine.workflow import train_run
+    from imgx3d.training.workflow import train_run
 
     t0 = time.perf_counter()
     result = train_run(cfg, data, run_dir, test_at_end=False)
@@ -133,8 +133,8 @@ def _train(cfg, data: Path, run_dir: Path):
 
 @section("method")
 def check_method(method: str, device: torch.device, data: Path, work: Path, dry: bool) -> None:
-    from imgx3d.engine.infer import Predictor
-    from imgx3d.engine.synth import synthesize
+    from imgx3d.inference.predictor import Predictor
+    from imgx3d.synthesis.synth import synthesize
 
     steps = 3 if dry else 30
     cfg = _config(method, steps, dry, [f"train.device={device}"])
@@ -212,7 +212,7 @@ from pathlib import Path
 variant, path, classes, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 from imgx3d.config import load_config
-from imgx3d.engine.infer import Predictor, predict_to_folder
+from imgx3d.inference.predictor import Predictor, predict_to_folder
 from imgx3d.methods.base import build_method
 cfg = load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]",
                          "method.num_res_units=1", "data.patch_size=[96,96,96]", "data.preset=ct", "infer.overlap=0.5",
@@ -277,7 +277,7 @@ def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path
     else:
         overrides += ["train.max_minutes=3", "train.max_steps=100000"]
     cfg = load_config(CONFIGS / "hippocampus" / "unet.yaml", overrides)
-    from imgx3d.engine.workflow import train_run
+    from imgx3d.training.workflow import train_run
 
     t0 = time.perf_counter()
     result = train_run(cfg, hippocampus or data, work / "hippocampus")
@@ -290,7 +290,7 @@ def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path
 @section("imgx_inference")
 def check_imgx_inference(device: torch.device, dry: bool) -> None:
     from imgx3d.config import load_config
-    from imgx3d.engine.infer import make_window, predict_probabilities
+    from imgx3d.inference.predictor import make_window, predict_probabilities
     from imgx3d.methods.base import build_method
 
     def timed(name: str) -> float:

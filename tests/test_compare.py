@@ -9,9 +9,20 @@ import pytest
 from PIL import Image
 from scipy.stats import wilcoxon
 
-from imgx3d.engine.compare import RunRecord, compare, select_runs, to_markdown, write_csv
-from imgx3d.engine.plots import metric_boxplots, overlay_montage, quality_vs_time, validation_curves
 from imgx3d.errors import Imgx3dError
+from imgx3d.evaluation.compare import (
+    RunRecord,
+    compare,
+    select_runs,
+    to_markdown,
+    write_csv,
+)
+from imgx3d.evaluation.plots import (
+    metric_boxplots,
+    overlay_montage,
+    quality_vs_time,
+    validation_curves,
+)
 
 
 def record(name: str, method: str, dice: list[float], val: float, seconds: float = 1.0) -> RunRecord:
@@ -57,7 +68,7 @@ def test_by_method_picks_on_validation_not_test():
 
 
 def test_outputs_and_plots_are_written(tmp_path, monkeypatch):
-    from imgx3d.engine import plots
+    from imgx3d.evaluation import plots
 
     runs = [record("unet", "unet", [0.8, 0.85, 0.9], 0.8, seconds=2.0),
             record("imgx", "imgx", [0.82, 0.8, 0.91], 0.81, seconds=9.0)]

@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, method):
     from mlflow.tracking import MlflowClient
 
     from imgx3d.data.demo import DEMO_LABELS
-    from imgx3d.engine.metrics import evaluate_folders
+    from imgx3d.evaluation.metrics import evaluate_folders
 
     _, again = evaluate_folders(tmp_path / "demo" / "predictions", tmp_path / "demo" / "references", DEMO_LABELS)
     saved = json.loads((tmp_path / "demo" / "evaluation" / "summary.json").read_text())

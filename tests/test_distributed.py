@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from imgx3d.config import load_config
-from imgx3d.engine.trainer import Trainer
 from imgx3d.methods.base import build_method
+from imgx3d.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}
@@ -24,8 +24,8 @@ RANK_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from imgx3d.config import load_config
-from imgx3d.engine import distributed
-from imgx3d.engine.trainer import Trainer
+from imgx3d.training import distributed
+from imgx3d.training.trainer import Trainer
 from imgx3d.methods.base import build_method
 
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
@@ -123,7 +123,7 @@ def test_more_processes_than_training_cases_is_a_one_line_error(msd_dataset, tmp
 
 def test_collectives_run_on_the_backends_device(monkeypatch):
     """NCCL cannot reduce a CPU tensor (multi-GPU training died at its first logged step)."""
-    from imgx3d.engine import distributed
+    from imgx3d.training import distributed
 
     assert distributed.collective_device("nccl", 1) == torch.device("cuda", 1)
     assert distributed.collective_device("gloo") == torch.device("cpu")
@@ -140,8 +140,8 @@ DARL_RANK_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from imgx3d.config import load_config
-from imgx3d.engine import distributed
-from imgx3d.engine.trainer import Trainer
+from imgx3d.training import distributed
+from imgx3d.training.trainer import Trainer
 from imgx3d.methods.base import build_method
 
 out = Path(sys.argv[1])

@@ -9,7 +9,7 @@ import torch
 
 from imgx3d.config import Config, DataConfig
 from imgx3d.data.io import read_volume
-from imgx3d.engine.infer import Predictor, predict_to_folder
+from imgx3d.inference.predictor import Predictor, predict_to_folder
 from imgx3d.methods.base import Method
 from tests.conftest import oblique_affine, save_nifti
 from tests.test_io import write_dicom_series

@@ -11,9 +11,15 @@ from PIL import Image
 from imgx3d.cli import main
 from imgx3d.config import DataConfig, from_dict
 from imgx3d.data.catalog import find_cases
-from imgx3d.data.io import class_to_file, file_to_class, read_label, read_volume, write_image2d
-from imgx3d.engine.metrics import score_case
+from imgx3d.data.io import (
+    class_to_file,
+    file_to_class,
+    read_label,
+    read_volume,
+    write_image2d,
+)
 from imgx3d.errors import InputError
+from imgx3d.evaluation.metrics import score_case
 from tests.conftest import tree_digest
 
 

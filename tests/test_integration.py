@@ -10,7 +10,7 @@ from PIL import Image
 
 from imgx3d.cli import main
 from imgx3d.config import load_config
-from imgx3d.engine.workflow import train_run
+from imgx3d.training.workflow import train_run
 from tests.conftest import tree_digest
 
 pytestmark = pytest.mark.integration

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from imgx3d.engine.metrics import evaluate_folders, score_case
 from imgx3d.errors import InputError
+from imgx3d.evaluation.metrics import evaluate_folders, score_case
 from tests.conftest import save_nifti
 
 

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from imgx3d.cli import main
-from imgx3d.engine.tracking import Tracker
+from imgx3d.tracking import Tracker
 from tests.conftest import TINY_OVERRIDES
 
 START_TIMEOUT_S = 120
@@ -107,7 +107,7 @@ def test_train_predict_compare_through_a_real_server(mlflow_server, msd_dataset,
 
 
 def test_training_survives_a_server_that_goes_away_and_loses_no_metric(mlflow_server, tmp_path, capsys, monkeypatch):
-    from imgx3d.engine import tracking
+    from imgx3d import tracking
 
     clock = types.SimpleNamespace(now=1000.0)  # the tracker's monotonic clock, moved by hand
     monkeypatch.setattr(tracking, "time", types.SimpleNamespace(monotonic=lambda: clock.now, time=time.time,

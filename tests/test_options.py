@@ -21,11 +21,16 @@ from imgx3d.config import DataConfig, InferConfig, load_config
 from imgx3d.data.catalog import find_cases
 from imgx3d.data.presets import normalize_intensity
 from imgx3d.data.transforms import GridMap, Preprocessor, train_transforms
-from imgx3d.engine import infer
-from imgx3d.engine.infer import Predictor, make_window, predict_probabilities
-from imgx3d.engine.trainer import lr_factor
 from imgx3d.errors import ConfigError
-from tests.conftest import TINY_OVERRIDES, save_nifti, train_tiny_unet, write_msd_dataset
+from imgx3d.inference import predictor as infer
+from imgx3d.inference.predictor import Predictor, make_window, predict_probabilities
+from imgx3d.training.trainer import lr_factor
+from tests.conftest import (
+    TINY_OVERRIDES,
+    save_nifti,
+    train_tiny_unet,
+    write_msd_dataset,
+)
 
 
 class Pointwise(torch.nn.Module):
@@ -226,8 +231,8 @@ def test_poly_schedule_and_constant():
 
 
 def test_grad_clip_and_weight_decay_reach_the_optimiser(msd_dataset, tmp_path, monkeypatch):
-    from imgx3d.engine.trainer import Trainer
-    from imgx3d.engine.workflow import train_run
+    from imgx3d.training.trainer import Trainer
+    from imgx3d.training.workflow import train_run
 
     norms, decays = [], []
     real_clip, real_step = torch.nn.utils.clip_grad_norm_, Trainer.step
@@ -450,7 +455,7 @@ def test_predict_window_flags_and_inference_precision_reach_the_network(run, tmp
 
 def test_on_cuda_windows_go_to_the_device_and_the_volume_stays_on_the_host(run, monkeypatch):
     """Large outputs on the host, windows on the GPU (MONAI's ``sw_device`` / ``device``), also in validation."""
-    from imgx3d.engine.infer import Predictor
+    from imgx3d.inference.predictor import Predictor
 
     folder, _ = run
     predictor = Predictor.from_checkpoint(folder / "best.pt", "cpu")
@@ -487,8 +492,8 @@ def test_train_device_flag_sets_train_device(msd_dataset, tmp_path, capsys):
 
 def test_plateau_schedule_cuts_the_lr_after_patience_bad_validations_and_keeps_its_state(msd_dataset, tmp_path,
                                                                                  monkeypatch):
-    from imgx3d.engine.trainer import Trainer
-    from imgx3d.engine.workflow import train_run
+    from imgx3d.training.trainer import Trainer
+    from imgx3d.training.workflow import train_run
 
     scores = iter([0.5, 0.4, 0.3, 0.6, 0.2, 0.1])
     lrs = []

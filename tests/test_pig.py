@@ -19,7 +19,12 @@ import torch
 from imgx3d.config import SliceConfig
 from imgx3d.data.transforms import draw_indices
 from imgx3d.methods.base import build_method
-from imgx3d.methods.pig import antithetic_timesteps, binarise_guide, channels_to_labels, masks_to_channels
+from imgx3d.methods.pig import (
+    antithetic_timesteps,
+    binarise_guide,
+    channels_to_labels,
+    masks_to_channels,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from imgx3d.cli import main
-from imgx3d.engine import infer
-from imgx3d.engine.compare import compare, write_csv
-from imgx3d.engine.infer import WINDOW_PATH_VOLUMES, estimate_host_memory
-from imgx3d.engine.plots import metric_boxplots
 from imgx3d.errors import ResourceError, resource_error
+from imgx3d.evaluation.compare import compare, write_csv
+from imgx3d.evaluation.plots import metric_boxplots
+from imgx3d.inference import predictor as infer
+from imgx3d.inference.predictor import WINDOW_PATH_VOLUMES, estimate_host_memory
 from imgx3d.methods.unet import UNetMethod
 from tests.conftest import TINY_OVERRIDES, train_tiny_unet, write_msd_dataset
 from tests.test_compare import record
@@ -198,7 +198,7 @@ def _oom(*_args, **_kwargs):
 
 
 def test_out_of_gpu_memory_in_training_names_the_settings_and_the_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
-    from imgx3d.engine.trainer import Trainer
+    from imgx3d.training.trainer import Trainer
 
     data = write_msd_dataset(tmp_path / "msd")
     config = tmp_path / "cfg.yaml"

@@ -10,10 +10,15 @@ from diffusers import AutoencoderKL
 from imgx3d.config import load_config
 from imgx3d.diffusion.sampler import ddim_step
 from imgx3d.diffusion.schedule import make_schedule
-from imgx3d.engine.workflow import train_run
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import build_method
-from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, mask_to_rgb, rgb_to_probability
+from imgx3d.nets.latent_codec import (
+    CodecConfig,
+    LatentCodec,
+    mask_to_rgb,
+    rgb_to_probability,
+)
+from imgx3d.training.workflow import train_run
 
 TINY_CODEC = {"widths": [8, 8, 16, 16], "norm_groups": 8, "layers_per_block": 1}
 TINY_SDSEG = ["method.name=sdseg", "method.codec.widths=[8,8,16,16]", "method.codec.norm_groups=8",

@@ -149,8 +149,8 @@ def test_train_then_synth_from_real_and_random_masks(msd_dataset, tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "--masks" in proc.stderr
     # the masks of the run's validation and test cases never condition synthetic training pairs
-    from imgx3d.engine.infer import Predictor
-    from imgx3d.engine.synth import held_out_cases, mask_slices
+    from imgx3d.inference.predictor import Predictor
+    from imgx3d.synthesis.synth import held_out_cases, mask_slices
 
     split = json.loads((run / "split.json").read_text())
     held_out = held_out_cases(run / "best.pt")

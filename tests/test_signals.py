@@ -30,8 +30,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Slows each step or case a little, so that a signal sent once work has started lands mid-run.
 SLOWED = """
 import sys, time
-from imgx3d.engine.trainer import Trainer
-from imgx3d.engine.infer import Predictor
+from imgx3d.training.trainer import Trainer
+from imgx3d.inference.predictor import Predictor
 real_step, real_predict = Trainer.step, Predictor.predict_loaded
 Trainer.step = lambda self, batch: (time.sleep(0.05), real_step(self, batch))[1]
 Predictor.predict_loaded = lambda self, *a, **k: (time.sleep(0.3), real_predict(self, *a, **k))[1]

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from imgx3d.config import Config, DataConfig, SliceConfig
-from imgx3d.data.slices import SliceBatches, slice_pool, slices_to_volume, to_slice_range, volume_to_slices
-from imgx3d.engine.infer import Predictor, predict_to_folder
+from imgx3d.data.slices import (
+    SliceBatches,
+    slice_pool,
+    slices_to_volume,
+    to_slice_range,
+    volume_to_slices,
+)
 from imgx3d.errors import ConfigError
+from imgx3d.inference.predictor import Predictor, predict_to_folder
 from imgx3d.methods.base import Method
 from tests.conftest import save_nifti
 from tests.test_geometry import GRIDS, _pattern

@@ -9,8 +9,8 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from imgx3d.config import Config, DataConfig, InferConfig
-from imgx3d.engine.infer import Predictor
-from imgx3d.engine.streaming import streaming_argmax
+from imgx3d.inference.predictor import Predictor
+from imgx3d.inference.windows import streaming_argmax
 from imgx3d.methods.unet import UNetConfig, UNetMethod
 from tests.conftest import save_nifti
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from imgx3d.engine.synth_quality import (
+from imgx3d.errors import CheckpointError
+from imgx3d.methods.base import build_method
+from imgx3d.synthesis.quality import (
     extract,
     frechet_distance,
     inception_features,
     kernel_distance,
     segmenter_features,
 )
-from imgx3d.errors import CheckpointError
-from imgx3d.methods.base import build_method
 
 
 def test_frechet_distance_of_shifted_gaussians_is_the_squared_mean_shift():

@@ -3,7 +3,7 @@ import sys
 
 OPEN_RUN = """
 import sys
-from imgx3d.engine.tracking import Tracker
+from imgx3d.tracking import Tracker
 Tracker(sys.argv[1], "shared-experiment", run_name=sys.argv[2])
 """
 

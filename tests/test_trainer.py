@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from imgx3d.config import load_config
-from imgx3d.engine.trainer import Trainer
-from imgx3d.engine.workflow import train_run
 from imgx3d.methods.base import build_method
+from imgx3d.training.trainer import Trainer
+from imgx3d.training.workflow import train_run
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -75,7 +75,7 @@ def test_training_lowers_the_loss_and_scores_the_test_split(msd_dataset, tmp_pat
 
 
 def test_lr_schedule_over_steps_or_budget():
-    from imgx3d.engine.trainer import lr_factor
+    from imgx3d.training.trainer import lr_factor
 
     cfg = _cfg("train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.0",
                "train.max_minutes=10").train
@@ -92,7 +92,7 @@ def test_budget_clock_wall_counts_waiting_cpu_does_not(msd_dataset, tmp_path, mo
     """A run that waits (a loaded machine, slow storage) spends wall budget but not CPU budget."""
     import types
 
-    from imgx3d.engine import trainer
+    from imgx3d.training import trainer
 
     clocks = types.SimpleNamespace(wall=0.0, cpu=0.0)  # injected: no real waiting, no busy-machine flakiness
     monkeypatch.setattr(trainer, "time", types.SimpleNamespace(monotonic=lambda: clocks.wall,
@@ -140,7 +140,7 @@ def test_fp16_trains_through_a_gradient_scaler_saved_in_checkpoints(msd_dataset,
 def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from imgx3d.engine.infer import Predictor
+    from imgx3d.inference.predictor import Predictor
 
     validated, loaded = [], []
     real_validate, real_load = Trainer.validate, Predictor.from_checkpoint.__func__
@@ -166,7 +166,7 @@ def test_validation_is_shared_by_the_ranks_and_averaged_over_every_case(msd_data
     """Rank r predicts cases r, r + N, ...; the gathered per-case scores give every rank the mean over all."""
     from imgx3d.data.catalog import find_cases
     from imgx3d.data.transforms import Preprocessor
-    from imgx3d.engine.distributed import DistContext
+    from imgx3d.training.distributed import DistContext
 
     cfg = _cfg()
     catalog = find_cases(msd_dataset)
@@ -176,7 +176,7 @@ def test_validation_is_shared_by_the_ranks_and_averaged_over_every_case(msd_data
     alone = Trainer(cfg, method, tmp_path, {}).validate(cases, catalog.labels)
 
     predicted, shares = [], {}
-    from imgx3d.engine.infer import Predictor
+    from imgx3d.inference.predictor import Predictor
 
     real = Predictor.model_space_classes
     monkeypatch.setattr(Predictor, "model_space_classes", lambda self, image: predicted.append(image) or real(self, image))

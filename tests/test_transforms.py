@@ -7,7 +7,13 @@ from torch.utils.data import DataLoader
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import find_cases
 from imgx3d.data.io import Volume
-from imgx3d.data.transforms import RAS, PatchBatches, Preprocessor, reorient, train_transforms
+from imgx3d.data.transforms import (
+    RAS,
+    PatchBatches,
+    Preprocessor,
+    reorient,
+    train_transforms,
+)
 
 
 @pytest.mark.parametrize("codes", ["PIR", "LPS", "RAS", "ILA"])
@@ -98,7 +104,7 @@ def test_indices_computed_once_give_the_patches_of_a_rescan_and_labels_are_store
 def test_cases_over_the_cache_bound_are_read_when_drawn_and_give_the_same_patches(msd_dataset, monkeypatch):
     from imgx3d.config import load_config
     from imgx3d.data.transforms import DeferredCase, PatchBatches, item_bytes
-    from imgx3d.engine import workflow
+    from imgx3d.training import workflow
 
     cfg = load_config(None, ["data.patch_size=[16,16,16]", "data.batch_size=2"]).data
     catalog = find_cases(msd_dataset)

@@ -1,1 +1,7 @@
-"""Data: reading and writing volumes, dataset catalogs, presets and transforms."""
+"""Data: reading and writing volumes (``io``), dataset catalogs and splits (``catalog``),
+intensity presets (``presets``), the one native ⇄ model-space map (``geometry``), label values
+(``labels``), augmentation and patch / slice sampling (``transforms``, ``slices``) and the
+procedural demo and vessel data (``demo``, ``vessels``).
+
+May import: the top-level ``config`` and ``errors`` only; nothing from the stages above it.
+"""

@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from imgx3d.config import DataConfig, SplitConfig
-from imgx3d.data.io import COLOR_CHANNELS, is_image_path, is_volume_path, read_label, strip_suffix
+from imgx3d.data.io import (
+    COLOR_CHANNELS,
+    is_image_path,
+    is_volume_path,
+    read_label,
+    strip_suffix,
+)
 from imgx3d.errors import InputError
 
 BTCV_LABELS = {

@@ -18,7 +18,6 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
-from imgx3d.config import Config
 from imgx3d.data.io import atomic_write, atomic_write_text
 
 DEMO_LABELS = {0: "background", 1: "blob", 2: "tube", 3: "box"}
@@ -94,31 +93,3 @@ def write_demo_dataset(root: Path, n_cases: int, seed: int = 0) -> Path:
             "numTraining": n_cases, "training": training}
     atomic_write_text(root / "dataset.json", json.dumps(meta, indent=1))
     return root
-
-
-def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
-    """Generate data, train, predict the held-out volumes to NIfTI, evaluate, print the table."""
-    from imgx3d.engine.infer import Predictor, predict_to_folder
-    from imgx3d.engine.metrics import evaluate_folders, format_table
-    from imgx3d.engine.workflow import train_run
-
-    data = write_demo_dataset(workdir / "data", n_cases, seed=cfg.seed)
-    print(f"demo data: {n_cases} volumes in {data}")
-    result = train_run(cfg, data, workdir / "run", test_at_end=False)
-    split = json.loads((result.run_dir / "split.json").read_text(encoding="utf-8"))
-    inputs = [data / "imagesTr" / f"{case}.nii.gz" for case in split["test"]]
-    pred_dir = workdir / "predictions"
-    overlay_dir = workdir / "overlays"
-    predict_to_folder(Predictor.from_checkpoint(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True,
-                      overlay_dir=overlay_dir)
-    ref_dir = workdir / "references"
-    ref_dir.mkdir(exist_ok=True)
-    for case in split["test"]:
-        link = ref_dir / f"{case}.nii.gz"
-        if not link.exists():
-            link.symlink_to((data / "labelsTr" / f"{case}.nii.gz").resolve())
-    _, summary = evaluate_folders(pred_dir, ref_dir, DEMO_LABELS, workdir / "evaluation")
-    print(f"run folder: {result.run_dir}  (mlflow run {result.run_id})")
-    print(f"trained {result.steps} steps ({result.stop_reason}); predictions for {len(inputs)} held-out volumes in {pred_dir}")
-    print(format_table(summary))
-    print(f"contour overlays of the predictions: {overlay_dir}")

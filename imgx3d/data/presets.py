@@ -9,7 +9,11 @@ DBT: clip to percentiles of the breast (voxels above the air threshold) and scal
 from __future__ import annotations
 
 import torch
-from monai.transforms import NormalizeIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.transforms import (
+    NormalizeIntensity,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+)
 
 from imgx3d.config import DataConfig
 

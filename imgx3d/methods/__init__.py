@@ -1,1 +1,7 @@
-"""Segmentation methods behind one interface (see :mod:`imgx3d.methods.base`)."""
+"""Methods: each one file (``unet``, ``imgx``, ``sdseg``, ``pig``, ``siamese``, ``darl``, ``vae``)
+behind the roles of :mod:`imgx3d.methods.base` (``Method`` for training; ``Segmenter``,
+``Generator``, ``Codec`` for what a trained run can do) and its own complete config dataclass.
+
+May import: ``data``, ``nets``, ``diffusion`` and the top-level ``config`` and ``errors``.
+Never a workflow stage (training, inference, evaluation, synthesis).
+"""

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from monai.networks.nets import DiffusionModelUNet
+from torch import nn
 
 from imgx3d.config import SliceConfig
 from imgx3d.data.slices import foreground_slices

@@ -35,7 +35,13 @@ from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import Method, Windowed, register
 from imgx3d.methods.vae import random_class_masks
-from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, mask_to_rgb, rgb_to_probability, to_rgb
+from imgx3d.nets.latent_codec import (
+    CodecConfig,
+    LatentCodec,
+    mask_to_rgb,
+    rgb_to_probability,
+    to_rgb,
+)
 
 
 @dataclass

@@ -44,7 +44,6 @@ from imgx3d.methods.pig import masks_to_channels
 from imgx3d.nets.dense_hint import DenseHintEncoder
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
 
-
 VAL_SLICES = 32  # foreground validation slices scored per validation
 
 

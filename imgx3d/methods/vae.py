@@ -16,10 +16,16 @@ import torch
 
 from imgx3d.config import SliceConfig
 from imgx3d.data.slices import slices_to_volume, to_slice_range, volume_to_slices
-from imgx3d.engine.metrics import score_case
 from imgx3d.errors import ConfigError
+from imgx3d.evaluation.metrics import score_case
 from imgx3d.methods.base import Method, Windowed, register
-from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, mask_to_rgb, rgb_to_probability, to_rgb
+from imgx3d.nets.latent_codec import (
+    CodecConfig,
+    LatentCodec,
+    mask_to_rgb,
+    rgb_to_probability,
+    to_rgb,
+)
 
 
 @dataclass

@@ -13,10 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
+from monai.metrics import (
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+    compute_surface_dice,
+)
 
 from imgx3d.config import DataConfig
-from imgx3d.data.io import atomic_write_text, csv_text, is_image_path, is_volume_path, read_label, strip_suffix
+from imgx3d.data.io import (
+    atomic_write_text,
+    csv_text,
+    is_image_path,
+    is_volume_path,
+    read_label,
+    strip_suffix,
+)
 from imgx3d.errors import InputError
 
 ALL_METRICS = ("dice", "iou", "hd95", "nsd")

@@ -16,55 +16,18 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import wilcoxon
 
 from imgx3d.data.io import atomic_write_text, csv_text
-from imgx3d.engine.tracking import resolve_uri
 from imgx3d.errors import Imgx3dError
+from imgx3d.evaluation.records import Comparison, RunRecord
+from imgx3d.tracking import resolve_uri
 
 COMPARISON_TAG = "imgx3d.kind"  # comparison runs carry it and are never compared themselves
 LOWER_IS_BETTER = {"hd95", "seconds_per_volume", "train_minutes", "n_parameters"}
-
-
-@dataclass
-class RunRecord:
-    """What one finished training run reports.
-
-    Attributes:
-        cases: per test case and class name, each metric (from ``test_metrics/metrics.csv``).
-        val_curve: (step, validation Dice) history.
-    """
-
-    run_id: str
-    name: str
-    method: str
-    seconds_per_volume: float
-    train_minutes: float
-    n_parameters: float
-    best_val_dice: float
-    cases: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
-    val_curve: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names in the order of the metrics file."""
-        return list(dict.fromkeys(name for _, name in self.cases))
-
-    def values(self, metric: str, class_name: str) -> dict[str, float]:
-        """case id → ``metric`` of ``class_name`` (NaN where undefined, e.g. HD95 with an empty map)."""
-        return {case: row[metric] for (case, name), row in self.cases.items() if name == class_name}
-
-    def case_means(self, metric: str) -> dict[str, float]:
-        """case id → ``metric`` averaged over the foreground classes (NaNs left out)."""
-        out = {}
-        for case in dict.fromkeys(case for case, _ in self.cases):
-            values = [row[metric] for (c, _), row in self.cases.items() if c == case and not math.isnan(row[metric])]
-            out[case] = float(np.mean(values)) if values else math.nan
-        return out
 
 
 def _parse_metrics_csv(text: str) -> dict[tuple[str, str], dict[str, float]]:
@@ -142,17 +105,6 @@ def select_runs(records: list[RunRecord], by: str) -> list[RunRecord]:
 def _mean_std(values: list[float]) -> tuple[float, float]:
     finite = np.array([v for v in values if not math.isnan(v)], dtype=float)
     return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
-
-
-@dataclass
-class Comparison:
-    """The comparison table and the paired tests, ready to print or save."""
-
-    metric: str
-    columns: list[str]
-    rows: list[dict[str, object]]
-    paired: list[dict[str, object]]
-    reference: str
 
 
 def compare(records: list[RunRecord], metric: str = "dice", reference: str | None = None) -> Comparison:
@@ -259,8 +211,8 @@ def write_comparison(uri: str, experiment: str, output: str | Path, runs: list[s
                      log: bool = True) -> tuple[Comparison, list[Path]]:
     """Compare runs, write ``table.md``, ``table.csv``, ``paired.csv`` and the plots to ``output``,
     and (``log``) keep them as artifacts of a comparison run in the same experiment."""
-    from imgx3d.engine import plots
-    from imgx3d.engine.tracking import Tracker
+    from imgx3d.evaluation import plots
+    from imgx3d.tracking import Tracker
 
     records = select_runs(load_runs(uri, experiment, runs), by)
     comparison = compare(records, metric, reference)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from imgx3d.config import DataConfig
 from imgx3d.data.io import atomic_write, read_label, read_volume
-from imgx3d.engine.compare import Comparison, RunRecord
+from imgx3d.evaluation.records import Comparison, RunRecord
 
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
                  "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
@@ -122,7 +122,7 @@ def overlay_folder(pred_dir: str | Path, ref_dir: str | Path, output: str | Path
                    data_cfg: DataConfig | None = None) -> list[Path]:
     """A montage per prediction with a same-named reference, on the same-named image of
     ``images_dir`` (or on the reference region, faint, without images)."""
-    from imgx3d.engine.metrics import label_files
+    from imgx3d.evaluation.metrics import label_files
 
     preds, refs = label_files(Path(pred_dir)), label_files(Path(ref_dir))
     images = label_files(Path(images_dir)) if images_dir else {}

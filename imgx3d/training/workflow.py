@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
+from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
 from imgx3d.data.io import atomic_write_text, read_grid, read_label, strip_suffix
 from imgx3d.data.slices import SliceBatches, slice_spacing
 from imgx3d.data.transforms import (
@@ -28,16 +29,21 @@ from imgx3d.data.transforms import (
     item_bytes,
     train_transforms,
 )
-from imgx3d.engine import distributed
-from imgx3d.engine.infer import Predictor, prediction_path, resolve_device, write_labelmap
-from imgx3d.engine.metrics import evaluate_folders, format_table
-from imgx3d.engine.plots import overlay_montage
-from imgx3d.engine.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
-from imgx3d.engine.trainer import Trainer, seed_everything
 from imgx3d.errors import CheckpointError, ConfigError, InputError
+from imgx3d.evaluation.metrics import evaluate_folders, format_table
+from imgx3d.evaluation.plots import overlay_montage
+from imgx3d.inference.predictor import (
+    Predictor,
+    predict_to_folder,
+    prediction_path,
+    resolve_device,
+    write_labelmap,
+)
 from imgx3d.methods.base import build_method, load_method_state, method_class
 from imgx3d.resources import device_tags
-
+from imgx3d.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
+from imgx3d.training import distributed
+from imgx3d.training.trainer import Trainer, seed_everything
 
 OVERLAY_CASES = 4  # contour montages of the first test cases, logged with the run
 SPACING_CASES = 8  # training cases whose headers give the slice geometry of 2D runs
@@ -338,3 +344,26 @@ def load_predictor(run: str, tracking_uri: str, device: str = "auto") -> Predict
     with tempfile.TemporaryDirectory() as tmp:
         return Predictor.from_checkpoint(download_run_checkpoint(run, tracking_uri, Path(tmp)), device)
 
+
+def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
+    """Generate data, train, predict the held-out volumes to NIfTI, evaluate, print the table."""
+    data = write_demo_dataset(workdir / "data", n_cases, seed=cfg.seed)
+    print(f"demo data: {n_cases} volumes in {data}")
+    result = train_run(cfg, data, workdir / "run", test_at_end=False)
+    split = json.loads((result.run_dir / "split.json").read_text(encoding="utf-8"))
+    inputs = [data / "imagesTr" / f"{case}.nii.gz" for case in split["test"]]
+    pred_dir = workdir / "predictions"
+    overlay_dir = workdir / "overlays"
+    predict_to_folder(Predictor.from_checkpoint(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True,
+                      overlay_dir=overlay_dir)
+    ref_dir = workdir / "references"
+    ref_dir.mkdir(exist_ok=True)
+    for case in split["test"]:
+        link = ref_dir / f"{case}.nii.gz"
+        if not link.exists():
+            link.symlink_to((data / "labelsTr" / f"{case}.nii.gz").resolve())
+    _, summary = evaluate_folders(pred_dir, ref_dir, DEMO_LABELS, workdir / "evaluation")
+    print(f"run folder: {result.run_dir}  (mlflow run {result.run_id})")
+    print(f"trained {result.steps} steps ({result.stop_reason}); predictions for {len(inputs)} held-out volumes in {pred_dir}")
+    print(format_table(summary))
+    print(f"contour overlays of the predictions: {overlay_dir}")

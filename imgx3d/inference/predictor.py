@@ -37,11 +37,16 @@ from imgx3d.data.io import (
 )
 from imgx3d.data.slices import predict_by_slices
 from imgx3d.data.transforms import GridMap, Preprocessor
-from imgx3d.engine.streaming import streaming_argmax
 from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
+from imgx3d.inference.windows import streaming_argmax
 from imgx3d.interrupts import raise_if_requested, requested
-from imgx3d.resources import available_host_bytes, choose_precision, gib, use_fast_cuda_kernels
 from imgx3d.methods.base import Method, Windowed, build_method, load_method_state
+from imgx3d.resources import (
+    available_host_bytes,
+    choose_precision,
+    gib,
+    use_fast_cuda_kernels,
+)
 
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v1"
 
@@ -97,7 +102,7 @@ def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[in
 
     The model-space input, then either the window path's whole-volume maps
     (:data:`WINDOW_PATH_VOLUMES` of ``K`` float32 values per voxel) or the streaming window's
-    slab (``K + 1`` maps one ``roi`` deep, see :mod:`imgx3d.engine.streaming`) and its int64 label map; native-grid
+    slab (``K + 1`` maps one ``roi`` deep, see :mod:`imgx3d.inference.windows`) and its int64 label map; native-grid
     probabilities and the label map on the input's grid come on top.
     """
     model = int(np.prod(model_shape, dtype=np.int64))
@@ -527,7 +532,7 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
     their final name), existing ones are skipped, so a restarted run finishes the rest; a case
     another live process is predicting into the same folder is waited for, not redone.
     """
-    from imgx3d.engine.plots import overlay_montage
+    from imgx3d.evaluation.plots import overlay_montage
 
     output = Path(output)
     check_output_folder(output, inputs)

@@ -27,8 +27,8 @@ from monai.transforms import Affine
 from tqdm.auto import tqdm
 
 from imgx3d.data.io import atomic_write, atomic_write_text
-from imgx3d.engine.infer import Predictor
 from imgx3d.errors import ConfigError, InputError
+from imgx3d.inference.predictor import Predictor
 from imgx3d.interrupts import raise_if_requested
 
 SETTINGS_FILE = "synth.json"

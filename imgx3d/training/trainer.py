@@ -5,7 +5,7 @@ One optimiser per parameter group of the method, each updated from its own
 Mixed precision where the device supports it, gradient clipping, whole-volume validation with the sliding window, best checkpoint by
 validation Dice, early stopping, a wall-time budget, atomic checkpoints and an exact
 resume (model, optimisers, step, elapsed time, RNG states; batches are a function of step).
-Under torchrun the same loop runs on every rank (see :mod:`imgx3d.engine.distributed`).
+Under torchrun the same loop runs on every rank (see :mod:`imgx3d.training.distributed`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ from tqdm.auto import tqdm
 
 from imgx3d.config import Config, TrainConfig, to_dict
 from imgx3d.data.io import atomic_write
-from imgx3d.engine.distributed import DistContext
-from imgx3d.engine.infer import CHECKPOINT_FORMAT, Predictor
-from imgx3d.engine.metrics import score_case
-from imgx3d.engine.tracking import NullTracker, Tracker
 from imgx3d.errors import ConfigError, Interrupted, ResourceError
+from imgx3d.evaluation.metrics import score_case
+from imgx3d.inference.predictor import CHECKPOINT_FORMAT, Predictor
 from imgx3d.interrupts import requested, signal_name
-from imgx3d.resources import choose_precision, gib, use_fast_cuda_kernels
 from imgx3d.methods.base import Method, load_method_state
-
+from imgx3d.resources import choose_precision, gib, use_fast_cuda_kernels
+from imgx3d.tracking import NullTracker, Tracker
+from imgx3d.training.distributed import DistContext
 
 LOG_EVERY = 50  # steps between logged running means (and, on CUDA, loss finiteness checks)
 
@@ -257,7 +256,7 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------
     def validate(self, cases: list[dict[str, Any]], labels: dict[int, str]) -> dict[str, float]:
         """Mean Dice per class over whole validation volumes, predicted in model space by the same
-        :class:`~imgx3d.engine.infer.Predictor` rules as ``imgx3d predict`` (windows on the device,
+        :class:`~imgx3d.inference.predictor.Predictor` rules as ``imgx3d predict`` (windows on the device,
         volumes on the host, streaming where it applies).
 
         Under torchrun every rank calls this with every validation case and predicts its share

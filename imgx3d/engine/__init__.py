@@ -1,1 +1,0 @@
-"""The method-agnostic engine: training loop, inference, metrics, tracking."""

@@ -1,0 +1,8 @@
+"""Inference: one ``Predictor`` from a checkpoint, a run folder or an mlflow run id to native-grid
+label maps (``predictor``); the windows it runs a method through, 3D sliding, 2D slice and the
+memory-bounded streaming window (``windows``); batch prediction over files and folders with
+locks, read-ahead and atomic writes (``folder``).
+
+May import: ``data``, ``methods``, ``training.checkpoint`` and the top-level ``config``,
+``errors``, ``tracking``, ``resources``, ``interrupts``. Never the trainer or the evaluation stage.
+"""
