@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imgx3d.diffusion.sampler import ddim_step, ddpm_step, sample
+from imgx3d.diffusion.sampler import ddim_sample, ddim_step, ddim_timesteps, ddpm_step, sample
 from imgx3d.diffusion.schedule import beta_schedule, make_schedule
 from imgx3d.errors import ConfigError
 
@@ -115,3 +115,31 @@ def test_diffusion_arithmetic_runs_in_fp32_for_bf16_inputs():
     mean, variance = s.posterior(x0, z_t.bfloat16(), t)
     assert mean.dtype == variance.dtype == torch.float32
     assert s.q_sample(x0.double(), t, noise.double()).dtype == torch.float64, "fp64 stays fp64"
+
+
+def test_ddim_timesteps_are_the_strided_list_paired_with_the_next_step():
+    schedule = make_schedule("linear", 1000)
+    assert ddim_timesteps(schedule, 4) == [(999, 666), (666, 333), (333, 0), (0, -1)]
+    assert ddim_timesteps(schedule, 1) == [(999, -1)], "one step: straight to x0_hat"
+    assert [t for t, _ in ddim_timesteps(make_schedule("linear", 10), 10)] == list(range(9, -1, -1))
+
+
+def test_ddim_sample_equals_the_step_by_step_loop():
+    schedule = make_schedule("scaled_linear", 50)
+    gen = torch.Generator().manual_seed(3)
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+
+    def predict_x0(x, t):  # a non-trivial stand-in model: depends on x and t
+        return torch.tanh(x * 0.7) - 0.01 * t.float()[:, None, None, None]
+
+    x = x_T
+    for t in [49, 37, 24, 12, 0]:  # linspace(49, 0, 5) = 49, 36.75, 24.5, 12.25, 0, rounded half to even
+        x0_hat = predict_x0(x, torch.full((2,), t))
+        if t == 0:
+            x = x0_hat
+            break
+        nxt = {49: 37, 37: 24, 24: 12, 12: 0}[t]
+        ab, ab_prev = schedule.alpha_bar[t], schedule.alpha_bar[nxt]
+        eps = (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+        x = ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps
+    torch.testing.assert_close(ddim_sample(schedule, x_T, predict_x0, 5), x, rtol=1e-5, atol=1e-5)

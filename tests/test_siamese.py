@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from imgx3d.diffusion import sampler as sampler_module
 from imgx3d.errors import CheckpointError
-from imgx3d.methods import siamese as siamese_module
 from imgx3d.methods.base import build_method
 from imgx3d.nets.dense_hint import DenseHintEncoder
 
@@ -171,14 +171,14 @@ def test_opt_in_control_guidance_extrapolates_over_the_null_control_and_dropout_
         return torch.full_like(z, 1.0 if torch.equal(c, method.null_control.expand_as(c)) else 2.0)
 
     method._eps = eps
-    real_step = siamese_module.ddim_step
+    real_step = sampler_module.ddim_step  # the DDIM loop's step (imgx3d.diffusion.sampler.ddim_sample)
     x0_targets = []
-    siamese_module.ddim_step = lambda schedule, z, t, x0, t_prev: x0_targets.append((z, t, x0)) or real_step(
+    sampler_module.ddim_step = lambda schedule, z, t, x0, t_prev: x0_targets.append((z, t, x0)) or real_step(
         schedule, z, t, x0, t_prev=t_prev)
     try:
         method.generate([0], [32, 32], _batch()["label"][:1], steps=2)
     finally:
-        siamese_module.ddim_step = real_step
+        sampler_module.ddim_step = real_step
     assert len(seen) == 4, "conditional and null control per step"
     z, t, x0 = x0_targets[0]
     tt = torch.full((1,), t, dtype=torch.long)

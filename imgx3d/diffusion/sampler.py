@@ -50,6 +50,33 @@ def ddim_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: to
     return x_prev
 
 
+def ddim_timesteps(schedule: DiffusionSchedule, n: int) -> list[tuple[int, int]]:
+    """DDIM's strided step list: ``n`` chain indices evenly spaced from ``num_steps − 1`` down to 0
+    (rounded), each paired with the next one (``-1`` after the last: that step returns ``x0_hat``).
+
+    Example: a 1000-step schedule, ``n = 4`` → ``[(999, 666), (666, 333), (333, 0), (0, -1)]``.
+    """
+    steps = torch.linspace(schedule.num_steps - 1, 0, n).round().long().tolist()
+    return list(zip(steps, [*steps[1:], -1]))
+
+
+def ddim_sample(schedule: DiffusionSchedule, x_T: torch.Tensor, predict_x0: Callable[[torch.Tensor, torch.Tensor],
+                torch.Tensor], n: int) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) over the ``n`` strided steps of :func:`ddim_timesteps`.
+
+    Args:
+        predict_x0: ``(x_t, t) -> x0_hat`` with ``t`` a ``(B,)`` long tensor on ``x_T``'s device.
+
+    Returns:
+        ``x_0`` (the last step's ``x0_hat``).
+    """
+    x = x_T
+    for t, t_prev in ddim_timesteps(schedule, n):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x = ddim_step(schedule, x, t, predict_x0(x, tt), t_prev=t_prev)
+    return x
+
+
 def sample(schedule: DiffusionSchedule, predict_x0: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,
            sampler: str = "ddpm", eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run the chain from ``x_T`` (index num_steps − 1) down to x0.

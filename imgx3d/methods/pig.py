@@ -40,7 +40,7 @@ from torch import nn
 
 from imgx3d.config import SliceConfig
 from imgx3d.data.slices import foreground_slices
-from imgx3d.diffusion.sampler import ddim_step
+from imgx3d.diffusion.sampler import ddim_sample, ddim_step, ddim_timesteps
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, Windowed, register
@@ -229,9 +229,6 @@ class PIGMethod(Method):
         return {"loss/model_y": (weight * (eps_y.float() - noise_y) ** 2).mean()}
 
     # -- generation ------------------------------------------------------------------------
-    def _steps(self, n: int) -> list[int]:
-        return torch.linspace(self.schedule.num_steps - 1, 0, n).round().long().tolist()
-
     @torch.no_grad()
     def sample_from_noise(self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None,
                           progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,9 +236,7 @@ class PIGMethod(Method):
 
         Returns images ``(B, C, H, W)`` in [-1, 1] and labels ``(B, 1, H, W)``.
         """
-        ts = self._steps(steps or self.cfg.sample_steps)
-        for i, t in enumerate(ts):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        for t, t_prev in ddim_timesteps(self.schedule, steps or self.cfg.sample_steps):
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             x0_hat = self._x0_of_mask(x, y, tt)
             y0_hat = self._x0_of_image(y, binarise_guide(x0_hat, self.guide_pool), tt)
@@ -294,11 +289,11 @@ class PIGMethod(Method):
         g = torch.Generator().manual_seed(self.cfg.seed)
         x = torch.randn(x0.shape, generator=g).to(device)
         noise_y = torch.randn(y0.shape, generator=g).to(device)
-        ts = self._steps(self.cfg.val_steps)
-        for i, t in enumerate(ts):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-            x0_hat = self._x0_of_mask(x, self.schedule.q_sample(y0, tt, noise_y).float(), tt)
-            x = ddim_step(self.schedule, x, t, x0_hat, t_prev=ts[i + 1] if i + 1 < len(ts) else -1)
+
+        def mask_x0(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # guided by the real slice, noised
+            return self._x0_of_mask(x_t, self.schedule.q_sample(y0, t, noise_y).float(), t)
+
+        x = ddim_sample(self.schedule, x, mask_x0, self.cfg.val_steps)
         pred = self.space.labels(x)
         metrics = {}
         for c in range(1, self.num_classes):

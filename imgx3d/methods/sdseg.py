@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from imgx3d.diffusion.sampler import ddim_step
+from imgx3d.diffusion.sampler import ddim_sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import Method, Windowed, register
@@ -187,12 +187,10 @@ class SDSeg(Method):
 
     def _latent(self, z_t: torch.Tensor, z_c: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """z0_hat from z_T = z_t: one step at t = T − 1, or DDIM over ``infer_steps`` strided steps."""
-        steps = torch.linspace(self.schedule.num_steps - 1, 0, self.cfg.infer_steps).round().long().tolist()
-        for i, t in enumerate(steps):
-            tt = torch.full((z_t.shape[0],), t, dtype=torch.long, device=z_t.device)
-            z0_hat = self.schedule.x0_from_eps(z_t, tt, self._eps(z_t, z_c, tt, classes))
-            z_t = ddim_step(self.schedule, z_t, t, z0_hat, t_prev=steps[i + 1] if i + 1 < len(steps) else -1)
-        return z_t
+        def predict_x0(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.schedule.x0_from_eps(z, t, self._eps(z, z_c, t, classes))
+
+        return ddim_sample(self.schedule, z_t, predict_x0, self.cfg.infer_steps)
 
     # -- the Method interface ------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from torch import nn
 
 from imgx3d.config import SliceConfig
 from imgx3d.data.slices import foreground_slices
-from imgx3d.diffusion.sampler import ddim_step
+from imgx3d.diffusion.sampler import ddim_sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import Method, Windowed, register
@@ -227,15 +227,15 @@ class SiameseDiffusion(Method):
         z = torch.cat([self.initial_noise(i, size, device) for i in indices])
         c_m = self.mask_control(masks_to_channels(masks, self.num_classes))
         c_null = self.null_control.expand_as(c_m)
-        ts = torch.linspace(self.schedule.num_steps - 1, 0, steps or self.cfg.sample_steps).round().long().tolist()
-        for i, t in enumerate(ts):
-            tt = torch.full((z.shape[0],), t, dtype=torch.long, device=device)
-            eps = self._eps(self.control_mask, z, tt, c_m)
+
+        def predict_x0(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = self._eps(self.control_mask, z_t, t, c_m)
             if self.cfg.guidance != 1.0:  # opt-in control CFG against the null control
-                eps_u = self._eps(self.control_mask, z, tt, c_null)
+                eps_u = self._eps(self.control_mask, z_t, t, c_null)
                 eps = eps_u + self.cfg.guidance * (eps - eps_u)
-            z = ddim_step(self.schedule, z, t, self.schedule.x0_from_eps(z, tt, eps),
-                          t_prev=ts[i + 1] if i + 1 < len(ts) else -1)
+            return self.schedule.x0_from_eps(z_t, t, eps)
+
+        z = ddim_sample(self.schedule, z, predict_x0, steps or self.cfg.sample_steps)
         return from_rgb(self.codec.decode(z).clamp(-1, 1), self.in_channels), masks.long()
 
     @torch.no_grad()

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice
 
 from imgx3d.config import SliceConfig
 from imgx3d.data.slices import slices_to_volume, to_slice_range, volume_to_slices
 from imgx3d.errors import ConfigError
-from imgx3d.evaluation.metrics import score_case
 from imgx3d.methods.base import Method, Windowed, register
 from imgx3d.nets.latent_codec import (
     CodecConfig,
@@ -71,8 +71,8 @@ def codec_validation(codec: LatentCodec, cases: list[dict[str, Any]], labels: di
             recon = torch.cat([rgb_to_probability(codec.decode(codec.encode(mask_to_rgb(part == c).to(device))))
                                for part in label_slices.split(slices.predict_batch)])
             pred = slices_to_volume(recon[:, None].cpu(), slices.axis, label.shape[1:])[0] > 0.5
-            per_class[c].append(score_case(pred.numpy().astype(np.uint8), (label[0] == c).numpy().astype(np.uint8),
-                                           [1], metrics=("dice",))[1]["dice"])
+            reference = (label[0] == c)[None, None].float()
+            per_class[c].append(float(compute_dice(pred[None, None].float(), reference, ignore_empty=False)[0, 0]))
         image = volume_to_slices(to_slice_range(case["image"], slices.percentiles), slices.axis, slices.size)
         for part in image.split(slices.predict_batch):
             rgb = to_rgb(part).to(device)
