@@ -145,8 +145,7 @@ def _load_overrides(args: argparse.Namespace):
 
         tree = load_yaml(args.config)
         shared = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
-        tree["method"] = {"name": args.method,
-                          **{k: v for k, v in tree.get("method", {}).items() if k in shared}}
+        tree["method"] = {**{k: v for k, v in tree.get("method", {}).items() if k in shared}, "name": args.method}
         return load_config(None, overrides, base=tree)
     return load_config(args.config, overrides)
 
@@ -194,22 +193,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgx3d.config import validate
-    from imgx3d.inference.predictor import Predictor, predict_to_folder
-    from imgx3d.training.workflow import load_predictor
+    from imgx3d.checkpoint import load_checkpoint
+    from imgx3d.inference.folder import predict_to_folder
+    from imgx3d.inference.predictor import Predictor
 
-    if args.checkpoint:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
-    else:
-        predictor = load_predictor(args.run, tracking_uri(args.tracking_uri), args.device)
-    if args.tta:
-        predictor.config.infer.tta_flips = [0, 1, 2]
-    for key in ("sw_batch_size", "overlap", "precision"):  # --sw-batch-size, --overlap, --precision
-        if getattr(args, key) is not None:
-            setattr(predictor.config.infer, key, getattr(args, key))
-    validate(predictor.config)  # --sw-batch-size 0, --overlap 1.5: the config's own one-line errors
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: must be >= 0")
+    # the run's infer: settings, overridden by the flags (--sw-batch-size 0, --overlap 1.5: the config's own errors)
+    source = load_checkpoint(args.checkpoint) if args.checkpoint else args.run  # --run: a folder or an mlflow run id
+    predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri),
+                               device=args.device, tta_flips=[0, 1, 2] if args.tta else None,
+                               sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision)
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,
                                 args.workers)
     print(f"{len(written)} prediction(s) in {args.output}")

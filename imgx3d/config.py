@@ -1,10 +1,12 @@
 """Typed configuration: YAML files and ``key=value`` overrides → dataclasses.
 
-Unknown keys, wrong types and out-of-range values are :class:`ConfigError`\\ s naming
-the key. A file may start from another with ``extends: other.yaml``: sections merge key by
-key, except ``method``, which the extending file replaces whole. Method-specific settings
-live under ``method:`` and are validated by the method's own ``Config`` dataclass (see
-:mod:`imgx3d.methods.base`).
+Unknown keys, wrong types, choices outside a ``Literal[...]`` and out-of-range values are
+:class:`ConfigError`\\ s naming the key. A file may start from another with ``extends:
+other.yaml``: sections merge key by key, except ``method``, which the extending file replaces
+whole. ``method:`` becomes the named method's own config dataclass (a :class:`MethodConfig`, see
+:mod:`imgx3d.methods.base`), so a loaded config is complete: every default is written out when
+a run saves it (``config.yaml``, the checkpoint, mlflow), and a run is rebuilt from what it
+saved, not from the defaults of the day.
 """
 
 from __future__ import annotations
@@ -257,12 +259,29 @@ class TrackingConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Base of every method's config dataclass: ``name`` picks the method (default ``unet``); the
+    subclass (``Config`` of the method's class) adds its hyperparameters."""
+
+    name: str = "unet"
+
+
+def method_config(values: dict[str, Any] | None, key: str = "method") -> MethodConfig:
+    """The ``method:`` section as the named method's complete config dataclass."""
+    from imgx3d.methods.base import method_class  # methods import this module: resolve them when asked
+
+    values = dict(values or {})
+    cls = method_class(values.setdefault("name", MethodConfig.name)).Config
+    return from_dict(cls, values, prefix=key)
+
+
+@dataclass
 class Config:
-    """The whole run configuration; ``method`` is validated by the chosen method."""
+    """The whole run configuration; ``method`` is the chosen method's own config dataclass."""
 
     dataset: str = "dataset"
     seed: int = 0
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "unet"})
+    method: MethodConfig = field(default_factory=lambda: method_config(None))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
@@ -281,6 +300,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+    if tp is MethodConfig:
+        return method_config(value if isinstance(value, dict) else _not_a_mapping(key, value), key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -329,6 +354,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     elif isinstance(value, tp):
         return value
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _not_a_mapping(key: str, value: Any) -> dict[str, Any]:
+    raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
 
 
 def from_dict(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any:
@@ -486,13 +515,18 @@ def validate(cfg: Config) -> None:
     _check(t.patience >= 0, "train.patience", "must be >= 0")
     _check(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0: no weight averaging; e.g. 0.9999)")
     _check(t.ema_start >= 0, "train.ema_start", "must be >= 0")
+    validate_infer(i)
+
+
+def validate_infer(i: InferConfig) -> None:
+    """Range checks of the ``infer:`` section (also of a predictor's overridden settings)."""
     _check(0.0 <= i.overlap < 1.0, "infer.overlap", "must be in [0, 1)")
     _check(i.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
     _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")
     _check(i.streaming in ("auto", "on", "off"), "infer.streaming", "must be auto, on or off")
     _check(i.precision in PRECISIONS, "infer.precision", "must be auto, fp32, bf16 or fp16")
     _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
-    _check(isinstance(cfg.method.get("name"), str), "method.name", "must name a method (e.g. unet)")
+    _check(all(a in (0, 1, 2) for a in i.tta_flips), "infer.tta_flips", "must list axes among 0, 1, 2")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

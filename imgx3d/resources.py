@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from imgx3d.errors import ConfigError
+
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -87,3 +89,21 @@ def use_fast_cuda_kernels(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+def resolve_device(name: str = "auto", what: str = "--device") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a device this machine lacks is a one-line error
+    naming ``what`` (the flag or config key that asked for it)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{what} {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} {name}: no CUDA device is available here (this torch build: "
+                          f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU only'}); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          "use one of cuda:0 … or auto")
+    return device

@@ -160,7 +160,7 @@ def mask_image_agreement(segmenter: Path, pairs: Path, limit: int) -> float:
     """Mean foreground Dice between generated masks and a real-only segmenter's predictions on the generated images."""
     import nibabel as nib
 
-    predictor = Predictor.from_checkpoint(segmenter / "best.pt", "cpu")
+    predictor = Predictor.load(segmenter / "best.pt", device="cpu")
     dataset = json.loads((pairs / "dataset.json").read_text(encoding="utf-8"))
     scores = []
     for entry in dataset["training"][:limit]:
@@ -188,7 +188,7 @@ class FeatureSpace:
     not FID: no Inception network here), against the real training slices of a generator run."""
 
     def __init__(self, segmenter: Path, generator: Path, data: str):
-        self.features = segmenter_features(Predictor.from_checkpoint(segmenter / "best.pt", "cpu").method)
+        self.features = segmenter_features(Predictor.load(segmenter / "best.pt", device="cpu").method)
         self.label = f"{segmenter.name} U-Net bottleneck (not FID)"
         self.axis = load_config(generator / "config.yaml").data.slices.axis
         self.real_train = extract(self.features, foreground_slices(generator, data, "train"))

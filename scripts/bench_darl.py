@@ -69,7 +69,7 @@ def main() -> None:
             raise SystemExit(f"DARL training failed; see {out / 'darl.log'}")
         emit("darl.train_wall_minutes", round((time.perf_counter() - t0) / 60, 1), "min")
     steps = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"]
-    predictor = Predictor.from_checkpoint(run / "best.pt", "cpu")
+    predictor = Predictor.load(run / "best.pt", device="cpu")
 
     results: dict[str, list[dict[str, float]]] = {"darl": [], "frangi": []}
     seconds = {"darl": 0.0, "frangi": 0.0}

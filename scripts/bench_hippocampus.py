@@ -37,7 +37,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = train_run(cfg, args.data, args.run_dir)
     wall = time.perf_counter() - t0
-    method = cfg.method["name"]
+    method = cfg.method.name
     summary = result.test_summary
     emit(f"hippocampus.{method}.setup", None, "", machine=machine(), run_id=result.run_id,
          split="seed0: 144 train / 16 val / 40 test", budget_minutes=cfg.train.max_minutes)

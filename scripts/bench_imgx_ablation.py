@@ -39,7 +39,8 @@ from _bench import emit, emit_test_summary, machine  # noqa: E402
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
 from imgx3d.data.transforms import Preprocessor  # noqa: E402
-from imgx3d.inference.predictor import Predictor, make_window, predict_probabilities  # noqa: E402
+from imgx3d.inference.predictor import Predictor, predict_probabilities
+from imgx3d.inference.windows import make_window  # noqa: E402
 from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ RUNS = {
 
 def seconds_per_volume(run_dir: Path, images: list[torch.Tensor]) -> float:
     """Mean seconds of one whole-volume prediction (no TTA) over ``images``."""
-    predictor = Predictor.from_checkpoint(run_dir / "best.pt", "cpu")
+    predictor = Predictor.load(run_dir / "best.pt", device="cpu")
     window = make_window(predictor.config.infer, predictor.config.data.patch_size)
     predict_probabilities(predictor.method, images[0], window)  # warm-up
     t0 = time.perf_counter()

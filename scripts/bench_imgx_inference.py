@@ -12,6 +12,7 @@ up-path variants are measured: ``up_subunits`` null (as the runs measured so far
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
-from imgx3d.inference.predictor import make_window, predict_probabilities  # noqa: E402
+from imgx3d.inference.predictor import predict_probabilities
+from imgx3d.inference.windows import make_window  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
@@ -47,12 +49,12 @@ def main() -> None:
     image = torch.randn(1, *args.shape)
     unet = build_method(unet_cfg.method, 3, 1).eval()
     emit("imgx_inference.setup", None, "", machine=machine(), shape=args.shape, repeats=args.repeats,
-         k=imgx_cfg.method.get("infer_steps", 5))
+         k=imgx_cfg.method.infer_steps)
     with torch.inference_mode():
         base = seconds(unet, image, make_window(unet_cfg.infer, unet_cfg.data.patch_size), args.repeats)
         emit("imgx_inference.unet.seconds_per_volume", round(base, 4), "s")
         for up in (None, 1):
-            imgx = build_method({**imgx_cfg.method, "up_subunits": up}, 3, 1).eval()
+            imgx = build_method(dataclasses.replace(imgx_cfg.method, up_subunits=up), 3, 1).eval()
             took = seconds(imgx, image, make_window(imgx_cfg.infer, imgx_cfg.data.patch_size), args.repeats)
             emit(f"imgx_inference.imgx_up_subunits_{up or 'default'}.seconds_per_volume", round(took, 4), "s",
                  ratio_to_unet=round(took / base, 2), goal="<= 5x (stretch 2.5x)")

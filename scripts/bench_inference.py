@@ -46,8 +46,8 @@ def prepare(folder: Path, shape: tuple[int, int, int]) -> None:
     import nibabel as nib
     from scipy.ndimage import gaussian_filter
 
+    from imgx3d.checkpoint import CHECKPOINT_FORMAT
     from imgx3d.config import to_dict
-    from imgx3d.inference.predictor import CHECKPOINT_FORMAT
     from imgx3d.methods.base import build_method
 
     rng = np.random.default_rng(0)
@@ -69,9 +69,10 @@ def child(variant: str, folder: Path) -> None:
     """Run one variant once and print its seconds and peak RSS as JSON."""
     from monai.inferers import sliding_window_inference
 
-    from imgx3d.inference.predictor import Predictor, predict_to_folder
+    from imgx3d.inference.folder import predict_to_folder
+    from imgx3d.inference.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(folder / "model.pt", "cpu")
+    predictor = Predictor.load(folder / "model.pt", device="cpu")
     net = predictor.method.net
     with torch.inference_mode():  # warm up thread pools and allocator on one window
         net(torch.zeros(1, 1, *ROI))

@@ -19,7 +19,8 @@ from pathlib import Path
 from _bench import emit, machine
 
 from imgx3d.config import load_config
-from imgx3d.inference.predictor import Predictor, predict_to_folder
+from imgx3d.inference.folder import predict_to_folder
+from imgx3d.inference.predictor import Predictor
 from imgx3d.training.workflow import train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def main() -> None:
                                             "data.num_workers=0", "tracking.enabled=false"])
             checkpoint = train_run(cfg, args.data, tmp / "run", test_at_end=False).run_dir / "best.pt"
         inputs = sorted((Path(args.data) / "imagesTr").glob("*.nii.gz"))[: args.cases]
-        predictor = Predictor.from_checkpoint(checkpoint, "cpu")
+        predictor = Predictor.load(checkpoint, device="cpu")
         emit("predict_folder.setup", None, "", machine=machine(), cases=len(inputs), data=str(args.data))
         outputs, rates = {}, {}
         for workers in [0, *args.workers]:

@@ -101,7 +101,7 @@ def main() -> None:
         emit("sdseg_bench.dice_gap.sdseg_minus_unet", round(gap, 4), "dice")
 
     run_dir = Path(sdseg["run_dir"])
-    predictor = Predictor.from_checkpoint(run_dir / "best.pt", "cpu")
+    predictor = Predictor.load(run_dir / "best.pt", device="cpu")
     cfg = predictor.config
     catalog = find_cases(args.data, cfg.data)
     split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))

@@ -140,7 +140,7 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
     cfg = _config(method, steps, dry, [f"train.device={device}"])
     _reset_peak(device)
     result, seconds = _train(cfg, data, work / method)
-    predictor = Predictor.from_checkpoint(work / method / "best.pt", str(device))
+    predictor = Predictor.load(work / method / "best.pt", device=str(device))
     volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
     t0 = time.perf_counter()
     if hasattr(predictor.method, "generate"):  # a generator: two pairs through imgx3d synth
@@ -212,7 +212,8 @@ from pathlib import Path
 variant, path, classes, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 from imgx3d.config import load_config
-from imgx3d.inference.predictor import Predictor, predict_to_folder
+from imgx3d.inference.folder import predict_to_folder
+from imgx3d.inference.predictor import Predictor
 from imgx3d.methods.base import build_method
 cfg = load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]",
                          "method.num_res_units=1", "data.patch_size=[96,96,96]", "data.preset=ct", "infer.overlap=0.5",
@@ -222,7 +223,7 @@ method = build_method(cfg.method, classes, 1).to(device).eval()
 t0 = time.perf_counter()
 if variant == "imgx3d":
     labels = {i: f"c{i}" for i in range(classes)}
-    predict_to_folder(Predictor(method, cfg, labels, 1, device), [path], out)
+    predict_to_folder(Predictor(method, cfg, labels, InferSettings.from_config(cfg.infer, device=str(device))), [path], out)
 else:  # MONAI's window pass alone, on the tensor the same file holds
     import nibabel as nib
     from monai.inferers import sliding_window_inference
@@ -290,7 +291,8 @@ def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path
 @section("imgx_inference")
 def check_imgx_inference(device: torch.device, dry: bool) -> None:
     from imgx3d.config import load_config
-    from imgx3d.inference.predictor import make_window, predict_probabilities
+    from imgx3d.inference.predictor import predict_probabilities
+    from imgx3d.inference.windows import make_window
     from imgx3d.methods.base import build_method
 
     def timed(name: str) -> float:

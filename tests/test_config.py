@@ -1,10 +1,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from imgx3d.config import Config, load_config
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import build_method
+from imgx3d.methods.imgx import ImgXConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -32,10 +34,13 @@ def test_wrong_type_and_range_are_errors():
         load_config(None, ["train.max_steps"])
 
 
-def test_method_config_is_validated_by_the_method():
-    cfg = load_config(None, ["method.name=unet", "method.channels=[4,8]", "method.strides=[2]", "method.colour=red"])
+def test_method_config_is_validated_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"unknown config key 'method\.colour'"):
-        build_method(cfg.method, num_classes=3, in_channels=1)
+        load_config(None, ["method.name=unet", "method.channels=[4,8]", "method.strides=[2]", "method.colour=red"])
+    with pytest.raises(ConfigError, match=r"config key 'method\.recycling' must be one of max, next, none, got 'min'"):
+        load_config(None, ["method.name=imgx", "method.recycling=min"])  # a Literal choice, checked at load
+    with pytest.raises(ConfigError, match=r"config key 'method\.spatial_dims' must be one of 2, 3, got 4"):
+        load_config(None, ["method.spatial_dims=4"])
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         build_method({"name": "nope"}, 3, 1)
 
@@ -60,7 +65,7 @@ def test_extends_merges_sections_and_replaces_method(tmp_path):
     (tmp_path / "base.yaml").write_text("method: {name: unet, arch: dynunet}\ndata: {batch_size: 3, preset: ct}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nmethod: {name: imgx}\ndata: {batch_size: 5}\n")
     cfg = load_config(tmp_path / "child.yaml")
-    assert cfg.method == {"name": "imgx"}  # no 'arch' leaking from the unet section
+    assert cfg.method == ImgXConfig()  # every imgx default; no 'arch' leaking from the unet section
     assert cfg.data.batch_size == 5 and cfg.data.preset == "ct"
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
@@ -72,4 +77,25 @@ def test_hippocampus_imgx_shares_the_unet_split_and_data():
     unet, imgx = load_config(root / "unet.yaml"), load_config(root / "imgx.yaml")
     assert imgx.data == unet.data and imgx.infer == unet.infer
     assert imgx.train.max_minutes == unet.train.max_minutes
-    assert imgx.method["name"] == "imgx" and imgx.method["train_steps"] == imgx.method["infer_steps"] == 5
+    assert imgx.method.name == "imgx" and imgx.method.train_steps == imgx.method.infer_steps == 5
+
+
+def test_a_saved_config_is_complete_and_rebuilds_the_same_method(tmp_path):
+    """config.yaml lists every field of the method's dataclass, and loading it alone gives the same config."""
+    import dataclasses
+
+    import yaml
+
+    from imgx3d.config import save_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "brats" / "imgx.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert list(saved["method"]) == [f.name for f in dataclasses.fields(ImgXConfig)], "every ImgXConfig field, in order"
+    assert saved["method"]["sampler"] == "ddpm" and saved["method"]["beta_schedule"] == "linear"
+    assert load_config(tmp_path / "config.yaml") == cfg
+    torch.manual_seed(0)
+    first = build_method(cfg.method, 3, 1).state_dict()
+    torch.manual_seed(0)
+    again = build_method(load_config(tmp_path / "config.yaml").method, 3, 1).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)

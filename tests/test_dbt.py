@@ -23,9 +23,9 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from imgx3d.config import load_config
+from imgx3d.data.geometry import grid_map, image_to_model, label_to_model, to_native
 from imgx3d.data.io import read_volume
 from imgx3d.data.slices import slice_pool
-from imgx3d.data.transforms import Preprocessor
 from tests.conftest import save_nifti
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -83,11 +83,10 @@ def test_multiframe_dicom_reads_as_the_same_volume_as_nifti(tmp_path):
 def test_dbt_preset_crops_air_normalises_the_breast_and_maps_back_exactly():
     image, label = dbt_volume(np.random.default_rng(2))
     cfg = load_config(CONFIGS / "dbt" / "pig.yaml").data
-    pre = Preprocessor(cfg)
     from imgx3d.data.io import Volume
 
     ref = Volume(image[None].astype(np.float32), np.diag([*SPACING, 1.0]))
-    grid = pre.grid_map(ref)
+    grid = grid_map(ref, cfg)
     assert grid.crop is not None
     breast_x = np.flatnonzero((image > 500).any(axis=(1, 2)))
     breast_y = np.flatnonzero((image > 500).any(axis=(0, 2)))
@@ -95,17 +94,17 @@ def test_dbt_preset_crops_air_normalises_the_breast_and_maps_back_exactly():
     assert x0 == 0 and x1 >= breast_x.max() + 1 and x1 < image.shape[0], "air beyond the nipple is cut"
     assert y0 > 0 and y1 < image.shape[1] and y0 <= breast_y.min() and y1 >= breast_y.max() + 1
     assert (z0, z1) == (0, image.shape[2])
-    model = pre.image_to_model(image[None], grid)
+    model = image_to_model(image[None], grid, cfg)
     assert tuple(model.shape[1:]) == grid.model_shape == grid.cropped_shape
     assert float(model.min()) == 0.0 and float(model.max()) == 1.0
     breast = model[0][torch.from_numpy(image[x0:x1, y0:y1] > 500)]
     assert 0.1 < float(breast.median()) < 0.9, "breast percentiles, not air, set the scale"
 
-    model_label = pre.label_to_model(label, grid)
-    back = pre.to_native(model_label, grid)[0].numpy()
+    model_label = label_to_model(label, grid)
+    back = to_native(model_label, grid)[0].numpy()
     assert back.shape == label.shape and np.array_equal(back, label)
     probs = torch.stack([1 - model_label[0].float(), model_label[0].float()])
-    native = pre.to_native(probs, grid)
+    native = to_native(probs, grid)
     assert torch.allclose(native.sum(0), torch.ones(label.shape)), "outside the crop: background probability 1"
     pool = slice_pool([model_label], axis=2, keep_empty=0.0, seed=0)
     assert {s for _, s in pool} == set(np.flatnonzero(label.any(axis=(0, 1))).tolist()), "lesion slices only"
@@ -132,8 +131,8 @@ def test_dbt_pig_and_segmenter_run_end_to_end_on_native_grids(dbt_dataset, tmp_p
          str(tmp_path / "synth"))
     pair = nib.load(str(tmp_path / "synth" / "imagesTr" / "synth_00000.nii.gz"))
     assert pair.shape == (32, 32, 1)
-    crop = Preprocessor(load_config(CONFIGS / "dbt" / "pig.yaml").data).grid_map(
-        read_volume(dbt_dataset / "imagesTr" / "dbt_0.nii.gz")).cropped_shape
+    crop = grid_map(read_volume(dbt_dataset / "imagesTr" / "dbt_0.nii.gz"),
+                    load_config(CONFIGS / "dbt" / "pig.yaml").data).cropped_shape
     # the slices' pixels: the cropped breast box over 32 pixels (median over the training volumes)
     assert abs(pair.affine[0, 0] - SPACING[0] * crop[0] / 32) < 0.05 and pair.affine[2, 2] == pytest.approx(1.0)
 

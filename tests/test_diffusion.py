@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from imgx3d.diffusion.sampler import ddim_sample, ddim_step, ddim_timesteps, ddpm_step, sample
+from imgx3d.diffusion.sampler import (
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    ddpm_step,
+    sample,
+)
 from imgx3d.diffusion.schedule import beta_schedule, make_schedule
 from imgx3d.errors import ConfigError
 

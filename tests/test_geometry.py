@@ -9,7 +9,8 @@ import torch
 
 from imgx3d.config import Config, DataConfig
 from imgx3d.data.io import read_volume
-from imgx3d.inference.predictor import Predictor, predict_to_folder
+from imgx3d.inference.folder import predict_to_folder
+from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.methods.base import Method
 from tests.conftest import oblique_affine, save_nifti
 from tests.test_io import write_dicom_series
@@ -46,7 +47,8 @@ METHODS = {"3d": ThresholdMethod, "2d-per-slice": SliceThresholdMethod}
 
 def _predictor(spacing=None, kind: str = "3d") -> Predictor:
     cfg = Config(data=DataConfig(preset="none", spacing=spacing, patch_size=[8, 8, 8]))
-    return Predictor(METHODS[kind](_NoConfig(), 2, 1), cfg, {0: "background", 1: "fg"}, 1, torch.device("cpu"))
+    return Predictor(METHODS[kind](_NoConfig(), 2, 1), cfg, {0: "background", 1: "fg"},
+                     InferSettings.from_config(cfg.infer, device="cpu"))
 
 
 def _pattern(shape, seed=0) -> np.ndarray:

@@ -11,13 +11,8 @@ from PIL import Image
 from imgx3d.cli import main
 from imgx3d.config import DataConfig, from_dict
 from imgx3d.data.catalog import find_cases
-from imgx3d.data.io import (
-    class_to_file,
-    file_to_class,
-    read_label,
-    read_volume,
-    write_image2d,
-)
+from imgx3d.data.io import read_label, read_volume, write_image2d
+from imgx3d.data.labels import class_to_file, file_to_class
 from imgx3d.errors import InputError
 from imgx3d.evaluation.metrics import score_case
 from tests.conftest import tree_digest
@@ -171,7 +166,7 @@ def test_sdseg_trains_and_predicts_pngs_with_image(png_dataset, tmp_path, capsys
                  "--run-dir", str(tmp_path / "run"), *TINY_SDSEG, "method.codec_steps=3"]) == 0
     assert "disc" in capsys.readouterr().out
     saved = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
-    assert saved["step"] == 6 and saved["config"]["method"].get("infer_steps", 1) == 1, "SDSeg's single step"
+    assert saved["step"] == 6 and saved["config"]["method"]["infer_steps"] == 1, "SDSeg's single step"
     assert "disc" in _predict_and_evaluate_pngs(tmp_path / "run", png_dataset, config, tmp_path / "pred", capsys)
     # one deterministic step: predicting again gives the same masks
     assert main(["predict", "--run", str(tmp_path / "run"), "--input", str(png_dataset / "image"), "--output",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from imgx3d.config import InferConfig
-from imgx3d.inference.predictor import make_window
+from imgx3d.inference.windows import make_window
 from imgx3d.methods.base import build_method
 
 TINY = {"name": "imgx", "channels": [8, 16], "strides": [2]}

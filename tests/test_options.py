@@ -19,11 +19,13 @@ from mlflow.tracking import MlflowClient
 from imgx3d.cli import main
 from imgx3d.config import DataConfig, InferConfig, load_config
 from imgx3d.data.catalog import find_cases
+from imgx3d.data.geometry import GridMap, grid_map
 from imgx3d.data.presets import normalize_intensity
-from imgx3d.data.transforms import GridMap, Preprocessor, train_transforms
+from imgx3d.data.transforms import train_transforms
 from imgx3d.errors import ConfigError
 from imgx3d.inference import predictor as infer
-from imgx3d.inference.predictor import Predictor, make_window, predict_probabilities
+from imgx3d.inference.predictor import InferSettings, Predictor, predict_probabilities
+from imgx3d.inference.windows import make_window
 from imgx3d.training.trainer import lr_factor
 from tests.conftest import (
     TINY_OVERRIDES,
@@ -45,8 +47,8 @@ class Pointwise(torch.nn.Module):
     def predict(self, image: torch.Tensor, window) -> torch.Tensor:
         return window(self._probs, image)
 
-    def window_probabilities(self):
-        return self._probs
+    def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
+        return self._probs(window)
 
 
 def _ramp(shape=(12, 10, 8)) -> torch.Tensor:
@@ -66,9 +68,9 @@ def test_tta_flips_every_mirrored_prediction_back():
 
 def test_streaming_tta_mirrors_each_window_and_flips_it_back():
     cfg = load_config(None, ["infer.tta_flips=[0,1,2]", "infer.streaming=on", "data.patch_size=[8,8,8]"])
-    predictor = Predictor(Pointwise(), cfg, {0: "bg", 1: "fg"}, 1, torch.device("cpu"))
+    predictor = Predictor(Pointwise(), cfg, {0: "bg", 1: "fg"}, InferSettings.from_config(cfg.infer, device="cpu"))
     image = _ramp()
-    labels = predictor._stream(image, cfg.infer)
+    labels = predictor._stream(image, predictor.settings)
     expected = (image[0] < 0).long()  # class 1 where -x > x
     assert torch.equal(labels.reshape(expected.shape), expected)
 
@@ -177,11 +179,11 @@ def test_air_crop_keeps_the_box_plus_margin():
     array[0, 10:15, 8:20, 5:9] = 100.0
     volume = type("V", (), {"affine": np.eye(4), "spatial_shape": (30, 30, 20), "array": array,
                             "spacing": (1.0, 1.0, 1.0)})()
-    grid = Preprocessor(DataConfig(crop_air=0.5, crop_margin=3)).grid_map(volume)
+    grid = grid_map(volume, DataConfig(crop_air=0.5, crop_margin=3))
     assert grid.crop == ((7, 18), (5, 23), (2, 12))
     assert grid.model_shape == (11, 18, 10)
-    assert Preprocessor(DataConfig(crop_air=0.5, crop_margin=0)).grid_map(volume).crop == ((10, 15), (8, 20), (5, 9))
-    assert Preprocessor(DataConfig()).grid_map(volume).crop is None
+    assert grid_map(volume, DataConfig(crop_air=0.5, crop_margin=0)).crop == ((10, 15), (8, 20), (5, 9))
+    assert grid_map(volume, DataConfig()).crop is None
     uncut = GridMap((30, 30, 20), np.array([[0, 1], [1, 1], [2, 1]]), (30, 30, 20), (11, 18, 10),
                     ((7, 18), (5, 23), (2, 12))).uncut(torch.ones(1, 11, 18, 10))
     assert int(uncut.sum()) == 11 * 18 * 10 and uncut[0, 6, 5, 2] == 0 and uncut[0, 7, 5, 2] == 1
@@ -458,7 +460,7 @@ def test_on_cuda_windows_go_to_the_device_and_the_volume_stays_on_the_host(run, 
     from imgx3d.inference.predictor import Predictor
 
     folder, _ = run
-    predictor = Predictor.from_checkpoint(folder / "best.pt", "cpu")
+    predictor = Predictor.load(folder / "best.pt", device="cpu")
     calls = []
     real_window = infer.make_window
 

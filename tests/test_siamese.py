@@ -16,7 +16,7 @@ import torch
 
 from imgx3d.diffusion import sampler as sampler_module
 from imgx3d.errors import CheckpointError
-from imgx3d.methods.base import build_method
+from imgx3d.methods.base import GenerateSettings, build_method
 from imgx3d.nets.dense_hint import DenseHintEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -149,15 +149,15 @@ def test_train_then_synth_from_real_and_random_masks(msd_dataset, tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "--masks" in proc.stderr
     # the masks of the run's validation and test cases never condition synthetic training pairs
-    from imgx3d.inference.predictor import Predictor
+    from imgx3d.checkpoint import load_checkpoint
     from imgx3d.synthesis.synth import held_out_cases, mask_slices
 
     split = json.loads((run / "split.json").read_text())
     held_out = held_out_cases(run / "best.pt")
     assert held_out == set(split["val"]) | set(split["test"]) and held_out
-    predictor = Predictor.from_checkpoint(run / "best.pt", "cpu")
-    every = mask_slices(msd_dataset, predictor)
-    train_only = mask_slices(msd_dataset, predictor, held_out)
+    checkpoint = load_checkpoint(run / "best.pt")
+    every = mask_slices(msd_dataset, checkpoint)
+    train_only = mask_slices(msd_dataset, checkpoint, held_out)
     assert 0 < len(train_only) < len(every)
     assert held_out_cases(tmp_path / "elsewhere" / "best.pt") == set(), "no split.json: every case is used"
 
@@ -176,7 +176,7 @@ def test_opt_in_control_guidance_extrapolates_over_the_null_control_and_dropout_
     sampler_module.ddim_step = lambda schedule, z, t, x0, t_prev: x0_targets.append((z, t, x0)) or real_step(
         schedule, z, t, x0, t_prev=t_prev)
     try:
-        method.generate([0], [32, 32], _batch()["label"][:1], steps=2)
+        method.generate([0], [32, 32], _batch()["label"][:1], GenerateSettings(steps=2))
     finally:
         sampler_module.ddim_step = real_step
     assert len(seen) == 4, "conditional and null control per step"

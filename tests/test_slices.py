@@ -8,15 +8,11 @@ import pytest
 import torch
 
 from imgx3d.config import Config, DataConfig, SliceConfig
-from imgx3d.data.slices import (
-    SliceBatches,
-    slice_pool,
-    slices_to_volume,
-    to_slice_range,
-    volume_to_slices,
-)
+from imgx3d.data.geometry import slices_to_volume, to_slice_range, volume_to_slices
+from imgx3d.data.slices import SliceBatches, slice_pool
 from imgx3d.errors import ConfigError
-from imgx3d.inference.predictor import Predictor, predict_to_folder
+from imgx3d.inference.folder import predict_to_folder
+from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.methods.base import Method
 from tests.conftest import save_nifti
 from tests.test_geometry import GRIDS, _pattern
@@ -49,7 +45,8 @@ def test_slice_and_restack_is_exact_on_the_native_grid(tmp_path, grid, axis):
     cfg = Config(data=DataConfig(preset="none", slices=slices))
     method = SliceThreshold(_NoConfig(), 2, 1)
     method.seen = []
-    (out,) = predict_to_folder(Predictor(method, cfg, {0: "background", 1: "fg"}, 1, torch.device("cpu")),
+    predictor = Predictor(method, cfg, {0: "background", 1: "fg"}, InferSettings.from_config(cfg.infer, device="cpu"))
+    (out,) = predict_to_folder(predictor,
                                [src], tmp_path / "out")
     written = nib.load(str(out))
     assert written.shape == image.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from imgx3d.config import Config, DataConfig, InferConfig
-from imgx3d.inference.predictor import Predictor
+from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.inference.windows import streaming_argmax
 from imgx3d.methods.unet import UNetConfig, UNetMethod
 from tests.conftest import save_nifti
@@ -40,7 +42,7 @@ def _predictor(streaming: str) -> Predictor:
     torch.manual_seed(0)
     method = UNetMethod(UNetConfig(channels=[4, 8, 16], strides=[2, 2], num_res_units=0), 3, 1).eval()
     cfg = Config(data=DataConfig(preset="none", patch_size=[16, 16, 16]), infer=InferConfig(streaming=streaming))
-    return Predictor(method, cfg, {0: "background", 1: "a", 2: "b"}, 1, torch.device("cpu"))
+    return Predictor(method, cfg, {0: "background", 1: "a", 2: "b"}, InferSettings.from_config(cfg.infer, device="cpu"))
 
 
 def test_predictor_streams_large_volumes_with_the_same_labels(tmp_path):
@@ -49,11 +51,11 @@ def test_predictor_streams_large_volumes_with_the_same_labels(tmp_path):
                       affine)
     on, off = _predictor("on"), _predictor("off")
     assert on._streams(torch.zeros(1, 30, 26, 21)) and not off._streams(torch.zeros(1, 30, 26, 21))
-    streamed, _, _ = on.predict_paths([path])
-    full, _, _ = off.predict_paths([path])
+    streamed = on.predict_files([path]).labels.array
+    full = off.predict_files([path]).labels.array
     assert streamed.shape == full.shape == (30, 26, 21)
     np.testing.assert_array_equal(streamed, full)
     auto = _predictor("auto")
     assert not auto._streams(torch.zeros(1, 30, 26, 21))  # 3 x 16k voxels: far below 1 GiB
-    auto.config.infer.streaming_above_gib = 1e-4
-    assert auto._streams(torch.zeros(1, 30, 26, 21))
+    lower = Predictor(auto.method, auto.config, auto.labels, dataclasses.replace(auto.settings, streaming_above_gib=1e-4))
+    assert lower._streams(torch.zeros(1, 30, 26, 21))

@@ -143,11 +143,11 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
     from imgx3d.inference.predictor import Predictor
 
     validated, loaded = [], []
-    real_validate, real_load = Trainer.validate, Predictor.from_checkpoint.__func__
+    real_validate, real_load = Trainer.validate, Predictor.load.__func__
     monkeypatch.setattr(Trainer, "validate", lambda self, cases, labels: validated.append(len(cases))
                         or real_validate(self, cases, labels))
-    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, path, device="auto": loaded.append(device)
-                                                                  or real_load(cls, path, device)))
+    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, path, device="auto": loaded.append(device)
+                                                       or real_load(cls, path, device=device)))
     real_release = Trainer.release
     monkeypatch.setattr(Trainer, "release", lambda self: loaded.append(("released", len(self.optimizers)))
                         or real_release(self))

@@ -6,14 +6,9 @@ from torch.utils.data import DataLoader
 
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import find_cases
+from imgx3d.data.geometry import RAS, grid_map, label_to_model, reorient, to_native
 from imgx3d.data.io import Volume
-from imgx3d.data.transforms import (
-    RAS,
-    PatchBatches,
-    Preprocessor,
-    reorient,
-    train_transforms,
-)
+from imgx3d.data.transforms import PatchBatches, Preprocessor, train_transforms
 
 
 @pytest.mark.parametrize("codes", ["PIR", "LPS", "RAS", "ILA"])
@@ -34,11 +29,11 @@ def test_label_goes_to_model_space_and_back_exactly_without_resampling():
     affine = np.array([[0, 0, -1.5, 0], [-1, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # stored PIR-like
     pre = Preprocessor(DataConfig())
     label = np.random.default_rng(0).integers(0, 3, size=(5, 6, 7))
-    grid = pre.grid_map(_volume(label.shape, affine))
-    model = pre.label_to_model(label, grid)
+    grid = grid_map(_volume(label.shape, affine), pre.cfg)
+    model = label_to_model(label, grid)
     assert tuple(model.shape[1:]) == grid.model_shape == grid.ras_shape
     onehot = torch.nn.functional.one_hot(model[0].long(), 3).permute(3, 0, 1, 2).float()
-    np.testing.assert_array_equal(pre.to_native(onehot, grid).argmax(0).numpy(), label)
+    np.testing.assert_array_equal(to_native(onehot, grid).argmax(0).numpy(), label)
 
 
 def test_resampling_to_target_spacing_round_trips():
@@ -46,11 +41,11 @@ def test_resampling_to_target_spacing_round_trips():
     pre = Preprocessor(DataConfig(spacing=[1.6, 1.6, 1.5]))
     label = np.zeros((40, 40, 10), np.int64)
     label[10:30, 12:28, 3:8] = 1
-    grid = pre.grid_map(_volume(label.shape, affine))
+    grid = grid_map(_volume(label.shape, affine), pre.cfg)
     assert grid.model_shape == (20, 20, 20)
-    model = pre.label_to_model(label, grid)
+    model = label_to_model(label, grid)
     onehot = torch.nn.functional.one_hot(model[0].long(), 2).permute(3, 0, 1, 2).float()
-    back = pre.to_native(onehot, grid).argmax(0).numpy()
+    back = to_native(onehot, grid).argmax(0).numpy()
     assert back.shape == label.shape
     assert (back == label).mean() > 0.98
 

@@ -17,16 +17,16 @@ import io
 import os
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from monai.transforms import MapLabelValue
 
 from imgx3d.config import DataConfig
+from imgx3d.data.labels import file_to_class
 from imgx3d.errors import InputError, resource_error
 from imgx3d.resources import available_host_bytes, gib
 
@@ -40,7 +40,7 @@ COLOR_CHANNELS = {"grey": ["grey"], "green": ["green"], "rgb": ["red", "green", 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Volume:
     """A 3D array with its voxel-to-world (RAS+, mm) affine.
 
@@ -326,7 +326,7 @@ def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "
     if bad:
         raise InputError(f"{path}: contains {bad} NaN or infinite voxels; replace them (e.g. with 0) before use")
     check_affine(volume.affine, path)
-    volume.array = np.ascontiguousarray(array)
+    volume = replace(volume, array=np.ascontiguousarray(array))
     return volume
 
 
@@ -372,24 +372,7 @@ def read_label(path: str | Path, cfg: DataConfig | None = None) -> Volume:
         raise InputError(f"{path}: label map has non-integer values; labels must be whole numbers (0 = background)")
     if array.min() < 0:
         raise InputError(f"{path}: label map has negative values (min {array.min():g}); labels must be >= 0")
-    volume.array = array.astype(np.int64) if cfg is None else file_to_class(array, cfg)
-    return volume
-
-
-def file_to_class(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """File label values → class values: ``data.mask_threshold``, then ``data.label_map``."""
-    values = (array > cfg.mask_threshold).astype(np.int64) if cfg.mask_threshold is not None else array.astype(np.int64)
-    if not cfg.label_map:
-        return values
-    return MapLabelValue(list(cfg.label_map), list(cfg.label_map.values()), dtype=np.int64)(values)
-
-
-def class_to_file(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """Class values → the label files' values (inverse of :func:`file_to_class`; 1 → 255 for thresholded masks)."""
-    out = np.asarray(array, dtype=np.int64)
-    if cfg.label_map:
-        out = MapLabelValue(list(cfg.label_map.values()), list(cfg.label_map), dtype=np.int64)(out)
-    return out * 255 if cfg.mask_threshold is not None else out
+    return replace(volume, array=array.astype(np.int64) if cfg is None else file_to_class(array, cfg))
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -472,8 +455,3 @@ def write_image2d(array: np.ndarray, path: str | Path) -> None:
     dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
     image = Image.fromarray(np.ascontiguousarray(array.astype(dtype)))
     atomic_write(Path(path), lambda tmp: image.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()]))
-
-
-def label_dtype(labels: dict[int, str]) -> type:
-    """The smallest unsigned integer type holding every label value."""
-    return np.uint8 if max(labels) < 256 else np.uint16

@@ -1,16 +1,11 @@
-"""The slice adapter: how 2D methods train on and predict whole 3D volumes.
+"""The slice adapter's training side: how 2D methods train on slices of 3D volumes.
 
-Volumes arrive in model space (RAS, preset-normalised, ``(C, X, Y, Z)``, see
-:class:`~imgx3d.data.transforms.Preprocessor`). A 2D method sees slices along
-``data.slices.axis``, resized in-plane to ``data.slices.size`` with intensities mapped
-per volume to [-1, 1]; its slice predictions are restacked into a model-space volume, which
-the engine maps to the native grid like any 3D prediction. Training draws slices from the
-training volumes (all foreground slices, a ``keep_empty`` fraction of the others);
+Volumes arrive in model space (RAS, preset-normalised, ``(C, X, Y, Z)``). A 2D method sees them
+through the slice view of :mod:`imgx3d.data.geometry` (slices along ``data.slices.axis``,
+resized to ``data.slices.size``, intensities per volume in [-1, 1]); at inference the slice
+window of :mod:`imgx3d.inference.windows` restacks its predictions. Training draws slices from
+the training volumes (all foreground slices, a ``keep_empty`` fraction of the others);
 validation and evaluation stay in 3D.
-
-Resizing back: to a coarser grid (the usual case, the method's slices are larger than the
-native ones) the prediction is sampled at the native pixel centres (``nearest-exact``),
-which makes slice → restack exact for labels; to a finer grid it is interpolated bilinearly.
 """
 
 from __future__ import annotations
@@ -20,60 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from imgx3d.config import SliceConfig
+from imgx3d.data.geometry import resize_slices, to_slice_range, volume_to_slices
 from imgx3d.data.transforms import PatchBatches, draw_indices
 from imgx3d.errors import ConfigError
-
-
-def to_slice_range(image: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
-    """Map each channel of a volume ``(C, ...)`` from its ``percentiles`` to [-1, 1] (clipped)."""
-    out = torch.empty_like(image, dtype=torch.float32)
-    for c in range(image.shape[0]):
-        channel = image[c].float()
-        low, high = np.percentile(channel.cpu().numpy(), list(percentiles))
-        scale = 2.0 / max(float(high - low), 1e-6)
-        out[c] = ((channel - float(low)) * scale - 1.0).clamp(-1.0, 1.0)
-    return out
-
-
-def _resize(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
-    """Resize ``(S, C, H, W)`` slices; ``nearest-exact`` for labels, bilinear for the rest."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode == "nearest-exact":
-        return F.interpolate(x.float(), size=tuple(size), mode=mode).to(x.dtype)
-    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
-    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def volume_to_slices(volume: torch.Tensor, axis: int, size: Sequence[int], label: bool = False) -> torch.Tensor:
-    """``(C, X, Y, Z)`` → ``(S, C, H, W)``: the slices along spatial ``axis``, resized to ``size``."""
-    slices = volume.movedim(axis + 1, 0)
-    return _resize(slices, size, "nearest-exact" if label else "bilinear")
-
-
-def slices_to_volume(slices: torch.Tensor, axis: int, shape: Sequence[int]) -> torch.Tensor:
-    """``(S, K, H, W)`` → ``(K, X, Y, Z)`` of spatial ``shape``: restack and resize back in-plane."""
-    plane = [s for a, s in enumerate(shape) if a != axis]
-    coarser = plane[0] <= slices.shape[-2] and plane[1] <= slices.shape[-1]
-    back = _resize(slices, plane, "nearest-exact" if coarser else "bilinear")
-    return back.movedim(0, axis + 1)
-
-
-def whole_slice(fn, x: torch.Tensor) -> torch.Tensor:
-    """The window of a 2D method: each slice is one window (the adapter already resized it)."""
-    return fn(x)
-
-
-def predict_by_slices(method: Any, image: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
-    """Class probabilities ``(1, K, X, Y, Z)`` of a 2D method for one volume ``(1, C, X, Y, Z)``."""
-    volume = to_slice_range(image[0], cfg.percentiles)
-    slices = volume_to_slices(volume, cfg.axis, cfg.size)
-    outs = [method.predict(slices[i:i + cfg.predict_batch], whole_slice)
-            for i in range(0, slices.shape[0], cfg.predict_batch)]
-    return slices_to_volume(torch.cat(outs), cfg.axis, volume.shape[1:])[None]
 
 
 def slice_spacing(native_grids: Sequence[tuple[Sequence[int], np.ndarray]], model_shapes: Sequence[Sequence[int]],
@@ -158,7 +104,7 @@ class SliceBatches(PatchBatches):
             v, s = self.pool[int(index)]
             image = self.images[v].select(self.cfg.axis + 1, s)[None]
             label = self.labels[v].select(self.cfg.axis + 1, s)[None]
-            image, label = _resize(image, self.cfg.size, "bilinear")[0], _resize(label, self.cfg.size, "nearest-exact")[0]
+            image, label = resize_slices(image, self.cfg.size, "bilinear")[0], resize_slices(label, self.cfg.size, "nearest-exact")[0]
             dims = [d for d in self.flip_dims if rng.random() < 0.5]
             images.append(image.flip(dims) if dims else image)
             labels.append(label.flip(dims) if dims else label)

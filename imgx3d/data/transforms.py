@@ -1,19 +1,14 @@
-"""From files to model-space tensors and back, plus the training patch sampler.
+"""Reading cases into model space for training, augmentation, and the training patch sampler.
 
-Model space = reoriented to RAS (an exact axis permutation/flip, from nibabel's
-orientation tools), cropped to the non-air bounding box when ``data.crop_air`` is set (``dbt`` preset),
-and, if ``data.spacing`` is set, resized to that spacing. The map is recorded in a
-:class:`GridMap` so predictions go back to the exact native grid: resized to the cropped
-shape, padded with background, then un-permuted. We resize by size (MONAI ``Resize``) rather than
-``Spacing``: a size-based resize inverts to exactly the input's shape.
+The native ⇄ model-space map itself lives in :mod:`imgx3d.data.geometry`; this module reads a
+case's files, checks them, and applies it (:class:`Preprocessor`), then draws augmented patches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import (
@@ -25,74 +20,19 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Resize,
     SpatialPad,
     SpatialPadd,
 )
-from monai.transforms.utils import generate_spatial_bounding_box, map_binary_to_indices
+from monai.transforms.utils import map_binary_to_indices
 from torch.utils.data import IterableDataset, get_worker_info
 
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import Case
+from imgx3d.data.geometry import grid_map, image_to_model, label_to_model
 from imgx3d.data.io import Volume, read_grid, read_label, read_volume
-from imgx3d.data.presets import normalize_intensity
 from imgx3d.errors import InputError
 
 AFFINE_TOLERANCE = 1e-3  # mm / direction-cosine tolerance for image-label agreement
-
-
-@dataclass
-class GridMap:
-    """How a native (file-order) grid maps to model space, for the way back.
-
-    Attributes:
-        native_shape: spatial shape of the file.
-        to_ras: nibabel orientation transform from the file's axes to RAS.
-        ras_shape: spatial shape after reorientation.
-        model_shape: spatial shape after cropping and resizing to the target spacing.
-        crop: ``(start, stop)`` per RAS axis of the kept box (None: the whole grid).
-    """
-
-    native_shape: tuple[int, int, int]
-    to_ras: np.ndarray
-    ras_shape: tuple[int, int, int]
-    model_shape: tuple[int, int, int]
-    crop: tuple[tuple[int, int], ...] | None = None
-
-    @property
-    def cropped_shape(self) -> tuple[int, int, int]:
-        """Spatial shape after reorientation and cropping, before resizing."""
-        return tuple(b - a for a, b in self.crop) if self.crop else self.ras_shape
-
-    def cut(self, x: torch.Tensor) -> torch.Tensor:
-        """The crop box of a RAS ``(C, X, Y, Z)`` tensor."""
-        return x[(slice(None), *(slice(a, b) for a, b in self.crop))] if self.crop else x
-
-    def uncut(self, x: torch.Tensor) -> torch.Tensor:
-        """A cropped ``(C, ...)`` map back on the RAS grid; outside the box: background (class 0,
-        or probability 1 of channel 0 for a multi-channel probability map)."""
-        if not self.crop:
-            return x
-        out = x.new_zeros((x.shape[0], *self.ras_shape))
-        if x.shape[0] > 1:
-            out[0] = 1
-        out[(slice(None), *(slice(a, b) for a, b in self.crop))] = x
-        return out
-
-
-def reorient(x: torch.Tensor, transform: np.ndarray) -> torch.Tensor:
-    """Apply a nibabel orientation transform to the spatial axes of a (C, X, Y, Z) tensor.
-
-    Matches ``nibabel.orientations.apply_orientation`` axis for axis (flip, then permute).
-    """
-    for axis, (_, flip) in enumerate(transform):
-        if flip == -1:
-            x = x.flip(axis + 1)
-    source_of = [int(np.flatnonzero(transform[:, 0] == out_axis)[0]) for out_axis in range(3)]
-    return x.permute(0, *(a + 1 for a in source_of)).contiguous()
-
-
-RAS = nib.orientations.axcodes2ornt("RAS")
 
 
 class Preprocessor:
@@ -116,67 +56,13 @@ class Preprocessor:
             )
         if np.all(array == array.reshape(array.shape[0], -1)[:, :1, None, None]):
             raise InputError(f"{paths[0]}: image is constant (every voxel {float(array.flat[0]):g}); the file holds no image")
-        ref.array = array
-        return array, ref
-
-    def grid_map(self, reference: Volume) -> GridMap:
-        """The native ↔ model-space map of a volume's grid."""
-        to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(reference.affine), RAS)
-        native = reference.spatial_shape
-        ras_shape = tuple(int(native[int(np.flatnonzero(to_ras[:, 0] == a)[0])]) for a in range(3))
-        crop = self._air_crop(reference.array, to_ras) if self.cfg.air_crop is not None else None
-        cropped = tuple(b - a for a, b in crop) if crop else ras_shape
-        if self.cfg.spacing is None:
-            model_shape = cropped
-        else:
-            spacing = np.asarray(reference.spacing)
-            ras_spacing = [spacing[int(np.flatnonzero(to_ras[:, 0] == a)[0])] for a in range(3)]
-            model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(cropped, ras_spacing, self.cfg.spacing))
-        return GridMap(native, to_ras, ras_shape, model_shape, crop)
-
-    def _air_crop(self, array: np.ndarray, to_ras: np.ndarray) -> tuple[tuple[int, int], ...] | None:
-        """Bounding box (RAS) of voxels above ``crop_air`` of the intensity range, plus ``crop_margin``
-        (MONAI's ``generate_spatial_bounding_box``); None when nothing rises above it."""
-        image = reorient(torch.from_numpy(np.asarray(array, dtype=np.float32).reshape(-1, *array.shape[-3:])), to_ras)
-        low, high = float(image.min()), float(image.max())
-        threshold = low + self.cfg.air_crop * (high - low)
-        start, end = generate_spatial_bounding_box(image, select_fn=lambda x: x > threshold,
-                                                   margin=self.cfg.crop_margin, allow_smaller=True)
-        if any(e <= s for s, e in zip(start, end)):
-            return None
-        return tuple((int(s), int(e)) for s, e in zip(start, end))
-
-    def image_to_model(self, array: np.ndarray, grid: GridMap) -> torch.Tensor:
-        """(C, X, Y, Z) native image → normalised model-space tensor."""
-        x = grid.cut(reorient(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), grid.to_ras))
-        if grid.model_shape != grid.cropped_shape:
-            x = Resize(grid.model_shape, mode="trilinear")(x)
-            x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        return normalize_intensity(x, self.cfg)
-
-    def label_to_model(self, label: np.ndarray, grid: GridMap) -> torch.Tensor:
-        """(X, Y, Z) native label map → (1, X', Y', Z') model-space label map in the smallest integer
-        dtype that holds its values (uint8 for up to 255 classes: an eighth of int64's memory in the
-        training cache; batches are made int64 where the losses need it)."""
-        y = grid.cut(reorient(torch.from_numpy(label.astype(np.int64))[None], grid.to_ras))
-        if grid.model_shape != grid.cropped_shape:
-            y = Resize(grid.model_shape, mode="nearest-exact")(y.float())
-            y = (y.as_tensor() if hasattr(y, "as_tensor") else y).round().long()
-        return y.to(label_storage_dtype(int(y.max()) if y.numel() else 0))
-
-    def to_native(self, probs: torch.Tensor, grid: GridMap) -> torch.Tensor:
-        """(K, X', Y', Z') model-space probabilities (or, on an unresampled grid, any per-voxel map)
-        → (K, X, Y, Z) on the native grid."""
-        if tuple(probs.shape[1:]) != grid.cropped_shape:  # only probabilities are resampled
-            probs = Resize(grid.cropped_shape, mode="trilinear")(probs.float())
-            probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
-        return reorient(grid.uncut(probs), nib.orientations.ornt_transform(RAS, grid.to_ras))
+        return array, replace(ref, array=array)
 
     def load_case(self, case: Case, labels: dict[int, str], in_channels: int | None = None) -> dict[str, Any]:
         """Read and preprocess a labelled case into model space, validating the label."""
         array, ref = self.read_image(case.images, in_channels)
-        grid = self.grid_map(ref)
-        item: dict[str, Any] = {"case_id": case.case_id, "image": self.image_to_model(array, grid)}
+        grid = grid_map(ref, self.cfg)
+        item: dict[str, Any] = {"case_id": case.case_id, "image": image_to_model(array, grid, self.cfg)}
         if case.label is not None:
             label = read_label(case.label, self.cfg)
             _check_same_grid(ref, label, "label")
@@ -186,7 +72,7 @@ class Preprocessor:
                     f"{case.label}: label values {unknown} are not among the dataset's labels {sorted(labels)}; "
                     "fix the label map or the 'labels' of dataset.json / data.labels"
                 )
-            item["label"] = self.label_to_model(label.array, grid)
+            item["label"] = label_to_model(label.array, grid)
         return item
 
 
@@ -214,11 +100,6 @@ def check_case_grids(cases: list[Case]) -> None:
         shape, affine = read_grid(case.images[0])
         for other, what in [(p, "channel") for p in case.images[1:]] + ([(case.label, "label")] if case.label else []):
             check_grids(case.images[0], shape, affine, other, *read_grid(other), what)
-
-
-def label_storage_dtype(max_value: int) -> torch.dtype:
-    """The smallest integer dtype holding label values up to ``max_value``."""
-    return torch.uint8 if max_value < 256 else torch.int16 if max_value < 2**15 else torch.int32
 
 
 def crop_indices(label: torch.Tensor, patch_size: list[int]) -> dict[str, torch.Tensor]:

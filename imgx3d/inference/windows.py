@@ -1,26 +1,78 @@
-"""Memory-bounded sliding window: the label map of a large volume without its full probability maps.
+"""The windows a method runs through: 3D sliding, 2D slice, and memory-bounded streaming.
 
-MONAI's ``sliding_window_inference`` returns (and so holds) float32 probabilities for every
-class and voxel: 4.4 GB for 14 classes on a 512 x 512 x 300 CT, plus its weight map. For a
-single-pass model whose only output is a label map this is unnecessary, so we keep the same
-windows (MONAI's ``dense_patch_slices`` with its scan interval and padding), the same gaussian
-importance map (``compute_importance_map``), but run them in order of their slab along the
-last axis and hold accumulators only for the slab still being covered. As soon as no later
-window reaches a slice, its blended probabilities are final: it is arg-maxed to class indices
-and its accumulators are dropped. Peak memory is that of a ``roi`` deep slab instead of the
-whole volume. Results equal MONAI's up to the order of floating-point additions (voxels whose
-two best classes tie within rounding; ``scripts/bench_sliding_window.py`` reports the fraction).
+A :class:`~imgx3d.methods.base.Segmenter` predicts through a window the predictor hands it
+(``Window``: ``window(fn, x)`` runs ``fn`` over windows of ``x`` and blends the outputs): a
+U-Net calls it once, a diffusion method once per reverse step.
+
+- :func:`make_window`: MONAI's sliding window with gaussian blending (3D methods).
+- :func:`predict_by_slices`: the slice window of 2D methods (each batch of slices of the slice
+  view is one window; MONAI keeps its ``SliceInferer`` with the other inferers too).
+- :func:`streaming_argmax`: the label map of a single-pass method (a
+  :class:`~imgx3d.methods.base.WindowSegmenter`) without whole-volume probability maps.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers import sliding_window_inference
 
+from imgx3d.config import SliceConfig
+from imgx3d.data.geometry import slices_to_volume, to_slice_range, volume_to_slices
+from imgx3d.methods.base import Segmenter, Window
+
+
+def make_window(settings: Any, patch_size: Sequence[int], sw_device: torch.device | None = None,
+                output_device: torch.device | None = None) -> Window:
+    """The 3D sliding window: MONAI gaussian blending with ``settings``' roi, overlap, batch and blend.
+
+    Args:
+        settings: an :class:`~imgx3d.inference.predictor.InferSettings` (or ``infer:`` config).
+        patch_size: the window when ``settings.roi_size`` is empty (the training patch).
+        sw_device, output_device: where each window runs and where the blended whole-volume
+            output is held (MONAI's ``sw_device`` / ``device``); None: the input's device.
+    """
+    roi = list(settings.roi_size or patch_size)
+
+    def window(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(x, roi, settings.sw_batch_size, fn, overlap=settings.overlap,
+                                        mode=settings.blend, sw_device=sw_device, device=output_device)
+
+    return window
+
+
+def whole_slice(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The window of a 2D method: each batch of slices is one window (the slice view already resized it)."""
+    return fn(x)
+
+
+def predict_by_slices(method: Segmenter, image: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
+    """Class probabilities ``(1, K, X, Y, Z)`` of a 2D method for one model-space volume ``(1, C, X, Y, Z)``:
+    through the slice view of :mod:`imgx3d.data.geometry`, ``cfg.predict_batch`` slices at a time."""
+    volume = to_slice_range(image[0], cfg.percentiles)
+    slices = volume_to_slices(volume, cfg.axis, cfg.size)
+    outs = [method.predict(slices[i:i + cfg.predict_batch], whole_slice)
+            for i in range(0, slices.shape[0], cfg.predict_batch)]
+    return slices_to_volume(torch.cat(outs), cfg.axis, volume.shape[1:])[None]
+
+
+# The memory-bounded sliding window: the label map of a large volume without its full probability maps.
+#
+# MONAI's ``sliding_window_inference`` returns (and so holds) float32 probabilities for every
+# class and voxel: 4.4 GB for 14 classes on a 512 x 512 x 300 CT, plus its weight map. For a
+# single-pass model whose only output is a label map this is unnecessary, so we keep the same
+# windows (MONAI's ``dense_patch_slices`` with its scan interval and padding), the same gaussian
+# importance map (``compute_importance_map``), but run them in order of their slab along the
+# last axis and hold accumulators only for the slab still being covered. As soon as no later
+# window reaches a slice, its blended probabilities are final: it is arg-maxed to class indices
+# and its accumulators are dropped. Peak memory is that of a ``roi`` deep slab instead of the
+# whole volume. Results equal MONAI's up to the order of floating-point additions (voxels whose
+# two best classes tie within rounding; ``scripts/bench_sliding_window.py`` reports the fraction).
 FINALIZE_SLICES = 8  # slices arg-maxed per step: bounds the temporaries
 
 

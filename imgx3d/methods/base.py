@@ -1,85 +1,202 @@
-"""The one seam between the engine and a method, and the registry of methods by name.
+"""The seams between the workflow stages and a method: ``Method`` and its ``TrainingPlan`` for
+training, the roles a trained run may have (``Segmenter``, ``Generator``, ``Codec``, ...), and
+the registry of methods by name.
 
-A method is an ``nn.Module`` that owns its networks and losses. The trainer, the CLI,
-inference and tracking call only this interface, so adding a method touches no other
-file but its own module and its configs.
+A method is an ``nn.Module`` that owns its networks and losses. The trainer, the predictor,
+synthesis and tracking use only these interfaces, so adding a method touches no other file but
+its own module and its configs.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, ClassVar, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from imgx3d.config import from_dict
+from imgx3d.config import MethodConfig, SliceConfig, method_config
 from imgx3d.errors import CheckpointError, ConfigError
 
-# window(fn, x): run fn over sliding windows of x (B, C, X, Y, Z) and blend the outputs.
-Windowed = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+# window(fn, x): run fn over windows of x and blend the outputs (3D: sliding windows of a
+# (B, C, X, Y, Z) volume; 2D: each batch of slices is one window). Built by imgx3d.inference.windows.
+Window = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
 METHODS: dict[str, type["Method"]] = {}
 # Modules that register methods; imported lazily so `imgx3d --help` stays fast.
 METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx", "imgx3d.methods.vae", "imgx3d.methods.sdseg",
                   "imgx3d.methods.pig", "imgx3d.methods.darl", "imgx3d.methods.siamese")
+CODEC_GROUP = "codec"  # the parameter group of a latent codec trained in the first stage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of training in which one parameter group learns.
+
+    Attributes:
+        group: the parameter group trained (``loss/<group>``); ``""``: every group the method returns losses for.
+        steps: how many steps it lasts; None: to the end of training.
+        lr_scale: multiplier of ``train.lr`` for its group.
+    """
+
+    group: str = ""
+    steps: int | None = None
+    lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What the trainer needs to know about a method, declared once instead of flags.
+
+    Attributes:
+        stages: consecutive stages (one by default: every group, every step).
+        keep: ``best`` (``best.pt`` = the best validation ``val/dice_mean``) or ``latest`` (generators:
+            the latest validated weights; their validation score is a diagnostic, not a selector).
+        uses_labels: False (self-supervised): training never reads label files.
+        idle_parameters: True when some trainable weights sit out a step within a stage (a dropped
+            condition, a late loss term): DDP must search for unused parameters.
+    """
+
+    stages: tuple[Stage, ...] = (Stage(),)
+    keep: Literal["best", "latest"] = "best"
+    uses_labels: bool = True
+    idle_parameters: bool = False
+
+    def stage_at(self, step: int) -> tuple[Stage, int]:
+        """The stage training step ``step`` falls in, and the step counted from that stage's start."""
+        start = 0
+        for stage in self.stages[:-1]:
+            if step < start + (stage.steps or 0):
+                return stage, step - start
+            start += stage.steps or 0
+        return self.stages[-1], step - start  # the last stage runs on
+
+    def lr_scale(self, group: str) -> float:
+        """The LR multiplier of ``group`` (the stage that trains it; 1 otherwise)."""
+        return next((stage.lr_scale for stage in self.stages if stage.group == group), 1.0)
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """Whether DDP must look for weights that took no part in a step (staged or sparse training)."""
+        return self.idle_parameters or len(self.stages) > 1
+
+
+def codec_first(train_codec: bool, codec_steps: int, lr_scale: float, *stages: Stage) -> tuple[Stage, ...]:
+    """The shared "train the codec first, then freeze it" stage in front of a method's own stages
+    (nothing in front when the codec comes pretrained)."""
+    return ((Stage(CODEC_GROUP, codec_steps, lr_scale),) if train_codec else ()) + stages
 
 
 class Method(nn.Module):
-    """Base class of every segmentation method.
+    """What the trainer needs of a method, and nothing else.
 
-    Subclasses set ``name``, ``spatial_dims`` and a ``Config`` dataclass of their
-    hyperparameters (the ``method:`` section of a config file, less ``name``).
+    Subclasses set ``name``, ``spatial_dims`` and ``Config`` (their :class:`MethodConfig`
+    dataclass, the ``method:`` section of a config file), declare a :class:`TrainingPlan` (a
+    class attribute, or ``self.plan`` when it depends on the config) and implement
+    ``training_step``. What a trained run can do is a role it implements: :class:`Segmenter`,
+    :class:`Generator`, :class:`Codec` (and :class:`WindowSegmenter`, :class:`SelfValidating`,
+    :class:`FeatureExtractor`); the stages check roles with ``isinstance``, never names or flags.
     """
 
     name: ClassVar[str]
     spatial_dims: int  # 3: volumetric; 2: runs per slice (a method may set it per instance, e.g. unet)
-    segments: ClassVar[bool] = True  # False: not a segmenter (a codec); no test-split prediction
-    uses_labels: ClassVar[bool] = True  # False (self-supervised): training never reads label files
-    keeps_latest: ClassVar[bool] = False  # True (generators): best.pt is the latest validated weights
-    ddp_unused_parameters: ClassVar[bool] = False  # True: some trainable weights sit out a step (staged training)
-    Config: ClassVar[type]
+    Config: ClassVar[type[MethodConfig]]
+    plan: TrainingPlan = TrainingPlan()
 
     def __init__(self, cfg: Any, num_classes: int, in_channels: int):
         super().__init__()
         self.cfg, self.num_classes, self.in_channels = cfg, num_classes, in_channels
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per optimiser; ``training_step`` returns ``loss/<group>`` for each."""
+        """Parameters per optimiser; ``training_step`` returns ``loss/<group>`` for each group it trains."""
         return {"model": [p for p in self.parameters() if p.requires_grad]}
 
-    def lr_scale(self, group: str) -> float:
-        """Multiplier of ``train.lr`` for a parameter group (1 unless a method says otherwise)."""
-        return 1.0
-
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """Losses (``loss/<group>``) and other scalars for one batch of patches."""
-        raise NotImplementedError
+        """Losses (``loss/<group>``) and other scalars for one batch of patches (or slices)."""
+        raise NotImplementedError(f"{type(self).__name__} must define training_step")
 
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
-        """Class probabilities (B, K, ...) for whole images (B, C, ...), same spatial size."""
-        raise NotImplementedError
+    def codec_group(self, codec: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """``{"codec": its parameters}`` when the plan trains the codec first, else nothing (it is frozen)."""
+        trains = any(stage.group == CODEC_GROUP for stage in self.plan.stages)
+        return {CODEC_GROUP: list(codec.parameters())} if trains else {}
 
-    def window_probabilities(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """For a method whose prediction is one sliding-window pass of a network: the per-window
-        class probabilities, which lets the engine stream large volumes (None otherwise)."""
+    def codec_stage(self, codec: Any, step: int, codec_input: Callable[[], torch.Tensor],
+                    kl_weight: float) -> dict[str, torch.Tensor] | None:
+        """The shared codec-first stage (see :func:`codec_first`): while the plan is in it, the codec's
+        own loss on ``codec_input()``; after it (or with a pretrained codec), the codec frozen and None."""
+        if self.plan.stage_at(step)[0].group == CODEC_GROUP:
+            return {f"loss/{CODEC_GROUP}": codec.training_loss(codec_input(), kl_weight)}
+        codec.requires_grad_(False)
         return None
 
-    def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],
-                           slices: Any = None) -> dict[str, float] | None:
-        """Validation of a method that does not segment (a codec): its own ``val/...`` metrics,
-        with ``val/dice_mean`` the score that picks the best checkpoint. None (segmenters):
-        the engine validates whole-volume predictions. ``slices``: the data's ``SliceConfig``."""
-        return None
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """A method whose run predicts label maps (``imgx3d predict``, test-split scoring): unet, imgx, sdseg, darl."""
+
+    def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
+        """Class probabilities ``(B, K, ...)`` for whole images ``(B, C, ...)`` of the same spatial size."""
 
 
+@runtime_checkable
+class WindowSegmenter(Segmenter, Protocol):
+    """A segmenter whose prediction is one network pass per window (the U-Net): the streaming window
+    blends its per-window probabilities slab by slab, without whole-volume maps."""
+
+    def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of one batch of windows."""
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How ``imgx3d synth`` asks a generator for pairs.
+
+    Attributes:
+        seed: pair ``i`` depends only on ``(seed, i)`` (and its mask).
+        steps: sampling steps; None: the method's ``sample_steps``.
+    """
+
+    seed: int = 0
+    steps: int | None = None
+
+
+@runtime_checkable
 class Generator(Protocol):
-    """Methods that also synthesise image/mask pairs (``imgx3d synth``)."""
+    """A method whose run synthesises image/mask pairs (``imgx3d synth``): pig, siamese."""
 
     def generate(self, indices: list[int], size: list[int], masks: torch.Tensor | None = None,
-                 steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generated (images ``(B, C, H, W)`` in [-1, 1], labels ``(B, 1, H, W)``); pair ``i`` depends
-        only on the method's seed and ``i`` (and, for mask-conditioned generators, its mask)."""
+                 settings: GenerateSettings = GenerateSettings()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated (images ``(B, C, H, W)`` in [-1, 1], labels ``(B, 1, H, W)``) for pairs ``indices``."""
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """A method whose run is a latent codec other runs take as ``method.codec.path``: vae."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of ``(B, 3, H, W)`` images in [-1, 1]."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents."""
+
+
+@runtime_checkable
+class SelfValidating(Protocol):
+    """A method that validates itself (a codec, a generator) instead of by whole-volume segmentation."""
+
+    def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],
+                           slices: SliceConfig) -> dict[str, float]:
+        """Its ``val/...`` metrics on model-space cases (``val/dice_mean`` picks ``best.pt`` when kept "best")."""
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """A trained 2D segmenter whose pooled features measure generated slices (``synthesis.quality``)."""
+
+    def features(self, slices: torch.Tensor) -> torch.Tensor:
+        """``(N, F)`` features of ``(N, C, H, W)`` slices."""
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -97,11 +214,12 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build_method(method_cfg: dict[str, Any], num_classes: int, in_channels: int) -> Method:
-    """Instantiate the method named in ``method_cfg`` with its validated config."""
-    cls = method_class(method_cfg["name"])
-    params = {k: v for k, v in method_cfg.items() if k != "name"}
-    return cls(from_dict(cls.Config, params, prefix="method"), num_classes, in_channels)
+def build_method(method_cfg: MethodConfig | Mapping[str, Any], num_classes: int, in_channels: int) -> Method:
+    """Instantiate the method ``method_cfg`` names: a method's config dataclass, or a ``method:``
+    mapping (checked and completed with the defaults first)."""
+    if not isinstance(method_cfg, MethodConfig):
+        method_cfg = method_config(dict(method_cfg))
+    return method_class(method_cfg.name)(method_cfg, num_classes, in_channels)
 
 
 def load_method_state(method: Method, state: dict[str, torch.Tensor], source: str) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,17 +34,18 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
+from imgx3d.config import MethodConfig
 from imgx3d.data.io import IMAGE_SUFFIXES, read_volume
-from imgx3d.data.slices import to_slice_range, volume_to_slices
+from imgx3d.data.geometry import to_slice_range, volume_to_slices
 from imgx3d.data.vessels import fractal_vessels, remove_vessels
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError, InputError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.methods.base import Method, TrainingPlan, Window, register
 from imgx3d.nets.spade_generator import SwitchableSPADEGenerator
 
 
 @dataclass
-class DARLConfig:
+class DARLConfig(MethodConfig):
     """Hyperparameters of the ``darl`` method.
 
     Attributes:
@@ -65,6 +66,7 @@ class DARLConfig:
         seed: seed of the fractal bank.
     """
 
+    name: str = "darl"
     diffusion_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     diffusion_attention: list[bool] = field(default_factory=lambda: [False, False, False])
     num_res_blocks: int = 1
@@ -82,7 +84,7 @@ class DARLConfig:
     adv_weight: float = 0.2
     cycle_weight: float = 5.0
     pool_size: int = 50
-    background: str = "closing"
+    background: Literal["closing", "folder"] = "closing"
     background_dir: str = ""
     closing_window: int = 15
     dark_vessels: bool = True
@@ -150,7 +152,7 @@ class DARLMethod(Method):
 
     name = "darl"
     spatial_dims = 2
-    uses_labels = False
+    plan = TrainingPlan(uses_labels=False)  # self-supervised: training never reads label files
     Config = DARLConfig
 
     def __init__(self, cfg: DARLConfig, num_classes: int, in_channels: int):
@@ -159,8 +161,6 @@ class DARLMethod(Method):
             raise ConfigError(f"method 'darl' segments vessels vs background (2 classes), the data has {num_classes}")
         if in_channels != 1:
             raise ConfigError("method 'darl' works on one channel; set data.color: green (fundus) or grey")
-        if cfg.background not in ("closing", "folder"):
-            raise ConfigError(f"config key 'method.background' must be closing or folder, got '{cfg.background}'")
         if cfg.background == "folder" and not cfg.background_dir:
             raise ConfigError("method.background: folder needs method.background_dir (vessel-free images)")
         if len(cfg.diffusion_attention) != len(cfg.diffusion_channels):
@@ -250,7 +250,7 @@ class DARLMethod(Method):
         t = torch.zeros(slices.shape[0], dtype=torch.long, device=slices.device)
         return self.generator(torch.cat([slices, self.eps_theta(slices, t)], 1), None)
 
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
+    def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
         even = image.shape[-2] % 2 == 0 and image.shape[-1] % 2 == 0
         if self.cfg.polyphase and even:
             vessel = polyphase_merge([self.segment(part) for part in polyphase_split(image)])

@@ -20,20 +20,22 @@ all windows share one noisy mask per step; the initial noise is drawn once per v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceFocalLoss
 
+from imgx3d.config import MethodConfig
 from imgx3d.diffusion.sampler import sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.methods.base import Method, Window, register
 from imgx3d.nets.diffusion_unet import build_time_unet
 
 
 @dataclass
-class ImgXConfig:
+class ImgXConfig(MethodConfig):
     """Hyperparameters of the ``imgx`` method.
 
     Attributes:
@@ -55,7 +57,8 @@ class ImgXConfig:
         seed: seed of the inference noise.
     """
 
-    backbone: str = "unet"
+    name: str = "imgx"
+    backbone: Literal["unet", "diffusion_unet"] = "unet"
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 2
@@ -64,16 +67,16 @@ class ImgXConfig:
     attention_levels: list[bool] = field(default_factory=list)
     norm_num_groups: int = 16
     num_head_channels: int = 16
-    beta_schedule: str = "linear"
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     base_steps: int = 1001
     beta_start: float = 1e-4
     beta_end: float = 0.02
     train_steps: int = 5
     infer_steps: int = 5
-    recycling: str = "max"
-    prediction: str = "x0"
-    loss: str = "dice_ce"
-    sampler: str = "ddpm"
+    recycling: Literal["max", "next", "none"] = "max"
+    prediction: Literal["x0", "eps"] = "x0"
+    loss: Literal["dice_ce", "dice_focal"] = "dice_ce"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
     ddim_eta: float = 0.0
     num_samples: int = 1
     seed: int = 0
@@ -89,12 +92,6 @@ class ImgXDiffSeg(Method):
 
     def __init__(self, cfg: ImgXConfig, num_classes: int, in_channels: int):
         super().__init__(cfg, num_classes, in_channels)
-        for key, value, allowed in (("recycling", cfg.recycling, ("max", "next", "none")),
-                                    ("prediction", cfg.prediction, ("x0", "eps")),
-                                    ("loss", cfg.loss, ("dice_ce", "dice_focal")),
-                                    ("sampler", cfg.sampler, ("ddpm", "ddim"))):
-            if value not in allowed:
-                raise ConfigError(f"config key 'method.{key}' must be one of {', '.join(allowed)}, got '{value}'")
         if cfg.num_samples < 1:
             raise ConfigError("config key 'method.num_samples' must be >= 1")
         self.net = build_time_unet(cfg.backbone, 3, in_channels + num_classes, num_classes, cfg.channels, cfg.strides,
@@ -150,7 +147,7 @@ class ImgXDiffSeg(Method):
             loss = F.mse_loss(out.float(), noise)
         return {"loss/model": loss}
 
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
+    def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
         """K reverse steps over the whole volume; returns class probabilities (or vote fractions)."""
         schedule, n_image = self.infer_schedule, image.shape[1]
         shape = (image.shape[0], self.num_classes, *image.shape[2:])

@@ -30,7 +30,7 @@ guide's 5×5 mean pool shrinks with the grid (5 / f, odd, at least 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,19 +38,26 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from imgx3d.config import SliceConfig
+from imgx3d.config import MethodConfig, SliceConfig
 from imgx3d.data.slices import foreground_slices
 from imgx3d.diffusion.sampler import ddim_sample, ddim_step, ddim_timesteps
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.methods.base import (
+    GenerateSettings,
+    Method,
+    Stage,
+    TrainingPlan,
+    codec_first,
+    register,
+)
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
 
 VAL_SLICES = 32  # foreground validation slices scored per validation (fixed, deterministic)
 
 
 @dataclass
-class PIGConfig:
+class PIGConfig(MethodConfig):
     """Hyperparameters of the ``pig`` method.
 
     Attributes:
@@ -65,6 +72,7 @@ class PIGConfig:
         codec, codec_steps, codec_lr_scale: the codec of ``latent`` space (as for sdseg).
     """
 
+    name: str = "pig"
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = 2
@@ -77,7 +85,7 @@ class PIGConfig:
     sample_steps: int = 256
     val_steps: int = 20
     seed: int = 0
-    space: str = "pixel"
+    space: Literal["pixel", "latent"] = "pixel"
     codec: CodecConfig = field(default_factory=CodecConfig)
     codec_steps: int = 2000
     codec_lr_scale: float = 1.0
@@ -163,9 +171,6 @@ class PIGMethod(Method):
 
     name = "pig"
     spatial_dims = 2
-    segments = False
-    keeps_latest = True
-    ddp_unused_parameters = True  # one denoiser trains per stage
     Config = PIGConfig
 
     def __init__(self, cfg: PIGConfig, num_classes: int, in_channels: int):
@@ -174,12 +179,13 @@ class PIGMethod(Method):
             raise ConfigError("config key 'method.attention_levels' needs one entry per level of method.channels")
         if any(c % cfg.norm_groups for c in cfg.channels):
             raise ConfigError(f"config key 'method.norm_groups' ({cfg.norm_groups}) must divide every method.channels")
-        if cfg.space not in ("pixel", "latent"):
-            raise ConfigError(f"config key 'method.space' must be pixel or latent, got '{cfg.space}'")
         self.mask_channels = num_classes - 1
         self.space = PixelSpace(in_channels) if cfg.space == "pixel" else LatentSpace(cfg, in_channels)
         self.train_codec_first = cfg.space == "latent" and not cfg.codec.path
-        self.stage1_end = (cfg.codec_steps if self.train_codec_first else 0) + cfg.stage1_steps
+        # stage 1 trains model_x (the mask), stage 2 model_y (the image) guided by the frozen model_x;
+        # a generator: best.pt is the latest validated weights
+        self.plan = TrainingPlan(codec_first(self.train_codec_first, cfg.codec_steps, cfg.codec_lr_scale,
+                                             Stage("model_x", cfg.stage1_steps), Stage("model_y")), keep="latest")
         self.guide_pool = max(1, (5 // self.space.factor) // 2 * 2 + 1)
         image_channels = self.space.image_channels
 
@@ -194,13 +200,8 @@ class PIGMethod(Method):
         self.schedule: DiffusionSchedule = make_schedule("linear", cfg.base_steps, cfg.beta_start, cfg.beta_end)
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        groups = {"model_x": list(self.model_x.parameters()), "model_y": list(self.model_y.parameters())}
-        if self.train_codec_first:
-            groups["codec"] = list(self.space.codec.parameters())
-        return groups
-
-    def lr_scale(self, group: str) -> float:
-        return self.cfg.codec_lr_scale if group == "codec" else 1.0
+        codec = self.codec_group(self.space.codec) if self.cfg.space == "latent" else {}
+        return {"model_x": list(self.model_x.parameters()), "model_y": list(self.model_y.parameters()), **codec}
 
     # -- the two denoisers -----------------------------------------------------------------
     def _x0_of_mask(self, x_t: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -211,15 +212,16 @@ class PIGMethod(Method):
         return y0_hat.clamp(-1, 1) if self.space.clip else y0_hat
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        if self.train_codec_first and step < self.cfg.codec_steps:
-            return {"loss/codec": self.space.codec.training_loss(to_rgb(batch["image"]), self.cfg.codec.kl_weight)}
         if self.cfg.space == "latent":
-            self.space.codec.requires_grad_(False)  # frozen from here on
+            codec_loss = self.codec_stage(self.space.codec, step, lambda: to_rgb(batch["image"]),
+                                          self.cfg.codec.kl_weight)
+            if codec_loss is not None:
+                return codec_loss
         y0, x0 = self.space.encode(batch["image"], masks_to_channels(batch["label"], self.num_classes))
         t = antithetic_timesteps(y0.shape[0], self.schedule.num_steps, y0.device)
         noise_x, noise_y = torch.randn_like(x0), torch.randn_like(y0)
         x_t, y_t = self.schedule.q_sample(x0, t, noise_x).float(), self.schedule.q_sample(y0, t, noise_y).float()
-        if step < self.stage1_end:
+        if self.plan.stage_at(step)[0].group == "model_x":
             eps_x = self.model_x(torch.cat([x_t, y_t], 1), t)
             return {"loss/model_x": F.mse_loss(eps_x.float(), noise_x)}
         with torch.no_grad():  # stage 2: the clean mask estimate of the frozen model_x guides the image
@@ -246,33 +248,30 @@ class PIGMethod(Method):
                 progress()
         return self.space.decode(y, x)
 
-    def initial_noise(self, index: int, size: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_noise(self, index: int, size: list[int], device: torch.device,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_T, y_T)`` of generated pair ``index``: a function of (seed, index) only, so any
         batching (and a resumed synthesis) generates the same pair."""
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, index]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
         grid = [s // self.space.factor for s in size]
         x = torch.randn(1, self.mask_channels, *grid, generator=g)
         y = torch.randn(1, self.space.image_channels, *grid, generator=g)
         return x.to(device), y.to(device)
 
     def generate(self, indices: list[int], size: list[int], masks: torch.Tensor | None = None,
-                 steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pairs ``indices`` of the seed (images in [-1, 1], labels) of in-plane ``size``."""
+                 settings: GenerateSettings = GenerateSettings()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs ``indices`` of ``settings.seed`` (images in [-1, 1], labels) of in-plane ``size``."""
         if masks is not None:
             raise ConfigError("method 'pig' generates masks itself; it takes no --masks")
         device = next(self.parameters()).device
-        noise = [self.initial_noise(i, size, device) for i in indices]
-        return self.sample_from_noise(torch.cat([x for x, _ in noise]), torch.cat([y for _, y in noise]), steps)
+        noise = [self.initial_noise(i, size, device, settings.seed) for i in indices]
+        return self.sample_from_noise(torch.cat([x for x, _ in noise]), torch.cat([y for _, y in noise]),
+                                      settings.steps)
 
     def sample(self, n: int | None = None, masks: torch.Tensor | None = None,
                size: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` generated (images, labels) of in-plane ``size`` (pairs 0 … n − 1 of the seed)."""
-        return self.generate(list(range(n or 1)), list(size or [64, 64]), masks)
-
-    # -- the Method interface --------------------------------------------------------------
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
-        raise ConfigError("method 'pig' generates image/mask pairs: use 'imgx3d synth --run RUN', then train a "
-                          "segmenter with data.extra")
+        """``n`` generated (images, labels) of in-plane ``size`` (pairs 0 … n − 1 of ``method.seed``)."""
+        return self.generate(list(range(n or 1)), list(size or [64, 64]), masks, GenerateSettings(self.cfg.seed))
 
     @torch.no_grad()
     def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],

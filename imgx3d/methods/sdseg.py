@@ -24,16 +24,25 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
+from imgx3d.config import MethodConfig
 from imgx3d.diffusion.sampler import ddim_sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import CheckpointError, ConfigError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.methods.base import (
+    Method,
+    Stage,
+    TrainingPlan,
+    Window,
+    codec_first,
+    register,
+)
 from imgx3d.methods.vae import random_class_masks
 from imgx3d.nets.latent_codec import (
     CodecConfig,
@@ -45,7 +54,7 @@ from imgx3d.nets.latent_codec import (
 
 
 @dataclass
-class SDSegConfig:
+class SDSegConfig(MethodConfig):
     """Hyperparameters of the ``sdseg`` method (defaults: the authors' code, sized for CPU).
 
     Attributes:
@@ -64,6 +73,7 @@ class SDSegConfig:
             with this architecture; input channels it lacks are zero-initialised.
     """
 
+    name: str = "sdseg"
     codec: CodecConfig = field(default_factory=CodecConfig)
     codec_steps: int = 2000
     codec_lr_scale: float = 1.0
@@ -72,7 +82,7 @@ class SDSegConfig:
     num_res_blocks: int = 2
     norm_groups: int = 32
     num_head_channels: int = 32
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
     base_steps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0155
@@ -152,7 +162,7 @@ class SDSeg(Method):
             raise ConfigError(f"config key 'method.infer_steps' must be in 1 … {cfg.base_steps}")
         self.codec = LatentCodec.build(cfg.codec)
         self.train_codec_first = not cfg.codec.path
-        self.ddp_unused_parameters = self.train_codec_first  # the codec trains first, the rest sits out
+        self.plan = TrainingPlan(codec_first(self.train_codec_first, cfg.codec_steps, cfg.codec_lr_scale, Stage("model")))
         self.tau = VisionEncoder(self.codec)
         latent = self.codec.vae.config.latent_channels
         if any(c % cfg.norm_groups for c in cfg.channels):
@@ -172,13 +182,7 @@ class SDSeg(Method):
         self.codec.requires_grad_(self.train_codec_first)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups = {"model": [*self.tau.parameters(), *self.denoiser.parameters()]}
-        if self.train_codec_first:
-            groups["codec"] = list(self.codec.parameters())
-        return groups
-
-    def lr_scale(self, group: str) -> float:
-        return self.cfg.codec_lr_scale if group == "codec" else 1.0
+        return {"model": [*self.tau.parameters(), *self.denoiser.parameters()], **self.codec_group(self.codec)}
 
     # -- pieces --------------------------------------------------------------------------
     def _eps(self, z_t: torch.Tensor, z_c: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -198,12 +202,11 @@ class SDSeg(Method):
         self.codec.check_fits(image)
         classes, masks = random_class_masks(label, self.num_classes)
         masks = mask_to_rgb(masks)
-        if self.train_codec_first and step < self.cfg.codec_steps:
-            loss = self.codec.training_loss(torch.cat([image, masks]), self.cfg.codec.kl_weight)
-            return {"loss/codec": loss}
-        if self.train_codec_first and step == self.cfg.codec_steps:
+        codec_loss = self.codec_stage(self.codec, step, lambda: torch.cat([image, masks]), self.cfg.codec.kl_weight)
+        if codec_loss is not None:
+            return codec_loss
+        if self.train_codec_first and self.plan.stage_at(step)[1] == 0:  # the codec is trained: tau starts from it
             self.tau.copy_from(self.codec)
-        self.codec.requires_grad_(False)
         self.codec.fit_scale(masks)
         with torch.no_grad():
             z0 = self.codec.encode(masks)
@@ -216,7 +219,7 @@ class SDSeg(Method):
         loss = F.l1_loss(eps_hat.float(), noise) + self.cfg.latent_weight * F.l1_loss(z0_hat, z0)
         return {"loss/model": loss}
 
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
+    def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
         """Class probabilities ``(B, K, H, W)`` of slices ``(B, C, H, W)`` in [-1, 1]."""
         image = to_rgb(image)
         self.codec.check_fits(image)

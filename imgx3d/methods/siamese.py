@@ -27,19 +27,26 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgx3d.config import SliceConfig
+from imgx3d.config import MethodConfig, SliceConfig
 from imgx3d.data.slices import foreground_slices
 from imgx3d.diffusion.sampler import ddim_sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import CheckpointError, ConfigError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.methods.base import (
+    GenerateSettings,
+    Method,
+    Stage,
+    TrainingPlan,
+    codec_first,
+    register,
+)
 from imgx3d.methods.pig import masks_to_channels
 from imgx3d.nets.dense_hint import DenseHintEncoder
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
@@ -48,7 +55,7 @@ VAL_SLICES = 32  # foreground validation slices scored per validation
 
 
 @dataclass
-class SiameseConfig:
+class SiameseConfig(MethodConfig):
     """Hyperparameters of the ``siamese`` method.
 
     Attributes:
@@ -69,6 +76,7 @@ class SiameseConfig:
         seed: sampling noise seed (per generated image).
     """
 
+    name: str = "siamese"
     codec: CodecConfig = field(default_factory=CodecConfig)
     codec_steps: int = 2000
     codec_lr_scale: float = 1.0
@@ -79,7 +87,7 @@ class SiameseConfig:
     attention_head_dim: int = 8
     context_dim: int = 64
     hint_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
     base_steps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -111,9 +119,6 @@ class SiameseDiffusion(Method):
 
     name = "siamese"
     spatial_dims = 2
-    segments = False
-    keeps_latest = True
-    ddp_unused_parameters = True  # the codec trains first; online augmentation comes later
     Config = SiameseConfig
 
     def __init__(self, cfg: SiameseConfig, num_classes: int, in_channels: int):
@@ -133,6 +138,10 @@ class SiameseDiffusion(Method):
             self.codec = LatentCodec.build(cfg.codec)
             self.unet = _small_unet(cfg, self.codec.vae.config.latent_channels)
         self.train_codec_first = not (cfg.sd_path or cfg.codec.path)
+        # a generator: best.pt is the latest validated weights; a dropped condition or the late
+        # online term leaves some weights out of a step
+        self.plan = TrainingPlan(codec_first(self.train_codec_first, cfg.codec_steps, cfg.codec_lr_scale, Stage("model")),
+                                 keep="latest", idle_parameters=True)
         self.codec.requires_grad_(self.train_codec_first)
         width, factor = self.unet.config.block_out_channels[0], self.codec.factor
         self.control_mask = ControlNetModel.from_unet(self.unet)
@@ -147,13 +156,8 @@ class SiameseDiffusion(Method):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         codec = set(map(id, self.codec.parameters()))
-        groups = {"model": [p for p in self.parameters() if id(p) not in codec and p.requires_grad]}
-        if self.train_codec_first:
-            groups["codec"] = list(self.codec.parameters())
-        return groups
-
-    def lr_scale(self, group: str) -> float:
-        return self.cfg.codec_lr_scale if group == "codec" else 1.0
+        return {"model": [p for p in self.parameters() if id(p) not in codec and p.requires_grad],
+                **self.codec_group(self.codec)}
 
     # -- pieces ----------------------------------------------------------------------------
     def _eps(self, control: nn.Module, z_t: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
@@ -171,9 +175,10 @@ class SiameseDiffusion(Method):
         return min(1.0, max(step, 0) / max(self.cfg.ramp_steps, 1))
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        if self.train_codec_first and step < self.cfg.codec_steps:
-            return {"loss/codec": self.codec.training_loss(to_rgb(batch["image"]), self.cfg.codec.kl_weight)}
-        k = step - (self.cfg.codec_steps if self.train_codec_first else 0)
+        codec_loss = self.codec_stage(self.codec, step, lambda: to_rgb(batch["image"]), self.cfg.codec.kl_weight)
+        if codec_loss is not None:
+            return codec_loss
+        k = self.plan.stage_at(step)[1]  # steps of the diffusion stage
         terms = self.losses(batch, k)
         loss = terms["mask"] + terms["image"] + self.cfg.consistency_weight * terms["consistency"]
         loss = loss + terms.get("online", 0.0)
@@ -209,22 +214,22 @@ class SiameseDiffusion(Method):
         return terms
 
     # -- generation ------------------------------------------------------------------------
-    def initial_noise(self, index: int, size: list[int], device: torch.device) -> torch.Tensor:
+    def initial_noise(self, index: int, size: list[int], device: torch.device, seed: int) -> torch.Tensor:
         """``z_T`` of generated image ``index``: a function of (seed, index) only."""
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, index]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
         grid = [s // self.codec.factor for s in size]
         return torch.randn(1, self.codec.vae.config.latent_channels, *grid, generator=g).to(device)
 
     @torch.no_grad()
-    def generate(self, indices: list[int], size: list[int], masks: torch.Tensor | None,
-                 steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, indices: list[int], size: list[int], masks: torch.Tensor | None = None,
+                 settings: GenerateSettings = GenerateSettings()) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``(B, C, H, W)`` in [-1, 1] for label masks ``(B, 1, H, W)``: the mask branch, DDIM
         (eta 0); with ``guidance`` != 1, classifier-free guidance against the null control."""
         if masks is None:
             raise ConfigError("method 'siamese' draws images for given masks: pass --masks DIR to imgx3d synth")
         device = next(self.parameters()).device
         masks = masks.to(device)
-        z = torch.cat([self.initial_noise(i, size, device) for i in indices])
+        z = torch.cat([self.initial_noise(i, size, device, settings.seed) for i in indices])
         c_m = self.mask_control(masks_to_channels(masks, self.num_classes))
         c_null = self.null_control.expand_as(c_m)
 
@@ -235,7 +240,7 @@ class SiameseDiffusion(Method):
                 eps = eps_u + self.cfg.guidance * (eps - eps_u)
             return self.schedule.x0_from_eps(z_t, t, eps)
 
-        z = ddim_sample(self.schedule, z, predict_x0, steps or self.cfg.sample_steps)
+        z = ddim_sample(self.schedule, z, predict_x0, settings.steps or self.cfg.sample_steps)
         return from_rgb(self.codec.decode(z).clamp(-1, 1), self.in_channels), masks.long()
 
     @torch.no_grad()
@@ -258,8 +263,3 @@ class SiameseDiffusion(Method):
         eps_mix = self._eps(self.control_image, z_t, t, c_m + self.hint_image(rgb))
         return {"val/mask_branch_mse": float(F.mse_loss(eps_m, noise)),
                 "val/image_branch_mse": float(F.mse_loss(eps_mix, noise))}
-
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
-        raise ConfigError("method 'siamese' synthesises images from masks: use 'imgx3d synth --run RUN --masks DIR', "
-                          "then train a segmenter with data.extra")
-

@@ -8,17 +8,20 @@ the slice adapter, like the 2D diffusion methods it is then compared with (and o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from monai.losses import DiceCELoss
+from torch import nn
 
+from imgx3d.config import MethodConfig
 from imgx3d.errors import ConfigError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.methods.base import Method, Window, register
 from imgx3d.nets.segmentation import build_segmentation_net
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(MethodConfig):
     """Hyperparameters of the ``unet`` method.
 
     Attributes:
@@ -32,8 +35,9 @@ class UNetConfig:
         batch_dice: compute Dice over the whole batch (nnU-Net's default) instead of per sample.
     """
 
-    spatial_dims: int = 3
-    arch: str = "unet"
+    name: str = "unet"
+    spatial_dims: Literal[2, 3] = 3
+    arch: Literal["unet", "dynunet"] = "unet"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 2
@@ -55,8 +59,6 @@ class UNetMethod(Method):
 
     def __init__(self, cfg: UNetConfig, num_classes: int, in_channels: int):
         super().__init__(cfg, num_classes, in_channels)
-        if cfg.spatial_dims not in (2, 3):
-            raise ConfigError(f"config key 'method.spatial_dims' must be 2 or 3, got {cfg.spatial_dims}")
         self.spatial_dims = cfg.spatial_dims
         self.net = build_segmentation_net(cfg.arch, self.spatial_dims, in_channels, num_classes, cfg.channels,
                                           cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size)
@@ -67,8 +69,31 @@ class UNetMethod(Method):
         logits = self.net(batch["image"])
         return {"loss/model": self.loss(logits, batch["label"])}
 
-    def window_probabilities(self):
-        return lambda x: torch.softmax(self.net(x).float(), dim=1)
+    def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
+        """Softmax of one network pass (the :class:`~imgx3d.methods.base.WindowSegmenter` role)."""
+        return torch.softmax(self.net(window).float(), dim=1)
 
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
-        return window(self.window_probabilities(), image)
+    def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
+        return window(self.window_probabilities, image)
+
+    @torch.no_grad()
+    def features(self, slices: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled bottleneck features of slices (a 2D MONAI ``UNet``, ``arch: unet``):
+        the :class:`~imgx3d.methods.base.FeatureExtractor` role that generation quality is measured with."""
+        if self.spatial_dims != 2 or not hasattr(self.net, "model"):
+            raise ConfigError("feature run: use a 2D U-Net run (method unet, arch: unet, method.spatial_dims: 2)")
+        captured: list[torch.Tensor] = []
+        hook = _bottleneck(self.net).register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            self.net(slices.float())
+        finally:
+            hook.remove()
+        return captured[-1].mean(dim=(2, 3)).float()
+
+
+def _bottleneck(net: nn.Module) -> nn.Module:
+    """The innermost block of a MONAI ``UNet`` (its ``model`` nests Sequential(down, SkipConnection, up))."""
+    block = net.model
+    while isinstance(block, nn.Sequential) and len(block) == 3 and hasattr(block[1], "submodule"):
+        block = block[1].submodule
+    return block

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from imgx3d.config import SliceConfig
-from imgx3d.data.slices import slices_to_volume, to_slice_range, volume_to_slices
-from imgx3d.errors import ConfigError
-from imgx3d.methods.base import Method, Windowed, register
+from imgx3d.config import MethodConfig, SliceConfig
+from imgx3d.data.geometry import slices_to_volume, to_slice_range, volume_to_slices
+from imgx3d.methods.base import Method, register
 from imgx3d.nets.latent_codec import (
     CodecConfig,
     LatentCodec,
@@ -29,7 +28,7 @@ from imgx3d.nets.latent_codec import (
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(MethodConfig):
     """Hyperparameters of the ``vae`` method.
 
     Attributes:
@@ -37,6 +36,7 @@ class VAEConfig:
             given: fine-tune those weights).
     """
 
+    name: str = "vae"
     codec: CodecConfig = field(default_factory=CodecConfig)
 
 
@@ -90,7 +90,6 @@ class VAEMethod(Method):
 
     name = "vae"
     spatial_dims = 2
-    segments = False
     Config = VAEConfig
 
     def __init__(self, cfg: VAEConfig, num_classes: int, in_channels: int):
@@ -102,9 +101,12 @@ class VAEMethod(Method):
         x = torch.cat([to_rgb(batch["image"]), mask_to_rgb(masks)])
         return {"loss/model": self.codec.training_loss(x, self.cfg.codec.kl_weight)}
 
-    def predict(self, image: torch.Tensor, window: Windowed) -> torch.Tensor:
-        raise ConfigError("method 'vae' is a codec, not a segmenter: use its run folder as method.codec.path "
-                          "of sdseg, and predict with that run")
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (the :class:`~imgx3d.methods.base.Codec` role)."""
+        return self.codec.encode(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
 
     def validation_metrics(self, cases: list[dict[str, Any]], labels: dict[int, str],
                            slices: SliceConfig | None = None) -> dict[str, float]:

@@ -14,6 +14,7 @@ batch's latents, as in SDSeg, rather than SD's 0.18215).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,16 +143,14 @@ class LatentCodec(nn.Module):
 
     @classmethod
     def _from_imgx3d_checkpoint(cls, path: Path) -> "LatentCodec":
-        from imgx3d.config import from_dict
+        from imgx3d.checkpoint import load_checkpoint  # the checkpoint module builds methods, which build codecs
 
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        method = dict(ckpt.get("config", {}).get("method", {}))
-        if "codec" not in method and method.get("name") != "vae":
-            raise CheckpointError(f"{path}: this run's method ({method.get('name')}) has no codec; "
-                                  "pass a vae or sdseg run")
-        codec_cfg = from_dict(CodecConfig, {**method.get("codec", {}), "path": ""})
-        codec = cls(_small_autoencoder(codec_cfg))
-        state = {k.removeprefix("codec."): v for k, v in ckpt["model"].items() if k.startswith("codec.")}
+        run = load_checkpoint(path)
+        trained = getattr(run.config.method, "codec", None)  # the codec section of the run's method config
+        if not isinstance(trained, CodecConfig):
+            raise CheckpointError(f"{path}: this run's method ({run.method_name}) has no codec; pass a vae or sdseg run")
+        codec = cls(_small_autoencoder(dataclasses.replace(trained, path="")))
+        state = {k.removeprefix("codec."): v for k, v in run.weights.items() if k.startswith("codec.")}
         codec.load_state_dict(state)
         return codec
 

@@ -24,6 +24,7 @@ from monai.metrics import FIDMetric
 from torch import nn
 
 from imgx3d.errors import CheckpointError, ConfigError
+from imgx3d.methods.base import FeatureExtractor
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # slices (B, C, H, W) in [-1, 1] → (B, D)
 
@@ -74,31 +75,13 @@ def inception_features(path: str | Path, device: torch.device | str = "cpu") -> 
     return features
 
 
-def _bottleneck(net: nn.Module) -> nn.Module:
-    """The innermost block of a MONAI ``UNet`` (its ``model`` nests Sequential(down, SkipConnection, up))."""
-    block = getattr(net, "model", None)
-    if block is None:
-        raise ConfigError("segmenter features need a MONAI UNet (method unet with arch: unet)")
-    while isinstance(block, nn.Sequential) and len(block) == 3 and hasattr(block[1], "submodule"):
-        block = block[1].submodule
-    return block
-
-
 def segmenter_features(method: nn.Module) -> Features:
-    """Globally average-pooled bottleneck features of a trained 2D U-Net method."""
-    if getattr(method, "spatial_dims", 3) != 2 or not hasattr(method, "net"):
+    """Globally average-pooled bottleneck features of a trained 2D U-Net method (its
+    :class:`~imgx3d.methods.base.FeatureExtractor` role)."""
+    if not isinstance(method, FeatureExtractor) or method.spatial_dims != 2:
         raise ConfigError("feature run: use a 2D U-Net run (method unet, method.spatial_dims: 2)")
-    captured: list[torch.Tensor] = []
-    _bottleneck(method.net).register_forward_hook(lambda _m, _i, out: captured.append(out))
     method.eval()
-
-    @torch.no_grad()
-    def features(slices: torch.Tensor) -> torch.Tensor:
-        captured.clear()
-        method.net(slices.float())
-        return captured[-1].mean(dim=(2, 3)).float()
-
-    return features
+    return method.features
 
 
 def extract(features: Features, slices: torch.Tensor, batch: int = 64) -> torch.Tensor:

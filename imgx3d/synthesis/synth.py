@@ -27,8 +27,13 @@ from monai.transforms import Affine
 from tqdm.auto import tqdm
 
 from imgx3d.data.io import atomic_write, atomic_write_text
-from imgx3d.errors import ConfigError, InputError
-from imgx3d.inference.predictor import Predictor
+from imgx3d.errors import CheckpointError, ConfigError, InputError
+from imgx3d.checkpoint import Checkpoint, load_checkpoint
+from imgx3d.data.catalog import find_cases
+from imgx3d.data.geometry import volume_to_slices
+from imgx3d.data.transforms import Preprocessor
+from imgx3d.methods.base import GenerateSettings, Generator
+from imgx3d.resources import resolve_device
 from imgx3d.interrupts import raise_if_requested
 
 SETTINGS_FILE = "synth.json"
@@ -71,21 +76,17 @@ def random_mask_transform(mask: torch.Tensor, rng: np.random.Generator) -> torch
     return (out.as_tensor() if hasattr(out, "as_tensor") else out).round().long()
 
 
-def mask_slices(root: str | Path, predictor: Predictor, held_out: set[str] = frozenset()) -> torch.Tensor:
+def mask_slices(root: str | Path, run: Checkpoint, held_out: set[str] = frozenset()) -> torch.Tensor:
     """The foreground label slices ``(M, 1, H, W)`` of a dataset folder, as the run's method sees them.
 
     Args:
         held_out: case ids left out (the generator run's validation and test cases: their masks
             must not become training data of the segmenters the pairs are for).
     """
-    from imgx3d.data.catalog import find_cases
-    from imgx3d.data.slices import volume_to_slices
-    from imgx3d.data.transforms import Preprocessor
-
-    data_cfg = predictor.config.data
+    data_cfg = run.config.data
     catalog = find_cases(root, data_cfg)
-    if catalog.labels != predictor.labels:
-        raise InputError(f"{root}: labels {catalog.labels} differ from the run's {predictor.labels}; pass masks "
+    if catalog.labels != run.labels:
+        raise InputError(f"{root}: labels {catalog.labels} differ from the run's {run.labels}; pass masks "
                          "of the dataset the generator was trained on")
     pre, slices = Preprocessor(data_cfg), []
     for case in (c for c in catalog.cases if c.label is not None and c.case_id not in held_out):
@@ -118,24 +119,23 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
             (``split.json`` beside the checkpoint) are left out.
         random_masks: scale / rotate / shift each mask first (seeded by pair).
     """
-    checkpoint = Path(run) / "best.pt" if Path(run).is_dir() else Path(run)
-    predictor = Predictor.from_checkpoint(checkpoint, device)
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    method = predictor.method
-    if not hasattr(method, "generate"):
-        raise ConfigError(f"method '{method.name}' does not generate image/mask pairs; synth needs a generator "
-                          "run (pig, siamese)")
     if n < 1 or batch < 1:
         raise ConfigError(f"--n {n} and --batch {batch} must be >= 1")
+    meta = load_checkpoint(run)
+    checkpoint = meta.path
+    method = meta.build_method()
+    if not isinstance(method, Generator):
+        raise CheckpointError(f"{checkpoint}: method '{method.name}' does not generate image/mask pairs; synth needs "
+                              "a generator run (pig, siamese)")
+    method.to(resolve_device(device)).eval()
     output = Path(output)
-    steps = steps or method.cfg.sample_steps
-    method.cfg.seed = seed
-    bank = mask_slices(masks, predictor, held_out_cases(checkpoint)) if masks else None
-    _check_settings(output, {"checkpoint": str(checkpoint.resolve()), "seed": seed, "steps": steps,
+    settings = GenerateSettings(seed=seed, steps=steps or method.cfg.sample_steps)
+    bank = mask_slices(masks, meta, held_out_cases(checkpoint)) if masks else None
+    _check_settings(output, {"checkpoint": str(checkpoint.resolve()), "seed": seed, "steps": settings.steps,
                              "batch": batch, "n": n, "masks": str(Path(masks).resolve()) if masks else None,
                              "random_masks": random_masks})
-    size = list(predictor.config.data.slices.size)
-    axis = predictor.config.data.slices.axis  # slices lie across this RAS axis, as the method saw them
+    size = list(meta.config.data.slices.size)
+    axis = meta.config.data.slices.axis  # slices lie across this RAS axis, as the method saw them
     spacing = np.empty(3)
     spacing[[a for a in range(3) if a != axis]], spacing[axis] = meta.get("slice_spacing", [1.0, 1.0, 1.0])[:2], \
         meta.get("slice_spacing", [1.0, 1.0, 1.0])[2]
@@ -154,7 +154,7 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
                            "write the rest")
         indices = list(range(block * batch, (block + 1) * batch))  # whole blocks: the same numbers as a fresh run
         block_masks = torch.stack([mask_of(i) for i in indices]) if bank is not None else None
-        images, labels = method.generate(indices, size, block_masks, steps)
+        images, labels = method.generate(indices, size, block_masks, settings)
         for i, image, label in zip(indices, images.cpu().numpy(), labels.cpu().numpy()):
             if i >= n or i not in missing:
                 continue
@@ -165,7 +165,7 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
             complete += 1
             bar.update(1)
     bar.close()
-    labels = {str(k): v for k, v in sorted(predictor.labels.items())}
+    labels = {str(k): v for k, v in sorted(meta.labels.items())}
     channels = meta.get("channel_names")
     dataset = {"name": f"synth-{method.name}", "description": f"{n} pairs generated by imgx3d synth",
                "labels": labels, "modality": {str(i): name for i, name in enumerate(channels or ["image"])},

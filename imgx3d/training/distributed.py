@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from imgx3d.methods.base import Method
+
 # Ranks wait in a collective while rank 0 validates itself (codecs, generators), writes a checkpoint
 # or scores the test split: the default 30-minute collective timeout is too short for large CTs.
 COLLECTIVE_TIMEOUT = timedelta(hours=3)
@@ -92,7 +94,7 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def wrap(self, step_fn: Callable[..., dict[str, torch.Tensor]], module: nn.Module,
+    def wrap(self, step_fn: Callable[..., dict[str, torch.Tensor]], module: Method,
              device: torch.device, groups: int = 1) -> tuple[Callable[..., dict[str, torch.Tensor]], bool]:
         """``step_fn`` (a method's ``training_step``) made data-parallel.
 
@@ -109,10 +111,10 @@ class DistContext:
         if groups > 1:
             self.broadcast_weights(module)
             return step_fn, True
-        # A staged method (one network trained per step, the others idle) says so with
-        # ``ddp_unused_parameters``; for the rest DDP skips the extra graph traversal.
+        # A staged or sparse method (some weights idle in a step) says so in its TrainingPlan; for
+        # the rest DDP skips the extra graph traversal.
         return DistributedDataParallel(_StepModule(module, step_fn),
-                                       find_unused_parameters=getattr(module, "ddp_unused_parameters", False),
+                                       find_unused_parameters=module.plan.find_unused_parameters,
                                        device_ids=[device.index] if device.type == "cuda" else None), False
 
     def broadcast_weights(self, module: nn.Module) -> None:

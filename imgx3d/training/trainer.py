@@ -11,7 +11,6 @@ Under torchrun the same loop runs on every rank (see :mod:`imgx3d.training.distr
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import random
 import time
@@ -25,13 +24,13 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from imgx3d.config import Config, TrainConfig, to_dict
-from imgx3d.data.io import atomic_write
+from imgx3d.checkpoint import checkpoint_state, save_checkpoint
+from imgx3d.config import Config, TrainConfig
 from imgx3d.errors import ConfigError, Interrupted, ResourceError
 from imgx3d.evaluation.metrics import score_case
-from imgx3d.inference.predictor import CHECKPOINT_FORMAT, Predictor
+from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.interrupts import requested, signal_name
-from imgx3d.methods.base import Method, load_method_state
+from imgx3d.methods.base import Method, SelfValidating, load_method_state
 from imgx3d.resources import choose_precision, gib, use_fast_cuda_kernels
 from imgx3d.tracking import NullTracker, Tracker
 from imgx3d.training.distributed import DistContext
@@ -141,6 +140,8 @@ class Trainer:
                     if cfg.train.ema > 0 else None)
         self.plateau = _plateau(cfg.train) if cfg.train.scheduler == "plateau" else None
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
+        # validation predicts with the one Predictor: the run's infer: settings, on the training device
+        self.infer_settings = InferSettings.from_config(cfg.infer, device=str(self.device))
 
     def release(self) -> None:
         """Free the device memory training held (weights, optimiser states, the weight average) once
@@ -158,8 +159,7 @@ class Trainer:
         A full checkpoint holds every rank's RNG states (``rng_ranks``), so every rank of a
         distributed run must call this together.
         """
-        ckpt = {"format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "method": self.method.name,
-                "model": self.method.state_dict(), "step": self.state.step, **self.meta}
+        ckpt = checkpoint_state(self.cfg, self.method.state_dict(), step=self.state.step, **self.meta)
         if not weights_only:
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -178,11 +178,7 @@ class Trainer:
         path = self.run_dir / name
         ckpt = self.checkpoint(weights_only)
         if self.dist.is_main:
-            # Serialised in memory first: torch's own file writer reports a full disk as a bare
-            # RuntimeError, a Python write as the OSError that atomic_write explains.
-            buffer = io.BytesIO()
-            torch.save(ckpt, buffer)
-            atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+            save_checkpoint(path, ckpt)
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -220,7 +216,7 @@ class Trainer:
         lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.state.step, self.state.elapsed_s) * self.state.lr_scale
         for group, optimizer in self.optimizers.items():
             for param_group in optimizer.param_groups:
-                param_group["lr"] = lr * self.method.lr_scale(group)
+                param_group["lr"] = lr * self.method.plan.lr_scale(group)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
@@ -264,13 +260,12 @@ class Trainer:
         mean over all cases. A method that validates itself (a codec, a generator) does so on rank 0.
         """
         self.method.eval()
-        own = self.method.validation_metrics(cases, labels, self.cfg.data.slices) if self.dist.is_main else None
-        if self.dist.broadcast(own is not None):
-            return own or {}
+        if isinstance(self.method, SelfValidating):  # rank 0 alone
+            return self.method.validation_metrics(cases, labels, self.cfg.data.slices) if self.dist.is_main else {}
         classes = [c for c in sorted(labels) if c != 0]
         mine: dict[int, list[float]] = {c: [] for c in classes}
         for case in cases[self.dist.rank::self.dist.world_size]:
-            predictor = Predictor(self.method, self.cfg, labels, case["image"].shape[0], self.device)
+            predictor = Predictor(self.method, self.cfg, labels, self.infer_settings)
             pred = predictor.model_space_classes(case["image"]).numpy()
             scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
             for c in classes:
@@ -412,11 +407,11 @@ class Trainer:
         if self.dist.is_main and val_cases:
             self.tracker.log_metrics(metrics, self.state.step)
             self.state.history.append({"step": self.state.step, **metrics})
-            score = metrics.get("val/dice_mean", -math.inf)  # a generator may report no Dice (keeps_latest)
+            score = metrics.get("val/dice_mean", -math.inf)  # a generator may report no Dice (it keeps the latest)
             if self.plateau is not None and math.isfinite(score):
                 self.plateau.step(score)
                 self.state.lr_scale = self.plateau.optimizer.param_groups[0]["lr"]
-            if score > self.state.best_metric or self.method.keeps_latest:
+            if score > self.state.best_metric or self.method.plan.keep == "latest":
                 self.state.best_metric, self.state.best_step, self.state.bad_validations = score, self.state.step, 0
                 self.save("best.pt", weights_only=True)
             else:

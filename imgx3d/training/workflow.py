@@ -6,7 +6,6 @@ import json
 import math
 import signal
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from imgx3d.checkpoint import Checkpoint, load_checkpoint
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
@@ -32,16 +32,11 @@ from imgx3d.data.transforms import (
 from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
-from imgx3d.inference.predictor import (
-    Predictor,
-    predict_to_folder,
-    prediction_path,
-    resolve_device,
-    write_labelmap,
-)
-from imgx3d.methods.base import build_method, load_method_state, method_class
-from imgx3d.resources import device_tags
-from imgx3d.tracking import NullTracker, Tracker, download_run_checkpoint, flatten
+from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
+from imgx3d.inference.predictor import Predictor
+from imgx3d.methods.base import Segmenter, SelfValidating, build_method, load_method_state
+from imgx3d.resources import device_tags, resolve_device
+from imgx3d.tracking import NullTracker, Tracker, flatten
 from imgx3d.training import distributed
 from imgx3d.training.trainer import Trainer, seed_everything
 
@@ -153,7 +148,7 @@ def _code_tags() -> dict[str, str]:
 
 
 def _run_tags(cfg: Config, split: Split) -> dict[str, str]:
-    return {**_code_tags(), "method": cfg.method["name"], "dataset": cfg.dataset, "seed": str(cfg.seed),
+    return {**_code_tags(), "method": cfg.method.name, "dataset": cfg.dataset, "seed": str(cfg.seed),
             "split": f"seed{cfg.data.split.seed}-" + (f"fold{cfg.data.split.fold}of{cfg.data.split.folds}"
                                                        if cfg.data.split.folds else f"test{cfg.data.split.test_fraction}"),
             "n_train": str(len(split.train)), "n_val": str(len(split.val)), "n_test": str(len(split.test))}
@@ -181,19 +176,19 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
         distributed.teardown(ctx, finished)
 
 
-def _load_resume(resume: str | Path, cfg: Config, ctx: distributed.DistContext) -> dict[str, Any]:
+def _load_resume(resume: str | Path, cfg: Config, ctx: distributed.DistContext) -> Checkpoint:
     """The ``last.pt`` to resume from, checked against ``cfg``; rank 0 clears interrupted temp files."""
     resume = Path(resume)
     last = resume / "last.pt" if resume.is_dir() else resume
     if not last.is_file():
         raise CheckpointError(f"{resume}: no last.pt to resume from; pass the run folder of an earlier imgx3d train")
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(last)
     if ctx.is_main:
         for stale in [*last.parent.glob(".last.pt.*"), *last.parent.glob(".best.pt.*")]:
             stale.unlink()  # temp files of checkpoint writes the crash interrupted
-    if ckpt.get("config", {}).get("method", {}).get("name") != cfg.method["name"]:
-        raise CheckpointError(f"{last}: was trained with method '{ckpt.get('method')}', not "
-                              f"'{cfg.method['name']}'; resume with the run's own config")
+    if ckpt.method_name != cfg.method.name:
+        raise CheckpointError(f"{last}: was trained with method '{ckpt.method_name}', not "
+                              f"'{cfg.method.name}'; resume with the run's own config")
     return ckpt
 
 
@@ -204,12 +199,13 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     # the default folder name carries the time: rank 0's name for every rank
     run_dir = Path(ctx.broadcast(str(run_dir or Path("runs") / cfg.dataset /
-                                     f"{cfg.method['name']}-{time.strftime('%Y%m%d-%H%M%S')}")))
+                                     f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}")))
     seed_everything(cfg.seed)
 
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
-    uses_labels = method_class(cfg.method["name"]).uses_labels
+    method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
+    uses_labels = method.plan.uses_labels
     unread = set() if uses_labels else set(split.train)  # a self-supervised method's training labels stay closed
     check_case_grids([c for c in catalog.cases if c.label is not None and c.case_id not in unread])
     if len(split.train) < ctx.world_size:
@@ -219,9 +215,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "split.json", json.dumps(split.to_json(), indent=1))
         save_config(cfg, run_dir / "config.yaml")
-    method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
     if cfg.data.mode == "image" and method.spatial_dims != 2:
-        raise ConfigError(f"method '{cfg.method['name']}' is 3D; 2D images (--image) need a 2D method "
+        raise ConfigError(f"method '{cfg.method.name}' is 3D; 2D images (--image) need a 2D method "
                           "(sdseg, vae, or unet with method.spatial_dims: 2)")
     pre = Preprocessor(cfg.data)
     # each rank holds only its shard of the training cases; validation cases are predicted by all ranks in turn
@@ -249,7 +244,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     trainer = Trainer(cfg, method, run_dir, meta, tracker, device, ctx)
     tracker.set_tags(device_tags(device, trainer.autocast_dtype))
     if resume_ckpt is not None:
-        trainer.restore(resume_ckpt)
+        trainer.restore(resume_ckpt.state)
     else:
         if ctx.enabled:  # ranks draw their own noise and timesteps
             torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * ctx.rank)
@@ -285,11 +280,13 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
     tracker.log_artifact(run_dir / "best.pt", "checkpoint")
     if not (test_at_end and split.test):
         return None
-    if method.segments:
+    if isinstance(method, Segmenter):
         return evaluate_test_split(run_dir, catalog, split, tracker, state.step, str(device))
-    # a codec: its own metrics on the test volumes, best weights
-    best = run_dir / "best.pt"
-    load_method_state(method, torch.load(best, map_location="cpu", weights_only=False)["model"], str(best))
+    if not isinstance(method, SelfValidating):
+        return None
+    # a codec or a generator: its own metrics on the test volumes, best weights
+    best = load_checkpoint(run_dir / "best.pt")
+    load_method_state(method, best.weights, str(best.path))
     method.to(device)
     summary = method.validation_metrics(_load_items(pre, catalog, split.test), catalog.labels, cfg.data.slices)
     summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
@@ -300,7 +297,7 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
 def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: Tracker | NullTracker,
                         step: int, device: str = "auto") -> dict[str, Any]:
     """Predict the test cases from ``best.pt`` on their native grid (on the training's ``device``), score, and log."""
-    predictor = Predictor.from_checkpoint(run_dir / "best.pt", device)
+    predictor = Predictor.load(run_dir / "best.pt", device=device)
     cases = catalog.by_id()
     pred_dir, ref_dir = run_dir / "test_predictions", run_dir / "test_references"
     ref_dir.mkdir(exist_ok=True)
@@ -309,10 +306,12 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     overlays: list[Path] = []
     for case_id in split.test:  # predict per case so case ids follow the catalog, not file names
         case = cases[case_id]
-        labelmap, _, ref = predictor.predict_paths(case.images)
-        write_labelmap(labelmap, prediction_path(pred_dir, case_id, data_cfg), ref, catalog.labels, data_cfg)
+        model_case = predictor.read(case.images)
+        prediction = predictor.predict(model_case)
+        write_prediction(prediction, prediction_path(pred_dir, case_id, data_cfg), predictor.codec)
         if len(overlays) < OVERLAY_CASES:
-            overlays.append(overlay_montage(ref.array[0], labelmap, catalog.labels, run_dir / "test_overlays" /
+            overlays.append(overlay_montage(model_case.source.array[0], prediction.labels.array, catalog.labels,
+                                            run_dir / "test_overlays" /
                                             f"{case_id}.png", reference=read_label(case.label, data_cfg).array,
                                             title=case_id))
         link = ref_dir / (case_id + case.label.name[len(strip_suffix(case.label.name)):])
@@ -334,17 +333,6 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     return summary
 
 
-def load_predictor(run: str, tracking_uri: str, device: str = "auto") -> Predictor:
-    """A predictor from a checkpoint path, a run folder, or an mlflow run id."""
-    path = Path(run)
-    if path.is_file():
-        return Predictor.from_checkpoint(path, device)
-    if path.is_dir():
-        return Predictor.from_checkpoint(path / "best.pt", device)
-    with tempfile.TemporaryDirectory() as tmp:
-        return Predictor.from_checkpoint(download_run_checkpoint(run, tracking_uri, Path(tmp)), device)
-
-
 def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
     """Generate data, train, predict the held-out volumes to NIfTI, evaluate, print the table."""
     data = write_demo_dataset(workdir / "data", n_cases, seed=cfg.seed)
@@ -354,7 +342,7 @@ def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
     inputs = [data / "imagesTr" / f"{case}.nii.gz" for case in split["test"]]
     pred_dir = workdir / "predictions"
     overlay_dir = workdir / "overlays"
-    predict_to_folder(Predictor.from_checkpoint(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True,
+    predict_to_folder(Predictor.load(result.run_dir / "best.pt"), inputs, pred_dir, overwrite=True,
                       overlay_dir=overlay_dir)
     ref_dir = workdir / "references"
     ref_dir.mkdir(exist_ok=True)
