@@ -307,17 +307,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is MethodConfig:
         return method_config(value if isinstance(value, dict) else _not_a_mapping(key, value), key)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+        return _coerce_union(value, args, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=key)
     if origin is list:
@@ -330,28 +320,44 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return {coerce(k, args[0], f"{key} key"): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    """The first member of ``Optional[...]`` / ``A | B`` that ``value`` fits (the first member's error if none)."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return coerce(value, arg, key)
+        except ConfigError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
+    """``bool``, ``float``, ``int``, ``str`` or any other class, with YAML 1.1's readings of numbers
+    and ``on`` / ``off``."""
+    if tp is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
+        try:
             return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML 1.1 reads the documented `on` / `off` (amp, streaming) as booleans
-            return "on" if value else "off"
-    elif isinstance(value, tp):
+        except ValueError:
+            pass
+    elif tp is int and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    elif tp is str and isinstance(value, bool):  # YAML 1.1 reads the documented `on` / `off` as booleans
+        return "on" if value else "off"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (tp is bool and isinstance(value, bool)) or (tp is str and isinstance(value, str)):
+        return value
+    if tp is float and number:
+        return float(value)
+    if tp is int and number and isinstance(value, int):
+        return value
+    if tp not in (bool, float, int, str) and isinstance(value, tp):
         return value
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 

@@ -164,7 +164,7 @@ def mask_image_agreement(segmenter: Path, pairs: Path, limit: int) -> float:
     dataset = json.loads((pairs / "dataset.json").read_text(encoding="utf-8"))
     scores = []
     for entry in dataset["training"][:limit]:
-        labelmap, _, _ = predictor.predict_paths([pairs / entry["image"]])
+        labelmap = predictor.predict_files([pairs / entry["image"]]).labels.array
         mask = np.asarray(nib.load(str(pairs / entry["label"])).dataobj)
         present = np.union1d(np.unique(labelmap[labelmap > 0]), np.unique(mask[mask > 0]))  # either side's classes
         if len(present):

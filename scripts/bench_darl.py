@@ -79,9 +79,9 @@ def main() -> None:
         truth = np.asarray(Image.open(data / "1st_manual" / f"{case}_manual1.gif")) > 0
         fov = np.asarray(Image.open(data / "mask" / f"{case}_training_mask.gif")) > 0
         t0 = time.perf_counter()
-        _, probs, _ = predictor.predict_paths([path], probabilities=True)
+        probs = predictor.predict_files([path], probabilities=True).probabilities.array
         seconds["darl"] += time.perf_counter() - t0
-        vessel = probs[1, :, :, 0].numpy()
+        vessel = probs[1, :, :, 0]
         results["darl"].append(scores(vessel, vessel > 0.5, truth, fov))
         green = np.asarray(Image.open(path))[..., 1].astype(np.float64)
         t0 = time.perf_counter()

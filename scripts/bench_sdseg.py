@@ -62,7 +62,8 @@ def predict_subset(predictor: Predictor, cases: list, classes: list[int]) -> tup
     seconds, dice, fg = 0.0, [], []
     for case in cases:
         t0 = time.perf_counter()
-        labelmap, probs, _ = predictor.predict_paths(case.images, probabilities=True)
+        prediction = predictor.predict_files(case.images, probabilities=True)
+        labelmap, probs = prediction.labels.array, torch.from_numpy(prediction.probabilities.array)
         seconds += time.perf_counter() - t0
         label = read_label(case.label)
         scores = score_case(labelmap, label.array, classes, label.spacing, metrics=("dice",))

@@ -133,29 +133,34 @@ def _train(cfg, data: Path, run_dir: Path):
 
 @section("method")
 def check_method(method: str, device: torch.device, data: Path, work: Path, dry: bool) -> None:
+    from imgx3d.checkpoint import load_checkpoint
+    from imgx3d.data.transforms import Preprocessor
     from imgx3d.inference.predictor import Predictor
+    from imgx3d.methods.base import Generator, Segmenter
     from imgx3d.synthesis.synth import synthesize
 
     steps = 3 if dry else 30
     cfg = _config(method, steps, dry, [f"train.device={device}"])
     _reset_peak(device)
     result, seconds = _train(cfg, data, work / method)
-    predictor = Predictor.load(work / method / "best.pt", device=str(device))
+    run = load_checkpoint(work / method / "best.pt")
+    trained = run.build_method()
     volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
     t0 = time.perf_counter()
-    if hasattr(predictor.method, "generate"):  # a generator: two pairs through imgx3d synth
+    if isinstance(trained, Generator):  # a generator: two pairs through imgx3d synth
         out = synthesize(str(work / method), 2, work / f"{method}_pairs", batch=2, steps=2 if dry else None,
                          device=str(device), masks=data if method == "siamese" else None)
         assert len(list(out.glob("imagesTr/*.nii.gz"))) == 2
         what = "2 pairs"
-    elif getattr(predictor.method, "segments", True):
-        labelmap, _, _ = predictor.predict_paths([volume])
-        assert labelmap.shape == tuple(predictor.preprocessor.read_image([volume])[1].spatial_shape)
+    elif isinstance(trained, Segmenter):
+        predictor = Predictor.load(run, device=str(device))
+        prediction = predictor.predict_files([volume])
+        assert prediction.labels.array.shape == predictor.read([volume]).source.spatial_shape
         what = "one volume"
     else:  # the codec: its own test metrics on one volume
-        item = predictor.preprocessor.load_case(next(c for c in _catalog(data, cfg).cases if c.label is not None),
-                                                predictor.labels)
-        metrics = predictor.method.validation_metrics([item], predictor.labels, cfg.data.slices)
+        item = Preprocessor(cfg.data).load_case(next(c for c in _catalog(data, cfg).cases if c.label is not None),
+                                                run.labels)
+        metrics = trained.to(device).eval().validation_metrics([item], run.labels, cfg.data.slices)
         assert np.isfinite(metrics["val/dice_mean"])
         what = "codec reconstruction"
     emit(f"method.{method}", round(result.steps / seconds, 3), "steps/s", ok=True, steps=result.steps,

@@ -12,6 +12,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -193,65 +194,81 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
     """
     output = Path(output)
     check_output_folder(output, inputs)
-    data_cfg = predictor.config.data
-    cases = resolve_inputs(inputs, data_cfg, predictor.in_channels)
+    cases = resolve_inputs(inputs, predictor.config.data, predictor.in_channels)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{output}: cannot create the output folder ({err.strerror}); choose a writable --output") from None
-    done: dict[str, Path] = {}
+    job = _FolderJob(predictor, output, probabilities, Path(overlay_dir) if overlay_dir is not None else None)
     pending = [(case_id, paths, overwrite) for case_id, paths in cases]
-
-    def write(case_id: str, target: Path, prediction: Prediction, image: np.ndarray) -> None:
-        write_prediction(prediction, target, predictor.codec,
-                         output / f"{case_id}_probabilities.nii.gz" if probabilities else None)
-        if overlay_dir is not None:
-            overlay_montage(image, prediction.labels.array, predictor.labels, Path(overlay_dir) / f"{case_id}.png",
-                            title=case_id)
-
-    with tqdm(total=len(cases), desc="predict", unit="case", disable=None) as bar, _Pipeline(workers) as pipe:
+    with tqdm(total=len(cases), desc="predict", unit="case", disable=None) as job.bar, _Pipeline(workers) as pipe:
         while pending:
-            busy: list = []
-            ahead: collections.deque = collections.deque()  # claimed cases whose reading has started
-
-            def predict_next() -> None:
-                case_id, target, lock, loaded = ahead.popleft()
-                try:
-                    case = loaded()
-                    prediction = predictor.predict(case, probabilities)
-                except BaseException:
-                    lock.unlink(missing_ok=True)
-                    raise
-                pipe.write(write, case_id, target, prediction, case.source.array[0],
-                           done=lambda: lock.unlink(missing_ok=True))
-                done[case_id] = target
-                bar.update()
-
-            try:
-                for case_id, paths, redo in pending:
-                    if requested() is not None:  # stop claiming cases; the ones read ahead are dropped
-                        break
-                    target = prediction_path(output, case_id, data_cfg)
-                    if target.exists() and not redo:
-                        done[case_id] = target
-                        bar.update()
-                        continue
-                    lock = claim_case(output, case_id)
-                    if lock is None:  # another process is on it: its result will do
-                        busy.append((case_id, paths, False))
-                        continue
-                    ahead.append((case_id, target, lock, pipe.read(predictor.read, paths)))
-                    if len(ahead) > workers:
-                        predict_next()
-                while ahead and requested() is None:
-                    predict_next()
-            finally:
-                for _, _, lock, _ in ahead:
-                    lock.unlink(missing_ok=True)
-                pipe.drain()
-            raise_if_requested(f"{len(done)} of {len(cases)} case(s) are in {output}, each complete; run the same "
-                               "command again to predict the rest")
+            busy = job.one_pass(pending, pipe, workers)
+            raise_if_requested(f"{len(job.done)} of {len(cases)} case(s) are in {output}, each complete; run the "
+                               "same command again to predict the rest")
             if busy:
                 time.sleep(0.5)
             pending = busy
-    return [done[case_id] for case_id, _ in cases]
+    return [job.done[case_id] for case_id, _ in cases]
+
+
+class _FolderJob:
+    """One ``predict_to_folder`` call: which cases are done, and one pass over the pending ones."""
+
+    def __init__(self, predictor: Predictor, output: Path, probabilities: bool, overlay_dir: Path | None):
+        self.predictor, self.output, self.probabilities, self.overlay_dir = predictor, output, probabilities, overlay_dir
+        self.done: dict[str, Path] = {}
+        self.bar: Any = None
+
+    def write(self, case_id: str, target: Path, prediction: Prediction, image: np.ndarray) -> None:
+        """The label map, the probabilities when asked for, and the overlay when asked for."""
+        write_prediction(prediction, target, self.predictor.codec,
+                         self.output / f"{case_id}_probabilities.nii.gz" if self.probabilities else None)
+        if self.overlay_dir is not None:
+            overlay_montage(image, prediction.labels.array, self.predictor.labels, self.overlay_dir / f"{case_id}.png",
+                            title=case_id)
+
+    def _finish(self, case_id: str, target: Path) -> None:
+        self.done[case_id] = target
+        self.bar.update()
+
+    def _predict_next(self, ahead: collections.deque, pipe: "_Pipeline") -> None:
+        case_id, target, lock, loaded = ahead.popleft()
+        try:
+            case = loaded()
+            prediction = self.predictor.predict(case, self.probabilities)
+        except BaseException:
+            lock.unlink(missing_ok=True)
+            raise
+        pipe.write(self.write, case_id, target, prediction, case.source.array[0],
+                   done=lambda: lock.unlink(missing_ok=True))
+        self._finish(case_id, target)
+
+    def one_pass(self, pending: list[tuple[str, list[Path], bool]], pipe: "_Pipeline",
+                 workers: int) -> list[tuple[str, list[Path], bool]]:
+        """Predict every pending case this process can claim (reading ``workers`` ahead); returns the
+        cases another live process holds, to wait for."""
+        busy: list[tuple[str, list[Path], bool]] = []
+        ahead: collections.deque = collections.deque()  # claimed cases whose reading has started
+        try:
+            for case_id, paths, redo in pending:
+                if requested() is not None:  # stop claiming cases; the ones read ahead are dropped
+                    break
+                target = prediction_path(self.output, case_id, self.predictor.config.data)
+                if target.exists() and not redo:
+                    self._finish(case_id, target)
+                    continue
+                lock = claim_case(self.output, case_id)
+                if lock is None:  # another process is on it: its result will do
+                    busy.append((case_id, paths, False))
+                    continue
+                ahead.append((case_id, target, lock, pipe.read(self.predictor.read, paths)))
+                if len(ahead) > workers:
+                    self._predict_next(ahead, pipe)
+            while ahead and requested() is None:
+                self._predict_next(ahead, pipe)
+        finally:
+            for _, _, lock, _ in ahead:
+                lock.unlink(missing_ok=True)
+            pipe.drain()
+        return busy

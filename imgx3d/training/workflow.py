@@ -34,7 +34,7 @@ from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.predictor import Predictor
-from imgx3d.methods.base import Segmenter, SelfValidating, build_method, load_method_state
+from imgx3d.methods.base import Method, Segmenter, SelfValidating, build_method, load_method_state
 from imgx3d.resources import device_tags, resolve_device
 from imgx3d.tracking import NullTracker, Tracker, flatten
 from imgx3d.training import distributed
@@ -205,22 +205,10 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
-    uses_labels = method.plan.uses_labels
-    unread = set() if uses_labels else set(split.train)  # a self-supervised method's training labels stay closed
-    check_case_grids([c for c in catalog.cases if c.label is not None and c.case_id not in unread])
-    if len(split.train) < ctx.world_size:
-        raise ConfigError(f"{len(split.train)} training case(s) cannot be shared by {ctx.world_size} processes; "
-                          "use fewer processes (--nproc_per_node)")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "split.json", json.dumps(split.to_json(), indent=1))
-        save_config(cfg, run_dir / "config.yaml")
-    if cfg.data.mode == "image" and method.spatial_dims != 2:
-        raise ConfigError(f"method '{cfg.method.name}' is 3D; 2D images (--image) need a 2D method "
-                          "(sdseg, vae, or unet with method.spatial_dims: 2)")
+    _check_and_record(cfg, catalog, split, method, run_dir, ctx)
     pre = Preprocessor(cfg.data)
     # each rank holds only its shard of the training cases; validation cases are predicted by all ranks in turn
-    train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=uses_labels,
+    train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=method.plan.uses_labels,
                               cache_gib=cfg.data.cache_gib if method.spatial_dims == 3 else None)
     train_items += _extra_items(cfg, catalog, pre, ctx)
     val_ids = split.val[:cfg.train.val_cases] if cfg.train.val_cases else split.val  # the split's first N
@@ -234,13 +222,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
                           run_id=resume_ckpt.get("mlflow_run_id") if resume_ckpt else None)
     if ctx.is_main:
         tracker.keep_locally(run_dir / "mlflow_offline.jsonl")
-    meta = {"num_classes": catalog.num_classes, "in_channels": catalog.in_channels, "labels": catalog.labels,
-            "channel_names": catalog.channel_names, "mlflow_run_id": tracker.run_id}
-    if method.spatial_dims == 2:  # what a generator's synthetic slices are written on
-        cases = catalog.by_id()
-        grids = [read_grid(cases[i].images[0]) for i in split.train[ctx.rank::ctx.world_size][:SPACING_CASES]]
-        meta["slice_spacing"] = slice_spacing(grids, [item["image"].shape[1:] for item in train_items], cfg.data.slices,
-                                              cfg.data.spacing)
+    meta = _checkpoint_meta(cfg, catalog, split, method, train_items, ctx, tracker.run_id)
     trainer = Trainer(cfg, method, run_dir, meta, tracker, device, ctx)
     tracker.set_tags(device_tags(device, trainer.autocast_dtype))
     if resume_ckpt is not None:
@@ -266,6 +248,38 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         tracker.end("KILLED")
         raise
     return TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary, ctx.rank)
+
+
+def _check_and_record(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
+                      ctx: distributed.DistContext) -> None:
+    """Refuse what cannot train (grids, too few cases for the ranks, a 3D method on 2D images); rank 0
+    writes the run folder's ``split.json`` and complete ``config.yaml``."""
+    unread = set() if method.plan.uses_labels else set(split.train)  # self-supervised: training labels stay closed
+    check_case_grids([c for c in catalog.cases if c.label is not None and c.case_id not in unread])
+    if len(split.train) < ctx.world_size:
+        raise ConfigError(f"{len(split.train)} training case(s) cannot be shared by {ctx.world_size} processes; "
+                          "use fewer processes (--nproc_per_node)")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "split.json", json.dumps(split.to_json(), indent=1))
+        save_config(cfg, run_dir / "config.yaml")
+    if cfg.data.mode == "image" and method.spatial_dims != 2:
+        raise ConfigError(f"method '{cfg.method.name}' is 3D; 2D images (--image) need a 2D method "
+                          "(sdseg, vae, or unet with method.spatial_dims: 2)")
+
+
+def _checkpoint_meta(cfg: Config, catalog: Catalog, split: Split, method: Method, train_items: list,
+                     ctx: distributed.DistContext, mlflow_run_id: str | None) -> dict[str, Any]:
+    """What every checkpoint stores besides config and weights: classes, channels, label names, the
+    mlflow run, and for 2D methods the slices' spacing (what a generator's synthetic slices are written on)."""
+    meta = {"num_classes": catalog.num_classes, "in_channels": catalog.in_channels, "labels": catalog.labels,
+            "channel_names": catalog.channel_names, "mlflow_run_id": mlflow_run_id}
+    if method.spatial_dims == 2:
+        cases = catalog.by_id()
+        grids = [read_grid(cases[i].images[0]) for i in split.train[ctx.rank::ctx.world_size][:SPACING_CASES]]
+        meta["slice_spacing"] = slice_spacing(grids, [item["image"].shape[1:] for item in train_items], cfg.data.slices,
+                                              cfg.data.spacing)
+    return meta
 
 
 def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, method: Any, pre: Preprocessor,
