@@ -218,7 +218,7 @@ variant, path, classes, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 from imgx3d.config import load_config
 from imgx3d.inference.folder import predict_to_folder
-from imgx3d.inference.predictor import Predictor
+from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.methods.base import build_method
 cfg = load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]",
                          "method.num_res_units=1", "data.patch_size=[96,96,96]", "data.preset=ct", "infer.overlap=0.5",

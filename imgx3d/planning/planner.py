@@ -1,0 +1,257 @@
+"""From a fingerprint to a complete, readable config: documented rules, each with its reason.
+
+The rules follow nnU-Net's experiment planner (``nnunetv2/experiment_planning/
+experiment_planners/default_experiment_planner.py``) where they can, and say where and why they
+depart. One addition nnU-Net does not have: the plan fits a **compute budget** on the machine at
+hand. Candidate (width, batch) plans are timed for a few real optimiser steps (at most
+:data:`TIMING_SECONDS` in all) and the largest that still reaches :data:`ENOUGH_STEPS` steps
+within the budget is kept.
+
+Every decision is recorded as a :class:`Decision` (key, value, reason); ``imgx3d plan`` prints
+them and writes the plan as a complete config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from imgx3d.config import Config, load_config, to_dict
+from imgx3d.planning.fingerprint import Fingerprint
+
+ANISO_THRESHOLD = 3.0  # nnU-Net: an axis is "anisotropic" beyond 3x the finest spacing
+MIN_FEATURE_MAP = 4  # nnU-Net: no pooling below 4 voxels along an axis
+MAX_LEVELS = 5  # levels of the U-Net (pooling steps + 1); nnU-Net allows more on large patches
+MAX_WIDTH = 320  # nnU-Net's cap on feature maps per level
+NONZERO_BACKGROUND = 0.75  # nnU-Net: normalise inside the non-zero mask when it covers < 75 % of the volume
+# "Enough steps" for a 3D U-Net within the budget: the hippocampus bench's hand-tuned config gains
+# little validation Dice after ~2 000 steps of batch 4 (its 30-minute runs reach 3 000-4 000 on
+# 2 CPU cores), so a plan that cannot reach 2 000 steps is too large for the budget.
+ENOUGH_STEPS = 2000
+TIMING_SECONDS = 60.0  # the whole budget measurement
+WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
+BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
+
+StepTimer = Callable[[Config], float]  # seconds per optimiser step of a candidate plan
+
+
+@dataclass
+class Decision:
+    """One planning decision: the config key, the value chosen, and why."""
+
+    key: str
+    value: Any
+    reason: str
+
+
+@dataclass
+class Plan:
+    """A complete config (``tree``) and the decisions that made it."""
+
+    tree: dict[str, Any]
+    decisions: list[Decision] = field(default_factory=list)
+
+    def decide(self, key: str, value: Any, reason: str) -> Any:
+        """Set ``key`` (dotted) in the tree and record why."""
+        node = self.tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        self.decisions.append(Decision(key, value, reason))
+        return value
+
+    def config(self, overrides: list[str] | None = None) -> Config:
+        """The plan as a checked, complete :class:`Config` (``overrides``: ``key=value`` on top)."""
+        return load_config(None, overrides, base=self.tree)
+
+    def explain(self) -> list[str]:
+        """One line per decision."""
+        return [f"{d.key} = {d.value}: {d.reason}" for d in self.decisions]
+
+    def to_yaml(self) -> str:
+        """The complete config as YAML, the decisions as comments above it."""
+        header = "\n".join(f"# {line}" for line in ["imgx3d plan: every decision and its reason", *self.explain()])
+        return header + "\n" + yaml.safe_dump(to_dict(self.config()), sort_keys=False)
+
+
+def target_spacing(fp: Fingerprint) -> tuple[np.ndarray, str]:
+    """nnU-Net's rule: the median spacing per axis; for an anisotropic dataset (the coarse axis more
+    than 3x the finest, and its median extent less than a third of the others'), the coarse axis
+    at its 10th percentile instead (finer, so fewer cases are upsampled along it), not below the
+    other axes."""
+    spacings, shapes = fp.spacings, fp.shapes
+    target = np.median(spacings, axis=0)
+    size = np.median(shapes * spacings, axis=0) / target
+    worst = int(np.argmax(target))
+    others = [a for a in range(3) if a != worst]
+    if target[worst] > ANISO_THRESHOLD * target[others].min() and size[worst] * ANISO_THRESHOLD < size[others].min():
+        coarse = max(float(np.percentile(spacings[:, worst], 10)), float(target[others].max()) + 1e-5)
+        target[worst] = coarse
+        return target, f"anisotropic: axis {worst} at the 10th percentile of its spacings (nnU-Net's rule)"
+    return target, "the median spacing per axis (nnU-Net's rule)"
+
+
+def topology(patch: np.ndarray, spacing: np.ndarray) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
+    """Per-level strides and kernels, and the patch rounded up to what the strides divide.
+
+    nnU-Net's ``get_pool_and_conv_props``: an axis is pooled while its feature map stays at least
+    ``2 * MIN_FEATURE_MAP`` and its spacing is at most twice the finest current spacing (a coarse
+    axis waits until pooling the fine ones has caught up); its kernel is 1 while its spacing is more
+    than twice the finest (no mixing across thick slices), else 3.
+    """
+    size, current = patch.astype(float).copy(), spacing.astype(float).copy()
+    strides, kernels = [], []
+
+    def kernel(spacing_now: np.ndarray) -> list[int]:
+        return [3 if spacing_now[a] <= 2 * spacing_now.min() else 1 for a in range(3)]
+
+    for _ in range(MAX_LEVELS - 1):
+        pool = [bool(size[a] >= 2 * MIN_FEATURE_MAP and current[a] <= 2 * current.min()) for a in range(3)]
+        if not any(pool):
+            break
+        kernels.append(kernel(current))
+        strides.append([2 if p else 1 for p in pool])
+        size = np.where(pool, size / 2, size)
+        current = np.where(pool, current * 2, current)
+    kernels.append(kernel(current))  # the bottom level
+    divisor = np.prod(np.array(strides or [[1, 1, 1]]), axis=0)
+    rounded = (np.ceil(patch / divisor) * divisor).astype(int)
+    return strides, kernels, rounded
+
+
+def measured_step_seconds(device: str) -> StepTimer:
+    """A :data:`StepTimer` that trains the candidate for a few real steps on random tensors."""
+    from imgx3d.methods.base import build_method
+    from imgx3d.resources import resolve_device
+
+    dev = resolve_device(device)
+
+    def timer(cfg: Config) -> float:
+        method = build_method(cfg.method, 3, 1).to(dev).train()
+        params = [p for group in method.parameter_groups().values() for p in group]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        shape = (cfg.data.batch_size, 1, *cfg.data.patch_size)
+        batch = {"image": torch.randn(shape, device=dev),
+                 "label": torch.randint(0, 3, (shape[0], 1, *shape[2:]), device=dev)}
+        seconds = []
+        for step in range(4):  # the first is a warm-up (allocations, cuDNN autotuning)
+            t0 = time.perf_counter()
+            loss = sum(v for k, v in method.training_step(batch, step).items() if k.startswith("loss/"))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds.append(time.perf_counter() - t0)
+        return float(np.median(seconds[1:]))
+
+    return timer
+
+
+def plan(fp: Fingerprint, method: str = "unet", budget_minutes: float = 30.0, device: str = "auto",
+         step_timer: StepTimer | None = None) -> Plan:
+    """The plan of ``method`` for the dataset ``fp`` describes, fitted to ``budget_minutes`` of training.
+
+    Args:
+        step_timer: seconds per step of a candidate config (default: measured on ``device``).
+    """
+    result = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": method}})
+    _plan_data(result, fp)
+    _plan_network(result, fp)
+    _plan_budget(result, budget_minutes, step_timer or measured_step_seconds(device))
+    _plan_training(result, budget_minutes)
+    return result
+
+
+def _plan_data(result: Plan, fp: Fingerprint) -> None:
+    spacing, why = target_spacing(fp)
+    if np.allclose(fp.spacings, spacing, atol=1e-3):
+        result.decide("data.spacing", None, f"every case is already at {spacing.round(3).tolist()} mm ({why}): "
+                                            "no resampling")
+    else:
+        result.decide("data.spacing", [round(float(s), 4) for s in spacing], why)
+    if fp.modality == "CT":
+        ch = fp.channels[0]
+        result.decide("data.preset", "ct", "CT (names or Hounsfield intensities)")
+        result.decide("data.ct_window", [round(ch.p00_5, 1), round(ch.p99_5, 1)],
+                      "the foreground's 0.5 / 99.5 percentiles (nnU-Net's CT clip; scaled to [0, 1] rather than "
+                      "z-scored: an affine map of the same clipped range, which the first normalisation layer absorbs)")
+    else:
+        result.decide("data.preset", "mri", f"{fp.modality}: per-case z-score (nnU-Net's default scheme)")
+        result.decide("data.mri_norm", "zscore", "per case and channel")
+        nonzero = float(np.median([c.nonzero_fraction for c in fp.cases]))
+        result.decide("data.mri_nonzero", nonzero < NONZERO_BACKGROUND,
+                      f"the non-zero region covers {nonzero:.0%} of a median volume (nnU-Net: inside the mask when "
+                      f"under {NONZERO_BACKGROUND:.0%})")
+    result.decide("data.flip_axes", [0], "left-right mirroring only (nnU-Net mirrors every axis; anterior/posterior "
+                                         "and superior/inferior carry meaning: classes named by position swap under "
+                                         "them)")
+    result.decide("infer.tta_flips", [0], "the training mirrors, averaged at inference")
+
+
+def _plan_network(result: Plan, fp: Fingerprint) -> None:
+    spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
+    median_shape = np.median(fp.shapes * fp.spacings, axis=0) / spacing
+    strides, kernels, patch = topology(np.ceil(median_shape), spacing)
+    result.decide("data.patch_size", patch.tolist(),
+                  f"the median shape at the target spacing ({np.ceil(median_shape).astype(int).tolist()}), rounded up "
+                  "to what the strides divide: every window sees a whole median case (nnU-Net starts from it too)")
+    isotropic = all(k == [3, 3, 3] for k in kernels) and all(len(set(s)) == 1 for s in strides)
+    if isotropic:
+        result.decide("method.arch", "unet", "isotropic kernels: MONAI's residual UNet (the hippocampus baseline's)")
+        result.decide("method.strides", [s[0] for s in strides], f"{len(strides)} poolings while every axis stays "
+                                                                 f">= {2 * MIN_FEATURE_MAP} voxels")
+    else:
+        result.decide("method.arch", "dynunet", "anisotropic: MONAI's DynUNet (nnU-Net's network) with per-axis "
+                                                "kernels and strides")
+        result.decide("method.strides", strides, "per axis: pool an axis only while it stays large enough and not "
+                                                 "much coarser than the finest (nnU-Net's rule)")
+        result.decide("method.kernel_size", kernels, "1 along an axis more than twice as coarse as the finest")
+    result.decide("method.num_res_units", 2, "two residual units per block (the baseline's)")
+    result.decide("method.norm", "instance", "instance norm (nnU-Net's)")
+
+
+def _plan_budget(result: Plan, budget_minutes: float, step_timer: StepTimer) -> None:
+    """Time (width, batch) candidates, largest first, and keep the first that reaches ENOUGH_STEPS."""
+    levels = len(result.tree["method"]["strides"]) + 1
+    started, tried = time.perf_counter(), []
+    for width in WIDTHS:
+        for batch in BATCHES:
+            channels = [min(width * 2**i, MAX_WIDTH) for i in range(levels)]
+            candidate = Plan(_with(result.tree, {"method": {"channels": channels}, "data": {"batch_size": batch}}))
+            seconds = step_timer(candidate.config(["tracking.enabled=false"]))
+            steps = int(60 * budget_minutes / max(seconds, 1e-9))
+            tried.append(f"width {width} batch {batch}: {seconds:.3f} s/step, {steps} steps")
+            out_of_time = time.perf_counter() - started > TIMING_SECONDS
+            if steps >= ENOUGH_STEPS or out_of_time or (width, batch) == (WIDTHS[-1], BATCHES[-1]):
+                reason = (f"the largest candidate reaching {ENOUGH_STEPS} steps in {budget_minutes:g} minutes"
+                          if steps >= ENOUGH_STEPS else "the smallest candidate: none reached "
+                          f"{ENOUGH_STEPS} steps in the budget") + f" (measured: {'; '.join(tried)})"
+                result.decide("method.channels", channels, reason)
+                result.decide("data.batch_size", batch, f"with width {width}: {steps} steps in the budget")
+                return
+
+
+def _with(tree: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for section, values in changes.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def _plan_training(result: Plan, budget_minutes: float) -> None:
+    result.decide("train.max_minutes", budget_minutes, "the budget")
+    result.decide("train.max_steps", 100_000, "a ceiling: the budget ends the run first")
+    result.decide("train.schedule_over", "budget", "the cosine anneals over the budget, whatever the machine's speed")
+    result.decide("train.lr", 0.002, "AdamW 2e-3 with cosine decay (the hippocampus baseline's; nnU-Net: SGD 1e-2 "
+                                     "over 1000 epochs, which a budget of minutes does not reach)")
+    result.decide("train.warmup_steps", 100, "a short linear warm-up")
+    result.decide("train.val_every", 500, "validation every 500 steps")
+    result.decide("train.checkpoint_every", 500, "a checkpoint at every validation")

@@ -1,0 +1,131 @@
+"""Fingerprints of datasets with known statistics, and the planner's decisions with exact expectations."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from imgx3d.planning.fingerprint import CaseStats, ChannelStats, ClassStats, Fingerprint, fingerprint
+from imgx3d.planning.planner import ENOUGH_STEPS, plan, target_spacing, topology
+
+
+def _write_dataset(root, shapes, spacing, modality="MRI", value=100.0, background=0.0, seed=0):
+    """An MSD dataset whose foreground (label 1: a box) holds ``value`` + noise of std 1 on ``background``."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i, shape in enumerate(shapes):
+        label = np.zeros(shape, np.uint8)
+        box = tuple(slice(s // 4, s // 4 + max(1, s // 2)) for s in shape)
+        label[box] = 1
+        image = np.full(shape, background, np.float32)
+        image[box] = value + rng.normal(size=label[box].shape)
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"c{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": root.name, "modality": {"0": modality},
+                                                   "labels": {"0": "background", "1": "box"},
+                                                   "training": training}))
+    return root
+
+
+def test_fingerprint_measures_known_statistics_and_is_cached_outside_the_dataset(tmp_path):
+    root = _write_dataset(tmp_path / "ds", [(20, 16, 12), (24, 16, 10), (22, 18, 12)], (0.8, 0.8, 2.5))
+    fp = fingerprint(root, cache_dir=tmp_path / "plan")
+    assert fp.modality == "MRI" and len(fp.cases) == 3
+    np.testing.assert_allclose(np.median(fp.spacings, axis=0), [0.8, 0.8, 2.5], atol=1e-6)
+    assert [c.shape for c in fp.cases] == [[20, 16, 12], [24, 16, 10], [22, 18, 12]]
+    ch = fp.channels[0]
+    assert abs(ch.mean - 100.0) < 0.1 and abs(ch.std - 1.0) < 0.1, "foreground voxels only: value + N(0, 1)"
+    assert 96.5 < ch.p00_5 < 98.0 and 102.0 < ch.p99_5 < 103.5, "the normal's 0.5 / 99.5 percentiles: ±2.58"
+    (box,) = fp.classes
+    assert box.cases == 3 and box.bbox_median == [11.0, 8.0, 6.0] and box.voxels_median == 11 * 8 * 6
+    assert (tmp_path / "plan" / "fingerprint.json").is_file() and not (root / "fingerprint.json").exists()
+    assert fingerprint(root, cache_dir=tmp_path / "plan") == fp, "read back from the cache"
+
+
+def test_ct_is_recognised_by_its_hounsfield_units_whatever_the_name(tmp_path):
+    root = _write_dataset(tmp_path / "ds", [(16, 16, 8)] * 2, (1.0, 1.0, 1.0), modality="scan", value=40.0,
+                          background=-1000.0)
+    # the box is soft tissue at 40 HU; add air inside the label so the foreground spans below -500
+    for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+        label = np.asarray(nib.load(str(path)).dataobj).copy()
+        label[0:2, 0:2, 0:2] = 1
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(path))
+    for path in sorted((root / "imagesTr").glob("*.nii.gz")):
+        image = np.asarray(nib.load(str(path)).dataobj).copy()
+        image[4:8, 4:8, 2:4] = 300.0  # bone-ish inside the box
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))
+    assert fingerprint(root).modality == "CT"
+
+
+def _fp(spacings, shapes, modality="MRI", nonzero=1.0):
+    cases = [CaseStats(f"c{i}", list(sh), list(sp), "RAS", nonzero) for i, (sp, sh) in enumerate(zip(spacings, shapes))]
+    return Fingerprint("synthetic", modality, cases, [ChannelStats("ch", 0.0, 1.0, -900.0, 1200.0, -1000, 2000)],
+                       [ClassStats(1, "a", len(cases), 100.0, [5.0, 5.0, 5.0])])
+
+
+def test_target_spacing_is_the_median_and_the_10th_percentile_on_an_anisotropic_axis():
+    iso = _fp([(1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (0.8, 0.8, 0.8)], [(100, 100, 100)] * 3)
+    np.testing.assert_allclose(target_spacing(iso)[0], [1.0, 1.0, 1.0])
+    # cardiac cine-like: 1.5 mm in-plane, 6-10 mm slices, ~10 slices
+    spacings = [(1.5, 1.5, z) for z in (6.0, 7.0, 8.0, 9.0, 10.0)]
+    aniso = _fp(spacings, [(200, 200, 10)] * 5)
+    spacing, why = target_spacing(aniso)
+    np.testing.assert_allclose(spacing, [1.5, 1.5, np.percentile([6, 7, 8, 9, 10], 10)])
+    assert "anisotropic" in why
+
+
+@pytest.mark.parametrize("patch, spacing, strides, kernels, rounded", [
+    # isotropic 35 x 50 x 36 at 1 mm (hippocampus): three poolings (the last one leaves >= 4 voxels)
+    ([35, 50, 36], [1.0, 1.0, 1.0], [[2, 2, 2]] * 3, [[3, 3, 3]] * 4, [40, 56, 40]),
+    # anisotropic 1.5 x 1.5 x 7 mm: z waits (kernel 1) until in-plane pooling has caught up
+    ([200, 200, 10], [1.5, 1.5, 7.0], [[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 1]],
+     [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]], [208, 208, 10]),
+    # tiny volumes: no axis can be pooled twice
+    ([12, 10, 9], [1.0, 1.0, 1.0], [[2, 2, 2]], [[3, 3, 3], [3, 3, 3]], [12, 10, 10]),
+])
+def test_topology_pools_each_axis_by_nnunet_rules(patch, spacing, strides, kernels, rounded):
+    got_strides, got_kernels, got_patch = topology(np.array(patch), np.array(spacing))
+    assert got_strides == strides and got_kernels == kernels and got_patch.tolist() == rounded
+
+
+def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_timer():
+    fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
+    timed = []
+
+    def timer(cfg):  # a fake clock: a step costs the patch voxels x batch x width, scaled
+        timed.append((cfg.method.channels[0], cfg.data.batch_size))
+        return cfg.method.channels[0] * cfg.data.batch_size * 1e-3
+
+    result = plan(fp, "unet", budget_minutes=1.0, step_timer=timer)
+    cfg = result.config()
+    # width 32 x batch 4 = 0.128 s/step → 468 steps in a minute, ... 16 x 2 = 0.032 s → 1875 steps: none
+    # reaches ENOUGH_STEPS (2000), so the smallest candidate is kept
+    assert timed == [(32, 4), (32, 2), (24, 4), (24, 2), (16, 4), (16, 2)]
+    assert cfg.method.channels == [16, 32, 64, 128] and cfg.data.batch_size == 2
+    assert cfg.data.spacing is None and cfg.data.patch_size == [40, 56, 40] and cfg.method.strides == [2, 2, 2]
+    assert cfg.data.preset == "mri" and cfg.data.mri_nonzero is False and cfg.train.max_minutes == 1.0
+    assert all(d.reason for d in result.decisions)
+    roomy = plan(fp, "unet", budget_minutes=60.0, step_timer=timer).config()
+    assert (roomy.method.channels[0], roomy.data.batch_size) == (32, 4), f"{ENOUGH_STEPS} steps reachable in 60 min"
+
+
+def test_anisotropic_ct_plan_uses_dynunet_with_per_axis_kernels_and_builds():
+    from imgx3d.methods.base import build_method
+
+    fp = _fp([(0.8, 0.8, 5.0)] * 4, [(120, 120, 24)] * 4, modality="CT")
+    cfg = plan(fp, "unet", budget_minutes=30.0, step_timer=lambda cfg: 0.01).config()
+    assert cfg.data.preset == "ct" and cfg.data.ct_window == [-900.0, 1200.0]
+    assert cfg.method.arch == "dynunet" and cfg.method.kernel_size[0] == [3, 3, 1]
+    assert cfg.data.spacing == [0.8, 0.8, 5.0] or cfg.data.spacing is None
+    method = build_method(cfg.method, 3, 1)
+    import torch
+
+    out = method.net(torch.zeros(1, 1, *cfg.data.patch_size))
+    assert tuple(out.shape[2:]) == tuple(cfg.data.patch_size)
