@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--volume", action="store_true", help="the data are 3D volumes (the default)")
     mode.add_argument("--image", action="store_true", help="the data are 2D images with masks (PNG/JPEG/TIFF/GIF/"
                       "BMP, e.g. image/ + label/); needs a 2D method such as sdseg")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/hippocampus/unet.yaml")
+    p.add_argument("--config", help="YAML config, e.g. configs/hippocampus/unet.yaml; without it the dataset is "
+                   "planned first (imgx3d plan), and with --budget the file's keys override the plan")
+    p.add_argument("--budget", help="plan the dataset for this much training (30m, 2h, 90s; bare numbers are "
+                   "minutes) and train on the plan")
     p.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2, BTCV, case folders or pairs)")
     p.add_argument("--method", help="train this method instead of the config's (keys it shares with the "
                    "config's method are kept), e.g. --method vae to train the codec an sdseg config describes")
@@ -50,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
     _add_tracking(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=500")
+
+    p = sub.add_parser("plan", help="fingerprint a dataset and write a complete config for it, every decision "
+                       "explained (nnU-Net's rules, fitted to a measured compute budget)")
+    p.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2, BTCV, case folders or pairs)")
+    p.add_argument("--method", default="unet", help="the method to plan (3D methods share the U-Net's topology; "
+                   "per-slice methods get the 2D plan)")
+    p.add_argument("--budget", default="30m", help="training time the plan must fit: 30m, 2h, 90s (bare: minutes)")
+    p.add_argument("--device", default="auto", help="where the budget is measured: auto, cpu, cuda or cuda:N")
+    p.add_argument("--output", help="the plan's YAML (default plans/<dataset>/<method>.yaml)")
 
     p = sub.add_parser("predict", help="predict NIfTI label maps for volumes or folders")
     src = p.add_mutually_exclusive_group(required=True)
@@ -121,8 +133,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_budget(text: str) -> float:
+    """``30m``, ``2h``, ``90s`` or a bare number of minutes → minutes."""
+    units = {"s": 1 / 60, "m": 1.0, "h": 60.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "m")
+    try:
+        minutes = float(number) * units[unit]
+    except ValueError:
+        raise InputError(f"--budget {text}: not a duration; use e.g. 30m, 2h or 90s") from None
+    if minutes <= 0:
+        raise InputError(f"--budget {text}: must be more than 0")
+    return minutes
+
+
+def plan_folder(data: str | Path) -> Path:
+    """Where plans (and the cached fingerprint) of a dataset go: ``plans/<dataset folder name>``."""
+    return Path("plans") / Path(data).resolve().name
+
+
+def _planned_tree(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """The plan of ``--data`` for ``--method`` within ``--budget`` (a config file's keys on top), and
+    the files that record it in the run folder."""
+    import json
+
+    from imgx3d.config import _merge, load_yaml
+    from imgx3d.planning.fingerprint import fingerprint
+    from imgx3d.planning.planner import plan
+
+    method = args.method or (load_yaml(args.config).get("method", {}).get("name") if args.config else None) or "unet"
+    budget = parse_budget(args.budget or "30m")
+    fp = fingerprint(args.data, cache_dir=plan_folder(args.data))
+    result = plan(fp, method, budget, args.device or "auto")
+    print("\n".join(["imgx3d plan:", *fp.summary(), *result.explain()]), file=sys.stderr)
+    tree = _merge(result.tree, load_yaml(args.config)) if args.config else result.tree
+    return tree, {"plan.yaml": result.to_yaml(), "fingerprint.json": json.dumps(fp.to_json(), indent=1)}
+
+
 def _load_overrides(args: argparse.Namespace):
-    from imgx3d.config import load_config
+    from imgx3d.config import load_config, load_yaml
 
     overrides = list(args.overrides)
     if getattr(args, "seed", None) is not None:
@@ -137,17 +185,19 @@ def _load_overrides(args: argparse.Namespace):
         overrides.append("tracking.enabled=false")
     if getattr(args, "image", False) or getattr(args, "volume", False):
         overrides.append(f"data.mode={'image' if args.image else 'volume'}")
-    if getattr(args, "method", None):
+    records: dict[str, str] = {}
+    if not args.config or getattr(args, "budget", None):  # no config, or a budget: plan the dataset first
+        tree, records = _planned_tree(args)
+    else:
+        tree = load_yaml(args.config)
+    if getattr(args, "method", None) and tree.get("method", {}).get("name") != args.method:
         import dataclasses
 
-        from imgx3d.config import load_yaml
         from imgx3d.methods.base import method_class
 
-        tree = load_yaml(args.config)
         shared = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
         tree["method"] = {**{k: v for k, v in tree.get("method", {}).items() if k in shared}, "name": args.method}
-        return load_config(None, overrides, base=tree)
-    return load_config(args.config, overrides)
+    return load_config(None, overrides, base=tree), records
 
 
 def tracking_uri(flag: str | None) -> str:
@@ -156,14 +206,15 @@ def tracking_uri(flag: str | None) -> str:
 
 
 def _load(args: argparse.Namespace):
-    """The run's config: the file, the flags and overrides, then mlflow's environment variables
-    (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``) where neither flag nor file set the value."""
-    cfg = _load_overrides(args)
+    """The run's config — the file (or the dataset's plan), the flags and overrides, then mlflow's
+    environment variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``) where neither flag
+    nor file set the value — and the files that record a plan in the run folder."""
+    cfg, records = _load_overrides(args)
     if not args.tracking_uri and cfg.tracking.uri == DEFAULT_TRACKING_URI:
         cfg.tracking.uri = tracking_uri(None)
     if not getattr(args, "experiment", None) and not cfg.tracking.experiment:
         cfg.tracking.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
-    return cfg
+    return cfg, records
 
 
 def _print_result(result) -> None:
@@ -185,8 +236,8 @@ def _print_result(result) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from imgx3d.training.workflow import train_run
 
-    cfg = _load(args)
-    result = train_run(cfg, args.data, args.run_dir, args.resume)
+    cfg, records = _load(args)
+    result = train_run(cfg, args.data, args.run_dir, args.resume, records=records)
     if result.rank == 0:  # under torchrun, one report
         _print_result(result)
     return 0
@@ -232,6 +283,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    from imgx3d.data.io import atomic_write_text
+    from imgx3d.planning.fingerprint import fingerprint
+    from imgx3d.planning.planner import plan
+
+    budget = parse_budget(args.budget)
+    t0 = time.perf_counter()
+    fp = fingerprint(args.data, cache_dir=plan_folder(args.data))
+    print(f"fingerprint ({time.perf_counter() - t0:.1f} s):")
+    print("\n".join("  " + line for line in fp.summary()))
+    t0 = time.perf_counter()
+    result = plan(fp, args.method, budget, args.device)
+    print(f"plan for {args.method}, {budget:g} minutes of training ({time.perf_counter() - t0:.1f} s):")
+    print("\n".join("  " + line for line in result.explain()))
+    output = Path(args.output or plan_folder(args.data) / f"{args.method}.yaml")
+    atomic_write_text(output, result.to_yaml())
+    print(f"plan written to {output}; train on it with: imgx3d train --config {output} --data {args.data}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from imgx3d.evaluation.compare import to_markdown, write_comparison
 
@@ -257,7 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not args.config:
         args.config = str(REPO_ROOT / "configs" / ("demo.yaml" if args.method == "unet" else "demo_imgx.yaml"))
-    cfg = _load(args)
+    cfg, _ = _load(args)
     run_demo(cfg, Path(args.workdir), args.cases)
     return 0
 
@@ -287,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; stay quiet without it
     commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
-                "demo": cmd_demo, "synth": cmd_synth}
+                "demo": cmd_demo, "synth": cmd_synth, "plan": cmd_plan}
     try:
         with stop_on_signals() if args.command in STOPPABLE else contextlib.nullcontext():
             return commands[args.command](args)

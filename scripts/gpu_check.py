@@ -193,6 +193,8 @@ def _cli(*argv: str, torchrun: bool = False, timeout: float = 600) -> subprocess
 
 @section("torchrun")
 def check_torchrun(device: torch.device, data: Path, work: Path, dry: bool) -> None:
+    from imgx3d.checkpoint import load_checkpoint
+
     first, last = (8, 10) if dry else (65, 80)
     config = work / "torchrun.yaml"
     config.write_text("method: {name: unet}\n")
@@ -201,10 +203,10 @@ def check_torchrun(device: torch.device, data: Path, work: Path, dry: bool) -> N
     run = work / "torchrun"
     t0 = time.perf_counter()
     _cli("train", "--run-dir", str(run), *common, f"train.max_steps={first}", torchrun=True)
-    step = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"]
+    step = load_checkpoint(run / "last.pt").get("step")
     assert step == first, f"last.pt at step {step}, not {first}"
     _cli("train", "--resume", str(run), *common, f"train.max_steps={last}", torchrun=True)
-    resumed = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    resumed = load_checkpoint(run / "last.pt").state
     assert resumed["step"] == last, f"the resumed run ended at {resumed['step']}"
     backend = "nccl" if device.type == "cuda" else "gloo"
     emit("torchrun", resumed["step"], "steps", ok=True, first_run_steps=first, backend=backend,

@@ -44,7 +44,8 @@ def test_fingerprint_measures_known_statistics_and_is_cached_outside_the_dataset
     assert abs(ch.mean - 100.0) < 0.1 and abs(ch.std - 1.0) < 0.1, "foreground voxels only: value + N(0, 1)"
     assert 96.5 < ch.p00_5 < 98.0 and 102.0 < ch.p99_5 < 103.5, "the normal's 0.5 / 99.5 percentiles: ±2.58"
     (box,) = fp.classes
-    assert box.cases == 3 and box.bbox_median == [11.0, 8.0, 6.0] and box.voxels_median == 11 * 8 * 6
+    # boxes 10 x 8 x 6, 12 x 8 x 5, 11 x 9 x 6: medians per axis and of the counts (480, 480, 594)
+    assert box.cases == 3 and box.bbox_median == [11.0, 8.0, 6.0] and box.voxels_median == 480
     assert (tmp_path / "plan" / "fingerprint.json").is_file() and not (root / "fingerprint.json").exists()
     assert fingerprint(root, cache_dir=tmp_path / "plan") == fp, "read back from the cache"
 
@@ -129,3 +130,41 @@ def test_anisotropic_ct_plan_uses_dynunet_with_per_axis_kernels_and_builds():
 
     out = method.net(torch.zeros(1, 1, *cfg.data.patch_size))
     assert tuple(out.shape[2:]) == tuple(cfg.data.patch_size)
+
+
+def test_train_without_a_config_plans_records_the_plan_and_predicts_on_the_native_grid(msd_dataset, tmp_path,
+                                                                                         monkeypatch):
+    """``imgx3d train --data DIR`` with no --config: fingerprint, plan (budget measured), train, and the
+    run folder keeps plan.yaml and fingerprint.json; predictions keep the input's geometry."""
+    from imgx3d.cli import main
+
+    monkeypatch.chdir(tmp_path)  # plans/<dataset>/ (the fingerprint cache) goes here, not into the dataset
+    run = tmp_path / "run"
+    assert main(["train", "--volume", "--data", str(msd_dataset), "--run-dir", str(run), "--no-track",
+                 "--budget", "0.2", "--device", "cpu", "train.max_steps=4", "train.val_every=2",
+                 "train.checkpoint_every=2", "data.num_workers=0", "train.warmup_steps=0"]) == 0
+    assert {"plan.yaml", "fingerprint.json", "config.yaml", "best.pt"} <= {p.name for p in run.iterdir()}
+    assert (tmp_path / "plans" / "msd" / "fingerprint.json").is_file()
+    assert not (msd_dataset / "fingerprint.json").exists()
+    plan_text = (run / "plan.yaml").read_text()
+    assert "data.patch_size" in plan_text and "nnU-Net" in plan_text, "every decision with its reason"
+    source = msd_dataset / "imagesTr" / "case_0.nii.gz"
+    assert main(["predict", "--run", str(run), "--input", str(source), "--output", str(tmp_path / "pred"),
+                 "--device", "cpu"]) == 0
+    written, original = nib.load(str(tmp_path / "pred" / "case_0.nii.gz")), nib.load(str(source))
+    assert written.shape == original.shape
+    np.testing.assert_allclose(written.affine, original.affine)
+
+
+def test_plan_command_prints_its_decisions_and_writes_a_loadable_config(msd_dataset, tmp_path, capsys, monkeypatch):
+    from imgx3d.cli import main
+    from imgx3d.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--data", str(msd_dataset), "--method", "imgx", "--budget", "0.1", "--device", "cpu",
+                 "--output", str(tmp_path / "imgx.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "median spacing" in out and "method.channels" in out and "imgx" in out
+    cfg = load_config(tmp_path / "imgx.yaml")
+    assert cfg.method.name == "imgx" and cfg.method.strides and cfg.data.patch_size
+    assert main(["plan", "--data", str(msd_dataset), "--budget", "soon"]) == 2, "a bad budget: one line, exit 2"

@@ -27,7 +27,11 @@ class UNetConfig(MethodConfig):
     Attributes:
         spatial_dims: 3 (patches of volumes) or 2 (slices, through the slice adapter).
         arch: ``unet`` (MONAI UNet with residual units) or ``dynunet``.
-        channels: features per level; strides: downsampling between levels.
+        channels: features per level.
+        strides: downsampling between levels: a factor, or one per axis (``[[2, 2, 1], ...]``: an
+            anisotropic plan pools the thick-slice axis later).
+        kernel_size: the convolutions' kernel: one size, or (``dynunet``) one per level, each a size
+            or one per axis (``[[3, 3, 1], [3, 3, 3], ...]``: no mixing across thick slices).
         num_res_units: residual units per block (``unet`` only).
         norm: normalisation layer (``instance``, ``batch``, ...).
         dropout: dropout probability.
@@ -39,11 +43,11 @@ class UNetConfig(MethodConfig):
     spatial_dims: Literal[2, 3] = 3
     arch: Literal["unet", "dynunet"] = "unet"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    strides: list[int | list[int]] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 2
     norm: str = "instance"
     dropout: float = 0.0
-    kernel_size: int = 3
+    kernel_size: int | list[int | list[int]] = 3
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     batch_dice: bool = True

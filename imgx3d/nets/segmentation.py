@@ -11,23 +11,29 @@ from imgx3d.errors import ConfigError
 
 
 def build_segmentation_net(arch: str, spatial_dims: int, in_channels: int, out_channels: int,
-                           channels: Sequence[int], strides: Sequence[int], num_res_units: int = 2,
-                           norm: str = "instance", dropout: float = 0.0, kernel_size: int = 3) -> nn.Module:
+                           channels: Sequence[int], strides: Sequence[int | Sequence[int]], num_res_units: int = 2,
+                           norm: str = "instance", dropout: float = 0.0,
+                           kernel_size: int | Sequence[int | Sequence[int]] = 3) -> nn.Module:
     """A U-Net mapping (B, in, ...) to (B, out, ...) logits.
 
     Args:
         arch: ``unet`` (MONAI UNet) or ``dynunet`` (MONAI DynUNet, conv blocks as nnU-Net).
         channels: feature width per level; ``len(strides) == len(channels) - 1``.
-        strides: downsampling factor between levels; the patch size must be divisible by
-            their product.
+        strides: downsampling factor between levels (or one per axis); the patch size must be
+            divisible by their product along each axis.
+        kernel_size: one kernel size; with ``dynunet`` also one per level (each a size or per axis).
     """
+    per_level = isinstance(kernel_size, Sequence) and len(kernel_size) == len(channels) and arch == "dynunet"
     if len(strides) != len(channels) - 1:
         raise ConfigError(f"config key 'method.strides' needs {len(channels) - 1} entries (one per level below the top)")
     if arch == "unet":
+        if isinstance(kernel_size, Sequence):
+            raise ConfigError("config key 'method.kernel_size': per-level kernels need method.arch: dynunet")
         return UNet(spatial_dims, in_channels, out_channels, channels=list(channels), strides=list(strides),
                     kernel_size=kernel_size, num_res_units=num_res_units, norm=norm, dropout=dropout)
     if arch == "dynunet":
-        return DynUNet(spatial_dims, in_channels, out_channels, kernel_size=[kernel_size] * len(channels),
+        kernels = list(kernel_size) if per_level else [kernel_size] * len(channels)
+        return DynUNet(spatial_dims, in_channels, out_channels, kernel_size=kernels,
                        strides=[1, *strides], upsample_kernel_size=list(strides), filters=list(channels),
                        norm_name=norm, dropout=dropout or None)
     raise ConfigError(f"config key 'method.arch' must be unet or dynunet, got '{arch}'")

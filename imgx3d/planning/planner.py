@@ -37,6 +37,7 @@ ENOUGH_STEPS = 2000
 TIMING_SECONDS = 60.0  # the whole budget measurement
 WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
+CODEC_FACTOR = 8  # the SD-format latent codec's downsampling: 2D slice sizes are multiples of it
 
 StepTimer = Callable[[Config], float]  # seconds per optimiser step of a candidate plan
 
@@ -162,12 +163,49 @@ def plan(fp: Fingerprint, method: str = "unet", budget_minutes: float = 30.0, de
     Args:
         step_timer: seconds per step of a candidate config (default: measured on ``device``).
     """
-    result = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": method}})
+    result = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}})
     _plan_data(result, fp)
     _plan_network(result, fp)
     _plan_budget(result, budget_minutes, step_timer or measured_step_seconds(device))
     _plan_training(result, budget_minutes)
+    if method != "unet":
+        _adapt(result, fp, method)
     return result
+
+
+def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
+    """Another method on the U-Net's plan: the same data section, split and budget; a 3D method takes
+    the U-Net's topology (the keys its config shares: levels, widths, strides), so comparisons are
+    fair by construction; a per-slice method gets the 2D plan."""
+    import dataclasses
+
+    from imgx3d.methods.base import method_class
+
+    cls = method_class(method)
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    unet = result.tree["method"]
+    shared = {k: v for k, v in unet.items() if k in fields and k != "name"}
+    if "strides" in shared and any(isinstance(s, list) for s in shared["strides"]):
+        shared["strides"] = [max(s) if isinstance(s, list) else s for s in shared["strides"]]
+        result.decisions.append(Decision("method.strides", shared["strides"], f"{method}'s backbone pools every axis "
+                                         "alike: the U-Net's levels with isotropic strides"))
+    result.tree["method"] = {"name": method}
+    spatial_dims = cls.spatial_dims
+    if spatial_dims == 3:
+        result.tree["method"].update(shared)
+        result.decisions.append(Decision("method", method, f"the U-Net plan's topology ({', '.join(sorted(shared))}) "
+                                         "and data section: the same network levels, a fair comparison"))
+        return
+    spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
+    median_shape = np.median(fp.shapes * fp.spacings, axis=0) / spacing
+    axis = int(np.argmax(spacing)) if spacing.max() > spacing.min() * 1.01 else 2
+    plane = [a for a in range(3) if a != axis]
+    size = [int(max(32, np.ceil(median_shape[a] / CODEC_FACTOR) * CODEC_FACTOR)) for a in plane]
+    result.decide("data.slices.axis", axis, "slices across the coarsest axis (axial when isotropic)")
+    result.decide("data.slices.size", size, f"the in-plane median shape rounded up to the latent codec's factor "
+                                            f"({CODEC_FACTOR}), at least 32")
+    result.decide("method", method, "a per-slice method: the 2D plan with the U-Net plan's data section and budget "
+                                    "(its own network defaults; not timed)")
 
 
 def _plan_data(result: Plan, fp: Fingerprint) -> None:
@@ -194,6 +232,13 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
                                          "and superior/inferior carry meaning: classes named by position swap under "
                                          "them)")
     result.decide("infer.tta_flips", [0], "the training mirrors, averaged at inference")
+    result.decide("data.affine_prob", 0.2, "random rotation (±15°) and scaling (±15 %) with probability 0.2 "
+                                           "(nnU-Net: p 0.2, ±30°, 0.7-1.4; milder here for minute-long budgets)")
+    result.decide("data.pos_fraction", 0.67, "two thirds of the patches centred on foreground (nnU-Net forces 1/3; "
+                                             "more here: short runs see fewer patches)")
+    result.decide("data.num_workers", 1, "one loader process prepares batches while the model trains")
+    result.decide("data.split", {"seed": 0, "test_fraction": 0.2, "val_fraction": 0.1},
+                  "a held-out 20 % test split, 10 % of the rest to validate (seeded: the same split for every method)")
 
 
 def _plan_network(result: Plan, fp: Fingerprint) -> None:

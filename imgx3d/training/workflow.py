@@ -155,7 +155,7 @@ def _run_tags(cfg: Config, split: Split) -> dict[str, str]:
 
 
 def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = None, resume: str | Path | None = None,
-              test_at_end: bool = True) -> TrainResult:
+              test_at_end: bool = True, records: dict[str, str] | None = None) -> TrainResult:
     """Train ``cfg`` on the dataset at ``data_root`` and evaluate on its held-out test cases.
 
     Under ``torchrun`` every rank calls this; training is data-parallel and rank 0 alone writes
@@ -165,11 +165,13 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
         run_dir: output folder (default ``runs/<dataset>/<method>-<time>``).
         resume: a run folder or its ``last.pt``: continue that run exactly.
         test_at_end: predict the test split on the native grid and log per-class metrics.
+        records: more files for the run folder and mlflow, name → text (a plan's ``plan.yaml`` and
+            ``fingerprint.json``).
     """
     ctx, dist_device = distributed.setup(cfg.train.device)
     finished = False
     try:
-        result = _train_run(cfg, data_root, run_dir, resume, test_at_end, ctx, dist_device)
+        result = _train_run(cfg, data_root, run_dir, resume, test_at_end, ctx, dist_device, records or {})
         finished = True
         return result
     finally:
@@ -193,7 +195,8 @@ def _load_resume(resume: str | Path, cfg: Config, ctx: distributed.DistContext) 
 
 
 def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, resume: str | Path | None,
-               test_at_end: bool, ctx: distributed.DistContext, dist_device: torch.device | None) -> TrainResult:
+               test_at_end: bool, ctx: distributed.DistContext, dist_device: torch.device | None,
+               records: dict[str, str]) -> TrainResult:
     resume_ckpt = _load_resume(resume, cfg, ctx) if resume is not None else None
     if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
@@ -205,7 +208,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
-    _check_and_record(cfg, catalog, split, method, run_dir, ctx)
+    _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
     pre = Preprocessor(cfg.data)
     # each rank holds only its shard of the training cases; validation cases are predicted by all ranks in turn
     train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=method.plan.uses_labels,
@@ -235,6 +238,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
                                or len(str(v)) < 100}, "n_parameters": n_params, "processes": ctx.world_size})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "split.json")
+        for name in records:
+            tracker.log_artifact(run_dir / name)
 
     try:
         batches = _batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank, device.type == "cuda")
@@ -251,7 +256,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
 
 
 def _check_and_record(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
-                      ctx: distributed.DistContext) -> None:
+                      ctx: distributed.DistContext, records: dict[str, str]) -> None:
     """Refuse what cannot train (grids, too few cases for the ranks, a 3D method on 2D images); rank 0
     writes the run folder's ``split.json`` and complete ``config.yaml``."""
     unread = set() if method.plan.uses_labels else set(split.train)  # self-supervised: training labels stay closed
@@ -263,6 +268,8 @@ def _check_and_record(cfg: Config, catalog: Catalog, split: Split, method: Metho
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "split.json", json.dumps(split.to_json(), indent=1))
         save_config(cfg, run_dir / "config.yaml")
+        for name, text in records.items():
+            atomic_write_text(run_dir / name, text)
     if cfg.data.mode == "image" and method.spatial_dims != 2:
         raise ConfigError(f"method '{cfg.method.name}' is 3D; 2D images (--image) need a 2D method "
                           "(sdseg, vae, or unet with method.spatial_dims: 2)")
