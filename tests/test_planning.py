@@ -146,7 +146,7 @@ def test_train_without_a_config_plans_records_the_plan_and_predicts_on_the_nativ
     assert {"plan.yaml", "fingerprint.json", "config.yaml", "best.pt"} <= {p.name for p in run.iterdir()}
     assert (tmp_path / "plans" / "msd" / "fingerprint.json").is_file()
     assert not (msd_dataset / "fingerprint.json").exists()
-    plan_text = (run / "plan.yaml").read_text()
+    plan_text = (run / "plan.yaml").read_text(encoding="utf-8")
     assert "data.patch_size" in plan_text and "nnU-Net" in plan_text, "every decision with its reason"
     source = msd_dataset / "imagesTr" / "case_0.nii.gz"
     assert main(["predict", "--run", str(run), "--input", str(source), "--output", str(tmp_path / "pred"),
