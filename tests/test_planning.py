@@ -8,7 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from imgx3d.planning.fingerprint import CaseStats, ChannelStats, ClassStats, Fingerprint, fingerprint
+from imgx3d.planning.fingerprint import (
+    CaseStats,
+    ChannelStats,
+    ClassStats,
+    Fingerprint,
+    fingerprint,
+)
 from imgx3d.planning.planner import ENOUGH_STEPS, plan, target_spacing, topology
 
 
@@ -168,3 +174,38 @@ def test_plan_command_prints_its_decisions_and_writes_a_loadable_config(msd_data
     cfg = load_config(tmp_path / "imgx.yaml")
     assert cfg.method.name == "imgx" and cfg.method.strides and cfg.data.patch_size
     assert main(["plan", "--data", str(msd_dataset), "--budget", "soon"]) == 2, "a bad budget: one line, exit 2"
+
+
+def _method_keys(tiny: dict) -> list[str]:
+    return [f"method.{k}={json.dumps(v)}" for k, v in tiny.items() if k != "name"]
+
+
+def _smoke_overrides() -> dict[str, list[str]]:
+    from tests.test_pig import TINY as PIG
+    from tests.test_sdseg import TINY_SDSEG
+    from tests.test_siamese import TINY as SIAMESE
+
+    slices = ["data.slices.size=[32,32]"]
+    return {"imgx": ["method.channels=[4,8,16]", "method.num_res_units=0", "data.patch_size=[16,16,16]"],
+            "sdseg": [k for k in TINY_SDSEG if not k.startswith("method.name")],
+            "pig": [*_method_keys(PIG), *slices],
+            "siamese": [*_method_keys(SIAMESE), *slices],
+            "vae": ["method.codec.widths=[8,8,16,16]", "method.codec.norm_groups=8", *slices]}
+
+
+@pytest.mark.parametrize("method", ["imgx", "sdseg", "pig", "siamese", "vae"])
+def test_every_method_trains_from_a_plan(msd_dataset, tmp_path, method):
+    """Short smoke runs: each method's plan (the U-Net's data section; 3D: its topology, 2D: the slice
+    plan) loads, builds and trains; only the network widths are shrunk for the test."""
+    from imgx3d.training.workflow import train_run
+
+    result = plan(fingerprint(msd_dataset), method, 1.0, step_timer=lambda cfg: 0.01)
+    cfg = result.config([*_smoke_overrides()[method], "tracking.enabled=false", "train.max_steps=2",
+                         "train.val_every=2", "train.checkpoint_every=2", "train.max_minutes=0", "data.batch_size=2",
+                         "data.num_workers=0", "train.warmup_steps=0", "train.val_cases=1"])
+    assert cfg.method.name == method
+    if method == "imgx":
+        unet = plan(fingerprint(msd_dataset), "unet", 1.0, step_timer=lambda cfg: 0.01).config()
+        assert unet.method.strides == result.config().method.strides, "ImgX keeps the U-Net's levels"
+    run = train_run(cfg, msd_dataset, tmp_path / method, test_at_end=False)
+    assert run.steps == 2 and (run.run_dir / "best.pt").is_file()

@@ -204,8 +204,8 @@ def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
     result.decide("data.slices.axis", axis, "slices across the coarsest axis (axial when isotropic)")
     result.decide("data.slices.size", size, f"the in-plane median shape rounded up to the latent codec's factor "
                                             f"({CODEC_FACTOR}), at least 32")
-    result.decide("method", method, "a per-slice method: the 2D plan with the U-Net plan's data section and budget "
-                                    "(its own network defaults; not timed)")
+    result.decisions.append(Decision("method", method, "a per-slice method: the 2D plan with the U-Net plan's data "
+                                     "section and budget (its own network defaults; not timed)"))
 
 
 def _plan_data(result: Plan, fp: Fingerprint) -> None:
