@@ -3,6 +3,7 @@ label maps (``predictor``); the windows it runs a method through, 3D sliding, 2D
 memory-bounded streaming window (``windows``); batch prediction over files and folders with
 locks, read-ahead and atomic writes (``folder``).
 
-May import: ``data``, ``methods``, ``training.checkpoint`` and the top-level ``config``,
-``errors``, ``tracking``, ``resources``, ``interrupts``. Never the trainer or the evaluation stage.
+May import: ``data``, ``methods``, ``evaluation.plots`` (contour overlays of predictions) and the
+top-level ``config``, ``checkpoint``, ``errors``, ``tracking``, ``resources``, ``interrupts``.
+Never the trainer: training imports inference, not the other way round.
 """

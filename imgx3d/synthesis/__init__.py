@@ -1,6 +1,6 @@
 """Synthesis: ``imgx3d synth`` writes a generator run's image/mask pairs as a dataset (``synth``)
 and measures them against real slices (``quality``: Fréchet distance, KID).
 
-May import: ``data``, ``methods``, ``training.checkpoint``, ``evaluation`` and the top-level
-modules. Nothing imports it but the CLI.
+May import: ``data``, ``methods``, ``evaluation`` and the top-level modules (``checkpoint``: a
+generator run is read from its checkpoint). Nothing imports it but the CLI and benchmarks.
 """
