@@ -77,7 +77,10 @@ class Checkpoint:
 
     def build_method(self) -> "Method":
         """The method the config describes, with these weights (on the CPU, in training mode)."""
-        from imgx3d.methods.base import build_method, load_method_state  # methods read checkpoints too
+        from imgx3d.methods.base import (  # methods read checkpoints too
+            build_method,
+            load_method_state,
+        )
 
         method = build_method(self.config.method, self.num_classes, self.in_channels)
         load_method_state(method, self.weights, str(self.path))
@@ -96,7 +99,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     Serialised in memory first: torch's own file writer reports a full disk as a bare
     ``RuntimeError``, a Python write as the ``OSError`` that ``atomic_write`` explains.
     """
-    from imgx3d.data.io import atomic_write  # data imports config; keep this module importable from both
+    from imgx3d.data.io import (
+        atomic_write,  # data imports config; keep this module importable from both
+    )
 
     buffer = io.BytesIO()
     torch.save(state, buffer)

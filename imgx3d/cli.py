@@ -156,7 +156,7 @@ def _planned_tree(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     the files that record it in the run folder."""
     import json
 
-    from imgx3d.config import _merge, load_yaml
+    from imgx3d.config import load_yaml, merge_sections
     from imgx3d.planning.fingerprint import fingerprint
     from imgx3d.planning.planner import plan
 
@@ -165,7 +165,7 @@ def _planned_tree(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     fp = fingerprint(args.data, cache_dir=plan_folder(args.data))
     result = plan(fp, method, budget, args.device or "auto")
     print("\n".join(["imgx3d plan:", *fp.summary(), *result.explain()]), file=sys.stderr)
-    tree = _merge(result.tree, load_yaml(args.config)) if args.config else result.tree
+    tree = merge_sections(result.tree, load_yaml(args.config)) if args.config else result.tree
     return tree, {"plan.yaml": result.to_yaml(), "fingerprint.json": json.dumps(fp.to_json(), indent=1)}
 
 

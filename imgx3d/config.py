@@ -268,7 +268,9 @@ class MethodConfig:
 
 def method_config(values: dict[str, Any] | None, key: str = "method") -> MethodConfig:
     """The ``method:`` section as the named method's complete config dataclass."""
-    from imgx3d.methods.base import method_class  # methods import this module: resolve them when asked
+    from imgx3d.methods.base import (
+        method_class,  # methods import this module: resolve them when asked
+    )
 
     values = dict(values or {})
     cls = method_class(values.setdefault("name", MethodConfig.name)).Config
@@ -414,12 +416,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+def merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``child`` into ``base``; the ``method`` section is replaced whole (keys differ per method)."""
     out = copy.deepcopy(base)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "method":
-            out[key] = _merge(out[key], value)
+            out[key] = merge_sections(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -443,7 +445,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, train:, ...)")
     parent = tree.pop("extends", None)
     if parent:
-        tree = _merge(load_yaml(path.parent / parent, (*_seen, path.resolve())), tree)
+        tree = merge_sections(load_yaml(path.parent / parent, (*_seen, path.resolve())), tree)
     return tree
 
 

@@ -18,7 +18,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imgx3d.config import DataConfig, from_dict
-from imgx3d.data.io import check_exists, is_image_path, is_volume_path, strip_suffix, write_image2d, write_nifti
+from imgx3d.data.io import (
+    check_exists,
+    is_image_path,
+    is_volume_path,
+    strip_suffix,
+    write_image2d,
+    write_nifti,
+)
 from imgx3d.data.labels import LabelCodec
 from imgx3d.errors import InputError
 from imgx3d.evaluation.plots import overlay_montage

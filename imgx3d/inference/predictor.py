@@ -22,15 +22,35 @@ import numpy as np
 import torch
 
 from imgx3d.checkpoint import Checkpoint, load_checkpoint
-from imgx3d.config import Config, DataConfig, InferConfig, SliceConfig, TrackingConfig, validate_infer
+from imgx3d.config import (
+    Config,
+    DataConfig,
+    InferConfig,
+    SliceConfig,
+    TrackingConfig,
+    validate_infer,
+)
 from imgx3d.data.geometry import ModelCase, class_map, to_model
 from imgx3d.data.io import Volume, is_image_path
 from imgx3d.data.labels import LabelCodec
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, InputError, ResourceError
 from imgx3d.inference.windows import make_window, predict_by_slices, streaming_argmax
-from imgx3d.methods.base import Codec, Generator, Method, Segmenter, Window, WindowSegmenter
-from imgx3d.resources import available_host_bytes, choose_precision, gib, resolve_device, use_fast_cuda_kernels
+from imgx3d.methods.base import (
+    Codec,
+    Generator,
+    Method,
+    Segmenter,
+    Window,
+    WindowSegmenter,
+)
+from imgx3d.resources import (
+    available_host_bytes,
+    choose_precision,
+    gib,
+    resolve_device,
+    use_fast_cuda_kernels,
+)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
 from imgx3d.config import MethodConfig
-from imgx3d.data.io import IMAGE_SUFFIXES, read_volume
 from imgx3d.data.geometry import to_slice_range, volume_to_slices
+from imgx3d.data.io import IMAGE_SUFFIXES, read_volume
 from imgx3d.data.vessels import fractal_vessels, remove_vessels
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError, InputError

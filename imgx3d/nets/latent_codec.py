@@ -143,7 +143,9 @@ class LatentCodec(nn.Module):
 
     @classmethod
     def _from_imgx3d_checkpoint(cls, path: Path) -> "LatentCodec":
-        from imgx3d.checkpoint import load_checkpoint  # the checkpoint module builds methods, which build codecs
+        from imgx3d.checkpoint import (
+            load_checkpoint,  # the checkpoint module builds methods, which build codecs
+        )
 
         run = load_checkpoint(path)
         trained = getattr(run.config.method, "codec", None)  # the codec section of the run's method config

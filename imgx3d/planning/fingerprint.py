@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,7 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
         if cached.get("version") == FINGERPRINT_VERSION and cached.get("files") == keys:
             return Fingerprint.from_json(cached)
     rng = np.random.default_rng(seed)
-    raw = DataConfig(**{**asdict(data_cfg), "preset": "none", "spacing": None, "crop_air": None})
+    raw = replace(data_cfg, preset="none", spacing=None, crop_air=None)  # the files as they are
     pre = Preprocessor(raw)
     cases, samples, per_class = [], [[] for _ in range(catalog.in_channels)], {c: [] for c in catalog.labels if c}
     for case in (c for c in catalog.cases if c.label is not None):

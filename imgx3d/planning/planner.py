@@ -13,6 +13,7 @@ them and writes the plan as a complete config.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from imgx3d.config import Config, load_config, to_dict
+from imgx3d.methods.base import method_class
 from imgx3d.planning.fingerprint import Fingerprint
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: an axis is "anisotropic" beyond 3x the finest spacing
@@ -178,10 +180,6 @@ def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
     """Another method on the U-Net's plan: the same data section, split and budget; a 3D method takes
     the U-Net's topology (the keys its config shares: levels, widths, strides), so comparisons are
     fair by construction; a per-slice method gets the 2D plan."""
-    import dataclasses
-
-    from imgx3d.methods.base import method_class
-
     cls = method_class(method)
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     unet = result.tree["method"]

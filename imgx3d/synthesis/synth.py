@@ -26,15 +26,15 @@ import torch
 from monai.transforms import Affine
 from tqdm.auto import tqdm
 
-from imgx3d.data.io import atomic_write, atomic_write_text
-from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.checkpoint import Checkpoint, load_checkpoint
 from imgx3d.data.catalog import find_cases
 from imgx3d.data.geometry import volume_to_slices
+from imgx3d.data.io import atomic_write, atomic_write_text
 from imgx3d.data.transforms import Preprocessor
+from imgx3d.errors import CheckpointError, ConfigError, InputError
+from imgx3d.interrupts import raise_if_requested
 from imgx3d.methods.base import GenerateSettings, Generator
 from imgx3d.resources import resolve_device
-from imgx3d.interrupts import raise_if_requested
 
 SETTINGS_FILE = "synth.json"
 

@@ -34,7 +34,13 @@ from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.predictor import Predictor
-from imgx3d.methods.base import Method, Segmenter, SelfValidating, build_method, load_method_state
+from imgx3d.methods.base import (
+    Method,
+    Segmenter,
+    SelfValidating,
+    build_method,
+    load_method_state,
+)
 from imgx3d.resources import device_tags, resolve_device
 from imgx3d.tracking import NullTracker, Tracker, flatten
 from imgx3d.training import distributed
