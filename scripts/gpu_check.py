@@ -12,6 +12,8 @@
 5. ``hippocampus``: the U-Net of ``configs/hippocampus/unet.yaml`` trains 3 minutes and scores
    the bench test split (Dice, steps/s); needs ``--hippocampus DIR`` (skipped without).
 6. ``imgx_inference``: ImgX's K = 5 prediction time against one U-Net pass (hippocampus configs).
+7. ``plan``: ``imgx3d plan``'s budget fit on the GPU (hippocampus, or the demo data without
+   ``--hippocampus``): the candidates timed, their GPU memory bound, the width and batch kept.
 
 Every section prints its lines even when another fails; the exit code is 1 if any failed.
 ``--dry-run`` runs every section on the CPU at toy sizes (the test suite does, so this script
@@ -273,7 +275,8 @@ def check_large_volume(device: torch.device, work: Path, dry: bool) -> None:
 
 
 @section("hippocampus")
-def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path, work: Path, dry: bool) -> None:
+def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path, work: Path, dry: bool,
+                      minutes: float = 3.0) -> None:
     from imgx3d.config import load_config
 
     if hippocampus is None and not dry:
@@ -283,7 +286,7 @@ def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path
     if dry:
         overrides += [*DEMO_DATA, *TINY["unet"], "train.max_steps=4", "train.val_every=4", "train.checkpoint_every=4"]
     else:
-        overrides += ["train.max_minutes=3", "train.max_steps=100000"]
+        overrides += [f"train.max_minutes={minutes}", "train.max_steps=100000"]
     cfg = load_config(CONFIGS / "hippocampus" / "unet.yaml", overrides)
     from imgx3d.training.workflow import train_run
 
@@ -293,6 +296,21 @@ def check_hippocampus(device: torch.device, hippocampus: Path | None, data: Path
     emit("hippocampus.test.dice.foreground_mean", round(result.test_summary["foreground_mean"]["dice"], 4), "dice",
          ok=True, steps=result.steps, steps_per_s=round(result.steps / seconds, 2),
          test_cases=result.test_summary["cases"], seconds=round(seconds, 1))
+
+
+@section("plan")
+def check_plan(device: torch.device, hippocampus: Path | None, data: Path, work: Path, dry: bool) -> None:
+    from imgx3d.planning.fingerprint import fingerprint
+    from imgx3d.planning.planner import plan
+
+    t0 = time.perf_counter()
+    fp = fingerprint(hippocampus or data, cache_dir=work / "plan")
+    fingerprint_s = time.perf_counter() - t0
+    result = plan(fp, "unet", budget_minutes=0.2 if dry else 30.0, device=str(device))
+    decisions = {d.key: d for d in result.decisions}
+    emit("plan.budget_fit", round(time.perf_counter() - t0, 1), "s", ok=True, fingerprint_s=round(fingerprint_s, 1),
+         channels=decisions["method.channels"].value, batch_size=decisions["data.batch_size"].value,
+         patch_size=decisions["data.patch_size"].value, reason=decisions["method.channels"].reason)
 
 
 @section("imgx_inference")
@@ -329,9 +347,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="every section on the CPU at toy sizes")
     parser.add_argument("--hippocampus", type=Path, help="MSD Task04 folder for the 3-minute training")
+    parser.add_argument("--minutes", type=float, default=3.0, help="the hippocampus training's minutes")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--only", nargs="*", choices=["env", "methods", "torchrun", "large_volume", "hippocampus",
-                                                      "imgx_inference"], help="run only these sections")
+                                                      "imgx_inference", "plan"], help="run only these sections")
     args = parser.parse_args()
     device = torch.device("cpu") if args.dry_run else _device()
     if not args.dry_run and device.type != "cuda":
@@ -342,7 +361,7 @@ def main() -> int:
     from imgx3d.data.demo import write_demo_dataset
 
     data = write_demo_dataset(work / "demo", 10)
-    wanted = set(args.only or ["env", "methods", "torchrun", "large_volume", "hippocampus", "imgx_inference"])
+    wanted = set(args.only or ["env", "methods", "torchrun", "large_volume", "hippocampus", "imgx_inference", "plan"])
     results = []
     if "env" in wanted:
         results.append(check_env(device))
@@ -353,9 +372,11 @@ def main() -> int:
     if "large_volume" in wanted:
         results.append(check_large_volume(device, work, args.dry_run))
     if "hippocampus" in wanted:
-        results.append(check_hippocampus(device, args.hippocampus, data, work, args.dry_run))
+        results.append(check_hippocampus(device, args.hippocampus, data, work, args.dry_run, args.minutes))
     if "imgx_inference" in wanted:
         results.append(check_imgx_inference(device, args.dry_run))
+    if "plan" in wanted:
+        results.append(check_plan(device, args.hippocampus, data, work, args.dry_run))
     emit("gpu_check", sum(results), "sections passed", ok=all(results), failed=len(results) - sum(results),
          peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
     return 0 if all(results) else 1

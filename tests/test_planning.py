@@ -15,7 +15,8 @@ from imgx3d.planning.fingerprint import (
     Fingerprint,
     fingerprint,
 )
-from imgx3d.planning.planner import ENOUGH_STEPS, plan, target_spacing, topology
+from imgx3d.errors import ResourceError
+from imgx3d.planning.planner import ENOUGH_STEPS, CandidateTooLarge, plan, target_spacing, topology
 
 
 def _write_dataset(root, shapes, spacing, modality="MRI", value=100.0, background=0.0, seed=0):
@@ -121,6 +122,28 @@ def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_ti
     assert all(d.reason for d in result.decisions)
     roomy = plan(fp, "unet", budget_minutes=60.0, step_timer=timer).config()
     assert (roomy.method.channels[0], roomy.data.batch_size) == (32, 4), f"{ENOUGH_STEPS} steps reachable in 60 min"
+
+
+def test_the_budget_fit_skips_candidates_over_the_device_memory():
+    """On CUDA the timer refuses a candidate whose peak memory is over the bound: the next one is timed."""
+    fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
+
+    def timer(cfg):  # only width 16 fits; every candidate is fast enough
+        if cfg.method.channels[0] > 16:
+            raise CandidateTooLarge(f"needs {cfg.method.channels[0]} GiB")
+        return 0.01
+
+    result = plan(fp, "unet", budget_minutes=30.0, step_timer=timer)
+    cfg = result.config()
+    assert (cfg.method.channels[0], cfg.data.batch_size) == (16, 4)
+    reason = next(d.reason for d in result.decisions if d.key == "method.channels")
+    assert "width 32 batch 4: needs 32 GiB" in reason and "width 24 batch 2: needs 24 GiB" in reason
+
+    def nothing_fits(cfg):
+        raise CandidateTooLarge("out of GPU memory")
+
+    with pytest.raises(ResourceError, match="even the smallest plan does not fit"):
+        plan(fp, "unet", budget_minutes=30.0, step_timer=nothing_fits)
 
 
 def test_anisotropic_ct_plan_uses_dynunet_with_per_axis_kernels_and_builds():

@@ -19,16 +19,18 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from imgx3d.config import DataConfig
 from imgx3d.data.labels import file_to_class
 from imgx3d.errors import InputError, resource_error
 from imgx3d.resources import available_host_bytes, gib
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -171,7 +173,15 @@ def _read_nifti(path: Path) -> Volume:
     return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), path=path, header=header)
 
 
+def _simpleitk():
+    """SimpleITK, imported on first use: NIfTI-only work (most of it) never loads its ~50 MB library."""
+    import SimpleITK
+
+    return SimpleITK
+
+
 def _sitk_to_volume(image: sitk.Image, path: Path) -> Volume:
+    sitk = _simpleitk()
     if image.GetDimension() != 3:
         raise InputError(f"{path}: is {image.GetDimension()}D; imgx3d --volume expects 3D volumes")
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -186,7 +196,7 @@ def _sitk_to_volume(image: sitk.Image, path: Path) -> Volume:
 
 
 def _read_dicom_series(folder: Path) -> Volume:
-    reader = sitk.ImageSeriesReader()
+    reader = _simpleitk().ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise InputError(f"{folder}: no DICOM series found; pass a folder of DICOM slices or a volume file")
@@ -224,7 +234,7 @@ def _check_slice_gaps(reader: sitk.ImageSeriesReader, n_files: int, folder: Path
 
 def _read_sitk(path: Path) -> Volume:
     try:
-        reader = sitk.ImageFileReader()
+        reader = _simpleitk().ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()  # the header alone: refuse an absurd size before SimpleITK allocates it
         _check_fits_in_memory(path, (*reader.GetSize(), reader.GetNumberOfComponents()), 8)

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from imgx3d.config import Config, load_config, to_dict
+from imgx3d.errors import ResourceError
 from imgx3d.methods.base import method_class
 from imgx3d.planning.fingerprint import Fingerprint
 
@@ -42,7 +43,14 @@ WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net:
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
 CODEC_FACTOR = 8  # the SD-format latent codec's downsampling: 2D slice sizes are multiples of it
 
+GPU_MEMORY_SHARE = 0.8  # a candidate may take this share of the GPU memory free when planning (the rest:
+# validation, the loader's pinned batches, other processes' growth)
+
 StepTimer = Callable[[Config], float]  # seconds per optimiser step of a candidate plan
+
+
+class CandidateTooLarge(Exception):
+    """Raised by a :data:`StepTimer` when a candidate does not fit the device's memory."""
 
 
 @dataclass
@@ -131,13 +139,37 @@ def topology(patch: np.ndarray, spacing: np.ndarray) -> tuple[list[list[int]], l
 
 
 def measured_step_seconds(device: str) -> StepTimer:
-    """A :data:`StepTimer` that trains the candidate for a few real steps on random tensors."""
+    """A :data:`StepTimer` that trains the candidate for a few real steps on random tensors.
+
+    On CUDA the candidate's peak memory is measured too: one that needs more than
+    :data:`GPU_MEMORY_SHARE` of the memory free when planning, or runs out of memory, raises
+    :class:`CandidateTooLarge` (nnU-Net sizes its patch against a reference GPU's memory; here the
+    GPU at hand is measured).
+    """
     from imgx3d.methods.base import build_method
-    from imgx3d.resources import resolve_device
+    from imgx3d.resources import gib, resolve_device
 
     dev = resolve_device(device)
+    free_bytes = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
 
     def timer(cfg: Config) -> float:
+        if dev.type != "cuda":
+            return _time_steps(cfg)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            seconds = _time_steps(cfg)
+        except torch.cuda.OutOfMemoryError:
+            raise CandidateTooLarge(f"out of GPU memory ({gib(free_bytes)} free)") from None
+        finally:
+            torch.cuda.empty_cache()
+        peak = torch.cuda.max_memory_allocated(dev)
+        if peak > GPU_MEMORY_SHARE * free_bytes:
+            raise CandidateTooLarge(f"needs {gib(peak)} of GPU memory, over {GPU_MEMORY_SHARE:.0%} of the "
+                                    f"{gib(free_bytes)} free")
+        return seconds
+
+    def _time_steps(cfg: Config) -> float:
         method = build_method(cfg.method, 3, 1).to(dev).train()
         params = [p for group in method.parameter_groups().values() for p in group]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -270,11 +302,19 @@ def _plan_budget(result: Plan, budget_minutes: float, step_timer: StepTimer) -> 
         for batch in BATCHES:
             channels = [min(width * 2**i, MAX_WIDTH) for i in range(levels)]
             candidate = Plan(_with(result.tree, {"method": {"channels": channels}, "data": {"batch_size": batch}}))
-            seconds = step_timer(candidate.config(["tracking.enabled=false"]))
+            last = (width, batch) == (WIDTHS[-1], BATCHES[-1])
+            try:
+                seconds = step_timer(candidate.config(["tracking.enabled=false"]))
+            except CandidateTooLarge as err:
+                tried.append(f"width {width} batch {batch}: {err}")
+                if not last:
+                    continue
+                raise ResourceError(f"even the smallest plan does not fit this device ({'; '.join(tried)}): plan with "
+                                  "--device cpu, or free GPU memory") from None
             steps = int(60 * budget_minutes / max(seconds, 1e-9))
             tried.append(f"width {width} batch {batch}: {seconds:.3f} s/step, {steps} steps")
             out_of_time = time.perf_counter() - started > TIMING_SECONDS
-            if steps >= ENOUGH_STEPS or out_of_time or (width, batch) == (WIDTHS[-1], BATCHES[-1]):
+            if steps >= ENOUGH_STEPS or out_of_time or last:
                 reason = (f"the largest candidate reaching {ENOUGH_STEPS} steps in {budget_minutes:g} minutes"
                           if steps >= ENOUGH_STEPS else "the smallest candidate: none reached "
                           f"{ENOUGH_STEPS} steps in the budget") + f" (measured: {'; '.join(tried)})"
