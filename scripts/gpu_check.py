@@ -183,8 +183,14 @@ def _catalog(data: Path, cfg):
     return find_cases(data, cfg.data)
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of a child process: this checkout first on its path, then the caller's path
+    (packages installed with ``pip --target`` on a machine without the project installed)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def _cli(*argv: str, torchrun: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GIT_PYTHON_REFRESH": "quiet", "PYTHONPATH": str(ROOT)}
+    env = {**_child_env(), "GIT_PYTHON_REFRESH": "quiet"}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
         else [sys.executable]
     proc = subprocess.run([*prefix, "-m", "imgx3d", *argv], env=env, capture_output=True, text=True, timeout=timeout)
@@ -263,7 +269,7 @@ def check_large_volume(device: torch.device, work: Path, dry: bool) -> None:
     for variant in ("monai", "imgx3d"):
         proc = subprocess.run([sys.executable, "-c", LARGE_CHILD, variant, str(path), str(classes),
                                str(work / f"large_{variant}")], capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env=_child_env())
         if proc.returncode != 0:
             raise RuntimeError(f"{variant}: {proc.stderr[-600:]}")
         figures[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
