@@ -36,6 +36,26 @@ class SliceThreshold(Method):
         return window(lambda x: torch.cat([(x[:, :1] <= 0).float(), (x[:, :1] > 0).float()], 1), image)
 
 
+def test_slices_run_on_the_methods_device_and_come_back_to_the_volumes():
+    """On CUDA the volume is on the host and the method on the GPU: each batch of slices must move
+    (found by gpu_check: SDSeg and DARL failed on CUDA). The meta device stands in for the GPU."""
+    from imgx3d.inference.windows import predict_by_slices
+
+    class OnMeta(SliceThreshold):
+        def __init__(self):
+            super().__init__(_NoConfig(), 2, 1)
+            self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.devices = []
+
+        def predict(self, image, window):
+            self.devices.append(image.device.type)
+            return torch.zeros(image.shape[0], 2, *image.shape[2:], device="cpu" if image.is_meta else "cuda")
+
+    method = OnMeta()
+    out = predict_by_slices(method, torch.randn(1, 1, 8, 9, 5), SliceConfig(axis=2, size=[8, 9], predict_batch=2))
+    assert method.devices == ["meta"] * 3 and out.device.type == "cpu" and out.shape == (1, 2, 8, 9, 5)
+
+
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("grid", ["LPS", "PIR", "oblique"])
 def test_slice_and_restack_is_exact_on_the_native_grid(tmp_path, grid, axis):

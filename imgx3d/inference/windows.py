@@ -53,10 +53,16 @@ def whole_slice(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 def predict_by_slices(method: Segmenter, image: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
     """Class probabilities ``(1, K, X, Y, Z)`` of a 2D method for one model-space volume ``(1, C, X, Y, Z)``:
-    through the slice view of :mod:`imgx3d.data.geometry`, ``cfg.predict_batch`` slices at a time."""
+    through the slice view of :mod:`imgx3d.data.geometry`, ``cfg.predict_batch`` slices at a time.
+
+    Each batch of slices runs on the method's device and comes back to the volume's (the host,
+    on CUDA: volume-sized arrays live there), as MONAI's ``sw_device`` / ``device`` do for windows.
+    """
     volume = to_slice_range(image[0], cfg.percentiles)
     slices = volume_to_slices(volume, cfg.axis, cfg.size)
-    outs = [method.predict(slices[i:i + cfg.predict_batch], whole_slice)
+    weight = next(method.parameters(), None)
+    device = weight.device if weight is not None else image.device
+    outs = [method.predict(slices[i:i + cfg.predict_batch].to(device), whole_slice).to(image.device)
             for i in range(0, slices.shape[0], cfg.predict_batch)]
     return slices_to_volume(torch.cat(outs), cfg.axis, volume.shape[1:])[None]
 
