@@ -50,16 +50,51 @@ def _grads(loss: torch.Tensor, module: torch.nn.Module) -> float:
     return sum(float(g.abs().sum()) for g in grads if g is not None)
 
 
-def test_stop_gradients_anchor_the_mask_branch_on_the_image_branch():
+def test_one_control_path_and_the_stop_gradients_of_the_paper():
+    """The authors' structure: one DHI + control net for both hints; L_i reaches the control path
+    (through the image hint) but never the denoiser; L_c trains the mask branch only."""
     method = _siamese()
+    names = {name.split(".")[0] for name, _ in method.named_children()}
+    assert {"control", "hint"} <= names and not names & {"control_mask", "control_image", "hint_mask", "hint_image"}
     terms = method.losses(_batch(), k=5)
-    assert _grads(terms["consistency"], method.control_image) == 0, "sg(eps_mix): L_c leaves the image branch alone"
-    assert _grads(terms["consistency"], method.hint_image) == 0
-    assert _grads(terms["consistency"], method.control_mask) > 0 and _grads(terms["consistency"], method.hint_mask) > 0
-    assert _grads(terms["image"], method.hint_mask) == 0, "sg(c_m) inside c_mix: L_i does not train the mask hint"
-    assert _grads(terms["image"], method.hint_image) > 0 and _grads(terms["image"], method.control_image) > 0
-    assert _grads(terms["mask"], method.control_image) == 0 and _grads(terms["mask"], method.hint_mask) > 0
+    assert _grads(terms["image"], method.unet) == 0, "the denoiser is shielded from L_i (the authors' copy)"
+    assert _grads(terms["image"], method.control) > 0 and _grads(terms["image"], method.hint) > 0
+    assert _grads(terms["mask"], method.unet) > 0 and _grads(terms["consistency"], method.unet) > 0
+    assert _grads(terms["consistency"], method.control) > 0
 
+
+def test_the_image_branch_mixes_detached_mask_residuals_with_the_ramped_image_residuals():
+    method = _siamese()
+    calls, mixes = [], []
+    residuals, denoise = method.residuals, method.denoise
+    method.residuals = lambda *a: calls.append(residuals(*a)) or calls[-1]
+    method.denoise = lambda z, t, r, shielded=False: (mixes.append(r) if shielded else None) or denoise(z, t, r, shielded)
+    b = method.branches(_batch(), k=3)  # w_i = 3 / 9
+    c_m, c_i = calls  # the mask branch's residuals, then the image hint's, through the same control net
+    assert len(mixes) == 1 and len(mixes[0]) == len(c_m) == len(method.control.controlnet_down_blocks) + 1
+    for mix, m, i in zip(mixes[0], c_m, c_i):
+        torch.testing.assert_close(mix, m + i / 3)
+        assert torch.autograd.grad(mix.sum(), m, allow_unused=True)[0] is None, "sg(c_m)"
+    # at w_i = 0 the mix is sg(c_m): the shielded copy then gives the mask branch's eps exactly
+    method.residuals, method.denoise = residuals, denoise
+    b = method.branches(_batch(), k=0, t=torch.tensor([5, 600]), noise=torch.randn(2, 4, 16, 16))
+    torch.testing.assert_close(b.eps_mix, b.eps_m)
+
+
+def test_online_augmentation_reuses_the_steps_noise_and_weighs_samples_over_the_whole_batch():
+    """L_m' (the paper's Eq. 7): z_t' = q(z0'(eps_mix), t, eps) = z_t + sqrt(1 - abar) (eps - eps_mix), for
+    t <= t_tau only, the per-sample MSE summed over those and divided by the whole batch."""
+    method = _siamese(t_tau=200)
+    t, noise = torch.tensor([50, 700]), torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    terms = method.losses(_batch(), k=4, t=t, noise=noise)
+    torch.manual_seed(0)
+    b = method.branches(_batch(), k=4, t=t, noise=noise)
+    root = (1 - method.schedule.alpha_bar[50]).sqrt()
+    z_t_prime = b.z_t[:1] + root * (noise[:1] - b.eps_mix[:1])
+    with torch.no_grad():
+        expected = ((method.eps(z_t_prime, t[:1], b.mask_hint[:1]) - noise[:1]) ** 2).mean() / 2
+    torch.testing.assert_close(terms["online"].detach(), expected, rtol=1e-4, atol=1e-6)
 
 def test_image_weight_ramps_from_zero_to_one():
     method = _siamese()
@@ -70,8 +105,8 @@ def test_image_weight_ramps_from_zero_to_one():
 
 def test_online_augmentation_only_past_k_tau_and_for_t_up_to_t_tau():
     every_t = _siamese(t_tau=10_000)  # every t qualifies: only the iteration threshold decides
-    assert "online" not in every_t.losses(_batch(), k=2), "before N_iter / 3"
-    assert "online" in every_t.losses(_batch(), k=3)
+    assert "online" not in every_t.losses(_batch(), k=3), "not before N_iter / 3 (the authors: global_step > it)"
+    assert "online" in every_t.losses(_batch(), k=4)
     no_t = _siamese(t_tau=-1)
     assert "online" not in no_t.losses(_batch(), k=8), "no sample with t <= T_tau"
     assert "online" not in _siamese(t_tau=10_000, online_augmentation=False).losses(_batch(), k=8)
@@ -80,13 +115,14 @@ def test_online_augmentation_only_past_k_tau_and_for_t_up_to_t_tau():
 def test_sampling_uses_the_mask_branch_only_without_control_guidance_by_default():
     method = _siamese().eval()
     assert method.cfg.guidance == 1.0 and method.cfg.cond_dropout == 0.0
-    calls = {"mask": 0, "image": 0}
-    for name, control in (("mask", method.control_mask), ("image", method.control_image)):
-        forward = control.forward
-        control.forward = lambda *a, _f=forward, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k)
+    calls = {"control": 0, "hint": 0}
+    for name in calls:
+        module = getattr(method, name)
+        forward = module.forward
+        module.forward = lambda *a, _f=forward, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k)
     label = _batch()["label"]
     images, labels = method.generate([0, 1], [32, 32], label)
-    assert calls == {"mask": TINY["sample_steps"], "image": 0}, "one mask-branch call per step, no null control"
+    assert calls == {"control": TINY["sample_steps"], "hint": 1}, "the mask's hint once, one control call per step"
     assert images.shape == (2, 1, 32, 32) and torch.equal(labels, label)
     again, _ = method.generate([1], [32, 32], label[1:])
     torch.testing.assert_close(again[0], images[1], rtol=1e-4, atol=1e-5)
@@ -118,6 +154,7 @@ def test_sd_folder_initialisation_loads_unet_and_vae_and_freezes_the_encoder(tmp
     torch.testing.assert_close(method.unet.conv_in.weight, unet.conv_in.weight)
     assert not method.train_codec_first and set(method.parameter_groups()) == {"model"}
     assert not any(p.requires_grad for p in method.unet.down_blocks.parameters())
+    assert not any(p.requires_grad for p in method.unet.mid_block.parameters())
     assert all(p.requires_grad for p in method.unet.up_blocks.parameters())
     assert method.context.shape[-1] == 24
     with pytest.raises(CheckpointError, match="unet/ and vae/"):
@@ -166,11 +203,11 @@ def test_opt_in_control_guidance_extrapolates_over_the_null_control_and_dropout_
     method = _siamese(guidance=3.0, cond_dropout=1.0).eval()
     seen = []
 
-    def eps(control, z, t, c):  # a stand-in denoiser: the null control gives 1, the mask control 2
+    def eps(z, t, c):  # a stand-in denoiser: the null control gives 1, the mask control 2
         seen.append(c)
         return torch.full_like(z, 1.0 if torch.equal(c, method.null_control.expand_as(c)) else 2.0)
 
-    method._eps = eps
+    method.eps = eps
     real_step = sampler_module.ddim_step  # the DDIM loop's step (imgx3d.diffusion.sampler.ddim_sample)
     x0_targets = []
     sampler_module.ddim_step = lambda schedule, z, t, x0, t_prev: x0_targets.append((z, t, x0)) or real_step(
@@ -184,7 +221,9 @@ def test_opt_in_control_guidance_extrapolates_over_the_null_control_and_dropout_
     tt = torch.full((1,), t, dtype=torch.long)
     torch.testing.assert_close(x0, method.schedule.x0_from_eps(z, tt, torch.full_like(z, 1 + 3.0 * (2 - 1))))
     # training: with cond_dropout 1 every sample's mask control is the null control
-    seen.clear()
+    hints = []
+    residuals = method.residuals
+    method.residuals = lambda z, t, hint: hints.append(hint) or residuals(z, t, hint)
     method.train()
     method.losses(_batch(), k=1)
-    assert torch.equal(seen[0], method.null_control.expand_as(seen[0])), "dropped to the null control"
+    assert torch.equal(hints[0], method.null_control.expand_as(hints[0])), "dropped to the null control"

@@ -1,30 +1,36 @@
 """Siamese-Diffusion (Qiu et al., CVPR 2025): mask-conditioned latent image synthesis, per slice.
 
 A latent diffusion model over the codec's image latents, controlled ControlNet-style (diffusers
-``ControlNetModel``) by dense hint input encoders (:mod:`imgx3d.nets.dense_hint`). Two branches
-share the noise and t:
+``ControlNetModel``) by a dense hint input encoder (:mod:`imgx3d.nets.dense_hint`). As in the
+authors' code (``cldm/cldm.py``: ``ControlLDM.apply_model`` and ``p_losses``) there is **one**
+control path — one DHI and one control net — that encodes both the mask and the image. Two
+branches share the noise ε and t:
 
-- Mask-Diffusion: control ``c_m = DHI_m(mask)`` → ``eps_m``;
-- Image-Diffusion: ``c_mix = w_m·sg(c_m) + w_i·DHI_i(image)`` through a copy θ' of the control
-  network → ``eps_mix``, ``w_i = k / ramp_steps`` rising 0 → 1;
+- Mask-Diffusion: residuals ``c_m = control(z_t, DHI(mask))`` → denoiser → ``eps_m``;
+- Image-Diffusion: residuals ``c_mix = w_m·sg(c_m) + w_i·c_i`` with ``c_i = control(z_t, DHI(image))``
+  and ``w_i = k / ramp_steps`` rising 0 → 1, ``w_m = 1``, mixed residual by residual, through a copy
+  of the denoiser that ``L_i`` cannot train (the authors deep-copy it every step; here its
+  weights are detached, the same gradients at no copy's cost) → ``eps_mix``. ``L_i`` trains the
+  control path through the image hint only.
 
 ``L = L_m + L_i + w_c·L_c (+ L_m')`` with the noise consistency ``L_c = ||eps_m − sg(eps_mix)||²``
-and the online augmentation ``L_m'``: past ``online_after`` of ``ramp_steps`` and for
-``t ≤ t_tau``, the image branch's one-step ``z0'`` is re-noised and the mask branch learns that
-noise under ``c_m``. Control classifier-free guidance (a learned null control dropped in with
-``cond_dropout``, then ``guidance`` > 1) is an opt-in: the paper's CFG is on a text prompt, which
-there is none of here, so by default there is neither (``guidance`` 1, no control dropout). Sampling: the mask branch only, DDIM (eta 0, 50 steps), from real or
-randomly transformed masks (``imgx3d synth --masks``).
+and the online augmentation ``L_m'`` (their Eq. 7): past ``online_after`` of ``ramp_steps``, the
+image branch's one-step ``z0'`` is re-noised **with the same ε** and the mask branch learns that
+ε under the mask control, weighted per sample by ``t ≤ t_tau`` over the whole batch. Control
+classifier-free guidance (a learned null control dropped in with ``cond_dropout``, then
+``guidance`` > 1) is an opt-in: the paper's CFG is on a text prompt, which there is none of here,
+so by default there is neither (``guidance`` 1, no control dropout). Sampling: the mask branch
+only, DDIM (eta 0, 50 steps), from real or randomly transformed masks (``imgx3d synth --masks``).
 
 The denoiser is a small diffusers ``UNet2DConditionModel`` trained from scratch, or an SD-1.x
-UNet from a local diffusers folder (``sd_path`` with ``unet/`` and ``vae/``; its encoder frozen
-as in the paper). The codec trains first when no weights are given (as in sdseg). Its cross-
-attention sees one learned context token in place of a text embedding.
+UNet from a local diffusers folder (``sd_path`` with ``unet/`` and ``vae/``; its encoder and
+middle block frozen, as the authors' ``ControlledUnetModel`` runs them without gradients). The
+codec trains first when no weights are given (as in sdseg). Its cross-attention sees one
+learned context token in place of a text embedding.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from imgx3d.config import MethodConfig, SliceConfig
 from imgx3d.data.slices import foreground_slices
@@ -102,6 +109,19 @@ class SiameseConfig(MethodConfig):
     seed: int = 0
 
 
+@dataclass
+class Branches:
+    """One training step's two branches: shared ``t``, ``noise`` and ``z_t``, the mask's hint
+    features, the mask branch's ``eps_m`` and the image branch's ``eps_mix``."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    z_t: torch.Tensor
+    mask_hint: torch.Tensor
+    eps_m: torch.Tensor
+    eps_mix: torch.Tensor
+
+
 def _small_unet(cfg: SiameseConfig, latent_channels: int):
     from diffusers import UNet2DConditionModel
 
@@ -132,8 +152,8 @@ class SiameseDiffusion(Method):
                                       "fix method.sd_path")
             self.codec = LatentCodec.build(CodecConfig(path=str(root / "vae")))
             self.unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
-            for part in (self.unet.conv_in, self.unet.time_embedding, self.unet.down_blocks):
-                part.requires_grad_(False)  # the paper freezes the pretrained denoiser's encoder
+            for part in (self.unet.conv_in, self.unet.time_embedding, self.unet.down_blocks, self.unet.mid_block):
+                part.requires_grad_(False)  # the authors run the pretrained encoder and middle block without grad
         else:
             self.codec = LatentCodec.build(cfg.codec)
             self.unet = _small_unet(cfg, self.codec.vae.config.latent_channels)
@@ -144,15 +164,22 @@ class SiameseDiffusion(Method):
                                  keep="latest", idle_parameters=True)
         self.codec.requires_grad_(self.train_codec_first)
         width, factor = self.unet.config.block_out_channels[0], self.codec.factor
-        self.control_mask = ControlNetModel.from_unet(self.unet)
-        self.control_mask.controlnet_cond_embedding = nn.Identity()  # the DHIs make the control features
-        self.control_image = copy.deepcopy(self.control_mask)  # θ'
-        self.hint_mask = DenseHintEncoder(num_classes - 1, width, factor, tuple(cfg.hint_widths))
-        self.hint_image = DenseHintEncoder(3, width, factor, tuple(cfg.hint_widths))
+        # one control path for mask and image (the authors' single ControlNet with the DHI as its hint
+        # block); its input takes the wider of the mask's K - 1 channels and the image's 3, zero-padded
+        self.hint_channels = max(num_classes - 1, 3)
+        self.control = ControlNetModel.from_unet(self.unet)
+        self.control.controlnet_cond_embedding = nn.Identity()  # the DHI makes the control features
+        self.hint = DenseHintEncoder(self.hint_channels, width, factor, tuple(cfg.hint_widths))
         self.null_control = nn.Parameter(torch.zeros(1, width, 1, 1))
         self.context = nn.Parameter(torch.randn(1, 1, self.unet.config.cross_attention_dim) * 0.02)
         self.schedule: DiffusionSchedule = make_schedule(cfg.beta_schedule, cfg.base_steps, cfg.beta_start,
                                                          cfg.beta_end)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        if any(key.startswith("control_mask.") for key in state_dict):
+            raise RuntimeError("weights of imgx3d's earlier two-control-net Siamese design, which the paper's "
+                               "single control path replaced: retrain the run")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         codec = set(map(id, self.codec.parameters()))
@@ -160,15 +187,37 @@ class SiameseDiffusion(Method):
                 **self.codec_group(self.codec)}
 
     # -- pieces ----------------------------------------------------------------------------
-    def _eps(self, control: nn.Module, z_t: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
-        context = self.context.expand(z_t.shape[0], -1, -1)
-        down, mid = control(z_t, t, context, controlnet_cond=hint, return_dict=False)
-        return self.unet(z_t, t, context, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample.float()
+    def hint_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The DHI's control features of a mask (±1 channels) or an RGB image, zero-padded to the
+        shared hint input's channels."""
+        return self.hint(F.pad(x, (0, 0, 0, 0, 0, self.hint_channels - x.shape[1])))
 
-    def mask_control(self, masks: torch.Tensor) -> torch.Tensor:
-        """``c_m`` of ±1 mask channels ``(B, K − 1, H, W)``."""
-        return self.hint_mask(masks)
+    def mask_hint(self, labels: torch.Tensor) -> torch.Tensor:
+        """The DHI features of label masks ``(B, 1, H, W)``."""
+        return self.hint_features(masks_to_channels(labels, self.num_classes))
+
+    def residuals(self, z_t: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> list[torch.Tensor]:
+        """The control net's residuals for the denoiser: one per down-block output, then the middle."""
+        down, mid = self.control(z_t, t, self._context(z_t), controlnet_cond=hint, return_dict=False)
+        return [*down, mid]
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, residuals: list[torch.Tensor],
+                shielded: bool = False) -> torch.Tensor:
+        """``eps`` of the denoiser given control residuals; ``shielded``: with its weights detached,
+        the authors' per-step copy of the denoiser, so a loss through it trains only the control."""
+        args, kwargs = (z_t, t, self._context(z_t)), {"down_block_additional_residuals": residuals[:-1],
+                                                      "mid_block_additional_residual": residuals[-1]}
+        if shielded:
+            weights = {name: p.detach() for name, p in self.unet.named_parameters()}
+            return functional_call(self.unet, weights, args, kwargs).sample.float()
+        return self.unet(*args, **kwargs).sample.float()
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        """The mask branch: control residuals of ``hint`` features, then the denoiser."""
+        return self.denoise(z_t, t, self.residuals(z_t, t, hint))
+
+    def _context(self, z_t: torch.Tensor) -> torch.Tensor:
+        return self.context.expand(z_t.shape[0], -1, -1)
 
     def ramp(self, step: int) -> float:
         """``w_i`` at a training step (counted from the end of the codec phase)."""
@@ -184,9 +233,9 @@ class SiameseDiffusion(Method):
         loss = loss + terms.get("online", 0.0)
         return {"loss/model": loss, "w_i": torch.tensor(self.ramp(k)), **{n: v.detach() for n, v in terms.items()}}
 
-    def losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        """The loss terms at step ``k`` of the diffusion phase: ``mask`` (L_m), ``image`` (L_i),
-        ``consistency`` (L_c) and, when active, ``online`` (L_m')."""
+    def branches(self, batch: dict[str, torch.Tensor], k: int, t: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> Branches:
+        """Both branches at step ``k`` of the diffusion phase (``t`` and ``noise`` drawn when None)."""
         rgb = to_rgb(batch["image"])
         self.codec.requires_grad_(False)
         self.codec.check_fits(rgb)
@@ -194,24 +243,39 @@ class SiameseDiffusion(Method):
             self.codec.fit_scale(rgb)
             z0 = self.codec.encode(rgb)
         n = z0.shape[0]
-        t = torch.randint(0, self.schedule.num_steps, (n,), device=z0.device)
-        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.schedule.num_steps, (n,), device=z0.device) if t is None else t
+        noise = torch.randn_like(z0) if noise is None else noise
         z_t = self.schedule.q_sample(z0, t, noise).float()
-        c_m = self.mask_control(masks_to_channels(batch["label"], self.num_classes))
+        h_m = self.mask_hint(batch["label"])
         dropped = (torch.rand(n, device=z0.device) < self.cfg.cond_dropout)[:, None, None, None]
-        c_m = torch.where(dropped, self.null_control.expand_as(c_m), c_m)
-        c_mix = c_m.detach() + self.ramp(k) * self.hint_image(rgb)  # w_m = 1, sg(c_m)
-        eps_m = self._eps(self.control_mask, z_t, t, c_m)
-        eps_mix = self._eps(self.control_image, z_t, t, c_mix)
-        terms = {"mask": F.mse_loss(eps_m, noise), "image": F.mse_loss(eps_mix, noise),
-                 "consistency": F.mse_loss(eps_m, eps_mix.detach())}  # sg: the image branch anchors
-        late = t <= self.cfg.t_tau
-        if self.cfg.online_augmentation and k >= self.cfg.online_after * self.cfg.ramp_steps and late.any():
-            z0_prime = self.schedule.x0_from_eps(z_t[late], t[late], eps_mix[late]).detach()  # one step
-            noise_prime = torch.randn_like(z0_prime)
-            z_t_prime = self.schedule.q_sample(z0_prime, t[late], noise_prime).float()
-            terms["online"] = F.mse_loss(self._eps(self.control_mask, z_t_prime, t[late], c_m[late]), noise_prime)
+        h_m = torch.where(dropped, self.null_control.expand_as(h_m), h_m)
+        c_m = self.residuals(z_t, t, h_m)
+        # sg(c_m): the authors compute it with a no-grad copy of the control net holding this step's
+        # weights, which gives exactly the mask branch's residuals; they are detached, not recomputed
+        c_i = self.residuals(z_t, t, self.hint_features(rgb))
+        c_mix = [m.detach() + self.ramp(k) * i for m, i in zip(c_m, c_i)]
+        return Branches(t, noise, z_t, h_m, self.denoise(z_t, t, c_m), self.denoise(z_t, t, c_mix, shielded=True))
+
+    def losses(self, batch: dict[str, torch.Tensor], k: int, t: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The loss terms at step ``k`` of the diffusion phase: ``mask`` (L_m), ``image`` (L_i),
+        ``consistency`` (L_c) and, when active, ``online`` (L_m')."""
+        b = self.branches(batch, k, t, noise)
+        terms = {"mask": F.mse_loss(b.eps_m, b.noise), "image": F.mse_loss(b.eps_mix, b.noise),
+                 "consistency": F.mse_loss(b.eps_m, b.eps_mix.detach())}  # sg: the image branch anchors
+        late = b.t <= self.cfg.t_tau
+        if self.cfg.online_augmentation and k > self.cfg.online_after * self.cfg.ramp_steps and late.any():
+            terms["online"] = self.online_augmentation(b, late)
         return terms
+
+    def online_augmentation(self, b: Branches, late: torch.Tensor) -> torch.Tensor:
+        """``L_m'``: the image branch's one-step ``z0'`` re-noised with the step's own ε, whose noise
+        the mask branch learns; per-sample weight 1 where ``t ≤ t_tau``, averaged over the batch."""
+        t, noise = b.t[late], b.noise[late]
+        z0_prime = self.schedule.x0_from_eps(b.z_t[late], t, b.eps_mix[late])
+        z_t_prime = self.schedule.q_sample(z0_prime, t, noise).float().detach()
+        per_sample = (self.eps(z_t_prime, t, b.mask_hint[late]) - noise).pow(2).mean((1, 2, 3))
+        return per_sample.sum() / len(b.t)
 
     # -- generation ------------------------------------------------------------------------
     def initial_noise(self, index: int, size: list[int], device: torch.device, seed: int) -> torch.Tensor:
@@ -230,13 +294,13 @@ class SiameseDiffusion(Method):
         device = next(self.parameters()).device
         masks = masks.to(device)
         z = torch.cat([self.initial_noise(i, size, device, settings.seed) for i in indices])
-        c_m = self.mask_control(masks_to_channels(masks, self.num_classes))
-        c_null = self.null_control.expand_as(c_m)
+        h_m = self.mask_hint(masks)
+        h_null = self.null_control.expand_as(h_m)
 
         def predict_x0(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self._eps(self.control_mask, z_t, t, c_m)
+            eps = self.eps(z_t, t, h_m)
             if self.cfg.guidance != 1.0:  # opt-in control CFG against the null control
-                eps_u = self._eps(self.control_mask, z_t, t, c_null)
+                eps_u = self.eps(z_t, t, h_null)
                 eps = eps_u + self.cfg.guidance * (eps - eps_u)
             return self.schedule.x0_from_eps(z_t, t, eps)
 
@@ -258,8 +322,9 @@ class SiameseDiffusion(Method):
         noise = torch.randn(z0.shape, generator=g).to(device)
         t = torch.linspace(0, self.schedule.num_steps - 1, len(z0)).long().to(device)
         z_t = self.schedule.q_sample(z0, t, noise).float()
-        c_m = self.mask_control(masks_to_channels(label.to(device), self.num_classes))
-        eps_m = self._eps(self.control_mask, z_t, t, c_m)
-        eps_mix = self._eps(self.control_image, z_t, t, c_m + self.hint_image(rgb))
+        c_m = self.residuals(z_t, t, self.mask_hint(label.to(device)))
+        c_i = self.residuals(z_t, t, self.hint_features(rgb))
+        eps_m = self.denoise(z_t, t, c_m)
+        eps_mix = self.denoise(z_t, t, [m + i for m, i in zip(c_m, c_i)])  # w_i = 1: the ramp's end
         return {"val/mask_branch_mse": float(F.mse_loss(eps_m, noise)),
                 "val/image_branch_mse": float(F.mse_loss(eps_mix, noise))}
