@@ -353,6 +353,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="every section on the CPU at toy sizes")
     parser.add_argument("--hippocampus", type=Path, help="MSD Task04 folder for the 3-minute training")
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS), help="methods to check")
     parser.add_argument("--minutes", type=float, default=3.0, help="the hippocampus training's minutes")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--only", nargs="*", choices=["env", "methods", "torchrun", "large_volume", "hippocampus",
@@ -372,7 +373,7 @@ def main() -> int:
     if "env" in wanted:
         results.append(check_env(device))
     if "methods" in wanted:
-        results += [check_method(m, device, data, work, args.dry_run) for m in METHODS]
+        results += [check_method(m, device, data, work, args.dry_run) for m in args.methods]
     if "torchrun" in wanted:
         results.append(check_torchrun(device, data, work, args.dry_run))
     if "large_volume" in wanted:
