@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where the budget is measured: auto, cpu, cuda or cuda:N")
     p.add_argument("--output", help="the plan's YAML (default plans/<dataset>/<method>.yaml)")
 
+    p = sub.add_parser("study", help="plan a dataset once, train several methods on the same split and budget, "
+                       "and compare them (table, paired tests, plots); an interrupted study resumes")
+    p.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2, BTCV, case folders or pairs)")
+    p.add_argument("--methods", required=True, help="comma-separated segmenters, e.g. unet,imgx,sdseg")
+    p.add_argument("--budget", default="30m", help="training time of each method: 30m, 2h, 90s (bare: minutes)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (planning and training)")
+    p.add_argument("--study-dir", help="the study's folder (default studies/<dataset folder name>); rerun with "
+                   "the same folder to resume")
+    p.add_argument("--experiment", help="mlflow experiment (default study-<study folder name>)")
+    _add_tracking(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
+
     p = sub.add_parser("predict", help="predict NIfTI label maps for volumes or folders")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="mlflow run id, or a run folder")
@@ -305,6 +317,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from imgx3d.evaluation.compare import to_markdown
+    from imgx3d.training.study import run_study
+
+    study_dir = Path(args.study_dir or Path("studies") / Path(args.data).resolve().name)
+    result = run_study(args.data, [m.strip() for m in args.methods.split(",") if m.strip()], study_dir,
+                       parse_budget(args.budget), args.device, tracking_uri(args.tracking_uri),
+                       args.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", ""), args.overrides)
+    print(to_markdown(result.comparison))
+    print(f"runs: {', '.join(f'{m} {d}' for m, d in result.runs.items())}; comparison in {study_dir / 'comparison'}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from imgx3d.evaluation.compare import to_markdown, write_comparison
 
@@ -360,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; stay quiet without it
     commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
+                "study": cmd_study,
                 "demo": cmd_demo, "synth": cmd_synth, "plan": cmd_plan}
     try:
         with stop_on_signals() if args.command in STOPPABLE else contextlib.nullcontext():

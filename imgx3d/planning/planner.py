@@ -13,6 +13,7 @@ them and writes the plan as a complete config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -198,14 +199,24 @@ def plan(fp: Fingerprint, method: str = "unet", budget_minutes: float = 30.0, de
     Args:
         step_timer: seconds per step of a candidate config (default: measured on ``device``).
     """
-    result = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}})
-    _plan_data(result, fp)
-    _plan_network(result, fp)
-    _plan_budget(result, budget_minutes, step_timer or measured_step_seconds(device))
-    _plan_training(result, budget_minutes)
-    if method != "unet":
-        _adapt(result, fp, method)
-    return result
+    return plan_methods(fp, [method], budget_minutes, device, step_timer)[method]
+
+
+def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30.0, device: str = "auto",
+                 step_timer: StepTimer | None = None) -> dict[str, Plan]:
+    """The plans of several methods from **one** U-Net plan and budget measurement, so that a
+    comparison of them shares the split, data section, budget and (3D) topology by construction."""
+    base = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}})
+    _plan_data(base, fp)
+    _plan_network(base, fp)
+    _plan_budget(base, budget_minutes, step_timer or measured_step_seconds(device))
+    _plan_training(base, budget_minutes)
+    plans = {}
+    for method in methods:
+        plans[method] = copy.deepcopy(base)
+        if method != "unet":
+            _adapt(plans[method], fp, method)
+    return plans
 
 
 def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
