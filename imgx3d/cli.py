@@ -17,6 +17,7 @@ from pathlib import Path
 from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
+from imgx3d.planning import parse_budget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = TrackingConfig.uri  # the config's own default
@@ -143,19 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
-
-
-def parse_budget(text: str) -> float:
-    """``30m``, ``2h``, ``90s`` or a bare number of minutes → minutes."""
-    units = {"s": 1 / 60, "m": 1.0, "h": 60.0}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "m")
-    try:
-        minutes = float(number) * units[unit]
-    except ValueError:
-        raise InputError(f"--budget {text}: not a duration; use e.g. 30m, 2h or 90s") from None
-    if minutes <= 0:
-        raise InputError(f"--budget {text}: must be more than 0")
-    return minutes
 
 
 def plan_folder(data: str | Path) -> Path:

@@ -32,9 +32,9 @@ SLOWED = """
 import sys, time
 from imgx3d.training.trainer import Trainer
 from imgx3d.inference.predictor import Predictor
-real_step, real_predict = Trainer.step, Predictor.predict
+real_step, real_predict = Trainer.step, Predictor.predict_case
 Trainer.step = lambda self, batch: (time.sleep(0.05), real_step(self, batch))[1]
-Predictor.predict = lambda self, *a, **k: (time.sleep(0.3), real_predict(self, *a, **k))[1]
+Predictor.predict_case = lambda self, *a, **k: (time.sleep(0.3), real_predict(self, *a, **k))[1]
 from imgx3d.cli import main
 sys.exit(main(sys.argv[1:]))
 """

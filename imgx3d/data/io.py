@@ -330,14 +330,53 @@ def read_volume(path: str | Path, *, allow_channels: bool = False, what: str = "
             "or a 2D image (PNG/JPEG/TIFF/GIF/BMP)"
         )
     array = volume.array if is_image_path(path) else _as_3d(volume.array, path, what, allow_channels)
+    return _checked(replace(volume, array=array), path)
+
+
+def _checked(volume: Volume, path: Path) -> Volume:
+    """``volume`` with a contiguous array, once its values and affine pass the checks every input gets."""
+    array = volume.array
     if 0 in array.shape:
         raise InputError(f"{path}: has a zero-size dimension (shape {array.shape}); the file is empty or corrupt")
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if bad:
         raise InputError(f"{path}: contains {bad} NaN or infinite voxels; replace them (e.g. with 0) before use")
     check_affine(volume.affine, path)
-    volume = replace(volume, array=np.ascontiguousarray(array))
-    return volume
+    return replace(volume, array=np.ascontiguousarray(array))
+
+
+def volume_from_array(array: np.ndarray, affine: np.ndarray, name: str = "<array>",
+                      header: nib.Nifti1Header | None = None) -> Volume:
+    """An in-memory image as a checked :class:`Volume`, as a file would be read: ``(X, Y, Z)``, or
+    ``(X, Y, Z, C)`` channels (returned channel-first), with a 4 x 4 voxel → RAS+ (mm) ``affine``.
+
+    Raises:
+        InputError: wrong dimensionality or affine shape, empty, non-finite or a malformed affine,
+            in one line naming ``name``.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"{name}: the affine must be a 4 x 4 voxel -> RAS+ (mm) matrix, not shape {affine.shape}")
+    array = _as_3d(np.asarray(array, dtype=np.float32), Path(name), "image", allow_channels=True)
+    return _checked(Volume(array=array, affine=affine, path=Path(name), header=header), Path(name))
+
+
+def sitk_to_volume(image: sitk.Image, name: str = "<SimpleITK image>") -> Volume:
+    """A 3D scalar SimpleITK image as a checked :class:`Volume` (its LPS geometry turned into RAS+)."""
+    return _checked(_sitk_to_volume(image, Path(name)), Path(name))
+
+
+def volume_to_sitk(volume: Volume) -> sitk.Image:
+    """A 3D :class:`Volume` as a SimpleITK image with the same grid (RAS+ affine back to LPS
+    origin, spacing and direction): the inverse of :func:`sitk_to_volume`."""
+    sitk = _simpleitk()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume.array).transpose(2, 1, 0)))
+    lps = np.linalg.inv(LPS_TO_RAS) @ volume.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    return image
 
 
 def check_affine(affine: np.ndarray, path: Path | None) -> None:

@@ -48,15 +48,23 @@ class Preprocessor:
         for vol in volumes[1:]:
             _check_same_grid(ref, vol, "channel")
         arrays = [v.array if v.array.ndim == 4 else v.array[None] for v in volumes]
-        array = np.concatenate(arrays, axis=0)
+        return self.checked_image(replace(ref, array=np.concatenate(arrays, axis=0)), expected_channels,
+                                  "pass all channel files of the case")
+
+    @staticmethod
+    def checked_image(volume: Volume, expected_channels: int | None = None,
+                      fix: str = "pass an image with every channel the model was trained on"
+                      ) -> tuple[np.ndarray, Volume]:
+        """An image volume as channel-first ``(C, X, Y, Z)``, refusing a wrong channel count (with
+        ``fix`` as the advice) or a constant image; returns the array and the volume holding it."""
+        array = volume.array if volume.array.ndim == 4 else volume.array[None]
         if expected_channels is not None and array.shape[0] != expected_channels:
-            raise InputError(
-                f"{paths[0]}: has {array.shape[0]} channel(s) but the model expects {expected_channels}; "
-                "pass all channel files of the case"
-            )
+            raise InputError(f"{volume.path}: has {array.shape[0]} channel(s) but the model expects "
+                             f"{expected_channels}; {fix}")
         if np.all(array == array.reshape(array.shape[0], -1)[:, :1, None, None]):
-            raise InputError(f"{paths[0]}: image is constant (every voxel {float(array.flat[0]):g}); the file holds no image")
-        return array, replace(ref, array=array)
+            raise InputError(f"{volume.path}: image is constant (every voxel {float(array.flat[0]):g}); "
+                             "it holds no image")
+        return array, replace(volume, array=array)
 
     def load_case(self, case: Case, labels: dict[int, str], in_channels: int | None = None) -> dict[str, Any]:
         """Read and preprocess a labelled case into model space, validating the label."""

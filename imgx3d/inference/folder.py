@@ -243,7 +243,7 @@ class _FolderJob:
         case_id, target, lock, loaded = ahead.popleft()
         try:
             case = loaded()
-            prediction = self.predictor.predict(case, self.probabilities)
+            prediction = self.predictor.predict_case(case, self.probabilities)
         except BaseException:
             lock.unlink(missing_ok=True)
             raise

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from imgx3d.data.io import Volume, is_image_path
 from imgx3d.data.labels import LabelCodec
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, InputError, ResourceError
+from imgx3d.inference.images import ImageObject, like, to_volume
 from imgx3d.inference.windows import make_window, predict_by_slices, streaming_argmax
 from imgx3d.methods.base import (
     Codec,
@@ -239,11 +241,38 @@ class Predictor:
         _, volume = Preprocessor(self.config.data).read_image(paths, self.in_channels)
         return to_model(volume, self.config.data, self.codec)
 
+    def from_volume(self, volume: Volume) -> ModelCase:
+        """An in-memory image (checked as a file is) in model space: what :meth:`read` does for files."""
+        _, volume = Preprocessor(self.config.data).checked_image(volume, self.in_channels)
+        return to_model(volume, self.config.data, self.codec)
+
     def predict_files(self, paths: list[Path], probabilities: bool = False) -> Prediction:
         """Predict one case from its channel files."""
-        return self.predict(self.read(paths), probabilities)
+        return self.predict_case(self.read(paths), probabilities)
 
-    def predict(self, case: ModelCase, probabilities: bool = False) -> Prediction:
+    def predict(self, image: ModelCase | str | Path | ImageObject, probabilities: bool = False) -> Any:
+        """The prediction of one image on its own grid, whatever holds it.
+
+        Args:
+            image: a file path (or DICOM folder); a nibabel image, a SimpleITK image or an
+                ``(array, affine)`` pair (see :mod:`imgx3d.inference.images`); or a case read by
+                :meth:`read` / :meth:`from_volume`.
+            probabilities: also return the class probabilities.
+
+        Returns:
+            For an in-memory image without ``probabilities``, the label map as the same kind
+            (nibabel → ``Nifti1Image``, SimpleITK → ``SimpleITK.Image``, pair → ``(labels, affine)``);
+            otherwise a :class:`Prediction` (label and probability volumes).
+        """
+        if isinstance(image, ModelCase):
+            return self.predict_case(image, probabilities)
+        if isinstance(image, (str, Path)):
+            return self.predict_files([Path(image)], probabilities)
+        # an in-memory image (a kind it cannot read is a one-line InputError)
+        prediction = self.predict_case(self.from_volume(to_volume(image)), probabilities)
+        return prediction if probabilities else like(image, prediction.labels)
+
+    def predict_case(self, case: ModelCase, probabilities: bool = False) -> Prediction:
         """The native-grid prediction of a case read by :meth:`read`.
 
         The memory the prediction needs is estimated first: a volume whose whole-volume maps

@@ -4,3 +4,43 @@ complete config (``planner``), as nnU-Net's experiment planner does, fitted to a
 May import: ``data``, ``methods`` (their config dataclasses), ``nets`` and the top-level modules.
 Imported by the CLI and ``training.workflow`` (``train`` without ``--config`` plans first).
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imgx3d.errors import InputError
+
+if TYPE_CHECKING:
+    from imgx3d.planning.planner import Plan
+
+
+def parse_budget(text: str) -> float:
+    """``30m``, ``2h``, ``90s`` or a bare number of minutes → minutes."""
+    units = {"s": 1 / 60, "m": 1.0, "h": 60.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "m")
+    try:
+        minutes = float(number) * units[unit]
+    except ValueError:
+        raise InputError(f"--budget {text}: not a duration; use e.g. 30m, 2h or 90s") from None
+    if minutes <= 0:
+        raise InputError(f"--budget {text}: must be more than 0")
+    return minutes
+
+
+def plan_dataset(data: str | Path, method: str = "unet", budget: str | float = "30m", device: str = "auto",
+                 cache_dir: str | Path | None = None) -> Plan:
+    """Fingerprint the dataset at ``data`` and plan ``method`` for ``budget`` of training (``"30m"``,
+    ``"2h"`` or minutes): what ``imgx3d plan`` does; ``.config()`` is the complete config.
+
+    Args:
+        cache_dir: where the fingerprint is cached (default ``plans/<dataset folder name>``).
+    """
+    from imgx3d.planning.fingerprint import fingerprint
+    from imgx3d.planning.planner import plan
+
+    minutes = parse_budget(budget) if isinstance(budget, str) else float(budget)
+    fp = fingerprint(data, cache_dir=cache_dir or Path("plans") / Path(data).resolve().name)
+    return plan(fp, method, minutes, device)
+

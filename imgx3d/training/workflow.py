@@ -334,7 +334,7 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     for case_id in split.test:  # predict per case so case ids follow the catalog, not file names
         case = cases[case_id]
         model_case = predictor.read(case.images)
-        prediction = predictor.predict(model_case)
+        prediction = predictor.predict_case(model_case)
         write_prediction(prediction, prediction_path(pred_dir, case_id, data_cfg), predictor.codec)
         if len(overlays) < OVERLAY_CASES:
             overlays.append(overlay_montage(model_case.source.array[0], prediction.labels.array, catalog.labels,
