@@ -39,15 +39,15 @@ def test_a_study_plans_once_trains_each_method_compares_and_resumes(msd_dataset,
     assert main(argv) == 0
     assert (folder / "unet" / "best.pt").stat().st_mtime_ns == unet_weights, "the finished method is not retrained"
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "plans").glob("*.yaml")} == plans, "the plans are reused"
-    imgx, unet = (json.loads((folder / m / "study.json").read_text()) for m in ("imgx", "unet"))
-    table = (folder / "comparison" / "table.csv").read_text()
+    imgx, unet = (json.loads((folder / m / "study.json").read_text(encoding="utf-8")) for m in ("imgx", "unet"))
+    table = (folder / "comparison" / "table.csv").read_text(encoding="utf-8")
     assert imgx["run_id"] in table and unet["run_id"] in table, "both runs in the comparison"
     assert (folder / "comparison" / "paired.csv").is_file()
     # one plan: the data section and split are the same for both methods
-    configs = [(folder / m / "config.yaml").read_text() for m in ("unet", "imgx")]
+    configs = [(folder / m / "config.yaml").read_text(encoding="utf-8") for m in ("unet", "imgx")]
     assert [c[c.index("data:"):c.index("data:") + 400] for c in configs][0] == \
         [c[c.index("data:"):c.index("data:") + 400] for c in configs][1]
-    assert (folder / "unet" / "split.json").read_text() == (folder / "imgx" / "split.json").read_text()
+    assert (folder / "unet" / "split.json").read_text(encoding="utf-8") == (folder / "imgx" / "split.json").read_text(encoding="utf-8")
 
 
 def test_a_study_refuses_methods_that_do_not_segment():

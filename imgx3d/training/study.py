@@ -78,7 +78,8 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
                               base=load_yaml(configs[method]))
             resume = run_dir if (run_dir / "last.pt").is_file() else None
             print(f"study: {'resuming' if resume else 'training'} {method} in {run_dir}")
-            result = train_run(cfg, data, run_dir, resume, records={"plan.yaml": configs[method].read_text()})
+            plan_text = configs[method].read_text(encoding="utf-8")
+            result = train_run(cfg, data, run_dir, resume, records={"plan.yaml": plan_text})
             atomic_write_text(done, json.dumps({"method": method, "run_id": result.run_id, "steps": result.steps}))
         else:
             print(f"study: {method} finished earlier ({run_dir}), skipped")
