@@ -17,7 +17,7 @@ from pathlib import Path
 from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
-from imgx3d.planning import parse_budget
+from imgx3d.planning import parse_budget, plan_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = TrackingConfig.uri  # the config's own default
@@ -145,10 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
-
-def plan_folder(data: str | Path) -> Path:
-    """Where plans (and the cached fingerprint) of a dataset go: ``plans/<dataset folder name>``."""
-    return Path("plans") / Path(data).resolve().name
 
 
 def _planned_tree(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:

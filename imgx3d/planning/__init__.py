@@ -29,6 +29,11 @@ def parse_budget(text: str) -> float:
     return minutes
 
 
+def plan_folder(data: str | Path) -> Path:
+    """Where plans (and the cached fingerprint) of a dataset go: ``plans/<dataset folder name>``."""
+    return Path("plans") / Path(data).resolve().name
+
+
 def plan_dataset(data: str | Path, method: str = "unet", budget: str | float = "30m", device: str = "auto",
                  cache_dir: str | Path | None = None) -> Plan:
     """Fingerprint the dataset at ``data`` and plan ``method`` for ``budget`` of training (``"30m"``,
@@ -41,6 +46,6 @@ def plan_dataset(data: str | Path, method: str = "unet", budget: str | float = "
     from imgx3d.planning.planner import plan
 
     minutes = parse_budget(budget) if isinstance(budget, str) else float(budget)
-    fp = fingerprint(data, cache_dir=cache_dir or Path("plans") / Path(data).resolve().name)
+    fp = fingerprint(data, cache_dir=cache_dir or plan_folder(data))
     return plan(fp, method, minutes, device)
 
