@@ -109,6 +109,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def add_to_checkpoint(path: Path, **fields: Any) -> None:
+    """Add metadata ``fields`` to a written checkpoint (atomically: the old file stays whole until the new one is)."""
+    checkpoint = load_checkpoint(path)
+    save_checkpoint(checkpoint.path, {**checkpoint.state, **fields})
+
+
 def resolve_checkpoint_path(source: str | Path) -> Path:
     """A checkpoint file, or the ``best.pt`` of a run folder."""
     path = Path(source)

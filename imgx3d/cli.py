@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device; under torchrun each rank takes its "
                    "own GPU)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--folds", type=int, help="cross-validation as in nnU-Net: the non-test cases cut into N folds, "
+                   "each validating once; with --fold all every fold trains into RUN_DIR/fold_<k> (rerun to resume), "
+                   "and predict --run RUN_DIR ensembles them")
+    p.add_argument("--fold", help="with --folds: the validation fold to train (0 ... N-1) or all (the default)")
     p.add_argument("--experiment", help="mlflow experiment (default: the config's dataset name)")
     p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
     _add_tracking(p)
@@ -78,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict NIfTI label maps for volumes or folders")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="mlflow run id, or a run folder")
+    src.add_argument("--run", nargs="+", help="mlflow run id, or a run folder; several, or a cross-validation "
+                     "folder (fold_*/): an ensemble averaging their class probabilities")
     src.add_argument("--checkpoint", help="a best.pt / last.pt checkpoint")
     p.add_argument("--input", nargs="+", required=True, help="volume files, DICOM folders, or folders of volumes")
     p.add_argument("--output", required=True, help="output folder (never an input folder)")
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all three axes")
+    p.add_argument("--no-postprocess", action="store_true", help="the raw label map, without the largest-component "
+                   "steps the run learned from its validation cases")
     p.add_argument("--overlay", metavar="DIR", help="also write a PNG montage of each case's contours to DIR")
     p.add_argument("--workers", type=int, default=0, help="threads reading the next cases while one is predicted, "
                    "results written behind it (0, the default: one case at a time; pays off when reading is slow "
@@ -132,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for table.md, table.csv, paired.csv and the plots "
                    "(default: comparisons/<experiment>)")
     p.add_argument("--no-log", action="store_true", help="do not log the comparison as an mlflow run")
+    _add_tracking(p)
+
+    p = sub.add_parser("cv", help="summarise cross-validations: per-fold validation Dice (raw and postprocessed), "
+                       "test Dice, and their mean")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--experiment", help="the mlflow experiment the folds were logged to")
+    where.add_argument("--folder", help="a cross-validation folder (the --run-dir of train --folds)")
+    p.add_argument("--output", help="folder for cv.md and cv.json (default: --folder, else comparisons/<experiment>)")
     _add_tracking(p)
 
     p = sub.add_parser("demo", help="the main job on built-in procedural data: train, predict, evaluate")
@@ -232,7 +247,20 @@ def _print_result(result) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from imgx3d.training.workflow import train_run
 
+    if args.fold is not None and args.folds is None:
+        raise InputError(f"--fold {args.fold}: needs --folds N (the number of cross-validation folds)")
     cfg, records = _load(args)
+    if args.folds is not None:
+        from imgx3d.training.folds import parse_folds, train_folds
+
+        if args.resume:
+            raise InputError("--resume with --folds: rerun the same command with --run-dir of the cross-validation; "
+                             "finished folds are skipped and an interrupted one resumes")
+        results = train_folds(cfg, args.data, args.folds, parse_folds(args.fold or "all", args.folds), args.run_dir, records)
+        for result in results:
+            if result.rank == 0:
+                _print_result(result)
+        return 0
     result = train_run(cfg, args.data, args.run_dir, args.resume, records=records)
     if result.rank == 0:  # under torchrun, one report
         _print_result(result)
@@ -247,10 +275,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: must be >= 0")
     # the run's infer: settings, overridden by the flags (--sw-batch-size 0, --overlap 1.5: the config's own errors)
-    source = load_checkpoint(args.checkpoint) if args.checkpoint else args.run  # --run: a folder or an mlflow run id
+    # --run: folders or mlflow run ids (several: an ensemble)
+    source = load_checkpoint(args.checkpoint) if args.checkpoint else args.run
     predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri),
                                device=args.device, tta_flips=[0, 1, 2] if args.tta else None,
-                               sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision)
+                               sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision,
+                               postprocess=False if args.no_postprocess else None)
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,
                                 args.workers)
     print(f"{len(written)} prediction(s) in {args.output}")
@@ -325,6 +355,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    import json
+
+    from imgx3d.data.io import atomic_write_text
+    from imgx3d.evaluation.cv import records_from_folder, records_from_mlflow, summarise, to_markdown
+
+    if args.folder:
+        records = records_from_folder(args.folder)
+    else:
+        records = records_from_mlflow(tracking_uri(args.tracking_uri), args.experiment)
+    summaries = summarise(records)
+    output = Path(args.output or args.folder or Path("comparisons") / args.experiment)
+    atomic_write_text(output / "cv.md", to_markdown(summaries))
+    atomic_write_text(output / "cv.json", json.dumps([s.to_json() for s in summaries], indent=1))
+    print(to_markdown(summaries))
+    print(f"cv.md and cv.json in {output}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from imgx3d.synthesis.synth import synthesize
 
@@ -344,9 +393,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def resume_command(argv: list[str], run_dir: Path) -> str:
+def resume_command(argv: list[str], run_dir: Path, folds: bool = False) -> str:
     """The ``imgx3d train`` command line that continues ``run_dir``: ``argv`` with ``--resume RUN_DIR``
-    in place of any ``--run-dir`` / ``--resume``."""
+    in place of any ``--run-dir`` / ``--resume``; for a fold of a cross-validation (``folds``), the
+    same command with ``--run-dir`` of the cross-validation (it skips finished folds and resumes this one)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -356,7 +406,8 @@ def resume_command(argv: list[str], run_dir: Path) -> str:
         elif not arg.startswith(("--run-dir=", "--resume=")):
             kept.append(arg)
     at = kept.index("train") + 1 if "train" in kept else 0
-    return shlex.join(["imgx3d", *kept[:at], "--resume", str(run_dir), *kept[at:]])
+    flag, folder = ("--run-dir", run_dir.parent) if folds else ("--resume", run_dir)
+    return shlex.join(["imgx3d", *kept[:at], flag, str(folder), *kept[at:]])
 
 
 # Commands that stop at a safe point on SIGTERM / SIGINT (the rest stop at once).
@@ -369,14 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; stay quiet without it
     commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
-                "study": cmd_study,
+                "study": cmd_study, "cv": cmd_cv,
                 "demo": cmd_demo, "synth": cmd_synth, "plan": cmd_plan}
     try:
         with stop_on_signals() if args.command in STOPPABLE else contextlib.nullcontext():
             return commands[args.command](args)
     except Interrupted as err:
         resumable = err.resume_dir is not None and args.command == "train"
-        hint = f"; continue with: {resume_command(argv, err.resume_dir)}" if resumable else ""
+        folds = resumable and getattr(args, "folds", None) is not None
+        hint = f"; continue with: {resume_command(argv, err.resume_dir, folds)}" if resumable else ""
         print(f"imgx3d: interrupted: {err}{hint}", file=sys.stderr)
         return err.exit_code
     except Imgx3dError as err:

@@ -33,11 +33,12 @@ class SplitConfig:
 
     Attributes:
         seed: seed of the shuffle; the same seed always gives the same split.
-        test_fraction: held-out test share (holdout mode).
-        val_fraction: share of the non-test cases used for validation.
-        folds: if > 0, k-fold mode: ``fold`` is the test fold, and validation is drawn
-            from the remaining folds with ``val_fraction``.
-        fold: which fold is the test fold in k-fold mode.
+        test_fraction: held-out test share, cut first and never trained or validated on (0: no
+            test set). The same seed and fraction give the same test cases with or without folds.
+        val_fraction: share of the non-test cases used for validation (without folds).
+        folds: if > 0, cross-validation as in nnU-Net: the non-test cases are cut into ``folds``
+            parts, ``fold`` is the validation part and the others train (``val_fraction`` unused).
+        fold: the validation fold (0 ... folds - 1).
         max_train: if > 0, train on only this many of the training cases (a seeded subset; the
             validation and test cases do not change): low-data experiments, learning curves.
     """
@@ -237,6 +238,9 @@ class InferConfig:
         precision: the networks' autocast precision at inference, as ``train.precision``
             (``auto``: bf16 / fp16 on CUDA by compute capability, fp32 on the CPU); probabilities
             are blended and returned in fp32.
+        postprocess: learn at the end of training, from the validation cases, which
+            largest-connected-component steps raise Dice (nnU-Net's rule,
+            :mod:`imgx3d.inference.postprocess`), and apply them at prediction; false: neither.
     """
 
     roi_size: list[int] = field(default_factory=list)
@@ -247,6 +251,7 @@ class InferConfig:
     streaming: str = "auto"
     streaming_above_gib: float = 1.0
     precision: str = "auto"
+    postprocess: bool = True
 
 
 @dataclass

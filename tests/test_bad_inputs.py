@@ -411,7 +411,9 @@ def too_few_cases_for_the_split(root, tmp, ckpt):
 
 
 def more_folds_than_cases(root, tmp, ckpt):
-    return _train(root, tmp, "data.split.folds=9"), f"{root}: 8 labelled cases cannot make 9 folds"
+    return (_train(root, tmp, "data.split.folds=7"),
+            f"{root}: 6 labelled cases outside the test set cannot make 7 folds; use fewer folds or a smaller "
+            "data.split.test_fraction")
 
 
 def device_not_on_this_machine(root, tmp, ckpt):

@@ -95,8 +95,21 @@ def test_split_is_deterministic_disjoint_and_complete(msd_dataset):
     assert a == b and a != c
     assert (len(a.train), len(a.val), len(a.test)) == (5, 1, 2)
     assert sorted(a.train + a.val + a.test) == sorted(x.case_id for x in catalog.cases)
-    folds = [make_split(catalog, SplitConfig(folds=4, fold=k, val_fraction=0)).test for k in range(4)]
-    assert sorted(sum(folds, [])) == sorted(x.case_id for x in catalog.cases)
+
+
+def test_folds_validate_each_non_test_case_once_and_leave_the_test_set_alone(msd_dataset):
+    catalog = find_cases(msd_dataset)  # 8 cases: 2 for test, 6 cut into 3 folds of 2
+    holdout = make_split(catalog, SplitConfig(seed=3, test_fraction=0.25))
+    folds = [make_split(catalog, SplitConfig(seed=3, test_fraction=0.25, folds=3, fold=k)) for k in range(3)]
+    assert all(f.test == holdout.test for f in folds)  # the same test cases with or without folds
+    validated = [case for f in folds for case in f.val]
+    assert sorted(validated) == sorted(set(x.case_id for x in catalog.cases) - set(holdout.test))
+    assert len(validated) == len(set(validated)) == 6
+    for f in folds:
+        assert len(f.val) == 2 and sorted(f.train + f.val) == sorted(validated)
+    no_test = [make_split(catalog, SplitConfig(seed=3, test_fraction=0, folds=4, fold=k)) for k in range(4)]
+    assert all(not f.test for f in no_test)
+    assert sorted(c for f in no_test for c in f.val) == sorted(x.case_id for x in catalog.cases)
 
 
 def test_max_train_keeps_a_seeded_subset_and_the_same_val_and_test(msd_dataset):

@@ -30,7 +30,7 @@ def test_a_study_plans_once_trains_each_method_compares_and_resumes(msd_dataset,
 
     monkeypatch.setattr(study_module, "train_run", interrupted)
     assert main(argv) == 130, "Ctrl-C: the CLI's interrupted exit"
-    assert (folder / "unet" / "study.json").is_file() and not (folder / "imgx" / "study.json").exists()
+    assert (folder / "unet" / "result.json").is_file() and not (folder / "imgx" / "result.json").exists()
     plans = {p.name: p.stat().st_mtime_ns for p in (folder / "plans").glob("*.yaml")}
     assert set(plans) == {"unet.yaml", "imgx.yaml"}, "every method planned at once, before any training"
     unet_weights = (folder / "unet" / "best.pt").stat().st_mtime_ns
@@ -39,7 +39,7 @@ def test_a_study_plans_once_trains_each_method_compares_and_resumes(msd_dataset,
     assert main(argv) == 0
     assert (folder / "unet" / "best.pt").stat().st_mtime_ns == unet_weights, "the finished method is not retrained"
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "plans").glob("*.yaml")} == plans, "the plans are reused"
-    imgx, unet = (json.loads((folder / m / "study.json").read_text(encoding="utf-8")) for m in ("imgx", "unet"))
+    imgx, unet = (json.loads((folder / m / "result.json").read_text(encoding="utf-8")) for m in ("imgx", "unet"))
     table = (folder / "comparison" / "table.csv").read_text(encoding="utf-8")
     assert imgx["run_id"] in table and unet["run_id"] in table, "both runs in the comparison"
     assert (folder / "comparison" / "paired.csv").is_file()

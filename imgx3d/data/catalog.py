@@ -288,8 +288,9 @@ def make_split(catalog: Catalog, cfg: SplitConfig) -> Split:
     """Deterministic train / val / test split of the labelled cases.
 
     Predefined groups (case folders under ``train/``, ``validation/``, ``test/``) are used
-    when every case has one; otherwise a seeded shuffle of the sorted ids is cut in holdout
-    or k-fold mode.
+    when every case has one; otherwise a seeded shuffle of the sorted ids is cut: the test share
+    first, then the rest into validation and training (holdout), or into ``folds`` parts of which
+    ``fold`` validates (cross-validation, nnU-Net's meaning).
     """
     labelled = [c for c in catalog.cases if c.label is not None]
     if not labelled:
@@ -300,19 +301,20 @@ def make_split(catalog: Catalog, cfg: SplitConfig) -> Split:
             return Split(groups["train"], groups["val"], groups["test"])
     ids = np.array(sorted(c.case_id for c in labelled))
     perm = list(ids[np.random.default_rng(cfg.seed).permutation(len(ids))])
-    if cfg.folds:
-        if cfg.folds > len(perm):
-            raise InputError(f"{catalog.root}: {len(perm)} labelled cases cannot make {cfg.folds} folds")
-        folds = [list(f) for f in np.array_split(np.array(perm, dtype=object), cfg.folds)]
-        test = folds[cfg.fold]
-        rest = [i for k, f in enumerate(folds) if k != cfg.fold for i in f]
+    n_test = int(round(cfg.test_fraction * len(perm)))
+    test, rest = perm[:n_test], perm[n_test:]
+    if cfg.folds:  # nnU-Net's cross-validation: fold k is the validation part of the non-test cases
+        if cfg.folds > len(rest):
+            raise InputError(f"{catalog.root}: {len(rest)} labelled cases outside the test set cannot make "
+                             f"{cfg.folds} folds; use fewer folds or a smaller data.split.test_fraction")
+        folds = [list(f) for f in np.array_split(np.array(rest, dtype=object), cfg.folds)]
+        val = folds[cfg.fold]
+        train = [i for k, f in enumerate(folds) if k != cfg.fold for i in f]
     else:
-        n_test = int(round(cfg.test_fraction * len(perm)))
-        test, rest = perm[:n_test], perm[n_test:]
-    n_val = int(round(cfg.val_fraction * len(rest)))
-    if cfg.val_fraction > 0 and n_val == 0 and len(rest) > 1:
-        n_val = 1
-    val, train = rest[:n_val], rest[n_val:]
+        n_val = int(round(cfg.val_fraction * len(rest)))
+        if cfg.val_fraction > 0 and n_val == 0 and len(rest) > 1:
+            n_val = 1
+        val, train = rest[:n_val], rest[n_val:]
     if cfg.max_train > 0:
         train = train[:cfg.max_train]  # a seeded subset: the shuffle already randomised the order
     if not train:

@@ -1,5 +1,10 @@
 """One prediction path: ``Predictor.load(source, settings)`` → ``predict`` → a native-grid ``Prediction``.
 
+A predictor runs one trained segmenter or an ensemble of several (the folds of a
+cross-validation, or runs trained on the same data settings): their class probabilities are
+averaged in model space, window by window where the volume streams. The run's learned
+postprocessing (:mod:`imgx3d.inference.postprocess`) is applied to the native-grid label map.
+
 ``imgx3d predict``, test-split scoring, validation during training, the demo, the notebook and
 the Python API all go through :class:`Predictor`: it reads a case into model space
 (:func:`imgx3d.data.geometry.to_model`), runs the method through its window (3D sliding, 2D
@@ -37,6 +42,7 @@ from imgx3d.data.labels import LabelCodec
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, InputError, ResourceError
 from imgx3d.inference.images import ImageObject, like, to_volume
+from imgx3d.inference.postprocess import CaseCandidates, Postprocessing, learn_postprocessing
 from imgx3d.inference.windows import make_window, predict_by_slices, streaming_argmax
 from imgx3d.methods.base import (
     Codec,
@@ -73,6 +79,7 @@ class InferSettings:
     streaming: str = "auto"
     streaming_above_gib: float = 1.0
     precision: str = "auto"
+    postprocess: bool = True
 
     @classmethod
     def from_config(cls, infer: InferConfig, device: str = "auto", **overrides) -> "InferSettings":
@@ -104,7 +111,8 @@ MEMORY_MARGIN = 1.25  # headroom over the estimate for temporaries and the alloc
 
 
 def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[int, ...],
-                         native_shape: tuple[int, ...], roi: list[int], streaming: bool, probabilities: bool) -> int:
+                         native_shape: tuple[int, ...], roi: list[int], streaming: bool, probabilities: bool,
+                         members: int = 1) -> int:
     """Host bytes predicting one volume holds at its peak, from its shapes alone (before any model work).
 
     Whole-volume outputs always live on the host (on CUDA too: windows go to the GPU), so the
@@ -113,7 +121,8 @@ def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[in
     The model-space input, then either the window path's whole-volume maps
     (:data:`WINDOW_PATH_VOLUMES` of ``K`` float32 values per voxel) or the streaming window's
     slab (``K + 1`` maps one ``roi`` deep, see :func:`~imgx3d.inference.windows.streaming_argmax`) and its int64 label map; native-grid
-    probabilities and the label map on the input's grid come on top.
+    probabilities and the label map on the input's grid come on top. An ensemble (``members`` > 1)
+    holds one more whole-volume map on the window path (the running sum); streaming, the same slab.
     """
     model = int(np.prod(model_shape, dtype=np.int64))
     native = int(np.prod(native_shape, dtype=np.int64))
@@ -122,7 +131,7 @@ def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[in
         depth = min(roi[2], model_shape[2])
         held = 4 * (n_classes + 1) * int(np.prod(model_shape[:2], dtype=np.int64)) * depth + 8 * model
     else:
-        held = WINDOW_PATH_VOLUMES * 4 * n_classes * model
+        held = (WINDOW_PATH_VOLUMES + (members > 1)) * 4 * n_classes * model
     return int(MEMORY_MARGIN * (image + held + (4 * n_classes * native if probabilities else 0) + 8 * native))
 
 
@@ -180,54 +189,117 @@ def _not_a_segmenter(method: Method, source: Path) -> CheckpointError:
     return CheckpointError(f"{source}: method '{method.name}' does not segment; {hint}")
 
 
+# The data settings that define a run's model space and window: runs ensembled together must agree on them.
+MODEL_SPACE_KEYS = ("mode", "channels", "labels", "mask_threshold", "label_map", "color", "preset", "crop_air",
+                    "crop_margin", "ct_window", "mri_norm", "mri_nonzero", "mri_percentiles", "spacing", "patch_size",
+                    "slices")
+
+
+def check_ensemble(checkpoints: list[Checkpoint]) -> None:
+    """Refuse, in one line, runs that cannot be averaged: other classes, channels, dimensionality or
+    data settings (the model space their probabilities live in)."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        pairs = {"labels": (first.labels, other.labels), "input channels": (first.in_channels, other.in_channels)}
+        pairs.update({f"data.{k}": (getattr(first.config.data, k), getattr(other.config.data, k))
+                      for k in MODEL_SPACE_KEYS})
+        for what, (a, b) in pairs.items():
+            if a != b:
+                raise CheckpointError(f"{other.path}: cannot be ensembled with {first.path}: {what} differs ({b} vs "
+                                      f"{a}); ensemble runs trained on the same classes and data settings")
+
+
+def ensemble_sources(source: str | Path) -> list[Path] | None:
+    """The fold runs of a cross-validation folder (``fold_*/best.pt``), or None when ``source`` is not one."""
+    path = Path(source)
+    folds = sorted(path.glob("fold_*/best.pt")) if path.is_dir() and not (path / "best.pt").exists() else []
+    return folds or None
+
+
+def ensemble_postprocessing(checkpoints: list[Checkpoint]) -> Postprocessing:
+    """The postprocessing of one run (its learned decision), or of an ensemble: decided again on the
+    members' validation cases pooled (nnU-Net decides a cross-validation's on all folds' cases)."""
+    if len(checkpoints) == 1:
+        return Postprocessing.from_json(checkpoints[0].get("postprocessing"))
+    records = [checkpoint.get("postprocessing_validation") for checkpoint in checkpoints]
+    if any(r is None for r in records):
+        return Postprocessing()  # a member without validation records: nothing is known to help
+    classes = [c for c in checkpoints[0].labels if c != 0]
+    return learn_postprocessing([CaseCandidates.from_json(case) for r in records for case in r], classes)[0]
+
+
 class Predictor:
-    """A trained segmenter plus everything needed to predict files on their native grid.
+    """One trained segmenter, or an ensemble of them, plus everything needed to predict files on
+    their native grid.
 
     Args:
-        method: a :class:`~imgx3d.methods.base.Segmenter` (moved to the settings' device, eval mode).
-        config: the run's complete config (data preprocessing, slice view, patch size).
+        method: a :class:`~imgx3d.methods.base.Segmenter` (moved to the settings' device, eval
+            mode), or a list of them trained on the same classes and data settings (an ensemble:
+            class probabilities averaged).
+        config: the run's complete config (data preprocessing, slice view, patch size); an
+            ensemble's first member's.
         labels: class value → name.
         settings: how to run; default: the run's ``infer:`` config on the best device.
+        postprocessing: the largest-component steps learned from validation (applied unless
+            ``settings.postprocess`` is false).
     """
 
-    def __init__(self, method: Method, config: Config, labels: dict[int, str], settings: InferSettings | None = None):
-        self.method, self.config, self.labels = method, config, labels
+    def __init__(self, method: Method | list[Method], config: Config, labels: dict[int, str],
+                 settings: InferSettings | None = None, postprocessing: Postprocessing = Postprocessing()):
+        self.members = list(method) if isinstance(method, (list, tuple)) else [method]
+        self.method = self.members[0]
+        self.config, self.labels, self.postprocessing = config, labels, postprocessing
         self.settings = settings or InferSettings.from_config(config.infer)
         self.device = resolve_device(self.settings.device)
         self.codec = LabelCodec(labels, config.data)
-        method.to(self.device).eval()
+        for member in self.members:
+            member.to(self.device).eval()
         use_fast_cuda_kernels(self.device)
 
     @classmethod
-    def load(cls, source: str | Path | Checkpoint, settings: InferSettings | None = None,
+    def load(cls, source: str | Path | Checkpoint | list, settings: InferSettings | None = None,
              tracking_uri: str | None = None, **overrides) -> "Predictor":
-        """A predictor from a checkpoint file, a run folder (its ``best.pt``) or an mlflow run id.
+        """A predictor from a checkpoint file, a run folder (its ``best.pt``) or an mlflow run id; from
+        several of them (a list), or a cross-validation folder (``fold_*/best.pt``), an ensemble.
 
         Args:
-            settings: how to run; default: the run's ``infer:`` config with ``overrides`` (e.g.
-                ``device="cpu"``, ``overlap=0.5``, ``tta_flips=(0, 1, 2)``).
+            settings: how to run; default: the (first) run's ``infer:`` config with ``overrides``
+                (e.g. ``device="cpu"``, ``overlap=0.5``, ``tta_flips=(0, 1, 2)``).
             tracking_uri: where an mlflow run id is looked up.
 
         Raises:
-            CheckpointError: not a checkpoint, or the run's method does not segment (one line).
+            CheckpointError: not a checkpoint, a run whose method does not segment, or runs that
+                cannot be ensembled (one line).
         """
+        sources = list(source) if isinstance(source, (list, tuple)) else [source]
+        if len(sources) == 1 and not isinstance(sources[0], Checkpoint):
+            sources = ensemble_sources(sources[0]) or sources
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoints = [cls._checkpoint(s, tracking_uri, Path(tmp) / str(i)) for i, s in enumerate(sources)]
+        return cls._from_checkpoints(checkpoints, settings, overrides)
+
+    @staticmethod
+    def _checkpoint(source: str | Path | Checkpoint, tracking_uri: str | None, tmp: Path) -> Checkpoint:
         if isinstance(source, Checkpoint):
-            return cls._from_checkpoint(source, settings, overrides)
+            return source
         if Path(source).exists():
-            return cls._from_checkpoint(load_checkpoint(source), settings, overrides)
+            return load_checkpoint(source)
         from imgx3d.tracking import download_run_checkpoint
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = download_run_checkpoint(str(source), tracking_uri or TrackingConfig.uri, Path(tmp))
-            return cls._from_checkpoint(load_checkpoint(path), settings, overrides)
+        tmp.mkdir(parents=True)
+        return load_checkpoint(download_run_checkpoint(str(source), tracking_uri or TrackingConfig.uri, tmp))
 
     @classmethod
-    def _from_checkpoint(cls, checkpoint: Checkpoint, settings: InferSettings | None, overrides: dict) -> "Predictor":
-        method = checkpoint.build_method()
-        if not isinstance(method, Segmenter):
-            raise _not_a_segmenter(method, checkpoint.path)
-        settings = settings or InferSettings.from_config(checkpoint.config.infer, **overrides)
-        return cls(method, checkpoint.config, checkpoint.labels, settings)
+    def _from_checkpoints(cls, checkpoints: list[Checkpoint], settings: InferSettings | None,
+                          overrides: dict) -> "Predictor":
+        check_ensemble(checkpoints)
+        methods = [checkpoint.build_method() for checkpoint in checkpoints]
+        for method, checkpoint in zip(methods, checkpoints):
+            if not isinstance(method, Segmenter):
+                raise _not_a_segmenter(method, checkpoint.path)
+        first = checkpoints[0]
+        settings = settings or InferSettings.from_config(first.config.infer, **overrides)
+        return cls(methods, first.config, first.labels, settings, ensemble_postprocessing(checkpoints))
 
     @property
     def in_channels(self) -> int:
@@ -286,6 +358,19 @@ class Predictor:
         """
         streaming = self._streams(case.image) and not probabilities
         streaming = streaming or self._must_stream(case, probabilities, streaming)
+        return self._postprocessed(self._predict_with_retry(case, probabilities, streaming))
+
+    def _postprocessed(self, prediction: Prediction) -> Prediction:
+        """The learned postprocessing applied to the label map (when the settings ask for it)."""
+        if not (self.settings.postprocess and self.postprocessing):
+            return prediction
+        labels = prediction.labels
+        foreground = [c for c in self.labels if c != 0]
+        kept = self.postprocessing.apply(labels.array, foreground)
+        return dataclasses.replace(prediction, labels=dataclasses.replace(labels, array=kept))
+
+    def _predict_with_retry(self, case: ModelCase, probabilities: bool, streaming: bool) -> Prediction:
+        """:meth:`_predict`, once more with windows one at a time when the GPU runs out of memory."""
         try:
             return self._predict(case, probabilities, streaming, self.settings)
         except torch.cuda.OutOfMemoryError:
@@ -332,7 +417,7 @@ class Predictor:
 
         def need(stream: bool) -> int:
             return estimate_host_memory(self.method.num_classes, case.image.shape[0], tuple(case.image.shape[1:]),
-                                        grid.native_shape, roi, stream, probabilities)
+                                        grid.native_shape, roi, stream, probabilities, len(self.members))
 
         free = available_host_bytes()
         if free is None or need(streaming) <= free:
@@ -350,8 +435,8 @@ class Predictor:
 
     @property
     def _single_pass(self) -> bool:
-        """A 3D method whose prediction is one network pass per window: it can stream."""
-        return self.method.spatial_dims == 3 and isinstance(self.method, WindowSegmenter)
+        """3D methods whose prediction is one network pass per window: they can stream."""
+        return all(m.spatial_dims == 3 and isinstance(m, WindowSegmenter) for m in self.members)
 
     def _autocast(self, settings: InferSettings) -> torch.autocast:
         """The networks' precision at inference (``infer.precision``; fp32: autocast off)."""
@@ -369,8 +454,12 @@ class Predictor:
         else:
             window = make_window(settings, self.config.data.patch_size)
             image = image.to(self.device)
-        return predict_probabilities(self.method, image, window, settings.tta_flips,
-                                     self.config.data.slices).float().cpu()
+        total = None
+        with torch.inference_mode():
+            for member in self.members:  # an ensemble: the sum of its members' maps (in place), then the mean
+                probs = predict_probabilities(member, image, window, settings.tta_flips, self.config.data.slices)
+                total = probs.float() if total is None else total.add_(probs)
+            return (total.div_(len(self.members)) if len(self.members) > 1 else total).cpu()
 
     def _streams(self, image: torch.Tensor) -> bool:
         """Whether this prediction goes through the memory-bounded sliding window."""
@@ -381,8 +470,12 @@ class Predictor:
 
     def _stream(self, image: torch.Tensor, settings: InferSettings) -> torch.Tensor:
         """Model-space class indices of a single-pass method, window by window (flip TTA per window)."""
-        fn = self.method.window_probabilities
         combos = flip_combinations(settings.tta_flips)
+
+        def averaged(x: torch.Tensor) -> torch.Tensor:  # an ensemble's members, window by window
+            return sum(m.window_probabilities(x).float() for m in self.members) / len(self.members)
+
+        fn = averaged if len(self.members) > 1 else self.method.window_probabilities
 
         def mirrored(x: torch.Tensor) -> torch.Tensor:
             return (sum(fn(x.flip(d)).flip(d) if d else fn(x) for d in combos) / len(combos)).float()

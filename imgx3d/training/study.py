@@ -8,7 +8,7 @@ the same topology, per-slice methods the 2D plan), trains each method in turn in
 ``compare``'s table, paired tests and plots over those runs, all in one mlflow experiment.
 
 Interrupted, it resumes where it stopped: a method whose run finished is skipped (its
-``study.json`` holds the mlflow run id), one with a ``last.pt`` continues from it, the others
+``result.json`` holds the mlflow run id), one with a ``last.pt`` continues from it, the others
 start. The plans are written once (``<study>/plans/<method>.yaml``) and reused on a rerun, so a
 rerun never re-measures the budget into a different plan.
 """
@@ -27,9 +27,7 @@ from imgx3d.evaluation.records import Comparison
 from imgx3d.methods.base import Segmenter, method_class
 from imgx3d.planning.fingerprint import fingerprint
 from imgx3d.planning.planner import plan_methods
-from imgx3d.training.workflow import train_run
-
-DONE = "study.json"  # in a method's run folder once its training and test scoring finished
+from imgx3d.training.workflow import RESULT_FILE, train_run
 
 
 @dataclass
@@ -71,7 +69,7 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
     runs, run_ids = {}, {}
     for method in methods:
         run_dir = study_dir / method
-        done = run_dir / DONE
+        done = run_dir / RESULT_FILE
         if not done.is_file():
             cfg = load_config(None, [*(overrides or []), f"train.device={device}", f"tracking.uri={tracking_uri}",
                                      f"tracking.experiment={experiment}", "tracking.enabled=true"],
@@ -79,8 +77,7 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
             resume = run_dir if (run_dir / "last.pt").is_file() else None
             print(f"study: {'resuming' if resume else 'training'} {method} in {run_dir}")
             plan_text = configs[method].read_text(encoding="utf-8")
-            result = train_run(cfg, data, run_dir, resume, records={"plan.yaml": plan_text})
-            atomic_write_text(done, json.dumps({"method": method, "run_id": result.run_id, "steps": result.steps}))
+            train_run(cfg, data, run_dir, resume, records={"plan.yaml": plan_text})
         else:
             print(f"study: {method} finished earlier ({run_dir}), skipped")
         runs[method] = run_dir

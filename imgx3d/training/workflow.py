@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from imgx3d.checkpoint import Checkpoint, load_checkpoint
+from imgx3d.checkpoint import Checkpoint, add_to_checkpoint, load_checkpoint
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
@@ -33,6 +34,7 @@ from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
+from imgx3d.inference.postprocess import case_candidates, learn_postprocessing
 from imgx3d.inference.predictor import Predictor
 from imgx3d.methods.base import (
     Method,
@@ -46,6 +48,7 @@ from imgx3d.tracking import NullTracker, Tracker, flatten
 from imgx3d.training import distributed
 from imgx3d.training.trainer import Trainer, seed_everything
 
+RESULT_FILE = "result.json"  # in a run folder once training and test scoring finished (rank 0)
 OVERLAY_CASES = 4  # contour montages of the first test cases, logged with the run
 SPACING_CASES = 8  # training cases whose headers give the slice geometry of 2D runs
 RANK_SEED_STRIDE = 1_000_003  # distributed rank r trains on seed + r * stride
@@ -62,6 +65,13 @@ class TrainResult:
     stop_reason: str
     test_summary: dict[str, Any] | None
     rank: int = 0  # under torchrun: the process that returned this (only rank 0's has a test summary)
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``result.json`` records (the test summary's foreground mean Dice, not the table)."""
+        test = (self.test_summary or {}).get("foreground_mean", {}).get("dice")
+        best = self.best_val_dice if math.isfinite(self.best_val_dice) else None
+        return {"run_id": self.run_id, "best_val_dice": best, "steps": self.steps, "stop_reason": self.stop_reason,
+                "test_dice_mean": test}
 
 
 def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str], labels: bool = True,
@@ -153,11 +163,24 @@ def _code_tags() -> dict[str, str]:
     return tags
 
 
+def cv_group(cfg: Config) -> str:
+    """The name shared by the folds of one cross-validation: the method and a digest of the config
+    with the fold, the device and the tracking settings left out (what makes runs comparable)."""
+    tree = to_dict(replace(cfg, data=replace(cfg.data, split=replace(cfg.data.split, fold=0))))
+    tree.pop("tracking", None)
+    tree.get("train", {}).pop("device", None)
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.method.name}-{cfg.data.split.folds}fold-{digest}"
+
+
 def _run_tags(cfg: Config, split: Split) -> dict[str, str]:
-    return {**_code_tags(), "method": cfg.method.name, "dataset": cfg.dataset, "seed": str(cfg.seed),
-            "split": f"seed{cfg.data.split.seed}-" + (f"fold{cfg.data.split.fold}of{cfg.data.split.folds}"
-                                                       if cfg.data.split.folds else f"test{cfg.data.split.test_fraction}"),
+    s = cfg.data.split
+    tags = {**_code_tags(), "method": cfg.method.name, "dataset": cfg.dataset, "seed": str(cfg.seed),
+            "split": f"seed{s.seed}-test{s.test_fraction}" + (f"-fold{s.fold}of{s.folds}" if s.folds else ""),
             "n_train": str(len(split.train)), "n_val": str(len(split.val)), "n_test": str(len(split.test))}
+    if s.folds:
+        tags.update({"fold": str(s.fold), "folds": str(s.folds), "cv_group": cv_group(cfg)})
+    return tags
 
 
 def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = None, resume: str | Path | None = None,
@@ -258,7 +281,13 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     except BaseException:
         tracker.end("KILLED")
         raise
-    return TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary, ctx.rank)
+    result = TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary, ctx.rank)
+    if ctx.is_main:
+        split_cfg = cfg.data.split
+        fold = {"fold": split_cfg.fold, "folds": split_cfg.folds, "cv_group": cv_group(cfg)} if split_cfg.folds else {}
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps({"method": cfg.method.name, **result.to_json(), **fold},
+                                                            indent=1))
+    return result
 
 
 def _check_and_record(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
@@ -304,6 +333,8 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
         totals["val/best_dice_mean"] = state.best_metric
     tracker.log_metrics(totals, state.step)
     tracker.set_tags({"stop_reason": state.stop_reason})
+    if isinstance(method, Segmenter) and cfg.infer.postprocess and split.val:
+        learn_run_postprocessing(run_dir, catalog, split.val, tracker, state.step, str(device))
     tracker.log_artifact(run_dir / "best.pt", "checkpoint")
     if not (test_at_end and split.test):
         return None
@@ -319,6 +350,30 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
     summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
     tracker.log_metrics(summary, state.step)
     return summary
+
+
+def learn_run_postprocessing(run_dir: Path, catalog: Catalog, val_ids: list[str], tracker: Tracker | NullTracker,
+                             step: int, device: str = "auto") -> None:
+    """Decide the run's postprocessing on its validation cases (``best.pt``'s raw predictions on the
+    native grid) and store the decision and the per-case scores it came from in ``best.pt``
+    (ensembles pool the scores) and ``postprocessing.json``."""
+    predictor = Predictor.load(run_dir / "best.pt", device=device, postprocess=False)
+    classes = [c for c in catalog.labels if c != 0]
+    cases = catalog.by_id()
+    records = []
+    for case_id in val_ids:
+        prediction = predictor.predict_case(predictor.read(cases[case_id].images))
+        reference = read_label(cases[case_id].label, predictor.config.data).array
+        records.append(case_candidates(prediction.labels.array, reference, classes))
+    decision, dice = learn_postprocessing(records, classes)
+    add_to_checkpoint(run_dir / "best.pt", postprocessing=decision.to_json(),
+                      postprocessing_validation=[r.to_json() for r in records])
+    atomic_write_text(run_dir / "postprocessing.json", json.dumps({**decision.to_json(), "validation_dice": dice,
+                                                                  "cases": len(records)}, indent=1))
+    tracker.log_metrics({"val/postprocessing_raw_dice_mean": dice["raw"],
+                         "val/postprocessing_dice_mean": dice["postprocessed"]}, step)
+    tracker.set_tags({"postprocessing": json.dumps(decision.to_json())})
+    tracker.log_artifact(run_dir / "postprocessing.json")
 
 
 def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: Tracker | NullTracker,
