@@ -12,6 +12,7 @@ import contextlib
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from imgx3d.config import TrackingConfig
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and predict --run RUN_DIR ensembles them")
     p.add_argument("--fold", help="with --folds: the validation fold to train (0 ... N-1) or all (the default)")
     p.add_argument("--experiment", help="mlflow experiment (default: the config's dataset name)")
+    p.add_argument("--register", metavar="NAME", help="register the trained model in mlflow's model registry under "
+                   "NAME (predict with --model models:/NAME/VERSION)")
     p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
     _add_tracking(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=500")
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", nargs="+", help="mlflow run id, or a run folder; several, or a cross-validation "
                      "folder (fold_*/): an ensemble averaging their class probabilities")
     src.add_argument("--checkpoint", help="a best.pt / last.pt checkpoint")
+    src.add_argument("--model", help="an mlflow model logged by imgx3d train: models:/NAME/VERSION, "
+                     "models:/NAME@ALIAS or runs:/RUN_ID/model")
     p.add_argument("--input", nargs="+", required=True, help="volume files, DICOM folders, or folders of volumes")
     p.add_argument("--output", required=True, help="output folder (never an input folder)")
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
@@ -149,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for cv.md and cv.json (default: --folder, else comparisons/<experiment>)")
     _add_tracking(p)
 
+    p = sub.add_parser("export", help="a trained single-pass segmenter (unet) as TorchScript or ONNX, with a JSON of "
+                       "its preprocessing, window and labels, for use without imgx3d")
+    p.add_argument("--run", required=True, help="mlflow run id, a run folder or a checkpoint")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--output", required=True, help="folder for model.pt / model.onnx and imgx3d_export.json")
+    _add_tracking(p)
+
     p = sub.add_parser("demo", help="the main job on built-in procedural data: train, predict, evaluate")
     p.add_argument("--workdir", default="imgx3d_demo", help="folder for data, runs, predictions")
     p.add_argument("--method", choices=["unet", "imgx"], default="unet",
@@ -194,6 +206,8 @@ def _load_overrides(args: argparse.Namespace):
         overrides.append(f"tracking.experiment={args.experiment}")
     if args.no_track:
         overrides.append("tracking.enabled=false")
+    if getattr(args, "register", None):
+        overrides.append(f"tracking.register={args.register}")
     if getattr(args, "image", False) or getattr(args, "volume", False):
         overrides.append(f"data.mode={'image' if args.image else 'volume'}")
     records: dict[str, str] = {}
@@ -277,6 +291,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # the run's infer: settings, overridden by the flags (--sw-batch-size 0, --overlap 1.5: the config's own errors)
     # --run: folders or mlflow run ids (several: an ensemble)
     source = load_checkpoint(args.checkpoint) if args.checkpoint else args.run
+    if args.model:
+        from imgx3d.inference.mlflow_model import checkpoint_of_model
+
+        with tempfile.TemporaryDirectory() as tmp:  # the checkpoint is read whole; the download can go
+            source = load_checkpoint(checkpoint_of_model(args.model, tracking_uri(args.tracking_uri), Path(tmp)))
     predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri),
                                device=args.device, tta_flips=[0, 1, 2] if args.tta else None,
                                sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision,
@@ -374,6 +393,16 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgx3d.inference.export import SETTINGS_FILE, export_run
+
+    settings = export_run(args.run, args.format, args.output, tracking_uri(args.tracking_uri))
+    check = ("not checked (install onnxruntime to check it)" if settings["max_abs_difference"] is None
+             else f"max |exported - PyTorch| = {settings['max_abs_difference']:.2g}")
+    print(f"{Path(args.output) / settings['file']} and {SETTINGS_FILE} written; {check}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from imgx3d.synthesis.synth import synthesize
 
@@ -420,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git; stay quiet without it
     commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
-                "study": cmd_study, "cv": cmd_cv,
+                "study": cmd_study, "cv": cmd_cv, "export": cmd_export,
                 "demo": cmd_demo, "synth": cmd_synth, "plan": cmd_plan}
     try:
         with stop_on_signals() if args.command in STOPPABLE else contextlib.nullcontext():

@@ -256,11 +256,21 @@ class InferConfig:
 
 @dataclass
 class TrackingConfig:
-    """mlflow settings: ``uri`` defaults to ``sqlite:///mlflow.db`` in the working directory."""
+    """mlflow settings.
+
+    Attributes:
+        uri: tracking URI (default ``sqlite:///mlflow.db`` in the working directory).
+        experiment: experiment name (default: the dataset's).
+        enabled: log the run at all.
+        log_model: log a segmenter's run as an mlflow model (pyfunc) in its ``model`` artifact.
+        register: also register that model under this name in the model registry ("": do not).
+    """
 
     uri: str = "sqlite:///mlflow.db"
     experiment: str = ""
     enabled: bool = True
+    log_model: bool = True
+    register: str = ""
 
 
 @dataclass

@@ -208,6 +208,22 @@ class Tracker:
         """Upload a file or folder."""
         self._send("artifact", (str(path), artifact_path))
 
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        """Register the run's mlflow model at ``artifact_path`` as a new version of ``name``; its
+        ``models:/NAME/VERSION`` URI, or None (with a warning) when the registry cannot take it."""
+        try:
+            if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
+                self.client.create_registered_model(name)
+            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+            version = self.client.create_model_version(name, source, run_id=self.run_id).version
+        except Exception as err:  # a store without a registry, or the server away
+            print(f"imgx3d: warning: model '{name}' not registered at '{self.uri}' ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:200]}); register it later with mlflow.register_model("
+                  f"'runs:/{self.run_id}/{artifact_path}', '{name}')", file=sys.stderr)
+            return None
+        self.set_tags({"registered_model": f"models:/{name}/{version}"})
+        return f"models:/{name}/{version}"
+
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run finished (or FAILED / KILLED), first sending anything kept while the server was away."""
         self._away_since = None  # one last try, whatever the retry interval
@@ -237,6 +253,10 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """No-op."""
+
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        """No-op."""
+        return None
 
     def end(self, status: str = "FINISHED") -> None:
         """No-op."""

@@ -77,12 +77,13 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
-def test_train_predict_compare_through_a_real_server(mlflow_server, msd_dataset, tmp_path, capsys):
+def test_train_predict_compare_through_a_real_server(mlflow_server, msd_dataset, tmp_path, capsys, monkeypatch):
     url = mlflow_server.url
     for seed in (0, 1):
         assert main(["train", "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
                      "--data", str(msd_dataset), "--run-dir", str(tmp_path / f"run{seed}"), "--seed", str(seed),
-                     "--tracking-uri", url, "--experiment", "served", *TINY_OVERRIDES]) == 0
+                     "--tracking-uri", url, "--experiment", "served", *TINY_OVERRIDES]
+                    + (["--register", "blobs"] if seed else [])) == 0
     client = MlflowClient(tracking_uri=url)
     exp = client.get_experiment_by_name("served")
     runs = client.search_runs([exp.experiment_id])
@@ -96,6 +97,7 @@ def test_train_predict_compare_through_a_real_server(mlflow_server, msd_dataset,
     assert main(["predict", "--run", run.info.run_id, "--tracking-uri", url, "--input", str(image),
                  "--output", str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred" / image.name).is_file()
+    _check_mlflow_model(url, runs, image, tmp_path, monkeypatch)
     capsys.readouterr()
     assert main(["compare", "--experiment", "served", "--tracking-uri", url, "--output", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
@@ -104,6 +106,27 @@ def test_train_predict_compare_through_a_real_server(mlflow_server, msd_dataset,
     assert len(comparison_runs) == 1
     logged = {Path(a.path).name for a in client.list_artifacts(comparison_runs[0].info.run_id, "comparison")}
     assert {"table.md", "table.csv", "paired.csv", "dice_boxplots.png", "validation_curves.png"} <= logged
+
+
+def _check_mlflow_model(url: str, runs: list, image: Path, tmp_path: Path, monkeypatch) -> None:
+    """The registered run (seed 1) loads through mlflow's own API, from the run and from the
+    registry, and segments as imgx3d predict does; predict --model takes the registry's URI."""
+    import mlflow.pyfunc
+    import nibabel as nib
+    import numpy as np
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    registered = next(r for r in runs if r.data.tags.get("registered_model"))
+    assert registered.data.tags["registered_model"] == "models:/blobs/1"
+    assert main(["predict", "--model", "models:/blobs/1", "--input", str(image), "--output", str(tmp_path / "reg")]) == 0
+    expected = np.asarray(nib.load(str(tmp_path / "reg" / image.name)).dataobj)
+    volume = nib.load(str(image))
+    for uri in (f"runs:/{registered.info.run_id}/model", "models:/blobs/1"):
+        model = mlflow.pyfunc.load_model(uri)
+        assert model.metadata.signature is not None
+        labels = model.predict({"image": np.asarray(volume.dataobj, np.float32), "affine": volume.affine})
+        assert labels.shape == expected.shape and (labels > 0).any()
+        np.testing.assert_array_equal(labels, expected)
 
 
 def test_training_survives_a_server_that_goes_away_and_loses_no_metric(mlflow_server, tmp_path, capsys, monkeypatch):

@@ -216,6 +216,29 @@ def ensemble_sources(source: str | Path) -> list[Path] | None:
     return folds or None
 
 
+def load_checkpoints(source: str | Path | Checkpoint | list, tracking_uri: str | None = None) -> list[Checkpoint]:
+    """The checkpoints ``source`` names: a checkpoint file, a run folder (its ``best.pt``), an mlflow
+    run id, a cross-validation folder (its ``fold_*/best.pt``), or a list of these."""
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    if len(sources) == 1 and not isinstance(sources[0], Checkpoint):
+        sources = ensemble_sources(sources[0]) or sources
+    checkpoints = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, item in enumerate(sources):
+            if isinstance(item, Checkpoint):
+                checkpoints.append(item)
+            elif Path(item).exists():
+                checkpoints.append(load_checkpoint(item))
+            else:  # an mlflow run id
+                from imgx3d.tracking import download_run_checkpoint
+
+                folder = Path(tmp) / str(i)
+                folder.mkdir()
+                checkpoints.append(load_checkpoint(download_run_checkpoint(str(item), tracking_uri or TrackingConfig.uri,
+                                                                           folder)))
+    return checkpoints
+
+
 def ensemble_postprocessing(checkpoints: list[Checkpoint]) -> Postprocessing:
     """The postprocessing of one run (its learned decision), or of an ensemble: decided again on the
     members' validation cases pooled (nnU-Net decides a cross-validation's on all folds' cases)."""
@@ -271,27 +294,12 @@ class Predictor:
             CheckpointError: not a checkpoint, a run whose method does not segment, or runs that
                 cannot be ensembled (one line).
         """
-        sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        if len(sources) == 1 and not isinstance(sources[0], Checkpoint):
-            sources = ensemble_sources(sources[0]) or sources
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoints = [cls._checkpoint(s, tracking_uri, Path(tmp) / str(i)) for i, s in enumerate(sources)]
-        return cls._from_checkpoints(checkpoints, settings, overrides)
-
-    @staticmethod
-    def _checkpoint(source: str | Path | Checkpoint, tracking_uri: str | None, tmp: Path) -> Checkpoint:
-        if isinstance(source, Checkpoint):
-            return source
-        if Path(source).exists():
-            return load_checkpoint(source)
-        from imgx3d.tracking import download_run_checkpoint
-
-        tmp.mkdir(parents=True)
-        return load_checkpoint(download_run_checkpoint(str(source), tracking_uri or TrackingConfig.uri, tmp))
+        return cls.from_checkpoints(load_checkpoints(source, tracking_uri), settings, **overrides)
 
     @classmethod
-    def _from_checkpoints(cls, checkpoints: list[Checkpoint], settings: InferSettings | None,
-                          overrides: dict) -> "Predictor":
+    def from_checkpoints(cls, checkpoints: list[Checkpoint], settings: InferSettings | None = None,
+                         **overrides) -> "Predictor":
+        """A predictor of one checkpoint, or an ensemble of several (see :meth:`load`)."""
         check_ensemble(checkpoints)
         methods = [checkpoint.build_method() for checkpoint in checkpoints]
         for method, checkpoint in zip(methods, checkpoints):

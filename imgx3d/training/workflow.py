@@ -336,6 +336,8 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
     if isinstance(method, Segmenter) and cfg.infer.postprocess and split.val:
         learn_run_postprocessing(run_dir, catalog, split.val, tracker, state.step, str(device))
     tracker.log_artifact(run_dir / "best.pt", "checkpoint")
+    if isinstance(method, Segmenter) and isinstance(tracker, Tracker) and cfg.tracking.log_model:
+        log_mlflow_model(run_dir, catalog.in_channels, tracker, cfg.tracking.register)
     if not (test_at_end and split.test):
         return None
     if isinstance(method, Segmenter):
@@ -350,6 +352,19 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
     summary = {k.replace("val/", "test/"): v for k, v in summary.items()}
     tracker.log_metrics(summary, state.step)
     return summary
+
+
+def log_mlflow_model(run_dir: Path, in_channels: int, tracker: Tracker, register: str = "") -> None:
+    """Save the run as an mlflow model (``<run>/mlflow_model``), log it as the run's ``model``
+    artifact, and register it under ``register`` when named."""
+    from imgx3d.inference.mlflow_model import MODEL_ARTIFACT, save_mlflow_model  # mlflow.pyfunc: imported when used
+
+    save_mlflow_model(run_dir / "best.pt", in_channels, run_dir / "mlflow_model")
+    tracker.log_artifact(run_dir / "mlflow_model", MODEL_ARTIFACT)
+    if register:
+        uri = tracker.register_model(register, MODEL_ARTIFACT)
+        if uri:
+            print(f"registered as {uri}")
 
 
 def learn_run_postprocessing(run_dir: Path, catalog: Catalog, val_ids: list[str], tracker: Tracker | NullTracker,
