@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,16 @@ def _check_onnx(path: Path, network: nn.Module, windows: torch.Tensor) -> float 
 
 
 def _write(network: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:
+    with warnings.catch_warnings():
+        # Benign here, and checked below against PyTorch: the tracer's notes that shape checks are
+        # frozen for the traced window size, and ONNX's that instance norm keeps per-window
+        # statistics in eval mode (it has no running statistics to use instead).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*instance_norm.*")
+        _export(network, example, fmt, path)
+
+
+def _export(network: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:
     if fmt == "torchscript":
         with torch.inference_mode():
             traced = torch.jit.trace(network, example, check_trace=False)
