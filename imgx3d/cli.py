@@ -270,7 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             raise InputError("--resume with --folds: rerun the same command with --run-dir of the cross-validation; "
                              "finished folds are skipped and an interrupted one resumes")
-        results = train_folds(cfg, args.data, args.folds, parse_folds(args.fold or "all", args.folds), args.run_dir, records)
+        which = parse_folds(args.fold or "all", args.folds)
+        results = train_folds(cfg, args.data, args.folds, which, args.run_dir, records)
         for result in results:
             if result.rank == 0:
                 _print_result(result)

@@ -117,8 +117,8 @@ def main() -> None:
             record, seconds = predict_test(predictor, catalog, test, out, name)
             records.append(record)
             dice = sum(record.case_means("dice").values()) / len(test)
-            emit(f"cv_bench.{name}.test.dice.foreground_mean", round(dice, 4), "dice", seconds_per_volume=round(seconds, 3),
-                 postprocessing=predictor.postprocessing.to_json() if post else None, models=len(predictor.members))
+            emit(f"cv_bench.{name}.test.dice.foreground_mean", round(dice, 4), "dice",
+                 seconds_per_volume=round(seconds, 3), postprocessing=predictor.postprocessing.to_json() if post else None, models=len(predictor.members))
     comparison = compare(records, "dice", reference="single")
     for row in comparison.paired:
         emit(f"cv_bench.paired.{row['run']}_vs_single.{row['class']}", round(row["mean_difference"], 4), "dice",

@@ -38,7 +38,8 @@ def _unet(seed: int) -> UNetMethod:
 
 
 def _predictor(methods, streaming: str = "off", **data) -> Predictor:
-    cfg = Config(data=DataConfig(preset="none", patch_size=[16, 16, 16], **data), infer=InferConfig(streaming=streaming))
+    cfg = Config(data=DataConfig(preset="none", patch_size=[16, 16, 16], **data),
+                 infer=InferConfig(streaming=streaming))
     return Predictor(methods, cfg, LABELS, InferSettings.from_config(cfg.infer, device="cpu"))
 
 

@@ -137,4 +137,5 @@ def learn_postprocessing(cases: list[CaseCandidates], classes: list[int]) -> tup
         helps = with_step > before + MIN_GAIN
         kept += [c] if helps else []
         after[c] = with_step if helps else before
-    return Postprocessing(bool(foreground), tuple(kept)), {"raw": raw, "postprocessed": float(np.mean(list(after.values())))}
+    postprocessed = float(np.mean(list(after.values())))
+    return Postprocessing(bool(foreground), tuple(kept)), {"raw": raw, "postprocessed": postprocessed}

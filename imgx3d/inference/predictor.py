@@ -234,8 +234,8 @@ def load_checkpoints(source: str | Path | Checkpoint | list, tracking_uri: str |
 
                 folder = Path(tmp) / str(i)
                 folder.mkdir()
-                checkpoints.append(load_checkpoint(download_run_checkpoint(str(item), tracking_uri or TrackingConfig.uri,
-                                                                           folder)))
+                path = download_run_checkpoint(str(item), tracking_uri or TrackingConfig.uri, folder)
+                checkpoints.append(load_checkpoint(path))
     return checkpoints
 
 
@@ -388,7 +388,8 @@ class Predictor:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                return self._predict(case, probabilities, streaming, dataclasses.replace(self.settings, sw_batch_size=1))
+                one_at_a_time = dataclasses.replace(self.settings, sw_batch_size=1)
+                return self._predict(case, probabilities, streaming, one_at_a_time)
             except torch.cuda.OutOfMemoryError:
                 raise ResourceError(
                     f"{name}: out of GPU memory even with windows one at a time; lower "
