@@ -118,7 +118,8 @@ def main() -> None:
             records.append(record)
             dice = sum(record.case_means("dice").values()) / len(test)
             emit(f"cv_bench.{name}.test.dice.foreground_mean", round(dice, 4), "dice",
-                 seconds_per_volume=round(seconds, 3), postprocessing=predictor.postprocessing.to_json() if post else None, models=len(predictor.members))
+                 seconds_per_volume=round(seconds, 3), models=len(predictor.members),
+                 postprocessing=predictor.postprocessing.to_json() if post else None)
     comparison = compare(records, "dice", reference="single")
     for row in comparison.paired:
         emit(f"cv_bench.paired.{row['run']}_vs_single.{row['class']}", round(row["mean_difference"], 4), "dice",
