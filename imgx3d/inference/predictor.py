@@ -305,6 +305,10 @@ class Predictor:
         for method, checkpoint in zip(methods, checkpoints):
             if not isinstance(method, Segmenter):
                 raise _not_a_segmenter(method, checkpoint.path)
+            if method.spatial_dims != methods[0].spatial_dims:
+                raise CheckpointError(f"{checkpoint.path}: cannot be ensembled with {checkpoints[0].path}: a "
+                                      f"{method.spatial_dims}D method with a {methods[0].spatial_dims}D one; ensemble "
+                                      "runs that see the volume alike (all per slice, or all 3D)")
         first = checkpoints[0]
         settings = settings or InferSettings.from_config(first.config.infer, **overrides)
         return cls(methods, first.config, first.labels, settings, ensemble_postprocessing(checkpoints))
