@@ -148,8 +148,9 @@ def test_folds_train_resume_summarise_and_ensemble_from_the_command_line(tmp_pat
     config = tmp_path / "cfg.yaml"
     config.write_text("method: {name: unet}\n")
     cv = tmp_path / "cv"
-    args = ["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir", str(cv),
-            "--folds", "2", *TINY_OVERRIDES]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", "--tracking-uri", uri, "--experiment", "folds", "--config", str(config), "--data", str(data),
+            "--run-dir", str(cv), "--folds", "2", *TINY_OVERRIDES]
     assert main(args + ["--fold", "1"]) == 0  # one fold alone, as nnU-Net users run them
     assert main(args) == 0  # --fold all: fold 1 finished, so only fold 0 trains
     out = capsys.readouterr().out
@@ -166,6 +167,11 @@ def test_folds_train_resume_summarise_and_ensemble_from_the_command_line(tmp_pat
     assert summary["complete"] and summary["folds"] == 2
     assert summary["val_dice_mean_std"][0] == pytest.approx(np.mean([r["best_val_dice"] for r in results]))
     assert "2/2 folds" in (cv / "cv.md").read_text(encoding="utf-8")
+    # the same summary from mlflow, where the fold runs are tagged
+    assert main(["cv", "--experiment", "folds", "--tracking-uri", uri, "--output", str(tmp_path / "from_mlflow")]) == 0
+    logged = json.loads((tmp_path / "from_mlflow" / "cv.json").read_text(encoding="utf-8"))
+    assert len(logged) == 1 and logged[0]["cv_group"] == summary["cv_group"] and logged[0]["complete"]
+    assert logged[0]["val_dice_mean_std"][0] == pytest.approx(summary["val_dice_mean_std"][0])
 
     case = data / "imagesTr" / f"{splits[0]['test'][0]}.nii.gz"
     assert main(["predict", "--run", str(cv), "--input", str(case), "--output", str(tmp_path / "ens")]) == 0
