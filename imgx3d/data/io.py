@@ -502,7 +502,8 @@ def write_nifti(array: np.ndarray, path: str | Path, reference: Volume, dtype: t
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     if fast_gzip is not None and path.name.lower().endswith(".gz"):
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(fast_gzip.compress(img.to_bytes(), GZIP_LEVEL)))
+        # mtime 0, as nibabel writes it: the same prediction gives the same bytes, whenever it is written
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(fast_gzip.compress(img.to_bytes(), GZIP_LEVEL, mtime=0)))
     else:
         atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
