@@ -146,8 +146,8 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
     real_validate, real_load = Trainer.validate, Predictor.load.__func__
     monkeypatch.setattr(Trainer, "validate", lambda self, cases, labels: validated.append(len(cases))
                         or real_validate(self, cases, labels))
-    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, path, device="auto": loaded.append(device)
-                                                       or real_load(cls, path, device=device)))
+    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, path, device="auto", **kw: loaded.append(device)
+                                                       or real_load(cls, path, device=device, **kw)))
     real_release = Trainer.release
     monkeypatch.setattr(Trainer, "release", lambda self: loaded.append(("released", len(self.optimizers)))
                         or real_release(self))
@@ -156,7 +156,8 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
                              "train.val_cases=2", "train.device=cpu"])
     result = train_run(cfg, msd_dataset, tmp_path / "r")
     assert validated == [2, 2], "3 validation cases in the split, train.val_cases=2 of them validated"
-    assert loaded == [("released", 1), "cpu"], "the training copy goes first; the test split is scored on its device"
+    assert loaded == [("released", 1), "cpu", "cpu"], ("the training copy goes first; the postprocessing decision "
+                                                       "and the test split are made on the training's device")
     tags = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags
     assert tags["device"] == "cpu" and tags["device_name"] == "cpu" and tags["precision"] == "fp32"
     assert tags["torch_version"] == torch.__version__ and tags["cuda_version"] == (torch.version.cuda or "none")
