@@ -29,6 +29,8 @@ from imgx3d.planning.fingerprint import fingerprint
 from imgx3d.planning.planner import plan_methods
 from imgx3d.training.workflow import RESULT_FILE, train_run
 
+LEGACY_DONE = "study.json"  # the finished-run marker studies wrote before every run wrote result.json
+
 
 @dataclass
 class StudyResult:
@@ -70,6 +72,8 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
     for method in methods:
         run_dir = study_dir / method
         done = run_dir / RESULT_FILE
+        if not done.is_file() and (run_dir / LEGACY_DONE).is_file():
+            done = run_dir / LEGACY_DONE  # a study from before result.json: its finished runs stay finished
         if not done.is_file():
             cfg = load_config(None, [*(overrides or []), f"train.device={device}", f"tracking.uri={tracking_uri}",
                                      f"tracking.experiment={experiment}", "tracking.enabled=true"],
