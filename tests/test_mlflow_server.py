@@ -118,7 +118,8 @@ def _check_mlflow_model(url: str, runs: list, image: Path, tmp_path: Path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     registered = next(r for r in runs if r.data.tags.get("registered_model"))
     assert registered.data.tags["registered_model"] == "models:/blobs/1"
-    assert main(["predict", "--model", "models:/blobs/1", "--input", str(image), "--output", str(tmp_path / "reg")]) == 0
+    assert main(["predict", "--model", "models:/blobs/1", "--input", str(image),
+                 "--output", str(tmp_path / "reg")]) == 0
     expected = np.asarray(nib.load(str(tmp_path / "reg" / image.name)).dataobj)
     volume = nib.load(str(image))
     for uri in (f"runs:/{registered.info.run_id}/model", "models:/blobs/1"):
