@@ -173,14 +173,18 @@ def cv_group(cfg: Config) -> str:
     return f"{cfg.method.name}-{cfg.data.split.folds}fold-{digest}"
 
 
+def fold_fields(cfg: Config) -> dict[str, Any]:
+    """A fold run's ``fold``, ``folds`` and ``cv_group`` (its mlflow tags and ``result.json`` fields); {} otherwise."""
+    s = cfg.data.split
+    return {"fold": s.fold, "folds": s.folds, "cv_group": cv_group(cfg)} if s.folds else {}
+
+
 def _run_tags(cfg: Config, split: Split) -> dict[str, str]:
     s = cfg.data.split
     tags = {**_code_tags(), "method": cfg.method.name, "dataset": cfg.dataset, "seed": str(cfg.seed),
             "split": f"seed{s.seed}-test{s.test_fraction}" + (f"-fold{s.fold}of{s.folds}" if s.folds else ""),
             "n_train": str(len(split.train)), "n_val": str(len(split.val)), "n_test": str(len(split.test))}
-    if s.folds:
-        tags.update({"fold": str(s.fold), "folds": str(s.folds), "cv_group": cv_group(cfg)})
-    return tags
+    return {**tags, **{k: str(v) for k, v in fold_fields(cfg).items()}}
 
 
 def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = None, resume: str | Path | None = None,
@@ -283,10 +287,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
         raise
     result = TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary, ctx.rank)
     if ctx.is_main:
-        split_cfg = cfg.data.split
-        fold = {"fold": split_cfg.fold, "folds": split_cfg.folds, "cv_group": cv_group(cfg)} if split_cfg.folds else {}
-        atomic_write_text(run_dir / RESULT_FILE, json.dumps({"method": cfg.method.name, **result.to_json(), **fold},
-                                                            indent=1))
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps({"method": cfg.method.name, **result.to_json(),
+                                                             **fold_fields(cfg)}, indent=1))
     return result
 
 
