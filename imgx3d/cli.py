@@ -18,7 +18,7 @@ from pathlib import Path
 from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
-from imgx3d.planning import parse_budget, plan_folder
+from imgx3d.planning import parse_budget, plan_folder, reading_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = TrackingConfig.uri  # the config's own default
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="30m", help="training time the plan must fit: 30m, 2h, 90s (bare: minutes)")
     p.add_argument("--device", default="auto", help="where the budget is measured: auto, cpu, cuda or cuda:N")
     p.add_argument("--output", help="the plan's YAML (default plans/<dataset>/<method>.yaml)")
+    p.add_argument("--config", help="a config whose keys go over the plan (and whose data.layout, channels, labels "
+                   "... say how to read the dataset)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="keys over the plan, e.g. data.layout=cases "
+                   "data.channels=[Flair*,T1c*] for case folders")
 
     p = sub.add_parser("study", help="plan a dataset once, train several methods on the same split and budget, "
                        "and compare them (table, paired tests, plots); an interrupted study resumes")
@@ -183,12 +187,14 @@ def _planned_tree(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     from imgx3d.planning.fingerprint import fingerprint
     from imgx3d.planning.planner import plan
 
-    method = args.method or (load_yaml(args.config).get("method", {}).get("name") if args.config else None) or "unet"
+    given = load_yaml(args.config) if args.config else {}
+    method = args.method or given.get("method", {}).get("name") or "unet"
     budget = parse_budget(args.budget or "30m")
-    fp = fingerprint(args.data, cache_dir=plan_folder(args.data))
+    fp = fingerprint(args.data, reading_config(given, args.overrides), cache_dir=plan_folder(args.data))
     result = plan(fp, method, budget, args.device or "auto")
     print("\n".join(["imgx3d plan:", *fp.summary(), *result.explain()]), file=sys.stderr)
-    tree = merge_sections(result.tree, load_yaml(args.config)) if args.config else result.tree
+    # the file's own keys, not a plan it extends (that plan was made for another machine or budget)
+    tree = merge_sections(result.tree, load_yaml(args.config, above_plans=True)) if args.config else result.tree
     return tree, {"plan.yaml": result.to_yaml(), "fingerprint.json": json.dumps(fp.to_json(), indent=1)}
 
 
@@ -332,17 +338,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
+    from imgx3d.config import load_yaml, parse_overrides
     from imgx3d.data.io import atomic_write_text
     from imgx3d.planning.fingerprint import fingerprint
     from imgx3d.planning.planner import plan
 
     budget = parse_budget(args.budget)
+    given = load_yaml(args.config) if args.config else {}
     t0 = time.perf_counter()
-    fp = fingerprint(args.data, cache_dir=plan_folder(args.data))
+    fp = fingerprint(args.data, reading_config(given, args.overrides), cache_dir=plan_folder(args.data))
     print(f"fingerprint ({time.perf_counter() - t0:.1f} s):")
     print("\n".join("  " + line for line in fp.summary()))
     t0 = time.perf_counter()
     result = plan(fp, args.method, budget, args.device)
+    result.override(load_yaml(args.config, above_plans=True) if args.config else {}, f"set by {args.config}")
+    result.override(parse_overrides(args.overrides), "set on the command line")
     print(f"plan for {args.method}, {budget:g} minutes of training ({time.perf_counter() - t0:.1f} s):")
     print("\n".join("  " + line for line in result.explain()))
     output = Path(args.output or plan_folder(args.data) / f"{args.method}.yaml")

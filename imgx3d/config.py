@@ -442,8 +442,13 @@ def merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config, resolving ``extends: other.yaml`` (relative to the file) first."""
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = (), *, above_plans: bool = False) -> dict[str, Any]:
+    """Read a YAML config, resolving ``extends: other.yaml`` (relative to the file) first.
+
+    A file written by ``imgx3d plan`` (its ``planned:`` key says where it came from) is a plan; with
+    ``above_plans`` the plans in the chain contribute nothing, so what is left is what the files
+    extending them change: a shipped config's overrides, to apply over a fresh plan.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file with --config")
@@ -459,8 +464,10 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, train:, ...)")
     parent = tree.pop("extends", None)
+    if tree.pop("planned", None) is not None and above_plans:
+        tree = {}
     if parent:
-        tree = merge_sections(load_yaml(path.parent / parent, (*_seen, path.resolve())), tree)
+        tree = merge_sections(load_yaml(path.parent / parent, (*_seen, path.resolve()), above_plans=above_plans), tree)
     return tree
 
 

@@ -1,21 +1,30 @@
-"""Zero-config against the hand-tuned config: same split, same budget (MSD hippocampus).
+"""Zero-config against a hand-tuned config: same split, same budget, any dataset.
 
-1. The hand-tuned baseline, measured in this run: ``scripts/bench_hippocampus.py`` (the shipped
-   ``configs/hippocampus/unet.yaml``), in a subprocess; its JSON lines pass through.
-2. The zero-config run: ``imgx3d plan``'s fingerprint and plan of the dataset (timed, each
-   decision printed), then training on the plan with nothing but the split and the budget set —
-   the same split as the hand-tuned config (seed 0: 144 train / 16 val / 40 test).
+Two arms, each a child process of this script (``--arm``), run one after the other or side by side
+(``--parallel``, one thread each with ``train.budget_clock=cpu``: CPU-time budgets stay fair on a
+shared machine):
 
-Prints JSON lines (planning seconds, the plan's key decisions, steps, test Dice and HD95 per
-class, and the difference to the baseline), and logs both runs to one mlflow experiment.
+1. ``hand``: the hand-tuned config (``--hand-config``, e.g. ``configs/hippocampus/unet.yaml`` as it was
+   before it became an override of the plan: pass an old copy) trained for the budget.
+2. ``plan``: ``imgx3d plan``'s fingerprint and plan of the dataset (timed on this machine with the
+   arm's threads, each decision printed), with nothing from the hand-tuned config but the keys
+   that say how to read the dataset (layout, channel files, labels) — then trained for the budget.
+
+Both arms use the same split (the planner's seeded 20 % / 10 % holdout is every config's default;
+folders named train/ validation/ test/ fix it for both). Prints JSON lines: planning seconds, every
+decision, steps, per-class test Dice and HD95, and the difference of the foreground means.
+``--plan-only`` plans without training (a dataset whose labels are a model's output, such as the
+TotalSegmentator example, gets its plan and planning time only).
 
 Usage:
-    python scripts/bench_plan.py [--data ../shared/data/hippocampus] [--budget 30] [--skip-baseline]
+    python scripts/bench_plan.py --data ../shared/data/hippocampus --hand-config OLD.yaml [--budget 30]
+        [--parallel] [--plan-only] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -25,56 +34,104 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import emit, emit_test_summary, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TARGET = {"hippocampus": 0.865}  # the plans issue's target for the zero-config run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--budget", type=float, default=30.0, help="training minutes of each run")
-    parser.add_argument("--experiment", default="bench-plan")
-    parser.add_argument("--skip-baseline", action="store_true", help="only the zero-config run")
-    parser.add_argument("overrides", nargs="*", help="key=value for both runs (e.g. train.budget_clock=cpu)")
-    args = parser.parse_args()
-    emit("plan.setup", None, "", machine=machine(), budget_minutes=args.budget, data=args.data)
-    baseline = None
-    if not args.skip_baseline:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hippocampus.py"), "--data", args.data,
-                               "--experiment", args.experiment, f"train.max_minutes={args.budget}", *args.overrides],
-                              capture_output=True, text=True, cwd=ROOT)
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                print(line, flush=True)
-                if '"hippocampus.unet.test.dice.foreground_mean"' in line:
-                    import json
-
-                    baseline = json.loads(line)["value"]
-        if proc.returncode:
-            sys.exit(f"bench_hippocampus failed: {proc.stderr[-2000:]}")
-
-    from imgx3d.cli import plan_folder
+def _plan(args: argparse.Namespace):
+    """Fingerprint and plan the dataset (reading keys from the hand-tuned config), emitting the timings and decisions."""
+    from imgx3d.config import load_yaml
+    from imgx3d.planning import plan_folder, reading_config
     from imgx3d.planning.fingerprint import fingerprint
     from imgx3d.planning.planner import plan
-    from imgx3d.training.workflow import train_run
 
+    given = load_yaml(args.hand_config) if args.hand_config else {}
     t0 = time.perf_counter()
-    fp = fingerprint(args.data, cache_dir=plan_folder(args.data) / "bench")
+    fp = fingerprint(args.data, reading_config(given, args.reading), cache_dir=plan_folder(args.data) / "bench")
     fingerprint_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = plan(fp, "unet", args.budget, "cpu")
     plan_s = time.perf_counter() - t0
     emit("plan.zero_config.planning_seconds", round(fingerprint_s + plan_s, 1), "s",
-         fingerprint_s=round(fingerprint_s, 1), budget_fit_s=round(plan_s, 1))
+         fingerprint_s=round(fingerprint_s, 1), budget_fit_s=round(plan_s, 1), cases=len(fp.cases),
+         fingerprint_summary=fp.summary())
     for decision in result.decisions:
         emit(f"plan.zero_config.decision.{decision.key}", str(decision.value), "", reason=decision.reason)
-    # the split of the hand-tuned config (its own default is the same 20 % / 10 %, seed 0), the budget, no other key
-    cfg = result.config([f"tracking.experiment={args.experiment}", *args.overrides])
+    return result
+
+
+def run_arm(args: argparse.Namespace) -> None:
+    """One arm in this process: train it for the budget and emit its steps and test scores."""
+    import torch
+
+    from imgx3d.config import load_config
+    from imgx3d.training.workflow import train_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [f"tracking.experiment={args.experiment}", f"train.max_minutes={args.budget}", *args.overrides]
+    if args.arm == "plan":
+        result = _plan(args)
+        if args.plan_only:
+            return
+        cfg, records = result.config(overrides), {"plan.yaml": result.to_yaml()}
+    else:
+        cfg, records = load_config(args.hand_config, overrides), {}
     t0 = time.perf_counter()
-    run = train_run(cfg, args.data, records={"plan.yaml": result.to_yaml()})
-    emit("plan.zero_config.train_steps", run.steps, "steps", stop_reason=run.stop_reason, run_id=run.run_id,
-         wall_minutes=round((time.perf_counter() - t0) / 60, 2))
-    ours = run.test_summary["foreground_mean"]["dice"]
-    emit_test_summary("plan.zero_config", run.test_summary, target=0.865,
-                      baseline_hand_tuned=baseline, difference=round(ours - baseline, 4) if baseline else None)
+    run = train_run(cfg, args.data, records=records)
+    name = "plan.zero_config" if args.arm == "plan" else "plan.hand_tuned"
+    emit(f"{name}.train_steps", run.steps, "steps", stop_reason=run.stop_reason, run_id=run.run_id,
+         wall_minutes=round((time.perf_counter() - t0) / 60, 2), best_val_dice=round(run.best_val_dice, 4),
+         channels=cfg.method.channels, batch=cfg.data.batch_size, patch=cfg.data.patch_size)
+    emit_test_summary(name, run.test_summary, cases=run.test_summary["cases"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
+    parser.add_argument("--hand-config", help="the hand-tuned config (its reading keys also tell the planner how "
+                        "to read the dataset)")
+    parser.add_argument("--budget", type=float, default=30.0, help="training minutes of each run")
+    parser.add_argument("--experiment", default="bench-plan")
+    parser.add_argument("--parallel", action="store_true", help="both arms at once, one thread each, CPU-time "
+                        "budgets (train.budget_clock=cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of each arm (0: torch's default)")
+    parser.add_argument("--plan-only", action="store_true", help="plan (timed) without training either arm")
+    parser.add_argument("--reading", nargs="*", default=[], help="data.* keys saying how to read the dataset when "
+                        "no --hand-config gives them")
+    parser.add_argument("--arm", choices=["hand", "plan"], help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value for both runs (e.g. train.budget_clock=cpu)")
+    args = parser.parse_args()
+    if args.arm:
+        return run_arm(args)
+    if args.parallel:
+        args.threads, args.overrides = 1, ["train.budget_clock=cpu", *args.overrides]
+    emit("plan.setup", None, "", machine=machine(), budget_minutes=args.budget, data=args.data,
+         hand_config=args.hand_config, parallel=args.parallel, threads=args.threads, overrides=args.overrides)
+    arms = ["plan"] if args.plan_only or not args.hand_config else ["hand", "plan"]
+    common = ["--data", args.data, "--budget", str(args.budget), "--experiment", args.experiment,
+              "--threads", str(args.threads), *(["--hand-config", args.hand_config] if args.hand_config else []),
+              *(["--plan-only"] if args.plan_only else []), *(["--reading", *args.reading] if args.reading else [])]
+    procs = []
+    for arm in arms:
+        cmd = [sys.executable, __file__, "--arm", arm, *common, "--", *args.overrides]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path.cwd()))
+        if not args.parallel:
+            procs[-1].wait()
+    scores = {}
+    for arm, proc in zip(arms, procs):
+        out, _ = proc.communicate()
+        for line in out.splitlines():
+            if line.startswith("{"):
+                print(line, flush=True)
+                record = json.loads(line)
+                if record["name"].endswith(".test.dice.foreground_mean"):
+                    scores[arm] = record["value"]
+        if proc.returncode:
+            sys.exit(f"the {arm} arm failed (exit {proc.returncode}); its log is above")
+    if len(scores) == 2:
+        emit("plan.zero_config_vs_hand_tuned", round(scores["plan"] - scores["hand"], 4), "dice",
+             zero_config=scores["plan"], hand_tuned=scores["hand"],
+             target=TARGET.get(Path(args.data).resolve().name))
 
 
 if __name__ == "__main__":

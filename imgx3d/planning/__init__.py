@@ -7,9 +7,11 @@ Imported by the CLI and ``training.workflow`` (``train`` without ``--config`` pl
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from imgx3d.config import DataConfig
 from imgx3d.errors import InputError
 
 if TYPE_CHECKING:
@@ -29,23 +31,38 @@ def parse_budget(text: str) -> float:
     return minutes
 
 
+def reading_config(tree: dict[str, Any] | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """How to read a dataset (:data:`~imgx3d.planning.fingerprint.READING_KEYS`: layout, channel files,
+    labels) as a config tree and ``key=value`` overrides say; every other key is left to the plan."""
+    from imgx3d.config import from_dict, parse_overrides, set_dotted
+    from imgx3d.planning.fingerprint import READING_KEYS
+
+    given = copy.deepcopy(tree or {})
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(given, key, value)
+    data = given.get("data") or {}
+    return from_dict(DataConfig, {k: v for k, v in data.items() if k in READING_KEYS}, "data")
+
+
 def plan_folder(data: str | Path) -> Path:
     """Where plans (and the cached fingerprint) of a dataset go: ``plans/<dataset folder name>``."""
     return Path("plans") / Path(data).resolve().name
 
 
 def plan_dataset(data: str | Path, method: str = "unet", budget: str | float = "30m", device: str = "auto",
-                 cache_dir: str | Path | None = None) -> Plan:
+                 cache_dir: str | Path | None = None, reading: list[str] | None = None) -> Plan:
     """Fingerprint the dataset at ``data`` and plan ``method`` for ``budget`` of training (``"30m"``,
     ``"2h"`` or minutes): what ``imgx3d plan`` does; ``.config()`` is the complete config.
 
     Args:
         cache_dir: where the fingerprint is cached (default ``plans/<dataset folder name>``).
+        reading: ``data.*`` overrides saying how to read the dataset when its layout is not found
+            alone, e.g. ``["data.layout=cases", "data.channels=[Flair*,T1c*]"]``.
     """
     from imgx3d.planning.fingerprint import fingerprint
     from imgx3d.planning.planner import plan
 
     minutes = parse_budget(budget) if isinstance(budget, str) else float(budget)
-    fp = fingerprint(data, cache_dir=cache_dir or plan_folder(data))
+    fp = fingerprint(data, reading_config(None, reading), cache_dir=cache_dir or plan_folder(data))
     return plan(fp, method, minutes, device)
 

@@ -30,10 +30,14 @@ from imgx3d.data.geometry import grid_map, reorient
 from imgx3d.data.io import atomic_write_text, read_label
 from imgx3d.data.transforms import Preprocessor
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 SAMPLES_PER_CASE = 10_000  # foreground voxels sampled per case and channel (nnU-Net: 10 000)
 CT_NAMES = ("ct", "computed tomography")
 HU_AIR, HU_TISSUE = -500.0, 100.0  # a CT channel's foreground spans below the first and above the second
+# The data keys that say how to read a dataset (its layout, channel files, labels): the user's to set, never
+# planned; the fingerprint is measured with them and a plan carries them.
+READING_KEYS = ("mode", "layout", "channels", "label_pattern", "image_dir", "label_dir", "labels", "mask_threshold",
+                "label_map", "color")
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Fingerprint:
     classes: list[ClassStats]
     version: int = FINGERPRINT_VERSION
     files: dict[str, list[float]] = field(default_factory=dict)  # path → [size, mtime]: the cache key
+    reading: dict[str, Any] = field(default_factory=dict)  # how the dataset was read (READING_KEYS): in the key too
 
     @property
     def spacings(self) -> np.ndarray:
@@ -123,6 +128,14 @@ def _fmt(values: Any, digits: int = 2) -> str:
     return " x ".join(f"{v:.{digits}f}" for v in values)
 
 
+def reading_of(data_cfg: DataConfig) -> dict[str, Any]:
+    """The keys of ``data_cfg`` that say how a dataset is read (:data:`READING_KEYS`) where they differ
+    from the defaults, as JSON has them (label values as strings)."""
+    default = DataConfig()
+    return json.loads(json.dumps({k: getattr(data_cfg, k) for k in READING_KEYS
+                                  if getattr(data_cfg, k) != getattr(default, k)}))
+
+
 def _file_keys(catalog: Catalog) -> dict[str, list[float]]:
     keys = {}
     for case in catalog.cases:
@@ -157,11 +170,11 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
     """The fingerprint of the labelled cases of the dataset at ``root`` (cached in ``cache_dir``)."""
     data_cfg = data_cfg or DataConfig()
     catalog = find_cases(root, data_cfg)
-    keys = _file_keys(catalog)
+    keys, reading = _file_keys(catalog), reading_of(data_cfg)
     cache = Path(cache_dir) / "fingerprint.json" if cache_dir else None
     if cache is not None and cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("version") == FINGERPRINT_VERSION and cached.get("files") == keys:
+        if (cached.get("version"), cached.get("files"), cached.get("reading")) == (FINGERPRINT_VERSION, keys, reading):
             return Fingerprint.from_json(cached)
     rng = np.random.default_rng(seed)
     raw = replace(data_cfg, preset="none", spacing=None, crop_air=None)  # the files as they are
@@ -198,7 +211,7 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
                           [float(v) for v in np.median([b for _, b in found], axis=0)] if found else [0.0, 0.0, 0.0])
                for value, found in per_class.items()]
     result = Fingerprint(Path(root).resolve().name, _modality(catalog.channel_names, channels), cases, channels,
-                         classes, files=keys)
+                         classes, files=keys, reading=reading)
     if cache is not None:
         atomic_write_text(cache, json.dumps(result.to_json(), indent=1))
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +41,12 @@ NONZERO_BACKGROUND = 0.75  # nnU-Net: normalise inside the non-zero mask when it
 # is too large for its budget.
 ENOUGH_STEPS = 2000
 TIMING_SECONDS = 60.0  # the whole budget measurement
+PROBE_VOXELS = 64**3  # the calibration step's patch at most: cheap to time on any device
 WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
+LATERAL_WORDS = {"left", "right"}
+POSITION_WORDS = {"anterior", "posterior", "superior", "inferior", "upper", "lower", "dorsal", "ventral", "cranial",
+                  "caudal"}
 CODEC_FACTOR = 8  # the SD-format latent codec's downsampling: 2D slice sizes are multiples of it
 
 GPU_MEMORY_SHARE = 0.8  # a candidate may take this share of the GPU memory free when planning (the rest:
@@ -69,6 +74,7 @@ class Plan:
 
     tree: dict[str, Any]
     decisions: list[Decision] = field(default_factory=list)
+    planned: dict[str, Any] = field(default_factory=dict)  # what was planned, for how long, where (written out)
 
     def decide(self, key: str, value: Any, reason: str) -> Any:
         """Set ``key`` (dotted) in the tree and record why."""
@@ -77,8 +83,34 @@ class Plan:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+        self.decisions = [d for d in self.decisions if d.key != key]  # a later decision replaces an earlier one
         self.decisions.append(Decision(key, value, reason))
         return value
+
+    def override(self, changes: dict[str, Any] | list[tuple[str, Any]], reason: str) -> None:
+        """Set keys over the plan, each recorded with ``reason``: a config tree (a file's; its ``method``
+        section replaces the plan's when it names another method, as ``extends`` does) or (dotted key,
+        value) pairs (the command line's)."""
+        if isinstance(changes, dict):
+            method = changes.get("method") or {}
+            if method.get("name", self.tree["method"]["name"]) != self.tree["method"]["name"]:
+                self.tree["method"] = {}
+            changes = list(_leaves(changes))
+        for key, value in changes:
+            node = self.tree
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node != value:  # the plan's own value stays the plan's decision
+                self.decide(key, value, reason)
+
+    def forget(self, key: str) -> None:
+        """Remove ``key`` (dotted) and its decision: a re-planned network may no longer need it."""
+        *parents, leaf = key.split(".")
+        node = self.tree
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+        self.decisions = [d for d in self.decisions if d.key != key]
 
     def config(self, overrides: list[str] | None = None) -> Config:
         """The plan as a checked, complete :class:`Config` (``overrides``: ``key=value`` on top)."""
@@ -91,7 +123,20 @@ class Plan:
     def to_yaml(self) -> str:
         """The complete config as YAML, the decisions as comments above it."""
         header = "\n".join(f"# {line}" for line in ["imgx3d plan: every decision and its reason", *self.explain()])
-        return header + "\n" + yaml.safe_dump(to_dict(self.config()), sort_keys=False)
+        body = {"planned": self.planned, **to_dict(self.config())} if self.planned else to_dict(self.config())
+        return header + "\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a config tree: nested mappings merge key by key, as
+    :func:`~imgx3d.config.merge_sections` merges them."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def target_spacing(fp: Fingerprint) -> tuple[np.ndarray, str]:
@@ -206,11 +251,13 @@ def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30
                  step_timer: StepTimer | None = None) -> dict[str, Plan]:
     """The plans of several methods from **one** U-Net plan and budget measurement, so that a
     comparison of them shares the split, data section, budget and (3D) topology by construction."""
-    base = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}})
+    base = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}, "data": copy.deepcopy(fp.reading)})
     _plan_data(base, fp)
     _plan_network(base, fp)
-    _plan_budget(base, budget_minutes, step_timer or measured_step_seconds(device))
+    _plan_budget(base, fp, budget_minutes, step_timer or measured_step_seconds(device))
     _plan_training(base, budget_minutes)
+    base.planned = {"dataset": fp.dataset, "cases": len(fp.cases), "budget_minutes": budget_minutes,
+                    "device": device if step_timer is None else "a given step timer"}
     plans = {}
     for method in methods:
         plans[method] = copy.deepcopy(base)
@@ -238,8 +285,7 @@ def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
         result.decisions.append(Decision("method", method, f"the U-Net plan's topology ({', '.join(sorted(shared))}) "
                                          "and data section: the same network levels, a fair comparison"))
         return
-    spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
-    median_shape = np.median(fp.shapes * fp.spacings, axis=0) / spacing
+    spacing, median_shape = _target_grid(result, fp)
     axis = int(np.argmax(spacing)) if spacing.max() > spacing.min() * 1.01 else 2
     plane = [a for a in range(3) if a != axis]
     size = [int(max(32, np.ceil(median_shape[a] / CODEC_FACTOR) * CODEC_FACTOR)) for a in plane]
@@ -248,6 +294,20 @@ def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
                                             f"({CODEC_FACTOR}), at least 32")
     result.decisions.append(Decision("method", method, "a per-slice method: the 2D plan with the U-Net plan's data "
                                      "section and budget (its own network defaults; not timed)"))
+
+
+def mirror_axes(class_names: list[str]) -> tuple[list[int], str]:
+    """Mirroring axes (RAS): every axis, as nnU-Net, except where the class names carry the position a
+    mirror would swap — left/right names keep axis 0, and any other position word (anterior, superior,
+    upper, ...) keeps axes 1 and 2 — since a mirrored patch would then teach the wrong class."""
+    words = {w for name in class_names for w in re.split(r"[^a-z]+", name.lower())}
+    sided, placed = bool(words & LATERAL_WORDS), bool(words & POSITION_WORDS)
+    axes = [a for a in range(3) if not (a == 0 and sided) and not (a > 0 and placed)]
+    if not (sided or placed):
+        return axes, "every axis (nnU-Net's default): no class is named by its position"
+    named = " and ".join(w for w, hit in (("side", sided), ("position", placed)) if hit)
+    return axes, (f"{f'axes {axes} only' if axes else 'no mirroring'}: classes named by {named} would swap under "
+                  "the other mirrors (nnU-Net mirrors every axis)")
 
 
 def _plan_data(result: Plan, fp: Fingerprint) -> None:
@@ -270,10 +330,9 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
         result.decide("data.mri_nonzero", nonzero < NONZERO_BACKGROUND,
                       f"the non-zero region covers {nonzero:.0%} of a median volume (nnU-Net: inside the mask when "
                       f"under {NONZERO_BACKGROUND:.0%})")
-    result.decide("data.flip_axes", [0], "left-right mirroring only (nnU-Net mirrors every axis; anterior/posterior "
-                                         "and superior/inferior carry meaning: classes named by position swap under "
-                                         "them)")
-    result.decide("infer.tta_flips", [0], "the training mirrors, averaged at inference")
+    axes, why = mirror_axes([c.name for c in fp.classes])
+    result.decide("data.flip_axes", axes, why)
+    result.decide("infer.tta_flips", axes, "the training's mirrors, averaged at inference")
     result.decide("data.affine_prob", 0.2, "random rotation (±15°) and scaling (±15 %) with probability 0.2 "
                                            "(nnU-Net: p 0.2, ±30°, 0.7-1.4; milder here for minute-long budgets)")
     result.decide("data.pos_fraction", 0.67, "two thirds of the patches centred on foreground (nnU-Net forces 1/3; "
@@ -283,55 +342,144 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
                   "a held-out 20 % test split, 10 % of the rest to validate (seeded: the same split for every method)")
 
 
-def _plan_network(result: Plan, fp: Fingerprint) -> None:
+def _target_grid(result: Plan, fp: Fingerprint) -> tuple[np.ndarray, np.ndarray]:
+    """The planned spacing and the median case shape at it (voxels, RAS)."""
     spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
-    median_shape = np.median(fp.shapes * fp.spacings, axis=0) / spacing
-    strides, kernels, patch = topology(np.ceil(median_shape), spacing)
-    result.decide("data.patch_size", patch.tolist(),
+    return spacing, np.median(fp.shapes * fp.spacings, axis=0) / spacing
+
+
+def shrink_patch(patch: np.ndarray, median_shape: np.ndarray, spacing: np.ndarray, max_voxels: float) -> np.ndarray:
+    """The patch reduced to at most ``max_voxels`` by nnU-Net's rule (``plan_experiment``): the axis
+    largest relative to the median shape loses what its strides divide, and the topology is derived
+    again, until it fits (or no axis can lose more without dropping below ``2 * MIN_FEATURE_MAP``)."""
+    strides, _, patch = topology(np.asarray(patch), spacing)
+    while np.prod(patch) > max_voxels:
+        divisor = np.prod(np.array(strides or [[1, 1, 1]]), axis=0)
+        axes = [a for a in np.argsort(-(patch / median_shape)) if patch[a] - divisor[a] >= 2 * MIN_FEATURE_MAP]
+        if not axes:
+            break
+        patch = patch.copy()
+        patch[axes[0]] -= divisor[axes[0]]
+        strides, _, patch = topology(patch, spacing)
+    return patch
+
+
+def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None, why_patch: str = "") -> None:
+    """Topology and patch: the median case shape (or ``patch``, a shrunk one) rounded up to what the strides divide."""
+    spacing, median_shape = _target_grid(result, fp)
+    strides, kernels, rounded = topology(np.ceil(median_shape) if patch is None else patch, spacing)
+    result.decide("data.patch_size", rounded.tolist(), why_patch or
                   f"the median shape at the target spacing ({np.ceil(median_shape).astype(int).tolist()}), rounded up "
                   "to what the strides divide: every window sees a whole median case (nnU-Net starts from it too)")
     isotropic = all(k == [3, 3, 3] for k in kernels) and all(len(set(s)) == 1 for s in strides)
     if isotropic:
+        result.forget("method.kernel_size")
         result.decide("method.arch", "unet", "isotropic kernels: MONAI's residual UNet (the hippocampus baseline's)")
         result.decide("method.strides", [s[0] for s in strides], f"{len(strides)} poolings while every axis stays "
                                                                  f">= {2 * MIN_FEATURE_MAP} voxels")
     else:
-        result.decide("method.arch", "dynunet", "anisotropic: MONAI's DynUNet (nnU-Net's network) with per-axis "
-                                                "kernels and strides")
+        result.decide("method.arch", "dynunet", "per-axis kernels or strides: MONAI's DynUNet (nnU-Net's network)")
         result.decide("method.strides", strides, "per axis: pool an axis only while it stays large enough and not "
                                                  "much coarser than the finest (nnU-Net's rule)")
-        result.decide("method.kernel_size", kernels, "1 along an axis more than twice as coarse as the finest")
+        result.decide("method.kernel_size", kernels, "3, and 1 along an axis more than twice as coarse as the finest "
+                                                     "(nnU-Net's rule)")
     result.decide("method.num_res_units", 2, "two residual units per block (the baseline's)")
     result.decide("method.norm", "instance", "instance norm (nnU-Net's)")
 
 
-def _plan_budget(result: Plan, budget_minutes: float, step_timer: StepTimer) -> None:
-    """Time (width, batch) candidates, largest first, and keep the first that reaches ENOUGH_STEPS."""
-    levels = len(result.tree["method"]["strides"]) + 1
+def _candidate(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarray | None = None) -> Plan:
+    """The plan with ``width`` features at the first level (doubling per level), ``batch`` and, if given, ``patch``."""
+    trial = copy.deepcopy(result)
+    if patch is not None and list(patch) != trial.tree["data"]["patch_size"]:
+        _plan_network(trial, fp, patch)
+    levels = len(trial.tree["method"]["strides"]) + 1
+    trial.tree["method"]["channels"] = [min(width * 2**i, MAX_WIDTH) for i in range(levels)]
+    trial.tree["data"]["batch_size"] = batch
+    return trial
+
+
+def _plan_budget(result: Plan, fp: Fingerprint, budget_minutes: float, step_timer: StepTimer) -> None:
+    """Fit width, batch and patch to the budget, measured (see :data:`ENOUGH_STEPS`).
+
+    1. Calibrate: the smallest candidate is timed on a probe patch (the planned one shrunk to at most
+       :data:`PROBE_VOXELS`): seconds per sample, voxel and squared width (a convolution's cost).
+    2. (width, batch) candidates on the whole patch, largest first: one the calibration predicts
+       under half of ``ENOUGH_STEPS`` is not timed (on large volumes one step of it would take
+       minutes and gigabytes); the others are timed, and the first measured to reach it is kept.
+    3. None does: the smallest width and batch keep it, and the patch shrinks by nnU-Net's rule
+       (:func:`shrink_patch`; nnU-Net shrinks to a reference GPU's memory, here to the measured
+       time) to the predicted size, timed, and shrunk again by the measured shortfall.
+    """
     started, tried = time.perf_counter(), []
+    budget_s = 60 * budget_minutes
+    spacing, median_shape = _target_grid(result, fp)
+    full = np.asarray(result.tree["data"]["patch_size"])
+    small = (WIDTHS[-1], BATCHES[-1])
+
+    def steps_of(seconds: float) -> int:
+        return int(budget_s / max(seconds, 1e-9))
+
+    def timed(trial: Plan, what: str, *, required: bool = False) -> int | None:
+        try:
+            seconds = step_timer(trial.config(["tracking.enabled=false"]))
+        except CandidateTooLarge as err:
+            tried.append(f"{what}: {err}")
+            if required:
+                raise ResourceError(f"even the smallest plan does not fit this device ({'; '.join(tried)}): plan "
+                                    "with --device cpu, or free GPU memory") from None
+            return None
+        tried.append(f"{what}: {seconds:.3f} s/step, {steps_of(seconds)} steps")
+        return steps_of(seconds)
+
+    probe_patch = shrink_patch(full, median_shape, spacing, PROBE_VOXELS)
+    probe_what = f"width {small[0]} batch {small[1]}" + ("" if (probe_patch == full).all()
+                                                         else f" on the probe patch {probe_patch.tolist()}")
+    probe_steps = timed(_candidate(result, fp, *small, probe_patch), probe_what, required=True)
+    per_unit = budget_s / probe_steps / (small[1] * np.prod(probe_patch) * small[0] ** 2)
+
+    def predicted(width: int, batch: int, patch: np.ndarray) -> int:
+        return steps_of(per_unit * batch * float(np.prod(patch)) * width**2)
+
     for width in WIDTHS:
         for batch in BATCHES:
-            channels = [min(width * 2**i, MAX_WIDTH) for i in range(levels)]
-            candidate = Plan(_with(result.tree, {"method": {"channels": channels}, "data": {"batch_size": batch}}))
-            last = (width, batch) == (WIDTHS[-1], BATCHES[-1])
-            try:
-                seconds = step_timer(candidate.config(["tracking.enabled=false"]))
-            except CandidateTooLarge as err:
-                tried.append(f"width {width} batch {batch}: {err}")
-                if not last:
-                    continue
-                raise ResourceError(f"even the smallest plan does not fit this device ({'; '.join(tried)}): plan with "
-                                  "--device cpu, or free GPU memory") from None
-            steps = int(60 * budget_minutes / max(seconds, 1e-9))
-            tried.append(f"width {width} batch {batch}: {seconds:.3f} s/step, {steps} steps")
-            out_of_time = time.perf_counter() - started > TIMING_SECONDS
-            if steps >= ENOUGH_STEPS or out_of_time or last:
-                reason = (f"the largest candidate reaching {ENOUGH_STEPS} steps in {budget_minutes:g} minutes"
-                          if steps >= ENOUGH_STEPS else "the smallest candidate: none reached "
-                          f"{ENOUGH_STEPS} steps in the budget") + f" (measured: {'; '.join(tried)})"
-                result.decide("method.channels", channels, reason)
-                result.decide("data.batch_size", batch, f"with width {width}: {steps} steps in the budget")
-                return
+            what = f"width {width} batch {batch}"
+            if (width, batch) == small and (probe_patch == full).all():
+                steps = probe_steps
+            elif predicted(width, batch, full) < ENOUGH_STEPS / 2:
+                tried.append(f"{what}: predicted {predicted(width, batch, full)} steps, not timed")
+                continue
+            else:
+                steps = timed(_candidate(result, fp, width, batch), what)
+            if steps is not None and (steps >= ENOUGH_STEPS or time.perf_counter() - started > TIMING_SECONDS):
+                return _keep(result, fp, width, batch, None, steps, budget_minutes, tried)
+    patch, steps = full, predicted(*small, full)
+    for _ in range(3):  # shrink to the prediction, then correct by what the shrunk patch measures
+        smaller = shrink_patch(patch, median_shape, spacing, 0.9 * np.prod(patch) * steps / ENOUGH_STEPS)
+        if (smaller == patch).all():
+            break
+        patch = smaller
+        measured = timed(_candidate(result, fp, *small, patch), f"width {small[0]} batch {small[1]} patch "
+                                                                 f"{patch.tolist()}")
+        steps = measured if measured is not None else steps // 2  # over the device's memory: shrink further
+        if steps >= ENOUGH_STEPS or time.perf_counter() - started > TIMING_SECONDS:
+            break
+    _keep(result, fp, *small, patch, steps, budget_minutes, tried)
+
+
+def _keep(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarray | None, steps: int,
+          budget_minutes: float, tried: list[str]) -> None:
+    """Record the chosen candidate (and, if the patch shrank, its topology) with the measurements."""
+    reach = (f"reaching {ENOUGH_STEPS} steps in {budget_minutes:g} minutes" if steps >= ENOUGH_STEPS
+             else f"none reached {ENOUGH_STEPS} steps in {budget_minutes:g} minutes")
+    if patch is not None:
+        _plan_network(result, fp, patch, "the median shape did not fit the budget: shrunk by nnU-Net's rule (the "
+                                         "axis largest relative to the median shape first) until the smallest width "
+                                         f"and batch measured {steps} steps in {budget_minutes:g} minutes")
+    chosen = _candidate(result, fp, width, batch)
+    which = "the largest candidate" if patch is None else "the smallest width and batch on the shrunk patch"
+    result.decide("method.channels", chosen.tree["method"]["channels"], f"{which} {reach} (measured: "
+                                                                        f"{'; '.join(tried)})")
+    result.decide("data.batch_size", batch, f"with width {width}: {steps} steps in the budget")
 
 
 def _with(tree: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
