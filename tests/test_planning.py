@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from imgx3d.planning.fingerprint import (
     CaseStats,
@@ -16,7 +18,15 @@ from imgx3d.planning.fingerprint import (
     fingerprint,
 )
 from imgx3d.errors import ResourceError
-from imgx3d.planning.planner import ENOUGH_STEPS, CandidateTooLarge, plan, target_spacing, topology
+from imgx3d.planning.planner import (
+    ENOUGH_STEPS,
+    CandidateTooLarge,
+    mirror_axes,
+    plan,
+    shrink_patch,
+    target_spacing,
+    topology,
+)
 
 
 def _write_dataset(root, shapes, spacing, modality="MRI", value=100.0, background=0.0, seed=0):
@@ -103,25 +113,82 @@ def test_topology_pools_each_axis_by_nnunet_rules(patch, spacing, strides, kerne
     assert got_strides == strides and got_kernels == kernels and got_patch.tolist() == rounded
 
 
+def _voxel_clock(timed):
+    """A fake step timer: a step costs 2e-10 s per sample, voxel and squared width (a convolution's cost)."""
+
+    def timer(cfg):
+        timed.append((cfg.method.channels[0], cfg.data.batch_size, cfg.data.patch_size))
+        return 2e-10 * cfg.method.channels[0] ** 2 * cfg.data.batch_size * np.prod(cfg.data.patch_size)
+
+    return timer
+
+
 def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_timer():
     fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
     timed = []
-
-    def timer(cfg):  # a fake clock: a step costs the patch voxels x batch x width, scaled
-        timed.append((cfg.method.channels[0], cfg.data.batch_size))
-        return cfg.method.channels[0] * cfg.data.batch_size * 1e-3
-
-    result = plan(fp, "unet", budget_minutes=1.0, step_timer=timer)
+    result = plan(fp, "unet", budget_minutes=1.0, step_timer=_voxel_clock(timed))
     cfg = result.config()
-    # width 32 x batch 4 = 0.128 s/step → 468 steps in a minute, ... 16 x 2 = 0.032 s → 1875 steps: none
-    # reaches ENOUGH_STEPS (2000), so the smallest candidate is kept
-    assert timed == [(32, 4), (32, 2), (24, 4), (24, 2), (16, 4), (16, 2)]
-    assert cfg.method.channels == [16, 32, 64, 128] and cfg.data.batch_size == 2
-    assert cfg.data.spacing is None and cfg.data.patch_size == [40, 56, 40] and cfg.method.strides == [2, 2, 2]
+    # the patch 40 x 56 x 40 (89 600 voxels); width 16 batch 2 is the probe (0.0092 s); then largest first:
+    # 32 x 4 = 0.073 s → 817 steps, under ENOUGH_STEPS / 2: not timed; 32 x 2 → 1634, 24 x 4 → 1453 (timed,
+    # short), 24 x 2 = 0.0206 s → 2906 ≥ ENOUGH_STEPS: kept
+    full = [40, 56, 40]
+    assert timed == [(16, 2, full), (32, 2, full), (24, 4, full), (24, 2, full)]
+    assert cfg.method.channels == [24, 48, 96, 192] and cfg.data.batch_size == 2
+    assert cfg.data.spacing is None and cfg.data.patch_size == full and cfg.method.strides == [2, 2, 2]
     assert cfg.data.preset == "mri" and cfg.data.mri_nonzero is False and cfg.train.max_minutes == 1.0
     assert all(d.reason for d in result.decisions)
-    roomy = plan(fp, "unet", budget_minutes=60.0, step_timer=timer).config()
+    timed.clear()
+    roomy = plan(fp, "unet", budget_minutes=60.0, step_timer=_voxel_clock(timed)).config()
     assert (roomy.method.channels[0], roomy.data.batch_size) == (32, 4), f"{ENOUGH_STEPS} steps reachable in 60 min"
+    assert len(timed) == 2, "the probe, then the largest candidate: kept"
+
+
+def test_a_budget_too_small_for_the_whole_patch_shrinks_it_and_predicted_hopeless_candidates_are_not_timed():
+    fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
+    timed = []
+    result = plan(fp, "unet", budget_minutes=0.1, step_timer=_voxel_clock(timed))
+    cfg = result.config()
+    # 6 s: the probe (width 16 batch 2, 0.0092 s) makes 653 steps; every larger candidate is predicted under
+    # ENOUGH_STEPS / 2 and not timed; the patch shrinks to 0.9 x 89 600 x 653 / 2000 voxels, then is timed
+    assert [t[:2] for t in timed] == [(16, 2), (16, 2)]
+    assert cfg.data.patch_size == timed[-1][2] == [24, 40, 24]
+    assert (cfg.method.channels[0], cfg.data.batch_size) == (16, 2)
+    assert cfg.method.arch == "dynunet" and cfg.method.strides == [[2, 2, 2], [2, 2, 2], [1, 2, 1]]
+    reasons = {d.key: d.reason for d in result.decisions}
+    assert "shrunk by nnU-Net's rule" in reasons["data.patch_size"] and "not timed" in reasons["method.channels"]
+    assert sum(d.key == "data.patch_size" for d in result.decisions) == 1, "the shrunk patch replaced the decision"
+
+
+def test_per_slice_plans_size_slices_by_the_methods_own_downsampling_and_time_their_batch():
+    fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
+    timed = []
+
+    def timer(cfg):  # 0.05 s per slice of the main stage: 16 slices → 0.8 s, 2250 steps in 30 minutes
+        timed.append((cfg.method.name, cfg.data.batch_size))
+        return 0.05 * cfg.data.batch_size if cfg.method.name != "unet" else 0.01
+
+    sdseg = plan(fp, "sdseg", 30.0, step_timer=timer).config()
+    # the codec (f = 8) times the denoiser's two downsamplings (channels [64, 128, 256]): 32 → 35 x 50 → 64 x 64
+    assert sdseg.data.slices.size == [64, 64] and sdseg.data.slices.axis == 2
+    assert sdseg.data.batch_size == 16 and ("sdseg", 16) in timed
+    pig = plan(fp, "pig", 15.0, step_timer=timer).config()  # pixel space, three levels: 4 → 36 x 52
+    assert pig.data.slices.size == [36, 52]
+    assert pig.data.batch_size == 8, "15 minutes: 16 slices reach 1125 steps, 8 reach 2250"
+
+
+def test_shrink_patch_takes_the_axis_largest_relative_to_the_median_shape_first():
+    median, spacing = np.array([35.0, 50.0, 36.0]), np.ones(3)
+    # 40 x 56 x 40 → 32 x 56 x 40 → 32 x 48 x 40 → 32 x 48 x 32 → 32 x 40 x 32 → 24 x 40 x 32 → 24 x 40 x 24
+    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 30_000).tolist() == [24, 40, 24]
+    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 90_000).tolist() == [40, 56, 40]
+    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 1).tolist() == [8, 8, 8], "never below 8 voxels"
+
+
+def test_mirroring_keeps_the_axes_whose_mirror_would_swap_classes_named_by_position():
+    assert mirror_axes(["necrosis", "edema"])[0] == [0, 1, 2]
+    assert mirror_axes(["Anterior", "Posterior"])[0] == [0]
+    assert mirror_axes(["kidney_left", "spleen"])[0] == [1, 2]
+    assert mirror_axes(["lung_upper_lobe_left", "liver"])[0] == []
 
 
 def test_the_budget_fit_skips_candidates_over_the_device_memory():
@@ -232,3 +299,67 @@ def test_every_method_trains_from_a_plan(msd_dataset, tmp_path, method):
         assert unet.method.strides == result.config().method.strides, "ImgX keeps the U-Net's levels"
     run = train_run(cfg, msd_dataset, tmp_path / method, test_at_end=False)
     assert run.steps == 2 and (run.run_dir / "best.pt").is_file()
+
+
+def test_case_folders_are_planned_with_their_reading_keys_and_a_config_over_a_plan_keeps_only_its_own_keys(
+        tmp_path, monkeypatch, capsys):
+    """``imgx3d plan`` reads a case-folder dataset with the ``data.*`` keys given on the command line (the
+    plan carries them); a config extending a plan file keeps only its own keys over a fresh plan."""
+    import argparse
+
+    from imgx3d.cli import _planned_tree, main
+    from imgx3d.config import load_config, load_yaml
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cases"
+    for group, case in (("train", "p1"), ("train", "p2"), ("test", "p3")):
+        label = np.zeros((20, 20, 16), np.uint8)
+        label[5:12, 6:14, 4:10], label[8:10, 8:10, 6:8] = 2, 1
+        for name, scale in (("Flair_x.nii.gz", 1.0), ("T1c_x.nii.gz", 5.0)):
+            image = (scale * (rng.normal(size=label.shape) + label)).astype(np.float32)
+            (root / group / case).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / group / case / name))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / group / case / "OT.nii.gz"))
+    monkeypatch.chdir(tmp_path)
+    reading = ["data.layout=cases", "data.channels=[Flair*,T1c*]", "data.label_pattern=OT*",
+               "data.labels={1: core, 2: edema}"]
+    assert main(["plan", "--data", str(root), "--budget", "0.1", "--device", "cpu", "--output",
+                 str(tmp_path / "plan.yaml"), *reading]) == 0
+    assert "3 labelled cases, 2 channel(s) (Flair, T1c)" in capsys.readouterr().out
+    planned = load_config(tmp_path / "plan.yaml")
+    assert (planned.data.layout, planned.data.channels, planned.data.labels) == (
+        "cases", ["Flair*", "T1c*"], {1: "core", 2: "edema"})
+    assert planned.data.flip_axes == [0, 1, 2], "no class named by position: every axis mirrored"
+    (tmp_path / "unet.yaml").write_text("extends: plan.yaml\ntrain:\n  lr: 0.0005\n", encoding="utf-8")
+    assert load_yaml(tmp_path / "unet.yaml", above_plans=True) == {"train": {"lr": 0.0005}}
+    shipped = load_config(tmp_path / "unet.yaml")
+    assert shipped.train.lr == 0.0005 and shipped.data.layout == "cases" and shipped.train.max_minutes == 0.1
+    args = argparse.Namespace(config=str(tmp_path / "unet.yaml"), data=str(root), method=None, budget="0.05",
+                              device="cpu", overrides=[])
+    tree, _ = _planned_tree(args)  # train --config unet.yaml --budget 0.05: a fresh plan, the file's own key on top
+    assert tree["train"]["lr"] == 0.0005 and tree["train"]["max_minutes"] == 0.05
+    assert tree["data"]["layout"] == "cases", "the reading keys came from the plan the file extends"
+
+
+# the keys the budget fit measures on the machine at hand (a shrunk patch re-derives the topology)
+MEASURED_KEYS = ("method.channels", "data.batch_size", "data.patch_size", "method.arch", "method.strides",
+                 "method.kernel_size")
+
+
+@pytest.mark.parametrize("config, folder", [("hippocampus", "hippocampus"), ("brats", "brats2015")])
+def test_shipped_plans_are_what_the_planner_makes_of_the_data_today(shared_data, tmp_path, config, folder):
+    """configs/<dataset>/plan.yaml is ``imgx3d plan``'s output, not a hand edit gone stale: planned again
+    from the data, every key but the measured ones is the same (a rule change must re-plan the file)."""
+    from imgx3d.config import load_config, load_yaml, to_dict
+    from imgx3d.planning import reading_config
+    from imgx3d.planning.planner import _leaves
+
+    shipped_file = Path(__file__).resolve().parents[1] / "configs" / config / "plan.yaml"
+    header = yaml.safe_load(shipped_file.read_text(encoding="utf-8"))["planned"]
+    fp = fingerprint(shared_data / folder, reading_config(load_yaml(shipped_file)), cache_dir=tmp_path)
+    assert header["dataset"] == folder and header["cases"] == len(fp.cases)
+    fresh = plan(fp, "unet", header["budget_minutes"], step_timer=lambda cfg: 0.01).config()
+    shipped, now = dict(_leaves(to_dict(load_config(shipped_file)))), dict(_leaves(to_dict(fresh)))
+    changed = {k: (shipped.get(k), now.get(k)) for k in set(shipped) | set(now)
+               if shipped.get(k) != now.get(k) and not k.startswith(MEASURED_KEYS)}
+    assert not changed, f"re-plan {shipped_file} with imgx3d plan (see its planned: header): {changed}"

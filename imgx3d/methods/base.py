@@ -109,6 +109,11 @@ class Method(nn.Module):
         super().__init__()
         self.cfg, self.num_classes, self.in_channels = cfg, num_classes, in_channels
 
+    def size_multiple(self) -> int:
+        """What the sides of a window (or slice) must be a multiple of for the method's networks: their
+        downsampling, times a latent codec's (the planner sizes slices and patches by it)."""
+        return 1
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per optimiser; ``training_step`` returns ``loss/<group>`` for each group it trains."""
         return {"model": [p for p in self.parameters() if p.requires_grad]}

@@ -219,6 +219,10 @@ class DARLMethod(Method):
         eps = self.eps_theta(x_t, t)
         return self.generator(torch.cat([x_t, eps], 1), mask), eps
 
+    def size_multiple(self) -> int:
+        """The diffusion module's downsampling (the segmenter's sides follow the same slices)."""
+        return 2 ** (len(self.cfg.diffusion_channels) - 1)
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         images = batch["image"]  # A; batch["label"] is never used
         if self.cfg.polyphase:

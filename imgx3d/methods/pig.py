@@ -211,6 +211,10 @@ class PIGMethod(Method):
         y0_hat = self.schedule.x0_from_eps(y_t, t, self.model_y(torch.cat([y_t, guide], 1), t)).float()
         return y0_hat.clamp(-1, 1) if self.space.clip else y0_hat
 
+    def size_multiple(self) -> int:
+        """The denoisers' downsampling, times the codec's in latent space."""
+        return self.space.factor * 2 ** (len(self.cfg.channels) - 1)
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         if self.cfg.space == "latent":
             codec_loss = self.codec_stage(self.space.codec, step, lambda: to_rgb(batch["image"]),

@@ -197,6 +197,10 @@ class SDSeg(Method):
         return ddim_sample(self.schedule, z_t, predict_x0, self.cfg.infer_steps)
 
     # -- the Method interface ------------------------------------------------------------
+    def size_multiple(self) -> int:
+        """The codec's downsampling times the latent denoiser's."""
+        return self.codec.factor * 2 ** (len(self.cfg.channels) - 1)
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         image, label = to_rgb(batch["image"]), batch["label"]
         self.codec.check_fits(image)

@@ -223,6 +223,10 @@ class SiameseDiffusion(Method):
         """``w_i`` at a training step (counted from the end of the codec phase)."""
         return min(1.0, max(step, 0) / max(self.cfg.ramp_steps, 1))
 
+    def size_multiple(self) -> int:
+        """The codec's downsampling times the latent denoiser's (a pretrained one's own levels)."""
+        return self.codec.factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         codec_loss = self.codec_stage(self.codec, step, lambda: to_rgb(batch["image"]), self.cfg.codec.kl_weight)
         if codec_loss is not None:

@@ -7,6 +7,7 @@ the slice adapter, like the 2D diffusion methods it is then compared with (and o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,6 +69,11 @@ class UNetMethod(Method):
                                           cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size)
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
                                lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
+
+    def size_multiple(self) -> int:
+        """The product of the strides (the largest over the axes when they differ)."""
+        per_axis = [s if isinstance(s, list) else [s] * self.spatial_dims for s in self.cfg.strides]
+        return max(math.prod(s[a] for s in per_axis) for a in range(self.spatial_dims)) if per_axis else 1
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         logits = self.net(batch["image"])

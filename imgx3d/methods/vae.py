@@ -96,6 +96,10 @@ class VAEMethod(Method):
         super().__init__(cfg, num_classes, in_channels)
         self.codec = LatentCodec.build(cfg.codec)
 
+    def size_multiple(self) -> int:
+        """The codec's downsampling."""
+        return self.codec.factor
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         _, masks = random_class_masks(batch["label"], self.num_classes)
         x = torch.cat([to_rgb(batch["image"]), mask_to_rgb(masks)])

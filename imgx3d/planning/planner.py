@@ -27,7 +27,8 @@ import yaml
 
 from imgx3d.config import Config, load_config, to_dict
 from imgx3d.errors import ResourceError
-from imgx3d.methods.base import method_class
+from imgx3d.methods.base import build_method, method_class
+from imgx3d.resources import resolve_device
 from imgx3d.planning.fingerprint import Fingerprint
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: an axis is "anisotropic" beyond 3x the finest spacing
@@ -44,10 +45,11 @@ TIMING_SECONDS = 60.0  # the whole budget measurement
 PROBE_VOXELS = 64**3  # the calibration step's patch at most: cheap to time on any device
 WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
+SLICE_BATCHES = (16, 8, 4, 2)  # slices per step tried for per-slice methods (the shipped 2D configs use 8-16)
 LATERAL_WORDS = {"left", "right"}
 POSITION_WORDS = {"anterior", "posterior", "superior", "inferior", "upper", "lower", "dorsal", "ventral", "cranial",
                   "caudal"}
-CODEC_FACTOR = 8  # the SD-format latent codec's downsampling: 2D slice sizes are multiples of it
+MIN_SLICE = 32  # the smallest slice side planned (smaller sides leave a latent method a few latent pixels)
 
 GPU_MEMORY_SHARE = 0.8  # a candidate may take this share of the GPU memory free when planning (the rest:
 # validation, the loader's pinned batches, other processes' growth)
@@ -192,8 +194,7 @@ def measured_step_seconds(device: str) -> StepTimer:
     :class:`CandidateTooLarge` (nnU-Net sizes its patch against a reference GPU's memory; here the
     GPU at hand is measured).
     """
-    from imgx3d.methods.base import build_method
-    from imgx3d.resources import gib, resolve_device
+    from imgx3d.resources import gib
 
     dev = resolve_device(device)
     free_bytes = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
@@ -219,11 +220,13 @@ def measured_step_seconds(device: str) -> StepTimer:
         method = build_method(cfg.method, 3, 1).to(dev).train()
         params = [p for group in method.parameter_groups().values() for p in group]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        shape = (cfg.data.batch_size, 1, *cfg.data.patch_size)
+        size = cfg.data.slices.size if method.spatial_dims == 2 else cfg.data.patch_size
+        shape = (cfg.data.batch_size, 1, *size)
         batch = {"image": torch.randn(shape, device=dev),
                  "label": torch.randint(0, 3, (shape[0], 1, *shape[2:]), device=dev)}
+        main_stage = sum(stage.steps or 0 for stage in method.plan.stages[:-1])  # after a codec-first stage
         seconds = []
-        for step in range(4):  # the first is a warm-up (allocations, cuDNN autotuning)
+        for step in range(main_stage, main_stage + 4):  # the first is a warm-up (allocations, cuDNN autotuning)
             t0 = time.perf_counter()
             loss = sum(v for k, v in method.training_step(batch, step).items() if k.startswith("loss/"))
             loss.backward()
@@ -254,19 +257,22 @@ def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30
     base = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}, "data": copy.deepcopy(fp.reading)})
     _plan_data(base, fp)
     _plan_network(base, fp)
-    _plan_budget(base, fp, budget_minutes, step_timer or measured_step_seconds(device))
+    measured_on = (f"{resolve_device(device)}, {torch.get_num_threads()} threads" if step_timer is None
+                   else "a given step timer")
+    step_timer = step_timer or measured_step_seconds(device)
+    _plan_budget(base, fp, budget_minutes, step_timer)
     _plan_training(base, budget_minutes)
     base.planned = {"dataset": fp.dataset, "cases": len(fp.cases), "budget_minutes": budget_minutes,
-                    "device": device if step_timer is None else "a given step timer"}
+                    "measured_on": measured_on}
     plans = {}
     for method in methods:
         plans[method] = copy.deepcopy(base)
         if method != "unet":
-            _adapt(plans[method], fp, method)
+            _adapt(plans[method], fp, method, budget_minutes, step_timer)
     return plans
 
 
-def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
+def _adapt(result: Plan, fp: Fingerprint, method: str, budget_minutes: float, step_timer: StepTimer) -> None:
     """Another method on the U-Net's plan: the same data section, split and budget; a 3D method takes
     the U-Net's topology (the keys its config shares: levels, widths, strides), so comparisons are
     fair by construction; a per-slice method gets the 2D plan."""
@@ -288,12 +294,42 @@ def _adapt(result: Plan, fp: Fingerprint, method: str) -> None:
     spacing, median_shape = _target_grid(result, fp)
     axis = int(np.argmax(spacing)) if spacing.max() > spacing.min() * 1.01 else 2
     plane = [a for a in range(3) if a != axis]
-    size = [int(max(32, np.ceil(median_shape[a] / CODEC_FACTOR) * CODEC_FACTOR)) for a in plane]
+    multiple = build_method(result.tree["method"], len(fp.classes) + 1, len(fp.channels)).size_multiple()
+    size = [int(max(MIN_SLICE, np.ceil(median_shape[a] / multiple) * multiple)) for a in plane]
     result.decide("data.slices.axis", axis, "slices across the coarsest axis (axial when isotropic)")
-    result.decide("data.slices.size", size, f"the in-plane median shape rounded up to the latent codec's factor "
-                                            f"({CODEC_FACTOR}), at least 32")
+    median_plane = np.ceil(median_shape[plane]).astype(int).tolist()
+    result.decide("data.slices.size", size, f"the in-plane median shape ({median_plane}) rounded up to what "
+                                            f"{method}'s networks divide ({multiple}: their downsampling, a latent "
+                                            f"codec's included), at least {MIN_SLICE}")
     result.decisions.append(Decision("method", method, "a per-slice method: the 2D plan with the U-Net plan's data "
-                                     "section and budget (its own network defaults; not timed)"))
+                                     "section and budget (its own network defaults)"))
+    _plan_slice_batch(result, budget_minutes, step_timer)
+
+
+def _plan_slice_batch(result: Plan, budget_minutes: float, step_timer: StepTimer) -> None:
+    """Slices per step of a per-slice method: the largest of :data:`SLICE_BATCHES` whose measured step (the
+    method's main stage, after any codec-first stage, on its own network defaults) still reaches
+    ``ENOUGH_STEPS`` in the budget — the U-Net's rule applied to the method's own step."""
+    started, tried = time.perf_counter(), []
+    for batch in SLICE_BATCHES:
+        trial = copy.deepcopy(result)
+        trial.tree["data"]["batch_size"] = batch
+        last = batch == SLICE_BATCHES[-1]
+        try:
+            seconds = step_timer(trial.config(["tracking.enabled=false"]))
+        except CandidateTooLarge as err:
+            tried.append(f"batch {batch}: {err}")
+            if last:
+                raise ResourceError(f"even {batch} slices per step do not fit this device ({'; '.join(tried)}): "
+                                    "plan with --device cpu, or free GPU memory") from None
+            continue
+        steps = int(60 * budget_minutes / max(seconds, 1e-9))
+        tried.append(f"batch {batch}: {seconds:.3f} s/step, {steps} steps")
+        if steps >= ENOUGH_STEPS or last or time.perf_counter() - started > TIMING_SECONDS:
+            reach = "the largest reaching" if steps >= ENOUGH_STEPS else "the smallest: none reached"
+            result.decide("data.batch_size", batch, f"{reach} {ENOUGH_STEPS} steps of the method's main stage in "
+                                                    f"{budget_minutes:g} minutes (measured: {'; '.join(tried)})")
+            return
 
 
 def mirror_axes(class_names: list[str]) -> tuple[list[int], str]:

@@ -25,6 +25,7 @@ from imgx3d.errors import ConfigError
 from imgx3d.evaluation.compare import write_comparison
 from imgx3d.evaluation.records import Comparison
 from imgx3d.methods.base import Segmenter, method_class
+from imgx3d.planning import reading_config
 from imgx3d.planning.fingerprint import fingerprint
 from imgx3d.planning.planner import plan_methods
 from imgx3d.training.workflow import RESULT_FILE, train_run
@@ -67,7 +68,7 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
     check_methods(methods)
     study_dir = Path(study_dir)
     experiment = experiment or f"study-{study_dir.resolve().name}"
-    configs = _plans(data, methods, study_dir, budget_minutes, device)
+    configs = _plans(data, methods, study_dir, budget_minutes, device, overrides or [])
     runs, run_ids = {}, {}
     for method in methods:
         run_dir = study_dir / method
@@ -92,14 +93,15 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
     return StudyResult(runs, run_ids, comparison, files)
 
 
-def _plans(data: str | Path, methods: list[str], study_dir: Path, budget_minutes: float,
-           device: str) -> dict[str, Path]:
-    """Each method's plan file: written on the first run (one budget measurement for all), reused after."""
+def _plans(data: str | Path, methods: list[str], study_dir: Path, budget_minutes: float, device: str,
+           overrides: list[str]) -> dict[str, Path]:
+    """Each method's plan file: written on the first run (one budget measurement for all), reused after;
+    the ``data.*`` overrides that say how to read the dataset (layout, channels, labels) apply to the fingerprint."""
     folder = study_dir / "plans"
     files = {m: folder / f"{m}.yaml" for m in methods}
     missing = [m for m, f in files.items() if not f.is_file()]
     if missing:
-        fp = fingerprint(data, cache_dir=folder)
+        fp = fingerprint(data, reading_config(None, overrides), cache_dir=folder)
         for method, result in plan_methods(fp, missing, budget_minutes, device).items():
             print("\n".join([f"study: plan of {method}", *("  " + line for line in result.explain())]))
             atomic_write_text(files[method], result.to_yaml())
