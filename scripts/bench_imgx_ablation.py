@@ -17,6 +17,9 @@ that). Afterwards, in this one process, each best checkpoint predicts the prepro
 volumes without TTA and its seconds per volume are divided by the U-Net's (one
 sliding-window pass). Prints JSON lines.
 
+    imgx_k5_max_seed1, imgx_up1, imgx_up1_seed1
+                      (not run by default) ImgX with ``method.up_subunits: 1`` against the default, two seeds
+
 Usage: python scripts/bench_imgx_ablation.py [--minutes 30] [--runs unet imgx_k5_max ...]
        python scripts/bench_imgx_ablation.py --parallel 2 --threads 1 --clock cpu
 """
@@ -51,7 +54,12 @@ RUNS = {
     "imgx_k5_next": ("imgx.yaml", ["method.recycling=next"]),
     "imgx_k5_none": ("imgx.yaml", ["method.recycling=none"]),
     "imgx_t1001_k5": ("imgx.yaml", ["method.train_steps=1001", "method.recycling=none"]),
+    # the up path with one sub-unit per residual unit (MONAI UNet's): cheaper; the same split, two seeds
+    "imgx_k5_max_seed1": ("imgx.yaml", ["method.recycling=max", "seed=1"]),
+    "imgx_up1": ("imgx.yaml", ["method.up_subunits=1"]),
+    "imgx_up1_seed1": ("imgx.yaml", ["method.up_subunits=1", "seed=1"]),
 }
+DEFAULT_RUNS = ["unet", "imgx_k5_max", "imgx_k5_next", "imgx_k5_none", "imgx_t1001_k5"]
 
 
 def seconds_per_volume(run_dir: Path, images: list[torch.Tensor]) -> float:
@@ -108,7 +116,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what the budget counts")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once (child processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: default)")
     parser.add_argument("--reuse", action="store_true",
@@ -160,6 +168,11 @@ def main() -> None:
     if {"unet", "imgx_k5_max"} <= set(dice):
         emit("imgx_ablation.dice_gap.imgx_k5_max_minus_unet", round(dice["imgx_k5_max"] - dice["unet"], 4), "dice",
              target=">= -0.01")
+    up2 = [dice[n] for n in ("imgx_k5_max", "imgx_k5_max_seed1") if n in dice]
+    up1 = [dice[n] for n in ("imgx_up1", "imgx_up1_seed1") if n in dice]
+    if up1 and up2:
+        emit("imgx_ablation.dice_gap.up_subunits_1_minus_2", round(sum(up1) / len(up1) - sum(up2) / len(up2), 4),
+             "dice", up_subunits_1=[round(d, 4) for d in up1], up_subunits_2=[round(d, 4) for d in up2])
     if {"imgx_k5_max", "imgx_k5_none"} <= set(dice):
         emit("imgx_ablation.dice_gain.recycling_max_minus_none", round(dice["imgx_k5_max"] - dice["imgx_k5_none"], 4),
              "dice", target=">= 0")
