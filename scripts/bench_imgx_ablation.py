@@ -7,6 +7,9 @@ Runs, all in one mlflow experiment:
     imgx_k5_none      ImgX K = 5, no recycling
     imgx_t1001_k5     ImgX trained on the 1001-step chain (plain DDPM training, no recycling),
                       sampled with the K = 5 resampled chain: the misalignment the paper fixes
+    imgx_up1, imgx_up1_seed1, imgx_k5_max_seed1
+                      (not in the default set) ``method.up_subunits: 1`` (MONAI UNet's up path, cheaper)
+                      against the default, two seeds each
 
 Every run gets ``--minutes`` of training (``train.max_minutes``; the configs anneal their LR
 over the budget) and is scored on the 40 test volumes on their native grid. With
@@ -16,9 +19,6 @@ machine get the same compute whatever else is running (data loading moves in-pro
 that). Afterwards, in this one process, each best checkpoint predicts the preprocessed test
 volumes without TTA and its seconds per volume are divided by the U-Net's (one
 sliding-window pass). Prints JSON lines.
-
-    imgx_k5_max_seed1, imgx_up1, imgx_up1_seed1
-                      (not run by default) ImgX with ``method.up_subunits: 1`` against the default, two seeds
 
 Usage: python scripts/bench_imgx_ablation.py [--minutes 30] [--runs unet imgx_k5_max ...]
        python scripts/bench_imgx_ablation.py --parallel 2 --threads 1 --clock cpu
