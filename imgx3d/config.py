@@ -2,8 +2,8 @@
 
 Unknown keys, wrong types, choices outside a ``Literal[...]`` and out-of-range values are
 :class:`ConfigError`\\ s naming the key. A file may start from another with ``extends:
-other.yaml``: sections merge key by key, except ``method``, which the extending file replaces
-whole. ``method:`` becomes the named method's own config dataclass (a :class:`MethodConfig`, see
+other.yaml``: sections merge key by key; a ``method`` section naming another method replaces the
+parent's whole. ``method:`` becomes the named method's own config dataclass (a :class:`MethodConfig`, see
 :mod:`imgx3d.methods.base`), so a loaded config is complete: every default is written out when
 a run saves it (``config.yaml``, the checkpoint, mlflow), and a run is rebuilt from what it
 saved, not from the defaults of the day.
@@ -432,10 +432,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``child`` into ``base``; the ``method`` section is replaced whole (keys differ per method)."""
+    """Deep-merge ``child`` into ``base``; a ``method`` section naming another method replaces the base's
+    whole (keys differ per method), one naming the same method (or none) merges key by key."""
     out = copy.deepcopy(base)
     for key, value in child.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "method":
+        other_method = key == "method" and isinstance(value, dict) and isinstance(out.get(key), dict) and \
+            value.get("name", out[key].get("name")) != out[key].get("name")
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not other_method:
             out[key] = merge_sections(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

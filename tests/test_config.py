@@ -67,6 +67,10 @@ def test_extends_merges_sections_and_replaces_method(tmp_path):
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.method == ImgXConfig()  # every imgx default; no 'arch' leaking from the unet section
     assert cfg.data.batch_size == 5 and cfg.data.preset == "ct"
+    # the same method: its keys merge (a shipped config over its plan changes one key, keeps the topology)
+    (tmp_path / "same.yaml").write_text("extends: base.yaml\nmethod: {channels: [8, 16, 32]}\n")
+    same = load_config(tmp_path / "same.yaml").method
+    assert (same.name, same.arch, same.channels) == ("unet", "dynunet", [8, 16, 32])
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
