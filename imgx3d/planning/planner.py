@@ -531,6 +531,7 @@ def _plan_training(result: Plan, budget_minutes: float) -> None:
     result.decide("train.schedule_over", "budget", "the cosine anneals over the budget, whatever the machine's speed")
     result.decide("train.lr", 0.002, "AdamW 2e-3 with cosine decay (the hippocampus baseline's; nnU-Net: SGD 1e-2 "
                                      "over 1000 epochs, which a budget of minutes does not reach)")
+    result.decide("train.min_lr", 1e-5, "the cosine's floor, 1/200 of the peak (the hippocampus baseline's)")
     result.decide("train.warmup_steps", 100, "a short linear warm-up")
     result.decide("train.val_every", 500, "validation every 500 steps")
     result.decide("train.checkpoint_every", 500, "a checkpoint at every validation")
