@@ -363,3 +363,13 @@ def test_shipped_plans_are_what_the_planner_makes_of_the_data_today(shared_data,
     changed = {k: (shipped.get(k), now.get(k)) for k in set(shipped) | set(now)
                if shipped.get(k) != now.get(k) and not k.startswith(MEASURED_KEYS)}
     assert not changed, f"re-plan {shipped_file} with imgx3d plan (see its planned: header): {changed}"
+
+
+def test_a_label_off_its_image_grid_is_refused_before_any_intensity_is_sampled(tmp_path):
+    from imgx3d.errors import InputError
+
+    root = _write_dataset(tmp_path / "ds", [(16, 16, 8)] * 2, (1.0, 1.0, 1.0))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 6), np.uint8), np.eye(4)), str(root / "labelsTr" / "c1.nii.gz"))
+    with pytest.raises(InputError, match=r"c1.nii.gz: label shape \(16, 16, 6\) differs from image"):
+        fingerprint(root, cache_dir=tmp_path / "plan")
+    assert not (tmp_path / "plan" / "fingerprint.json").exists()

@@ -28,7 +28,7 @@ from imgx3d.config import DataConfig
 from imgx3d.data.catalog import Catalog, find_cases
 from imgx3d.data.geometry import grid_map, reorient
 from imgx3d.data.io import atomic_write_text, read_label
-from imgx3d.data.transforms import Preprocessor
+from imgx3d.data.transforms import Preprocessor, check_grids
 
 FINGERPRINT_VERSION = 2
 SAMPLES_PER_CASE = 10_000  # foreground voxels sampled per case and channel (nnU-Net: 10 000)
@@ -186,7 +186,10 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
         to_ras = grid.to_ras
         spacing = np.asarray(volume.spacing)[[int(np.flatnonzero(to_ras[:, 0] == a)[0]) for a in range(3)]]
         axcodes = "".join(nib.orientations.aff2axcodes(volume.affine))
-        label = read_label(case.label, data_cfg).array
+        label_volume = read_label(case.label, data_cfg)
+        check_grids(volume.path, volume.spatial_shape, volume.affine, label_volume.path, label_volume.spatial_shape,
+                    label_volume.affine, "label")  # sampled intensities must sit under their labels
+        label = label_volume.array
         ras_label = reorient(torch.from_numpy(label)[None], to_ras)[0].numpy()
         cases.append(CaseStats(case.case_id, list(grid.ras_shape), [float(s) for s in spacing], axcodes,
                                float(np.count_nonzero(array[0]) / array[0].size)))
