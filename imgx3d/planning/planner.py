@@ -518,13 +518,6 @@ def _keep(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarr
     result.decide("data.batch_size", batch, f"with width {width}: {steps} steps in the budget")
 
 
-def _with(tree: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
-    for section, values in changes.items():
-        out.setdefault(section, {}).update(values)
-    return out
-
-
 def _plan_training(result: Plan, budget_minutes: float) -> None:
     result.decide("train.max_minutes", budget_minutes, "the budget")
     result.decide("train.max_steps", 100_000, "a ceiling: the budget ends the run first")
