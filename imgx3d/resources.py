@@ -91,6 +91,19 @@ def use_fast_cuda_kernels(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
+    """On the CPU: every 3D convolution weight of ``module`` in channels-last order (``channels_last_3d``),
+    in place. oneDNN then runs the convolutions channels-last, measured ~10 % faster for a training
+    step and a window pass of the hippocampus U-Net on this project's CPU (``scripts/bench_memory_format.py``);
+    the values do not change, only their order in memory. 2D weights and CUDA stay as they are (not
+    measured there)."""
+    if device.type != "cpu":
+        return
+    for param in module.parameters():
+        if param.dim() == 5:
+            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+
+
 def resolve_device(name: str = "auto", what: str = "--device") -> torch.device:
     """``auto`` → CUDA when available, else CPU; a device this machine lacks is a one-line error
     naming ``what`` (the flag or config key that asked for it)."""
