@@ -146,17 +146,22 @@ def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_ti
 def test_a_budget_too_small_for_the_whole_patch_shrinks_it_and_predicted_hopeless_candidates_are_not_timed():
     fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
     timed = []
-    result = plan(fp, "unet", budget_minutes=0.1, step_timer=_voxel_clock(timed))
+    result = plan(fp, "unet", budget_minutes=0.2, step_timer=_voxel_clock(timed))
     cfg = result.config()
-    # 6 s: the probe (width 16 batch 2, 0.0092 s) makes 653 steps; every larger candidate is predicted under
-    # ENOUGH_STEPS / 2 and not timed; the patch shrinks to 0.9 x 89 600 x 653 / 2000 voxels, then is timed
+    # 12 s: the probe (width 16 batch 2, 0.0092 s) makes 1306 steps; every larger candidate is predicted under
+    # ENOUGH_STEPS / 2 and not timed; the patch shrinks to at most 0.9 x 89 600 x 1306 / 2000 voxels:
+    # 32 x 56 x 40 → 32 x 48 x 40 → 32 x 48 x 32 (49 152), timed: 0.0050 s, 2384 steps
     assert [t[:2] for t in timed] == [(16, 2), (16, 2)]
-    assert cfg.data.patch_size == timed[-1][2] == [24, 40, 24]
+    assert cfg.data.patch_size == timed[-1][2] == [32, 48, 32]
     assert (cfg.method.channels[0], cfg.data.batch_size) == (16, 2)
-    assert cfg.method.arch == "dynunet" and cfg.method.strides == [[2, 2, 2], [2, 2, 2], [1, 2, 1]]
+    assert cfg.method.arch == "unet" and cfg.method.strides == [2, 2, 2]
     reasons = {d.key: d.reason for d in result.decisions}
     assert "shrunk by nnU-Net's rule" in reasons["data.patch_size"] and "not timed" in reasons["method.channels"]
+    assert "2384 steps" in reasons["data.patch_size"]
     assert sum(d.key == "data.patch_size" for d in result.decisions) == 1, "the shrunk patch replaced the decision"
+    tiny = plan(fp, "unet", budget_minutes=0.02, step_timer=_voxel_clock([]))
+    assert tiny.config().data.patch_size == [32, 32, 32], "a budget too small for context: the floor, fewer steps"
+    assert "none reached" in {d.key: d.reason for d in tiny.decisions}["method.channels"]
 
 
 def test_per_slice_plans_size_slices_by_the_methods_own_downsampling_and_time_their_batch():
@@ -178,10 +183,14 @@ def test_per_slice_plans_size_slices_by_the_methods_own_downsampling_and_time_th
 
 def test_shrink_patch_takes_the_axis_largest_relative_to_the_median_shape_first():
     median, spacing = np.array([35.0, 50.0, 36.0]), np.ones(3)
-    # 40 x 56 x 40 → 32 x 56 x 40 → 32 x 48 x 40 → 32 x 48 x 32 → 32 x 40 x 32 → 24 x 40 x 32 → 24 x 40 x 24
-    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 30_000).tolist() == [24, 40, 24]
+    # 40 x 56 x 40 → 32 x 56 x 40 → 32 x 48 x 40 → 32 x 48 x 32 → 32 x 40 x 32 (40 960 voxels <= 45 000)
+    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 45_000).tolist() == [32, 40, 32]
     assert shrink_patch(np.array([40, 56, 40]), median, spacing, 90_000).tolist() == [40, 56, 40]
-    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 1).tolist() == [8, 8, 8], "never below 8 voxels"
+    assert shrink_patch(np.array([40, 56, 40]), median, spacing, 1).tolist() == [32, 32, 32], "never below 32"
+    brain = np.array([240.0, 240.0, 155.0])  # BraTS-like: the three axes shrink in turn, each by 16 (4 poolings)
+    assert shrink_patch(np.array([240, 240, 160]), brain, spacing, 128**3).tolist() == [144, 144, 96]
+    assert shrink_patch(np.array([24, 24, 20]), np.array([24.0, 24.0, 20.0]), spacing, 1).tolist() == [24, 24, 20], \
+        "an axis already under 32 (its whole median extent) is kept"
 
 
 def test_mirroring_keeps_the_axes_whose_mirror_would_swap_classes_named_by_position():

@@ -42,6 +42,7 @@ NONZERO_BACKGROUND = 0.75  # nnU-Net: normalise inside the non-zero mask when it
 # is too large for its budget.
 ENOUGH_STEPS = 2000
 TIMING_SECONDS = 60.0  # the whole budget measurement
+MIN_PATCH_SIDE = 32  # a shrunk patch keeps at least this many voxels along an axis (or the median extent)
 PROBE_VOXELS = 64**3  # the calibration step's patch at most: cheap to time on any device
 WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
@@ -387,11 +388,14 @@ def _target_grid(result: Plan, fp: Fingerprint) -> tuple[np.ndarray, np.ndarray]
 def shrink_patch(patch: np.ndarray, median_shape: np.ndarray, spacing: np.ndarray, max_voxels: float) -> np.ndarray:
     """The patch reduced to at most ``max_voxels`` by nnU-Net's rule (``plan_experiment``): the axis
     largest relative to the median shape loses what its strides divide, and the topology is derived
-    again, until it fits (or no axis can lose more without dropping below ``2 * MIN_FEATURE_MAP``)."""
+    again, until it fits — or no axis can lose more without dropping below :data:`MIN_PATCH_SIDE`
+    voxels (or its median extent, if smaller): a window without context segments nothing, so a
+    budget too small for it gets fewer steps instead."""
+    floor = np.minimum(MIN_PATCH_SIDE, np.ceil(median_shape))
     strides, _, patch = topology(np.asarray(patch), spacing)
     while np.prod(patch) > max_voxels:
         divisor = np.prod(np.array(strides or [[1, 1, 1]]), axis=0)
-        axes = [a for a in np.argsort(-(patch / median_shape)) if patch[a] - divisor[a] >= 2 * MIN_FEATURE_MAP]
+        axes = [a for a in np.argsort(-(patch / median_shape)) if patch[a] - divisor[a] >= floor[a]]
         if not axes:
             break
         patch = patch.copy()
