@@ -311,25 +311,16 @@ def _plan_slice_batch(result: Plan, budget_minutes: float, step_timer: StepTimer
     """Slices per step of a per-slice method: the largest of :data:`SLICE_BATCHES` whose measured step (the
     method's main stage, after any codec-first stage, on its own network defaults) still reaches
     ``ENOUGH_STEPS`` in the budget — the U-Net's rule applied to the method's own step."""
-    started, tried = time.perf_counter(), []
+    timing = _Timing(step_timer, budget_minutes)
     for batch in SLICE_BATCHES:
         trial = copy.deepcopy(result)
         trial.tree["data"]["batch_size"] = batch
         last = batch == SLICE_BATCHES[-1]
-        try:
-            seconds = step_timer(trial.config(["tracking.enabled=false"]))
-        except CandidateTooLarge as err:
-            tried.append(f"batch {batch}: {err}")
-            if last:
-                raise ResourceError(f"even {batch} slices per step do not fit this device ({'; '.join(tried)}): "
-                                    "plan with --device cpu, or free GPU memory") from None
-            continue
-        steps = int(60 * budget_minutes / max(seconds, 1e-9))
-        tried.append(f"batch {batch}: {seconds:.3f} s/step, {steps} steps")
-        if steps >= ENOUGH_STEPS or last or time.perf_counter() - started > TIMING_SECONDS:
+        steps = timing.measure(trial, f"batch {batch}", required=last)
+        if steps is not None and (steps >= ENOUGH_STEPS or last or timing.out_of_time()):
             reach = "the largest reaching" if steps >= ENOUGH_STEPS else "the smallest: none reached"
             result.decide("data.batch_size", batch, f"{reach} {ENOUGH_STEPS} steps of the method's main stage in "
-                                                    f"{budget_minutes:g} minutes (measured: {'; '.join(tried)})")
+                                                    f"{budget_minutes:g} minutes (measured: {timing.measured})")
             return
 
 
@@ -438,6 +429,41 @@ def _candidate(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.
     return trial
 
 
+@dataclass
+class _Timing:
+    """Candidates timed with ``step_timer`` against the budget, each measurement (or why a candidate was
+    skipped) kept in ``tried`` for the decision's reason."""
+
+    step_timer: StepTimer
+    budget_minutes: float
+    tried: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def steps(self, seconds: float) -> int:
+        """Optimiser steps of ``seconds`` each within the budget."""
+        return int(60 * self.budget_minutes / max(seconds, 1e-9))
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.started > TIMING_SECONDS
+
+    @property
+    def measured(self) -> str:
+        return "; ".join(self.tried)
+
+    def measure(self, trial: Plan, what: str, *, required: bool = False) -> int | None:
+        """Steps ``trial`` reaches in the budget; None when it does not fit the device (an error if ``required``)."""
+        try:
+            seconds = self.step_timer(trial.config(["tracking.enabled=false"]))
+        except CandidateTooLarge as err:
+            self.tried.append(f"{what}: {err}")
+            if required:
+                raise ResourceError(f"even the smallest plan does not fit this device ({self.measured}): plan with "
+                                    "--device cpu, or free GPU memory") from None
+            return None
+        self.tried.append(f"{what}: {seconds:.3f} s/step, {self.steps(seconds)} steps")
+        return self.steps(seconds)
+
+
 def _plan_budget(result: Plan, fp: Fingerprint, budget_minutes: float, step_timer: StepTimer) -> None:
     """Fit width, batch and patch to the budget, measured (see :data:`ENOUGH_STEPS`).
 
@@ -450,35 +476,19 @@ def _plan_budget(result: Plan, fp: Fingerprint, budget_minutes: float, step_time
        (:func:`shrink_patch`; nnU-Net shrinks to a reference GPU's memory, here to the measured
        time) to the predicted size, timed, and shrunk again by the measured shortfall.
     """
-    started, tried = time.perf_counter(), []
-    budget_s = 60 * budget_minutes
+    timing = _Timing(step_timer, budget_minutes)
     spacing, median_shape = _target_grid(result, fp)
     full = np.asarray(result.tree["data"]["patch_size"])
     small = (WIDTHS[-1], BATCHES[-1])
 
-    def steps_of(seconds: float) -> int:
-        return int(budget_s / max(seconds, 1e-9))
-
-    def timed(trial: Plan, what: str, *, required: bool = False) -> int | None:
-        try:
-            seconds = step_timer(trial.config(["tracking.enabled=false"]))
-        except CandidateTooLarge as err:
-            tried.append(f"{what}: {err}")
-            if required:
-                raise ResourceError(f"even the smallest plan does not fit this device ({'; '.join(tried)}): plan "
-                                    "with --device cpu, or free GPU memory") from None
-            return None
-        tried.append(f"{what}: {seconds:.3f} s/step, {steps_of(seconds)} steps")
-        return steps_of(seconds)
-
     probe_patch = shrink_patch(full, median_shape, spacing, PROBE_VOXELS)
     probe_what = f"width {small[0]} batch {small[1]}" + ("" if (probe_patch == full).all()
                                                          else f" on the probe patch {probe_patch.tolist()}")
-    probe_steps = timed(_candidate(result, fp, *small, probe_patch), probe_what, required=True)
-    per_unit = budget_s / probe_steps / (small[1] * np.prod(probe_patch) * small[0] ** 2)
+    probe_steps = timing.measure(_candidate(result, fp, *small, probe_patch), probe_what, required=True)
+    per_unit = 60 * budget_minutes / probe_steps / (small[1] * np.prod(probe_patch) * small[0] ** 2)
 
     def predicted(width: int, batch: int, patch: np.ndarray) -> int:
-        return steps_of(per_unit * batch * float(np.prod(patch)) * width**2)
+        return timing.steps(per_unit * batch * float(np.prod(patch)) * width**2)
 
     for width in WIDTHS:
         for batch in BATCHES:
@@ -486,28 +496,28 @@ def _plan_budget(result: Plan, fp: Fingerprint, budget_minutes: float, step_time
             if (width, batch) == small and (probe_patch == full).all():
                 steps = probe_steps
             elif predicted(width, batch, full) < ENOUGH_STEPS / 2:
-                tried.append(f"{what}: predicted {predicted(width, batch, full)} steps, not timed")
+                timing.tried.append(f"{what}: predicted {predicted(width, batch, full)} steps, not timed")
                 continue
             else:
-                steps = timed(_candidate(result, fp, width, batch), what)
-            if steps is not None and (steps >= ENOUGH_STEPS or time.perf_counter() - started > TIMING_SECONDS):
-                return _keep(result, fp, width, batch, None, steps, budget_minutes, tried)
+                steps = timing.measure(_candidate(result, fp, width, batch), what)
+            if steps is not None and (steps >= ENOUGH_STEPS or timing.out_of_time()):
+                return _keep(result, fp, width, batch, None, steps, budget_minutes, timing.measured)
     patch, steps = full, predicted(*small, full)
     for _ in range(3):  # shrink to the prediction, then correct by what the shrunk patch measures
         smaller = shrink_patch(patch, median_shape, spacing, 0.9 * np.prod(patch) * steps / ENOUGH_STEPS)
         if (smaller == patch).all():
             break
         patch = smaller
-        measured = timed(_candidate(result, fp, *small, patch), f"width {small[0]} batch {small[1]} patch "
-                                                                 f"{patch.tolist()}")
+        measured = timing.measure(_candidate(result, fp, *small, patch), f"width {small[0]} batch {small[1]} "
+                                                                          f"patch {patch.tolist()}")
         steps = measured if measured is not None else steps // 2  # over the device's memory: shrink further
-        if steps >= ENOUGH_STEPS or time.perf_counter() - started > TIMING_SECONDS:
+        if steps >= ENOUGH_STEPS or timing.out_of_time():
             break
-    _keep(result, fp, *small, patch, steps, budget_minutes, tried)
+    _keep(result, fp, *small, patch, steps, budget_minutes, timing.measured)
 
 
 def _keep(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarray | None, steps: int,
-          budget_minutes: float, tried: list[str]) -> None:
+          budget_minutes: float, measured: str) -> None:
     """Record the chosen candidate (and, if the patch shrank, its topology) with the measurements."""
     reach = (f"reaching {ENOUGH_STEPS} steps in {budget_minutes:g} minutes" if steps >= ENOUGH_STEPS
              else f"none reached {ENOUGH_STEPS} steps in {budget_minutes:g} minutes")
@@ -517,8 +527,7 @@ def _keep(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarr
                                          f"and batch measured {steps} steps in {budget_minutes:g} minutes")
     chosen = _candidate(result, fp, width, batch)
     which = "the largest candidate" if patch is None else "the smallest width and batch on the shrunk patch"
-    result.decide("method.channels", chosen.tree["method"]["channels"], f"{which} {reach} (measured: "
-                                                                        f"{'; '.join(tried)})")
+    result.decide("method.channels", chosen.tree["method"]["channels"], f"{which} {reach} (measured: {measured})")
     result.decide("data.batch_size", batch, f"with width {width}: {steps} steps in the budget")
 
 
