@@ -9,6 +9,8 @@ shared machine):
 2. ``plan``: ``imgx3d plan``'s fingerprint and plan of the dataset (timed on this machine with the
    arm's threads, each decision printed), with nothing from the hand-tuned config but the keys
    that say how to read the dataset (layout, channel files, labels) — then trained for the budget.
+   With ``--parallel`` the plan is made first, alone: a budget measured while the other arm trains
+   beside it would see half the machine and plan too small a patch.
 
 Both arms use the same split (the planner's seeded 20 % / 10 % holdout is every config's default;
 folders named train/ validation/ test/ fix it for both). Prints JSON lines: planning seconds, every
@@ -27,6 +29,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,10 +73,12 @@ def run_arm(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     overrides = [f"tracking.experiment={args.experiment}", f"train.max_minutes={args.budget}", *args.overrides]
     if args.arm == "plan":
-        result = _plan(args)
+        if not Path(args.plan_file).is_file():  # plan here (the parent plans first when the arms run side by side)
+            Path(args.plan_file).write_text(_plan(args).to_yaml(), encoding="utf-8")
         if args.plan_only:
             return
-        cfg, records = result.config(overrides), {"plan.yaml": result.to_yaml()}
+        text = Path(args.plan_file).read_text(encoding="utf-8")
+        cfg, records = load_config(args.plan_file, overrides), {"plan.yaml": text}
     else:
         cfg, records = load_config(args.hand_config, overrides), {}
     t0 = time.perf_counter()
@@ -99,6 +104,7 @@ def main() -> None:
     parser.add_argument("--reading", nargs="*", default=[], help="data.* keys saying how to read the dataset when "
                         "no --hand-config gives them")
     parser.add_argument("--arm", choices=["hand", "plan"], help=argparse.SUPPRESS)
+    parser.add_argument("--plan-file", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value for both runs (e.g. train.budget_clock=cpu)")
     args = parser.parse_args()
     if args.arm:
@@ -108,10 +114,17 @@ def main() -> None:
     emit("plan.setup", None, "", machine=machine(), budget_minutes=args.budget, data=args.data,
          hand_config=args.hand_config, parallel=args.parallel, threads=args.threads, overrides=args.overrides)
     arms = ["plan"] if args.plan_only or not args.hand_config else ["hand", "plan"]
-    common = ["--data", args.data, "--budget", str(args.budget), "--experiment", args.experiment,
+    plan_file = Path(tempfile.mkdtemp(prefix="bench-plan-")) / "plan.yaml"
+    common = ["--plan-file", str(plan_file), "--data", args.data, "--budget", str(args.budget), "--experiment", args.experiment,
               "--threads", str(args.threads), *(["--hand-config", args.hand_config] if args.hand_config else []),
               *(["--plan-only"] if args.plan_only else []), *(["--reading", *args.reading] if args.reading else [])]
     procs = []
+    if args.parallel and not args.plan_only:  # plan alone first: timed while no arm trains beside it
+        planning = subprocess.run([sys.executable, __file__, "--arm", "plan", "--plan-only", *common],
+                                  stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
+        print(planning.stdout, end="", flush=True)
+        if planning.returncode:
+            sys.exit(f"planning failed (exit {planning.returncode})")
     for arm in arms:
         cmd = [sys.executable, __file__, "--arm", arm, *common, "--", *args.overrides]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path.cwd()))
