@@ -41,7 +41,7 @@ TARGET = {"hippocampus": 0.865}  # the plans issue's target for the zero-config 
 
 
 def _plan(args: argparse.Namespace):
-    """Fingerprint and plan the dataset (reading keys from the hand-tuned config), emitting the timings and decisions."""
+    """Fingerprint and plan the dataset (reading keys from the hand-tuned config); emit timings and decisions."""
     from imgx3d.config import load_yaml
     from imgx3d.planning import plan_folder, reading_config
     from imgx3d.planning.fingerprint import fingerprint
@@ -115,8 +115,8 @@ def main() -> None:
          hand_config=args.hand_config, parallel=args.parallel, threads=args.threads, overrides=args.overrides)
     arms = ["plan"] if args.plan_only or not args.hand_config else ["hand", "plan"]
     plan_file = Path(tempfile.mkdtemp(prefix="bench-plan-")) / "plan.yaml"
-    common = ["--plan-file", str(plan_file), "--data", args.data, "--budget", str(args.budget), "--experiment", args.experiment,
-              "--threads", str(args.threads), *(["--hand-config", args.hand_config] if args.hand_config else []),
+    common = ["--plan-file", str(plan_file), "--data", args.data, "--budget", str(args.budget),
+              "--experiment", args.experiment, "--threads", str(args.threads), *(["--hand-config", args.hand_config] if args.hand_config else []),
               *(["--plan-only"] if args.plan_only else []), *(["--reading", *args.reading] if args.reading else [])]
     procs = []
     if args.parallel and not args.plan_only:  # plan alone first: timed while no arm trains beside it
