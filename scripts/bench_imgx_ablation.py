@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, emit_test_summary, machine  # noqa: E402
+from _bench import emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
@@ -81,34 +79,13 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
     if args.clock == "cpu":
         overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
     cfg = load_config(CONFIGS / config, overrides)
-    result = train_run(cfg, args.data, Path(args.out) / name)
-    record = {"run_dir": str(result.run_dir), "run_id": result.run_id, "steps": result.steps,
-              "stop_reason": result.stop_reason, "test_summary": result.test_summary,
-              "threads": torch.get_num_threads()}
-    (result.run_dir / "bench_result.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-    return record
+    return save_train_result(train_run(cfg, args.data, Path(args.out) / name))
 
 
 def train_parallel(args: argparse.Namespace) -> dict[str, dict]:
     """Train the runs ``--parallel`` at a time, each in a child process of ``--threads`` threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    pending, running = list(args.runs), []
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            name = pending.pop(0)
-            log = open(Path(args.out) / f"{name}.log", "w", encoding="utf-8")
-            cmd = [sys.executable, __file__, "--train-one", name, "--threads", str(args.threads),
-                   *[f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]]
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(5)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode:
-                raise SystemExit(f"run {item[0]} failed (exit {item[1].returncode}); see {args.out}/{item[0]}.log")
-    return {name: json.loads((Path(args.out) / name / "bench_result.json").read_text(encoding="utf-8"))
-            for name in args.runs}
+    forwarded = [f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]
+    return train_in_children(__file__, args.runs, forwarded, Path(args.out), args.parallel, args.threads)
 
 
 def main() -> None:

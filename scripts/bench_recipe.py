@@ -1,0 +1,105 @@
+"""Recipe ablation of the hippocampus U-Net: arms × seeds, each the same CPU budget, the same split.
+
+Every run is ``configs/hippocampus/unet.yaml`` with an arm's overrides and a seed (``seed=N``:
+initialisation and patch sampling; the split stays seed 0's: 144 train / 16 val / 40 test),
+trained for ``--minutes`` and scored on the 40 test volumes on their native grid. Runs train
+``--parallel`` at a time in child processes of ``--threads`` threads; ``--clock cpu`` (the default)
+makes each budget the process's own CPU time, so runs sharing the machine get the same compute.
+Prints JSON lines: each run's test Dice, each arm's mean over the seeds, and each arm's
+difference from the first arm (the baseline) with the per-seed differences.
+
+Arms:
+    fp32   the networks in fp32 (training and inference)
+    bf16   bf16 autocast (training and inference): oneDNN's bf16 convolutions on CPUs with
+           AVX512-BF16 / AMX; the loss, the optimiser and the weights stay fp32
+
+Usage: python scripts/bench_recipe.py [--arms fp32 bf16] [--seeds 0 1] [--minutes 30] [--parallel 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
+
+from imgx3d.config import load_config  # noqa: E402
+from imgx3d.training.workflow import train_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
+ARMS = {
+    "fp32": ["train.precision=fp32", "infer.precision=fp32"],
+    "bf16": ["train.precision=bf16", "infer.precision=bf16"],
+}
+
+
+def run_name(arm: str, seed: int) -> str:
+    """``arm.seedN``: a run's name, its folder under ``--out`` and its mlflow run name."""
+    return f"{arm}.seed{seed}"
+
+
+def train_one(name: str, args: argparse.Namespace) -> dict:
+    """Train and test one ``arm.seedN`` run."""
+    arm, seed = name.rsplit(".seed", 1)
+    overrides = [*ARMS[arm], f"seed={seed}", f"train.max_minutes={args.minutes}",
+                 f"train.budget_clock={args.clock}", f"tracking.experiment={args.experiment}"]
+    if args.clock == "cpu":
+        overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
+    return save_train_result(train_run(load_config(CONFIG, overrides), args.data, Path(args.out) / name),
+                             arm=arm, seed=int(seed))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="the first is the baseline")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu", help="what the budget counts")
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained at once (child processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--reuse", action="store_true", help="skip runs whose <out>/<run>/bench_result.json exists")
+    parser.add_argument("--train-one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="runs/bench-recipe")
+    parser.add_argument("--experiment", default="bench-hippocampus-recipe")
+    args = parser.parse_args()
+    if args.train_one:
+        torch.set_num_threads(args.threads)
+        train_one(args.train_one, args)
+        return
+    out = Path(args.out)
+    names = [run_name(arm, seed) for seed in args.seeds for arm in args.arms]  # a seed's arms side by side
+    todo = [n for n in names if not (args.reuse and (out / n / "bench_result.json").is_file())]
+    emit("recipe.setup", None, "", machine=machine(), minutes_per_run=args.minutes, clock=args.clock,
+         parallel=args.parallel, threads_per_run=args.threads, arms={a: ARMS[a] for a in args.arms},
+         seeds=args.seeds, split="hippocampus seed0: 144 train / 16 val / 40 test",
+         reused=sorted(set(names) - set(todo)))
+    forwarded = [f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]
+    train_in_children(__file__, todo, forwarded, out, args.parallel, args.threads)
+    results = {n: json.loads((out / n / "bench_result.json").read_text(encoding="utf-8")) for n in names}
+    for name, r in results.items():
+        emit_test_summary(f"recipe.{name}", r["test_summary"], steps=r["steps"], stop_reason=r["stop_reason"],
+                          run_id=r["run_id"])
+    dice = {n: r["test_summary"]["foreground_mean"]["dice"] for n, r in results.items()}
+    steps = {n: r["steps"] for n, r in results.items()}
+    base = args.arms[0]
+    for arm in args.arms:
+        per_seed = [dice[run_name(arm, s)] for s in args.seeds]
+        emit(f"recipe.{arm}.test.dice.foreground_mean.seed_mean", round(statistics.fmean(per_seed), 4), "dice",
+             per_seed=[round(d, 4) for d in per_seed], steps=[steps[run_name(arm, s)] for s in args.seeds],
+             target=0.88)
+        if arm != base:
+            gaps = [dice[run_name(arm, s)] - dice[run_name(base, s)] for s in args.seeds]
+            emit(f"recipe.{arm}_minus_{base}.test.dice.foreground_mean", round(statistics.fmean(gaps), 4), "dice",
+                 per_seed=[round(g, 4) for g in gaps])
+
+
+if __name__ == "__main__":
+    main()
