@@ -74,7 +74,7 @@ def seconds_per_volume(run_dir: Path, images: list[torch.Tensor]) -> float:
 def train_one(name: str, args: argparse.Namespace) -> dict:
     """Train and test one run; its figures are also saved to ``<out>/<name>/bench_result.json``."""
     config, extra = RUNS[name]
-    overrides = [*extra, f"train.max_minutes={args.minutes}", f"train.budget_clock={args.clock}",
+    overrides = [*extra, *args.set, f"train.max_minutes={args.minutes}", f"train.budget_clock={args.clock}",
                  f"tracking.experiment={args.experiment}"]
     if args.clock == "cpu":
         overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
@@ -85,6 +85,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
 def train_parallel(args: argparse.Namespace) -> dict[str, dict]:
     """Train the runs ``--parallel`` at a time, each in a child process of ``--threads`` threads."""
     forwarded = [f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]
+    forwarded += [f"--set={item}" for item in args.set]
     return train_in_children(__file__, args.runs, forwarded, Path(args.out), args.parallel, args.threads)
 
 
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: default)")
     parser.add_argument("--reuse", action="store_true",
                         help="skip training for runs whose <out>/<run>/bench_result.json exists (re-time only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. train.precision=fp32); repeatable")
     parser.add_argument("--train-one", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/bench-imgx-ablation")
     parser.add_argument("--experiment", default="bench-hippocampus-imgx")
@@ -115,7 +118,7 @@ def main() -> None:
     emit("imgx_ablation.setup", None, "", machine=machine(), minutes_per_run=args.minutes, clock=args.clock,
          parallel=args.parallel, threads_per_run=args.threads or threads,
          split="hippocampus seed0: 144 train / 16 val / 40 test",
-         reused_runs=sorted(reused))
+         reused_runs=sorted(reused), overrides=args.set)
     if args.parallel > 1:
         results = train_parallel(args)
     else:

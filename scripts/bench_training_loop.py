@@ -41,7 +41,7 @@ from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases, make_split  # noqa: E402
 from imgx3d.data.transforms import Preprocessor, train_transforms  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import choose_precision, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
 from imgx3d.training.trainer import Trainer  # noqa: E402
 from imgx3d.training.workflow import _batches, _load_items  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> None:
     precision = choose_precision(cfg.train.precision, device)
     emit("training_loop.setup", None, "", machine=machine(), steps=args.steps, batch_size=cfg.data.batch_size,
          patch=cfg.data.patch_size, channels=cfg.method.channels, train_cases=len(train_cases),
-         num_workers=cfg.data.num_workers, precision=str(precision or "fp32"))
+         num_workers=cfg.data.num_workers, precision=precision_name(precision))
     n_cls, n_in = catalog.num_classes, catalog.in_channels
     torch.manual_seed(cfg.seed)
     rates = {"monai_fp32": time_steps(monai_step(cfg, n_cls, n_in, None, False), monai_batches(cfg, train_cases),

@@ -172,9 +172,9 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
 
 def _precision_name(setting: str, device: torch.device) -> str:
     """What ``setting`` (``auto`` …) resolves to on ``device``: fp32, bf16 or fp16."""
-    from imgx3d.resources import choose_precision, device_tags
+    from imgx3d.resources import choose_precision, precision_name
 
-    return device_tags(device, choose_precision(setting, device))["precision"]
+    return precision_name(choose_precision(setting, device))
 
 
 def _catalog(data: Path, cfg):
