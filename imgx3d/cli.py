@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "on a GPU with memory to spare)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap fraction (infer.overlap, nnU-Net: 0.5)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision of the network (infer.precision; auto: bf16/fp16 on CUDA, fp32 on CPU)")
+                   help="autocast precision of the network (infer.precision; auto: bf16/fp16 on CUDA, bf16 on a CPU "
+                   "with bf16 instructions, else fp32)")
     _add_tracking(p)
 
     p = sub.add_parser("synth", help="generate image/mask pairs with a generator run (pig, siamese) as a dataset")

@@ -185,7 +185,8 @@ class TrainConfig:
             resume continues the average exactly.
         ema_start: the step from which the average is kept (it starts as a copy of the weights).
         precision: ``auto`` (bf16 on GPUs with bf16 tensor cores, compute capability 8.0 and up;
-            fp16 with a gradient scaler below that; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``.
+            fp16 with a gradient scaler below that; on the CPU bf16 where it has bf16 instructions,
+            AVX512-BF16 or AMX, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
             The diffusion arithmetic (``q_sample``, posteriors) stays fp32 whatever the setting.
         amp: the setting ``precision`` replaced, kept so that older configs load: ``off`` means
             ``precision: fp32``, ``on`` means ``precision: auto``; ``auto`` defers to ``precision``.
@@ -236,7 +237,8 @@ class InferConfig:
             exceed ``streaming_above_gib``). With TTA, streaming mirrors each window, not the volume.
         streaming_above_gib: the ``auto`` threshold in GiB of float32 probabilities.
         precision: the networks' autocast precision at inference, as ``train.precision``
-            (``auto``: bf16 / fp16 on CUDA by compute capability, fp32 on the CPU); probabilities
+            (``auto``: bf16 / fp16 on CUDA by compute capability; on the CPU bf16 where it has bf16
+            instructions, fp32 elsewhere); probabilities
             are blended and returned in fp32.
         postprocess: learn at the end of training, from the validation cases, which
             largest-connected-component steps raise Dice (nnU-Net's rule,

@@ -51,22 +51,35 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
-def choose_precision(setting: str, device: torch.device, capability: tuple[int, int] | None = None
-                     ) -> torch.dtype | None:
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX: Intel Cooper Lake, Sapphire Rapids and
+    later, AMD Zen 4 and later). Elsewhere oneDNN would emulate bf16, slower than fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence asked for by name
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def choose_precision(setting: str, device: torch.device, capability: tuple[int, int] | None = None,
+                     cpu_bf16: bool | None = None) -> torch.dtype | None:
     """The autocast dtype for ``train.precision`` / ``infer.precision`` on ``device`` (None: fp32).
 
     ``auto``: bf16 where the GPU has bf16 tensor cores (compute capability 8.0, Ampere, and up),
     fp16 (with a gradient scaler in training) below that: ``torch.cuda.is_bf16_supported()``
     also answers yes on V100 / T4 / RTX 20xx, where bf16 is emulated and cuDNN has no bf16
-    convolutions. fp32 on the CPU, where autocast buys little for convolutions.
+    convolutions. On the CPU: bf16 where it has bf16 instructions (:func:`cpu_computes_bf16`;
+    oneDNN's bf16 convolutions, measured 1.7x a training step and 2.3x a window pass of the
+    hippocampus U-Net on one thread of this project's AMX CPU, ``scripts/bench_training_loop.py``,
+    ``scripts/bench_inference.py``), fp32 elsewhere.
 
     Args:
         capability: the CUDA compute capability (default: asked of ``device``).
+        cpu_bf16: whether the CPU computes bf16 natively (default: asked of this CPU).
     """
     if setting != "auto":
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+    if device.type == "cpu":
+        return torch.bfloat16 if (cpu_computes_bf16() if cpu_bf16 is None else cpu_bf16) else None
     if device.type != "cuda":
-        return None
+        return None  # not measured elsewhere (Apple's MPS, ...)
     major, minor = capability or torch.cuda.get_device_capability(device)
     return torch.bfloat16 if (major, minor) >= (8, 0) else torch.float16
 
@@ -76,7 +89,12 @@ def device_tags(device: torch.device, precision: torch.dtype | None) -> dict[str
     timings unawares: device, GPU name, torch and CUDA versions, precision."""
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "none",
-            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision]}
+            "precision": precision_name(precision)}
+
+
+def precision_name(precision: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: a :func:`choose_precision` answer as the settings spell it."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision]
 
 
 def use_fast_cuda_kernels(device: torch.device) -> None:

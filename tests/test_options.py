@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from imgx3d import resources
 from imgx3d.cli import main
 from imgx3d.config import DataConfig, InferConfig, load_config
 from imgx3d.data.catalog import find_cases
@@ -448,9 +449,12 @@ def test_predict_window_flags_and_inference_precision_reach_the_network(run, tmp
     assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "a"),
                  "--sw-batch-size", "3", "--overlap", "0.25", "--precision", "bf16"]) == 0
     assert seen == [("window", 3, 0.25), ("autocast", True, torch.bfloat16)]
-    seen.clear()
-    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "b")]) == 0
-    assert seen[1][1] is False, "auto on the CPU: fp32, no autocast"
+    for cpu_bf16, autocast in ((False, False), (True, True)):
+        seen.clear()
+        monkeypatch.setattr(resources, "cpu_computes_bf16", lambda answer=cpu_bf16: answer)
+        assert main(["predict", "--run", str(folder), "--input", str(image), "--output",
+                     str(tmp_path / f"b{cpu_bf16}")]) == 0
+        assert seen[1][1] is autocast, "auto on the CPU: bf16 autocast where it has bf16 instructions, else fp32"
     assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "c"),
                  "--overlap", "1.5"]) == 2
 

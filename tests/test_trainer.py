@@ -110,7 +110,7 @@ def test_budget_clock_wall_counts_waiting_cpu_does_not(msd_dataset, tmp_path, mo
     assert result.stop_reason == expected
 
 
-def test_precision_is_a_function_of_the_setting_and_the_gpu():
+def test_precision_is_a_function_of_the_setting_and_the_device():
     from imgx3d.resources import choose_precision
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
@@ -118,7 +118,9 @@ def test_precision_is_a_function_of_the_setting_and_the_gpu():
     assert choose_precision("auto", cuda, (7, 5)) is torch.float16    # T4, RTX 20xx
     assert choose_precision("auto", cuda, (8, 0)) is torch.bfloat16   # A100
     assert choose_precision("auto", cuda, (9, 0)) is torch.bfloat16   # H100 / H200
-    assert choose_precision("auto", cpu) is None
+    assert choose_precision("auto", cpu, cpu_bf16=False) is None            # no bf16 instructions: fp32
+    assert choose_precision("auto", cpu, cpu_bf16=True) is torch.bfloat16   # AVX512-BF16 / AMX
+    assert choose_precision("auto", torch.device("mps")) is None
     assert choose_precision("fp32", cuda, (9, 0)) is None
     assert choose_precision("bf16", cpu) is torch.bfloat16 and choose_precision("fp16", cpu) is torch.float16
 
@@ -133,7 +135,7 @@ def test_fp16_trains_through_a_gradient_scaler_saved_in_checkpoints(msd_dataset,
     assert scaled == [True] * 6 and ckpt["grad_scaler"]["scale"] > 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     scaled.clear()
-    train_run(_cfg("train.precision=auto"), msd_dataset, tmp_path / "cpu", test_at_end=False)  # CPU: fp32
+    train_run(_cfg("train.precision=auto"), msd_dataset, tmp_path / "cpu", test_at_end=False)  # CPU: bf16 or fp32
     assert scaled == [False] * 6 and not torch.load(tmp_path / "cpu" / "last.pt", weights_only=False)["grad_scaler"]
 
 
@@ -141,6 +143,7 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
     from mlflow.tracking import MlflowClient
 
     from imgx3d.inference.predictor import Predictor
+    from imgx3d.resources import cpu_computes_bf16
 
     validated, loaded = [], []
     real_validate, real_load = Trainer.validate, Predictor.load.__func__
@@ -159,7 +162,8 @@ def test_val_cases_test_device_and_device_tags(msd_dataset, tmp_path, monkeypatc
     assert loaded == [("released", 1), "cpu", "cpu"], ("the training copy goes first; the postprocessing decision "
                                                        "and the test split are made on the training's device")
     tags = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags
-    assert tags["device"] == "cpu" and tags["device_name"] == "cpu" and tags["precision"] == "fp32"
+    assert tags["device"] == "cpu" and tags["device_name"] == "cpu"
+    assert tags["precision"] == ("bf16" if cpu_computes_bf16() else "fp32"), "auto: by what this CPU computes"
     assert tags["torch_version"] == torch.__version__ and tags["cuda_version"] == (torch.version.cuda or "none")
 
 
