@@ -249,7 +249,7 @@ def test_memory_estimate_counts_the_window_maps_and_the_streaming_slab():
     assert full == int(1.25 * host)
     stream = estimate_host_memory(14, 1, (512, 512, 300), (512, 512, 300), [96, 96, 96], streaming=True,
                                   probabilities=False)
-    slab = 4 * 15 * 512 * 512 * 96  # K + 1 maps, one window deep
+    slab = 4 * 14 * 512 * 512 * 96  # K maps (the weighted sums), one window deep
     assert stream == int(1.25 * (4 * voxels + slab + 8 * voxels + 8 * voxels))
     assert stream < full / 4
     with_probs = estimate_host_memory(3, 2, (10, 10, 10), (20, 20, 20), [8, 8, 8], streaming=False, probabilities=True)

@@ -121,7 +121,7 @@ def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[in
 
     The model-space input, then either the window path's whole-volume maps
     (:data:`WINDOW_PATH_VOLUMES` of ``K`` float32 values per voxel) or the streaming window's
-    slab (``K + 1`` maps one ``roi`` deep, see :func:`~imgx3d.inference.windows.streaming_argmax`) and its int64 label map; native-grid
+    slab (``K`` maps one ``roi`` deep, see :func:`~imgx3d.inference.windows.streaming_argmax`) and its int64 label map; native-grid
     probabilities and the label map on the input's grid come on top. An ensemble (``members`` > 1)
     holds one more whole-volume map on the window path (the running sum); streaming, the same slab.
     """
@@ -130,7 +130,7 @@ def estimate_host_memory(n_classes: int, in_channels: int, model_shape: tuple[in
     image = 4 * in_channels * model
     if streaming:
         depth = min(roi[2], model_shape[2])
-        held = 4 * (n_classes + 1) * int(np.prod(model_shape[:2], dtype=np.int64)) * depth + 8 * model
+        held = 4 * n_classes * int(np.prod(model_shape[:2], dtype=np.int64)) * depth + 8 * model
     else:
         held = (WINDOW_PATH_VOLUMES + (members > 1)) * 4 * n_classes * model
     return int(MEMORY_MARGIN * (image + held + (4 * n_classes * native if probabilities else 0) + 8 * native))

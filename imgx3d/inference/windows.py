@@ -77,8 +77,10 @@ def predict_by_slices(method: Segmenter, image: torch.Tensor, cfg: SliceConfig) 
 # last axis and hold accumulators only for the slab still being covered. As soon as no later
 # window reaches a slice, its blended probabilities are final: it is arg-maxed to class indices
 # and its accumulators are dropped. Peak memory is that of a ``roi`` deep slab instead of the
-# whole volume. Results equal MONAI's up to the order of floating-point additions (voxels whose
-# two best classes tie within rounding; ``scripts/bench_sliding_window.py`` reports the fraction).
+# whole volume. MONAI divides the weighted sums by the per-voxel total of the weights; that total
+# is the same for every class, so the arg-max of the sums is taken directly (no weight map, no
+# division). Results equal MONAI's up to the order of floating-point operations (voxels whose two
+# best classes tie within rounding; ``scripts/bench_sliding_window.py`` reports the fraction).
 FINALIZE_SLICES = 8  # slices arg-maxed per step: bounds the temporaries
 
 
@@ -108,7 +110,7 @@ def streaming_argmax(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     weight = compute_importance_map(roi, mode=mode, sigma_scale=0.125, device=image.device, dtype=torch.float32)
     by_slab = [list(g) for _, g in itertools.groupby(sorted(windows, key=lambda w: w[2].start), lambda w: w[2].start)]
     labels = torch.empty(padded, dtype=torch.uint8, device=image.device)
-    acc = count = None  # one window deep: slice j of the buffers is volume slice low + j
+    acc = None  # one window deep: slice j of the buffer is volume slice low + j
     low = 0
     for k, group in enumerate(by_slab):
         for b in range(0, len(group), sw_batch_size):
@@ -118,20 +120,14 @@ def streaming_argmax(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
                 if probs.shape[1] > 256:
                     labels = labels.long()
                 acc = probs.new_zeros((probs.shape[1], *padded[:2], roi[2]), dtype=accumulate)
-                count = probs.new_zeros((*padded[:2], roi[2]), dtype=accumulate)
             for w, p in zip(batch, probs):
-                local = (w[0], w[1], slice(w[2].start - low, w[2].stop - low))
-                acc[(slice(None), *local)] += p * weight
-                count[local] += weight
+                acc[(slice(None), w[0], w[1], slice(w[2].start - low, w[2].stop - low))].addcmul_(p, weight)
         final = (by_slab[k + 1][0][2].start if k + 1 < len(by_slab) else padded[2]) - low  # no later window reaches
         for j in range(0, final, FINALIZE_SLICES):  # a few slices at a time: small temporaries
             end = min(j + FINALIZE_SLICES, final)
-            blended = acc[..., j:end].float() / count[..., j:end].float()
-            labels[..., low + j:low + end] = blended.max(0).indices.to(labels.dtype)
+            labels[..., low + j:low + end] = acc[..., j:end].max(0).indices.to(labels.dtype)
         for j in range(roi[2] - final):  # shift the rest to the front, slice by slice (no second buffer)
             acc[..., j] = acc[..., j + final]
-            count[..., j] = count[..., j + final]
         acc[..., roi[2] - final:] = 0
-        count[..., roi[2] - final:] = 0
         low += final
     return labels[tuple(slice(d // 2, d // 2 + s) for d, s in zip(pad, size))]
