@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from imgx3d.planning.fingerprint import (
@@ -382,3 +383,26 @@ def test_a_label_off_its_image_grid_is_refused_before_any_intensity_is_sampled(t
     with pytest.raises(InputError, match=r"c1.nii.gz: label shape \(16, 16, 6\) differs from image"):
         fingerprint(root, cache_dir=tmp_path / "plan")
     assert not (tmp_path / "plan" / "fingerprint.json").exists()
+
+
+@pytest.mark.parametrize("setting, autocast", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_the_step_timer_times_the_step_the_trainer_runs(monkeypatch, setting, autocast):
+    """The planner's measured step runs in the run's precision, with the weights in the trainer's layout."""
+    from imgx3d.config import load_config
+    from imgx3d.methods.unet import UNetMethod
+    from imgx3d.planning.planner import measured_step_seconds
+
+    seen = []
+    real_step = UNetMethod.training_step
+
+    def step(self, batch, i):
+        weight = next(p for p in self.parameters() if p.ndim == 5 and p.shape[1] > 1)
+        seen.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+                     weight.is_contiguous(memory_format=torch.channels_last_3d)))
+        return real_step(self, batch, i)
+
+    monkeypatch.setattr(UNetMethod, "training_step", step)
+    cfg = load_config(None, ["method.name=unet", "method.channels=[4,8]", "method.strides=[2]",
+                             "data.patch_size=[8,8,8]", "data.batch_size=1", f"train.precision={setting}"])
+    assert measured_step_seconds("cpu")(cfg) > 0
+    assert seen == [(autocast, True)] * 4
