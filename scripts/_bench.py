@@ -67,3 +67,15 @@ def save_train_result(result, **extra) -> dict:
               "threads": torch.get_num_threads(), **extra}
     (result.run_dir / "bench_result.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
+
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
+HIPPOCAMPUS_UNET = REPO / "configs" / "hippocampus" / "unet.yaml"
+
+
+def add_hippocampus_args(parser, config: bool = True) -> None:
+    """``--data`` (default: the shared hippocampus dataset) and ``--config`` (default: its U-Net config)."""
+    parser.add_argument("--data", default=str(HIPPOCAMPUS))
+    if config:
+        parser.add_argument("--config", default=str(HIPPOCAMPUS_UNET))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from _bench import add_hippocampus_args, emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
@@ -38,7 +38,6 @@ from imgx3d.inference.predictor import Predictor  # noqa: E402
 from imgx3d.training.folds import train_folds  # noqa: E402
 from imgx3d.training.workflow import RESULT_FILE, train_run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _timed(fn) -> tuple[object, float, float]:
@@ -68,8 +67,7 @@ def predict_test(predictor: Predictor, catalog, test: list[str], out: Path, name
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--config", default=str(ROOT / "configs" / "hippocampus" / "unet.yaml"))
+    add_hippocampus_args(parser)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold-minutes", type=float, default=6.0)
     parser.add_argument("--single-minutes", type=float, default=30.0)

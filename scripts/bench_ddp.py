@@ -63,9 +63,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from _bench import add_hippocampus_args
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--config", default=str(REPO / "configs" / "hippocampus" / "unet.yaml"))
+    add_hippocampus_args(parser)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="/tmp/imgx3d_bench_ddp")

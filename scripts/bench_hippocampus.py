@@ -17,18 +17,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from _bench import add_hippocampus_args, emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.training.workflow import train_run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--config", default=str(ROOT / "configs" / "hippocampus" / "unet.yaml"))
+    add_hippocampus_args(parser)
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--experiment", default="bench-hippocampus")
     parser.add_argument("overrides", nargs="*")

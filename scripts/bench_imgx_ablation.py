@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
+from _bench import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases  # noqa: E402
@@ -91,7 +91,7 @@ def train_parallel(args: argparse.Namespace) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
+    add_hippocampus_args(parser, config=False)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what the budget counts")
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))

@@ -16,20 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import emit, machine
+from _bench import add_hippocampus_args, emit, machine
 
 from imgx3d.config import load_config
 from imgx3d.inference.folder import predict_to_folder
 from imgx3d.inference.predictor import Predictor
 from imgx3d.training.workflow import train_run
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--config", default=str(REPO / "configs" / "hippocampus" / "unet.yaml"))
+    add_hippocampus_args(parser)
     parser.add_argument("--checkpoint", help="a best.pt to time (default: train the config for 5 steps)")
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
+from _bench import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.training.workflow import train_run  # noqa: E402
@@ -58,7 +58,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
+    add_hippocampus_args(parser, config=False)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="the first is the baseline")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--minutes", type=float, default=30.0)

@@ -35,7 +35,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from _bench import add_hippocampus_args, emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases, make_split  # noqa: E402
@@ -45,7 +45,6 @@ from imgx3d.resources import choose_precision, precision_name, use_fast_cpu_layo
 from imgx3d.training.trainer import Trainer  # noqa: E402
 from imgx3d.training.workflow import _batches, _load_items  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def monai_batches(cfg, cases: list) -> Iterator[dict[str, torch.Tensor]]:
@@ -96,8 +95,7 @@ def monai_step(cfg, num_classes: int, in_channels: int, precision: torch.dtype |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--config", default=str(REPO / "configs" / "hippocampus" / "unet.yaml"))
+    add_hippocampus_args(parser)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="config key=value")

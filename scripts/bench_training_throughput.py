@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import emit, machine
+from _bench import add_hippocampus_args, emit, machine
 from torch.utils.data import DataLoader
 
 from imgx3d.config import load_config
@@ -26,7 +25,6 @@ from imgx3d.data.transforms import PatchBatches, Preprocessor, train_transforms
 from imgx3d.methods.base import build_method
 from imgx3d.training.workflow import _load_items, _worker_init
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class UncachedBatches(PatchBatches):
@@ -47,8 +45,7 @@ class UncachedBatches(PatchBatches):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
-    parser.add_argument("--config", default=str(REPO / "configs" / "hippocampus" / "unet.yaml"))
+    add_hippocampus_args(parser)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
