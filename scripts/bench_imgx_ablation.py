@@ -7,9 +7,9 @@ Runs, all in one mlflow experiment:
     imgx_k5_none      ImgX K = 5, no recycling
     imgx_t1001_k5     ImgX trained on the 1001-step chain (plain DDPM training, no recycling),
                       sampled with the K = 5 resampled chain: the misalignment the paper fixes
-    imgx_up1, imgx_up1_seed1, imgx_k5_max_seed1
-                      (not in the default set) ``method.up_subunits: 1`` (MONAI UNet's up path, cheaper)
-                      against the default, two seeds each
+    imgx_up2, imgx_up2_seed1, imgx_k5_max_seed1
+                      (not in the default set) ``method.up_subunits: 2`` (the up path before issue 21)
+                      against the default 1 (MONAI UNet's up path, cheaper), two seeds each
 
 Every run gets ``--minutes`` of training (``train.max_minutes``; the configs anneal their LR
 over the budget) and is scored on the 40 test volumes on their native grid. With
@@ -52,10 +52,10 @@ RUNS = {
     "imgx_k5_next": ("imgx.yaml", ["method.recycling=next"]),
     "imgx_k5_none": ("imgx.yaml", ["method.recycling=none"]),
     "imgx_t1001_k5": ("imgx.yaml", ["method.train_steps=1001", "method.recycling=none"]),
-    # the up path with one sub-unit per residual unit (MONAI UNet's): cheaper; the same split, two seeds
+    # the up path with two sub-units per residual unit (before issue 21) against the default one; two seeds
     "imgx_k5_max_seed1": ("imgx.yaml", ["method.recycling=max", "seed=1"]),
-    "imgx_up1": ("imgx.yaml", ["method.up_subunits=1"]),
-    "imgx_up1_seed1": ("imgx.yaml", ["method.up_subunits=1", "seed=1"]),
+    "imgx_up2": ("imgx.yaml", ["method.up_subunits=2"]),
+    "imgx_up2_seed1": ("imgx.yaml", ["method.up_subunits=2", "seed=1"]),
 }
 DEFAULT_RUNS = ["unet", "imgx_k5_max", "imgx_k5_next", "imgx_k5_none", "imgx_t1001_k5"]
 
@@ -148,8 +148,8 @@ def main() -> None:
     if {"unet", "imgx_k5_max"} <= set(dice):
         emit("imgx_ablation.dice_gap.imgx_k5_max_minus_unet", round(dice["imgx_k5_max"] - dice["unet"], 4), "dice",
              target=">= -0.01")
-    up2 = [dice[n] for n in ("imgx_k5_max", "imgx_k5_max_seed1") if n in dice]
-    up1 = [dice[n] for n in ("imgx_up1", "imgx_up1_seed1") if n in dice]
+    up1 = [dice[n] for n in ("imgx_k5_max", "imgx_k5_max_seed1") if n in dice]
+    up2 = [dice[n] for n in ("imgx_up2", "imgx_up2_seed1") if n in dice]
     if up1 and up2:
         emit("imgx_ablation.dice_gap.up_subunits_1_minus_2", round(sum(up1) / len(up1) - sum(up2) / len(up2), 4),
              "dice", up_subunits_1=[round(d, 4) for d in up1], up_subunits_2=[round(d, 4) for d in up2])

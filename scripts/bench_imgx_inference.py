@@ -3,8 +3,8 @@
 Hippocampus-sized volumes (36 x 50 x 35, one window), the hippocampus configs' networks with
 random weights (the cost does not depend on the weights), no TTA. ImgX runs K = 5 network
 passes of its FiLM time U-Net; its cost per pass relative to the U-Net's sets the ratio. Both
-up-path variants are measured: ``up_subunits`` null (as the runs measured so far) and 1
-(MONAI UNet's decoder exactly), each in fp32 and in the precision ``infer.precision: auto``
+up-path variants are measured: ``up_subunits`` 1 (the default: MONAI UNet's decoder exactly)
+and 2 (before issue 21), each in fp32 and in the precision ``infer.precision: auto``
 picks on this machine, with the weights in the CPU's fast layout (as the Predictor loads them).
 JSON lines.
 
@@ -52,8 +52,8 @@ def main() -> None:
     image = torch.randn(1, *args.shape)
     cpu = torch.device("cpu")
     nets = {"unet": build_method(unet_cfg.method, 3, 1).eval()}
-    for up in (None, 1):
-        nets[f"imgx_up_subunits_{up or 'default'}"] = build_method(
+    for up in (1, 2):
+        nets[f"imgx_up_subunits_{up}"] = build_method(
             dataclasses.replace(imgx_cfg.method, up_subunits=up), 3, 1).eval()
     for method in nets.values():
         use_fast_cpu_layout(method, cpu)  # as the Predictor loads them

@@ -139,6 +139,12 @@ def test_time_unet_with_one_up_subunit_is_monai_unet_plus_time_conditioning():
     assert sum(p.numel() for p in heavier.parameters()) > sum(p.numel() for p in film.parameters())
     x = torch.randn(1, 1, 16, 16, 16)
     assert film(x, torch.tensor([3])).shape == (1, 3, 16, 16, 16)
+    from imgx3d.methods.imgx import ImgXConfig, ImgXDiffSeg
+
+    default = ImgXDiffSeg(ImgXConfig(channels=channels, strides=strides, num_res_units=2), 3, 1).net  # in: 1 + 3
+    one_up = FiLMTimeUNet(3, 4, 3, channels, strides, num_res_units=2, up_subunits=1)
+    assert sum(p.numel() for p in default.parameters()) == sum(p.numel() for p in one_up.parameters()), \
+        "the method's default up path is MONAI's (one sub-unit)"
 
 
 def test_x0_loss_is_dice_plus_cross_entropy_with_weights_one():
