@@ -221,6 +221,10 @@ class TrainConfig:
     checkpoint_every: int = 200
     device: str = "auto"
 
+    def precision_setting(self) -> str:
+        """``precision``, or ``fp32`` where the older ``amp: off`` says so."""
+        return "fp32" if self.amp == "off" else self.precision
+
 
 @dataclass
 class InferConfig:

@@ -84,6 +84,11 @@ def choose_precision(setting: str, device: torch.device, capability: tuple[int, 
     return torch.bfloat16 if (major, minor) >= (8, 0) else torch.float16
 
 
+def autocast(device: torch.device, precision: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``precision`` on ``device``'s type; off (fp32) for None, a :func:`choose_precision` answer."""
+    return torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None)
+
+
 def device_tags(device: torch.device, precision: torch.dtype | None) -> dict[str, str]:
     """mlflow tags that say where a run computed, so that comparisons never mix CPU and GPU
     timings unawares: device, GPU name, torch and CUDA versions, precision."""

@@ -28,7 +28,7 @@ from imgx3d.config import load_config  # noqa: E402
 from imgx3d.inference.predictor import predict_probabilities
 from imgx3d.inference.windows import make_window  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
 
@@ -61,7 +61,7 @@ def main() -> None:
          k=imgx_cfg.method.infer_steps)
     for setting in ("fp32", "auto"):
         dtype = choose_precision(setting, cpu)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(cpu, dtype):
             took = {name: seconds(method, image, make_window((unet_cfg if name == "unet" else imgx_cfg).infer,
                                                              unet_cfg.data.patch_size), args.repeats)
                     for name, method in nets.items()}

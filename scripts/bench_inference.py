@@ -75,7 +75,7 @@ def child(variant: str, folder: Path) -> None:
 
     from imgx3d.inference.folder import predict_to_folder
     from imgx3d.inference.predictor import Predictor
-    from imgx3d.resources import choose_precision
+    from imgx3d.resources import autocast, choose_precision
 
     predictor = Predictor.load(folder / "model.pt", device="cpu")
     net = predictor.method.net
@@ -93,7 +93,7 @@ def child(variant: str, folder: Path) -> None:
         x = (x - x.mean()) / x.std()
         dtype = choose_precision("auto" if variant == "monai_auto" else "fp32", torch.device("cpu"))
         t0 = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
             sliding_window_inference(x, ROI, SW_BATCH, lambda p: torch.softmax(net(p).float(), 1), overlap=OVERLAP,
                                      mode="gaussian")
         seconds = time.perf_counter() - t0

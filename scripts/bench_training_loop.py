@@ -41,7 +41,7 @@ from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases, make_split  # noqa: E402
 from imgx3d.data.transforms import Preprocessor, train_transforms  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
 from imgx3d.training.trainer import Trainer  # noqa: E402
 from imgx3d.training.workflow import _batches, _load_items  # noqa: E402
 
@@ -83,7 +83,7 @@ def monai_step(cfg, num_classes: int, in_channels: int, precision: torch.dtype |
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         net.train()
-        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+        with autocast(torch.device("cpu"), precision):
             loss = loss_fn(net(batch["image"]), batch["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

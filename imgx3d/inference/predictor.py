@@ -54,6 +54,7 @@ from imgx3d.methods.base import (
 )
 from imgx3d.resources import (
     available_host_bytes,
+    autocast,
     choose_precision,
     gib,
     resolve_device,
@@ -456,7 +457,7 @@ class Predictor:
     def _autocast(self, settings: InferSettings) -> torch.autocast:
         """The networks' precision at inference (``infer.precision``; fp32: autocast off)."""
         dtype = choose_precision(settings.precision, self.device)
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return autocast(self.device, dtype)
 
     def _model_space_probabilities(self, image: torch.Tensor, settings: InferSettings) -> torch.Tensor:
         """Class probabilities (K, X', Y', Z') of a model-space image, in fp32 on the host.

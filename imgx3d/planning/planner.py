@@ -195,7 +195,7 @@ def measured_step_seconds(device: str) -> StepTimer:
     :class:`CandidateTooLarge` (nnU-Net sizes its patch against a reference GPU's memory; here the
     GPU at hand is measured).
     """
-    from imgx3d.resources import choose_precision, gib, use_fast_cpu_layout
+    from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_layout
 
     dev = resolve_device(device)
     free_bytes = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
@@ -220,7 +220,7 @@ def measured_step_seconds(device: str) -> StepTimer:
     def _time_steps(cfg: Config) -> float:
         method = build_method(cfg.method, 3, 1).to(dev).train()
         use_fast_cpu_layout(method, dev)  # the step the trainer runs: its memory layout and precision
-        precision = choose_precision("fp32" if cfg.train.amp == "off" else cfg.train.precision, dev)
+        precision = choose_precision(cfg.train.precision_setting(), dev)
         params = [p for group in method.parameter_groups().values() for p in group]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         size = cfg.data.slices.size if method.spatial_dims == 2 else cfg.data.patch_size
@@ -231,7 +231,7 @@ def measured_step_seconds(device: str) -> StepTimer:
         seconds = []
         for step in range(main_stage, main_stage + 4):  # the first is a warm-up (allocations, cuDNN autotuning)
             t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=precision or torch.float32, enabled=precision is not None):
+            with autocast(dev, precision):
                 loss = sum(v for k, v in method.training_step(batch, step).items() if k.startswith("loss/"))
             loss.backward()
             optimizer.step()

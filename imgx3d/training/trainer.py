@@ -31,7 +31,7 @@ from imgx3d.evaluation.metrics import score_case
 from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.interrupts import requested, signal_name
 from imgx3d.methods.base import Method, SelfValidating, load_method_state
-from imgx3d.resources import choose_precision, gib, use_fast_cpu_layout, use_fast_cuda_kernels
+from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_layout, use_fast_cuda_kernels
 from imgx3d.tracking import NullTracker, Tracker
 from imgx3d.training.distributed import DistContext
 
@@ -130,8 +130,7 @@ class Trainer:
         self.training_step, self.average_gradients = self.dist.wrap(method.training_step, method, self.device,
                                                                     len(self.groups))
         self.optimizers = {g: make_optimizer(p, cfg.train) for g, p in self.groups.items()}
-        setting = "fp32" if cfg.train.amp == "off" else cfg.train.precision
-        self.autocast_dtype = choose_precision(setting, self.device)
+        self.autocast_dtype = choose_precision(cfg.train.precision_setting(), self.device)
         # fp16 gradients underflow without loss scaling; disabled (a no-op) for every other precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.state = TrainState()
@@ -219,8 +218,7 @@ class Trainer:
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr * self.method.plan.lr_scale(group)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with autocast(self.device, self.autocast_dtype):
             out = self.training_step(batch, self.state.step)
         names = [g for g in self.groups if f"loss/{g}" in out]  # a staged method trains some groups per step
         if not names:
