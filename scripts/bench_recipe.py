@@ -12,8 +12,13 @@ Arms:
     fp32   the networks in fp32 (training and inference)
     bf16   bf16 autocast (training and inference): oneDNN's bf16 convolutions on CPUs with
            AVX512-BF16 / AMX; the loss, the optimiser and the weights stay fp32
+    fullres8, fullres16
+           bf16 with a full-resolution level on top (strides [1, 2, 2, 2], 8 or 16 features there):
+           MONAI's UNet with strides [2, 2, 2] convolves the input with stride 2 at once, so no
+           feature map sees the full 1 mm grid but the last up-convolution; nnU-Net's first stage
+           is at full resolution
 
-Usage: python scripts/bench_recipe.py [--arms fp32 bf16] [--seeds 0 1] [--minutes 30] [--parallel 4]
+Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 4]
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
 ARMS = {
     "fp32": ["train.precision=fp32", "infer.precision=fp32"],
     "bf16": ["train.precision=bf16", "infer.precision=bf16"],
+    "fullres8": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
+                 "method.channels=[8,24,48,96,192]"],
+    "fullres16": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
+                  "method.channels=[16,24,48,96,192]"],
 }
 
 
