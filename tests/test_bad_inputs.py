@@ -314,13 +314,13 @@ def _absurd_header(path: Path, gz: bool) -> Path:
 def absurd_header_gz(root, tmp, ckpt):
     (tmp / "in").mkdir()
     path = _absurd_header(tmp / "in" / "huge.nii.gz", gz=True)
-    return _predict(ckpt, [path], tmp / "out"), f"{path}: unreadable or truncated NIfTI file \\(Expected 256000000000 bytes"
+    return _predict(ckpt, [path], tmp / "out"), f"{path}: unreadable or truncated NIfTI file \\(Expected 256000000352 bytes"
 
 
 def absurd_header_plain(root, tmp, ckpt):
     (tmp / "in").mkdir()
     path = _absurd_header(tmp / "in" / "huge.nii", gz=False)
-    return _predict(ckpt, [path], tmp / "out"), f"{path}: unreadable or truncated NIfTI file \\(Expected 256000000000 bytes"
+    return _predict(ckpt, [path], tmp / "out"), f"{path}: unreadable or truncated NIfTI file \\(Expected 256000000352 bytes"
 
 
 def absurd_header_in_dataset(root, tmp, ckpt):

@@ -142,3 +142,19 @@ def test_gzip_reads_and_writes_standard_files_with_or_without_isal(tmp_path, mon
     written = nib.Nifti1Image.from_bytes(raw)
     np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
     np.testing.assert_allclose(written.affine, oblique_affine(), atol=1e-6)
+
+
+def test_gzip_size_check_reads_the_trailer_not_the_stream(tmp_path, monkeypatch):
+    """A well-formed .nii.gz is size-checked from its gzip trailer (ISIZE = header + voxels), not by
+    decompressing it a second time: the check must count the 352-byte header nibabel reads past
+    (a loaded header's vox_offset is 0)."""
+    import imgx3d.data.io as io
+
+    array = np.random.default_rng(1).normal(size=(9, 8, 7)).astype(np.float32)
+    nib.save(nib.Nifti1Image(array, OBLIQUE), str(tmp_path / "in.nii.gz"))
+
+    def no_stream(*args, **kwargs):
+        raise AssertionError("the size check decompressed the file")
+
+    monkeypatch.setattr(io.gzip, "open", no_stream)
+    np.testing.assert_array_equal(read_volume(tmp_path / "in.nii.gz").array, array)

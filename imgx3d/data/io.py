@@ -144,7 +144,9 @@ def _check_nifti_size(path: Path, img: nib.Nifti1Image) -> None:
     dimensions claim, ending in a bare ``MemoryError``.
     """
     header = img.header
-    offset = int(header.get_data_offset())
+    # the offset the data is read from: nibabel zeroes a loaded header's vox_offset (recomputed on
+    # save), so header.get_data_offset() is 0 and the ISIZE shortcut below would never match
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
     expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
     try:
         found = _gzip_data_size(path, expected) if path.name.lower().endswith(".gz") else path.stat().st_size
