@@ -147,6 +147,25 @@ def test_time_unet_with_one_up_subunit_is_monai_unet_plus_time_conditioning():
         "the method's default up path is MONAI's (one sub-unit)"
 
 
+def test_film_scales_and_shifts_each_channel_and_one_timestep_serves_a_batch():
+    """FiLM is ``h * (1 + scale) + shift`` per sample and channel (non-trivial values); a (1,)
+    timestep (what prediction passes for a batch of windows) equals that timestep repeated."""
+    from imgx3d.nets.diffusion_unet import FiLMTimeUNet
+
+    torch.manual_seed(0)
+    film = torch.nn.Linear(6, 8)
+    h, emb = torch.randn(2, 4, 3, 5, 2), torch.randn(2, 6)
+    scale, shift = film(emb).chunk(2, dim=1)
+    expected = h * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+    torch.testing.assert_close(FiLMTimeUNet._film(h, film, emb), expected)
+    torch.testing.assert_close(FiLMTimeUNet._film(h, film, emb[:1]), FiLMTimeUNet._film(h, film, emb[:1].repeat(2, 1)))
+    net = FiLMTimeUNet(3, 4, 3, [8, 16, 32], [2, 2], num_res_units=2, up_subunits=1).eval()
+    x = torch.randn(3, 4, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, torch.tensor([2])), net(x, torch.tensor([2, 2, 2])))
+        assert not torch.allclose(net(x, torch.tensor([2])), net(x, torch.tensor([0]))), "the timestep conditions"
+
+
 def test_x0_loss_is_dice_plus_cross_entropy_with_weights_one():
     """ImgX-DiffSeg's x0 loss: soft Dice over the foreground classes + cross-entropy, weight 1 each
     (hand-computed here, not through MONAI)."""

@@ -79,9 +79,9 @@ def reorient(x: torch.Tensor, transform: np.ndarray) -> torch.Tensor:
 
     Matches ``nibabel.orientations.apply_orientation`` axis for axis (flip, then permute).
     """
-    for axis, (_, flip) in enumerate(transform):
-        if flip == -1:
-            x = x.flip(axis + 1)
+    flips = [axis + 1 for axis, (_, flip) in enumerate(transform) if flip == -1]
+    if flips:  # one pass over the volume for all of them
+        x = x.flip(flips)
     source_of = [int(np.flatnonzero(transform[:, 0] == out_axis)[0]) for out_axis in range(3)]
     return x.permute(0, *(a + 1 for a in source_of)).contiguous()
 
@@ -180,11 +180,12 @@ class Inverse:
         """The native label map of model-space probabilities: the argmax of their native-grid map
         ``native`` when there is one (resampled grids, or asked for), else the model-space argmax moved
         back (same grid up to axis order: only the label map moves)."""
-        if native is not None:
-            indices = class_map(native).numpy()
-        else:
-            indices = to_native(class_map(probs, keepdim=True), self.grid)[0].numpy()
-        return self.values(indices, n_classes=probs.shape[0])
+        indices = class_map(probs if native is None else native, keepdim=True)
+        if probs.shape[0] <= 256:  # uint8 where the classes fit: an eighth of int64's memory traffic
+            indices = indices.to(torch.uint8)
+        if native is None:
+            indices = to_native(indices, self.grid)
+        return self.values(indices[0].numpy(), n_classes=probs.shape[0])
 
     def values(self, indices: np.ndarray, n_classes: int) -> Volume:
         """A native-grid index map as a label :class:`Volume` of class values."""

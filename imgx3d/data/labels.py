@@ -32,6 +32,8 @@ def file_to_class(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
 
 def class_to_file(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Class values → the label files' values (inverse of :func:`file_to_class`; 1 → 255 for thresholded masks)."""
+    if not cfg.label_map and cfg.mask_threshold is None:
+        return array  # file values are the class values: no int64 copy of the volume
     out = np.asarray(array, dtype=np.int64)
     if cfg.label_map:
         out = MapLabelValue(list(cfg.label_map.values()), list(cfg.label_map), dtype=np.int64)(out)

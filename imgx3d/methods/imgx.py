@@ -156,7 +156,7 @@ class ImgXDiffSeg(Method):
 
         def predict_x0(x_t: torch.Tensor, t: int) -> torch.Tensor:
             def per_window(patch: torch.Tensor) -> torch.Tensor:
-                tt = torch.full((patch.shape[0],), t, dtype=torch.long, device=patch.device)
+                tt = torch.full((1,), t, dtype=torch.long, device=patch.device)  # one step for every window
                 noisy = patch[:, n_image:]
                 return self._x0_estimate(self._net_out(patch[:, :n_image], noisy, tt, schedule), noisy, tt, schedule)
 

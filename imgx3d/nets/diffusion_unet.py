@@ -70,10 +70,14 @@ class FiLMTimeUNet(nn.Module):
 
     @staticmethod
     def _film(h: torch.Tensor, film: nn.Linear, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = film(emb).view(h.shape[0], -1, *([1] * (h.ndim - 2))).chunk(2, dim=1)
-        return torch.addcmul(shift, h, 1 + scale)  # h * (1 + scale) + shift in one pass over h
+        """``h * (1 + scale) + shift`` per channel; ``emb`` is one row per sample, or one for the whole batch."""
+        scale, shift = film(emb).view(emb.shape[0], -1, *([1] * (h.ndim - 2))).chunk(2, dim=1)
+        # a multiply and an add, not torch.addcmul: on CPU they are ~5x faster in bf16 and ~2x in fp32
+        # (addcmul's CPU kernel is not vectorised there), the same values up to rounding
+        return h * (1 + scale) + shift
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, in, ...) at ``timesteps`` (B,), or (1,): one timestep for the whole batch."""
         emb = self.time_mlp(get_timestep_embedding(timesteps, self.time_channels).to(x.dtype))
         skips = []
         h = x
