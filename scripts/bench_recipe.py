@@ -17,6 +17,9 @@ Arms:
            MONAI's UNet with strides [2, 2, 2] convolves the input with stride 2 at once, so no
            feature map sees the full 1 mm grid but the last up-convolution; nnU-Net's first stage
            is at full resolution
+    fullres16_mirror3
+           fullres16 mirrored along every axis in training and averaged over the 8 mirrorings at
+           inference (nnU-Net's rule; the plan mirrors only axis 0 where class names carry a position)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 4]
 """
@@ -46,6 +49,8 @@ ARMS = {
                  "method.channels=[8,24,48,96,192]"],
     "fullres16": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
                   "method.channels=[16,24,48,96,192]"],
+    "fullres16_mirror3": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
+                          "method.channels=[16,24,48,96,192]", "data.flip_axes=[0,1,2]", "infer.tta_flips=[0,1,2]"],
 }
 
 
