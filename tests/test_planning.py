@@ -19,8 +19,10 @@ from imgx3d.planning.fingerprint import (
     fingerprint,
 )
 from imgx3d.errors import ResourceError
+from imgx3d.methods.base import build_method
 from imgx3d.planning.planner import (
     ENOUGH_STEPS,
+    FULL_RES_FEATURES,
     CandidateTooLarge,
     mirror_axes,
     plan,
@@ -136,6 +138,11 @@ def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_ti
     assert timed == [(16, 2, full), (32, 2, full), (24, 4, full), (24, 2, full)]
     assert cfg.method.channels == [24, 48, 96, 192] and cfg.data.batch_size == 2
     assert cfg.data.spacing is None and cfg.data.patch_size == full and cfg.method.strides == [2, 2, 2]
+    assert cfg.method.full_res_features == FULL_RES_FEATURES, "a full-resolution level on top of MONAI's UNet"
+    net = build_method(cfg.method, 3, 1).net
+    assert net(torch.zeros(1, 1, *full)).shape == (1, 3, *full)
+    assert sum(isinstance(m, torch.nn.Conv3d) and m.stride == (1, 1, 1) and m.in_channels == 1 and
+               m.out_channels == FULL_RES_FEATURES for m in net.modules()), "the first convolution keeps the full grid"
     assert cfg.data.preset == "mri" and cfg.data.mri_nonzero is False and cfg.train.max_minutes == 1.0
     assert all(d.reason for d in result.decisions)
     timed.clear()
@@ -230,6 +237,7 @@ def test_anisotropic_ct_plan_uses_dynunet_with_per_axis_kernels_and_builds():
     cfg = plan(fp, "unet", budget_minutes=30.0, step_timer=lambda cfg: 0.01).config()
     assert cfg.data.preset == "ct" and cfg.data.ct_window == [-900.0, 1200.0]
     assert cfg.method.arch == "dynunet" and cfg.method.kernel_size[0] == [3, 3, 1]
+    assert cfg.method.full_res_features == 0, "DynUNet's first level is at full resolution already"
     assert cfg.data.spacing == [0.8, 0.8, 5.0] or cfg.data.spacing is None
     method = build_method(cfg.method, 3, 1)
     import torch
@@ -353,7 +361,7 @@ def test_case_folders_are_planned_with_their_reading_keys_and_a_config_over_a_pl
 
 # the keys the budget fit measures on the machine at hand (a shrunk patch re-derives the topology)
 MEASURED_KEYS = ("method.channels", "data.batch_size", "data.patch_size", "method.arch", "method.strides",
-                 "method.kernel_size")
+                 "method.kernel_size", "method.full_res_features")  # the last goes with the arch
 
 
 @pytest.mark.parametrize("config, folder", [("hippocampus", "hippocampus"), ("brats", "brats2015")])

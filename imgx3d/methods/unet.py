@@ -38,6 +38,8 @@ class UNetConfig(MethodConfig):
         dropout: dropout probability.
         lambda_dice, lambda_ce: loss weights.
         batch_dice: compute Dice over the whole batch (nnU-Net's default) instead of per sample.
+        full_res_features: ``arch: unet``: a full-resolution level of this many features on top of
+            ``channels`` (0: none; see :func:`~imgx3d.nets.segmentation.build_segmentation_net`).
     """
 
     name: str = "unet"
@@ -52,6 +54,7 @@ class UNetConfig(MethodConfig):
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     batch_dice: bool = True
+    full_res_features: int = 0
 
 
 @register
@@ -66,7 +69,8 @@ class UNetMethod(Method):
         super().__init__(cfg, num_classes, in_channels)
         self.spatial_dims = cfg.spatial_dims
         self.net = build_segmentation_net(cfg.arch, self.spatial_dims, in_channels, num_classes, cfg.channels,
-                                          cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size)
+                                          cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size,
+                                          cfg.full_res_features)
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
                                lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
 

@@ -13,7 +13,8 @@ from imgx3d.errors import ConfigError
 def build_segmentation_net(arch: str, spatial_dims: int, in_channels: int, out_channels: int,
                            channels: Sequence[int], strides: Sequence[int | Sequence[int]], num_res_units: int = 2,
                            norm: str = "instance", dropout: float = 0.0,
-                           kernel_size: int | Sequence[int | Sequence[int]] = 3) -> nn.Module:
+                           kernel_size: int | Sequence[int | Sequence[int]] = 3,
+                           full_res_features: int = 0) -> nn.Module:
     """A U-Net mapping (B, in, ...) to (B, out, ...) logits.
 
     Args:
@@ -22,10 +23,20 @@ def build_segmentation_net(arch: str, spatial_dims: int, in_channels: int, out_c
         strides: downsampling factor between levels (or one per axis); the patch size must be
             divisible by their product along each axis.
         kernel_size: one kernel size; with ``dynunet`` also one per level (each a size or per axis).
+        full_res_features: ``unet`` only: a level of this many features on top, at full resolution
+            (channels ``[full_res_features, *channels]``, strides ``[1, *strides]``); 0: none. MONAI's
+            UNet convolves its input with the first stride at once, so without it no feature map but
+            the last up-convolution's sees the full grid (nnU-Net's first stage is at full resolution;
+            DynUNet's already is).
     """
     per_level = isinstance(kernel_size, Sequence) and len(kernel_size) == len(channels) and arch == "dynunet"
     if len(strides) != len(channels) - 1:
         raise ConfigError(f"config key 'method.strides' needs {len(channels) - 1} entries (one per level below the top)")
+    if full_res_features and arch != "unet":
+        raise ConfigError("config key 'method.full_res_features' applies to method.arch: unet (DynUNet's first level is "
+                          "already at full resolution); set it to 0")
+    if full_res_features:
+        channels, strides = [full_res_features, *channels], [1, *strides]
     if arch == "unet":
         if isinstance(kernel_size, Sequence):
             raise ConfigError("config key 'method.kernel_size': per-level kernels need method.arch: dynunet")

@@ -45,6 +45,10 @@ TIMING_SECONDS = 60.0  # the whole budget measurement
 MIN_PATCH_SIDE = 32  # a shrunk patch keeps at least this many voxels along an axis (or the median extent)
 PROBE_VOXELS = 64**3  # the calibration step's patch at most: cheap to time on any device
 WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
+# Features of the full-resolution level on top of MONAI's UNet (``method.full_res_features``): nnU-Net's
+# first stage is at full resolution, MONAI's UNet convolves its input with stride 2 at once. Measured on
+# the hippocampus bench split (30 CPU-minutes, 2 seeds, see README): FULLRES_NOTE.
+FULL_RES_FEATURES = 16
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
 SLICE_BATCHES = (16, 8, 4, 2)  # slices per step tried for per-slice methods (the shipped 2D configs use 8-16)
 LATERAL_WORDS = {"left", "right"}
@@ -292,8 +296,10 @@ def _adapt(result: Plan, fp: Fingerprint, method: str, budget_minutes: float, st
     spatial_dims = cls.spatial_dims
     if spatial_dims == 3:
         result.tree["method"].update(shared)
-        result.decisions.append(Decision("method", method, f"the U-Net plan's topology ({', '.join(sorted(shared))}) "
-                                         "and data section: the same network levels, a fair comparison"))
+        unshared = " (not its full-resolution level on top: the method's network has none)" \
+            if unet.get("full_res_features") and "full_res_features" not in fields else ""
+        result.decisions.append(Decision("method", method, f"the U-Net plan's topology ({', '.join(sorted(shared))})"
+                                         f"{unshared} and data section: the same network levels, a fair comparison"))
         return
     spacing, median_shape = _target_grid(result, fp)
     axis = int(np.argmax(spacing)) if spacing.max() > spacing.min() * 1.01 else 2
@@ -411,7 +417,11 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
         result.decide("method.arch", "unet", "isotropic kernels: MONAI's residual UNet (the hippocampus baseline's)")
         result.decide("method.strides", [s[0] for s in strides], f"{len(strides)} poolings while every axis stays "
                                                                  f">= {2 * MIN_FEATURE_MAP} voxels")
+        result.decide("method.full_res_features", FULL_RES_FEATURES,
+                      f"a level of {FULL_RES_FEATURES} features at full resolution on top (nnU-Net's first stage is "
+                      "at full resolution; MONAI's UNet pools its input at once): FULLRES_REASON")
     else:
+        result.forget("method.full_res_features")  # DynUNet's first level is at full resolution already
         result.decide("method.arch", "dynunet", "per-axis kernels or strides: MONAI's DynUNet (nnU-Net's network)")
         result.decide("method.strides", strides, "per axis: pool an axis only while it stays large enough and not "
                                                  "much coarser than the finest (nnU-Net's rule)")
