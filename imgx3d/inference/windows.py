@@ -81,7 +81,7 @@ def predict_by_slices(method: Segmenter, image: torch.Tensor, cfg: SliceConfig) 
 # is the same for every class, so the arg-max of the sums is taken directly (no weight map, no
 # division). Results equal MONAI's up to the order of floating-point operations (voxels whose two
 # best classes tie within rounding; ``scripts/bench_sliding_window.py`` reports the fraction).
-FINALIZE_SLICES = 8  # slices arg-maxed per step: bounds the temporaries
+FINALIZE_ROWS = 16  # rows (first axis) of the slab finalised per step: bounds the temporaries
 
 
 def _scan_interval(size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
@@ -123,11 +123,15 @@ def streaming_argmax(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
             for w, p in zip(batch, probs):
                 acc[(slice(None), w[0], w[1], slice(w[2].start - low, w[2].stop - low))].addcmul_(p, weight)
         final = (by_slab[k + 1][0][2].start if k + 1 < len(by_slab) else padded[2]) - low  # no later window reaches
-        for j in range(0, final, FINALIZE_SLICES):  # a few slices at a time: small temporaries
-            end = min(j + FINALIZE_SLICES, final)
-            labels[..., low + j:low + end] = acc[..., j:end].max(0).indices.to(labels.dtype)
-        for j in range(roi[2] - final):  # shift the rest to the front, slice by slice (no second buffer)
-            acc[..., j] = acc[..., j + final]
-        acc[..., roi[2] - final:] = 0
+        rest = roi[2] - final
+        # A block of rows at a time (small temporaries), each visited once: arg-max its final slices, shift the
+        # rest to the front, zero the freed end. The slab's last axis is the innermost, so a block is a run of
+        # whole rows in memory; going slice by slice instead re-reads the whole slab for every slice.
+        for x in range(0, padded[0], FINALIZE_ROWS):
+            block = acc[:, x:x + FINALIZE_ROWS]
+            labels[x:x + FINALIZE_ROWS, :, low:low + final] = block[..., :final].max(0).indices.to(labels.dtype)
+            if rest:
+                block[..., :rest] = block[..., final:].clone()
+            block[..., rest:] = 0
         low += final
     return labels[tuple(slice(d // 2, d // 2 + s) for d, s in zip(pad, size))]
