@@ -26,6 +26,9 @@ import torch
 from _bench import emit, machine
 
 
+VARIANTS = ("monai", "streaming", "streaming_batch4", "streaming_fp16")
+
+
 def _run_variant(variant: str, shape: list[int], classes: int, roi: int, overlap: float, out: Path) -> None:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNet
@@ -64,6 +67,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=14)
     parser.add_argument("--roi", type=int, default=96)
     parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="monai (the baseline) is always run")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,7 +79,7 @@ def main() -> None:
          roi=args.roi, overlap=args.overlap, network="MONAI UNet [8,16,32,64], untrained")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("monai", "streaming", "streaming_batch4", "streaming_fp16"):
+        for variant in ["monai", *[v for v in args.variants if v != "monai"]]:
             out = Path(tmp) / f"{variant}.npy"
             proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--out", str(out),
                                    "--shape", *map(str, args.shape), "--classes", str(args.classes),
@@ -84,7 +89,7 @@ def main() -> None:
             results[variant]["labels"] = np.load(out)
     base = results["monai"]
     emit("sliding_window.monai.peak_rss", round(base["peak_rss_gib"], 2), "GiB", seconds=round(base["seconds"], 1))
-    for variant in ("streaming", "streaming_batch4", "streaming_fp16"):
+    for variant in [v for v in results if v != "monai"]:
         ours = results[variant]
         emit(f"sliding_window.{variant}.peak_rss", round(ours["peak_rss_gib"], 2), "GiB",
              seconds=round(ours["seconds"], 1), baseline_gib=round(base["peak_rss_gib"], 2),
