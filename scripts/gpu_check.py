@@ -327,8 +327,9 @@ def check_imgx_inference(device: torch.device, dry: bool) -> None:
     from imgx3d.methods.base import build_method
 
     def timed(name: str) -> float:
-        cfg = load_config(CONFIGS / "hippocampus" / f"{name}.yaml", TINY[name] + ["data.patch_size=[32,32,32]"]
-                          if dry else [])
+        same_levels = ["method.full_res_features=0"] if name == "unet" else []  # the U-Net on ImgX's levels
+        cfg = load_config(CONFIGS / "hippocampus" / f"{name}.yaml", same_levels + (
+            TINY[name] + ["data.patch_size=[32,32,32]"] if dry else []))
         torch.manual_seed(0)
         method = build_method(cfg.method, 3, 1).to(device).eval()
         image = torch.randn(1, 36, 50, 36, device=device)
