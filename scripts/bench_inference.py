@@ -9,8 +9,9 @@ call on a tensor already in memory, twice: in fp32 (as a MONAI user calls it) an
 autocast precision imgx3d chooses for this machine (``infer.precision: auto``: bf16 on a CPU
 with bf16 instructions), so the like-for-like ratio isolates imgx3d's I/O and plumbing. A
 fourth variant predicts a folder of ``--files`` such volumes with one reader and one writer
-thread (``imgx3d predict --workers 1``): reading the next volume and writing the last one
-overlap the window pass, so its seconds per volume are what a folder of scans costs. Each
+thread (``imgx3d predict --workers 1``): reading the next volume and writing the last one run
+beside the window pass (on 2 cores they compete with it: measured no faster per volume than one
+at a time), so its seconds per volume are what a folder of scans costs. Each
 variant runs in its own subprocess (so peak RSS is its own), alternating, ``--repeats`` times;
 medians are reported.
 
