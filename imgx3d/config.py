@@ -25,6 +25,7 @@ from imgx3d.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
+INTENSITY_SCHEMES = ("light", "nnunet")  # data.intensity_scheme: the sets of imgx3d.data.transforms
 
 
 @dataclass
@@ -104,7 +105,10 @@ class DataConfig:
         flip_axes: spatial axes for random flips (RAS order).
         affine_prob: probability of a random rotation (±``rotate_deg`` per axis) and
             scaling (±``scale_range``), applied to the patch (nnU-Net-style spatial augmentation).
-        intensity_aug: random scale/shift/noise/gamma of intensities.
+        intensity_aug: random intensity augmentation, the set ``intensity_scheme`` names.
+        intensity_scheme: ``light`` (mild scale, shift, noise and gamma: this toolkit's set for
+            minute-long budgets) or ``nnunet`` (nnU-Net v2's default set: noise, blur, brightness,
+            contrast, simulated low resolution, gamma and inverted gamma, at nnU-Net's probabilities).
         num_workers: data-loader worker processes.
         cache_gib: host memory (GiB) for the preprocessed training cases of 3D methods (image
             float32, label uint8, crop indices int32: about 4·C + 5 bytes a voxel); the cases beyond
@@ -143,6 +147,7 @@ class DataConfig:
     rotate_deg: float = 15.0
     scale_range: float = 0.15
     intensity_aug: bool = True
+    intensity_scheme: str = "light"
     num_workers: int = 0
     cache_gib: float | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -527,6 +532,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
     _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
     _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
+    _check(d.intensity_scheme in INTENSITY_SCHEMES, "data.intensity_scheme", f"must be one of {', '.join(INTENSITY_SCHEMES)}")
     _check(0.0 <= d.scale_range < 1.0, "data.scale_range", "must be in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.cache_gib is None or d.cache_gib >= 0, "data.cache_gib", "must be null or >= 0")

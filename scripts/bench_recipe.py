@@ -20,6 +20,10 @@ Arms:
     fullres16_mirror3
            fullres16 mirrored along every axis in training and averaged over the 8 mirrorings at
            inference (nnU-Net's rule; the plan mirrors only axis 0 where class names carry a position)
+    fullres16_nnunet_da
+           fullres16_mirror3 with the rest of nnU-Net v2's default augmentation: rotation ±30° and
+           scaling 0.7-1.3 with probability 0.2, and its intensity set (``data.intensity_scheme:
+           nnunet``: noise, blur, brightness, contrast, simulated low resolution, gamma)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 4]
 """
@@ -42,15 +46,16 @@ from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
-ARMS = {
-    "fp32": ["train.precision=fp32", "infer.precision=fp32"],
-    "bf16": ["train.precision=bf16", "infer.precision=bf16"],
-    "fullres8": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
-                 "method.channels=[8,24,48,96,192]"],
-    "fullres16": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
-                  "method.channels=[16,24,48,96,192]"],
-    "fullres16_mirror3": ["train.precision=bf16", "infer.precision=bf16", "method.strides=[1,2,2,2]",
-                          "method.channels=[16,24,48,96,192]", "data.flip_axes=[0,1,2]", "infer.tta_flips=[0,1,2]"],
+BF16 = ["train.precision=bf16", "infer.precision=bf16"]
+MIRROR3 = ["data.flip_axes=[0,1,2]", "infer.tta_flips=[0,1,2]"]
+ARMS = {  # the config carries the plan's full-resolution level (16 features): the arms set it explicitly
+    "fp32": ["train.precision=fp32", "infer.precision=fp32", "method.full_res_features=0"],
+    "bf16": [*BF16, "method.full_res_features=0"],
+    "fullres8": [*BF16, "method.full_res_features=8"],
+    "fullres16": [*BF16, "method.full_res_features=16"],
+    "fullres16_mirror3": [*BF16, "method.full_res_features=16", *MIRROR3],
+    "fullres16_nnunet_da": [*BF16, "method.full_res_features=16", *MIRROR3, "data.affine_prob=0.2",
+                            "data.rotate_deg=30", "data.scale_range=0.3", "data.intensity_scheme=nnunet"],
 }
 
 

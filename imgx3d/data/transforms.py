@@ -18,8 +18,11 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     SpatialPad,
     SpatialPadd,
 )
@@ -164,13 +167,37 @@ def train_transforms(cfg: DataConfig) -> Compose:
                                       padding_mode="zeros"))
     transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in cfg.flip_axes]
     if cfg.intensity_aug:
-        transforms += [
+        transforms += intensity_transforms(cfg.intensity_scheme)
+    return Compose(transforms)
+
+
+def intensity_transforms(scheme: str) -> list:
+    """The image-only augmentations of ``data.intensity_scheme`` (MONAI transforms on key ``image``).
+
+    Args:
+        scheme: ``light`` (mild scale, shift, noise and gamma) or ``nnunet`` (nnU-Net v2's default
+            set and probabilities; two approximations: MONAI draws the noise's standard deviation,
+            not its variance, uniformly, and upsamples the simulated low resolution trilinearly,
+            not cubically).
+    """
+    if scheme == "light":
+        return [
             RandScaleIntensityd("image", factors=0.1, prob=0.2),
             RandShiftIntensityd("image", offsets=0.1, prob=0.2),
             RandGaussianNoised("image", prob=0.1, std=0.05),
             RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.15),
         ]
-    return Compose(transforms)
+    sigma = (0.5, 1.0)
+    return [
+        RandGaussianNoised("image", prob=0.1, std=0.1 ** 0.5),
+        RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.2),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),  # brightness: × 0.75-1.25
+        RandScaleIntensityFixedMeand("image", factors=0.25, preserve_range=True, prob=0.15),  # contrast
+        RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0), downsample_mode="nearest",
+                                   upsample_mode="trilinear"),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
+    ]
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
