@@ -22,7 +22,7 @@ from imgx3d.config import DataConfig, InferConfig, load_config
 from imgx3d.data.catalog import find_cases
 from imgx3d.data.geometry import GridMap, grid_map
 from imgx3d.data.presets import normalize_intensity
-from imgx3d.data.transforms import train_transforms
+from imgx3d.data.transforms import intensity_transforms, train_transforms
 from imgx3d.errors import ConfigError
 from imgx3d.inference import predictor as infer
 from imgx3d.inference.predictor import InferSettings, Predictor, predict_probabilities
@@ -173,6 +173,29 @@ def test_training_patches_without_intensity_augmentation_are_crops_of_the_image(
         patch = torch.as_tensor((out[0] if isinstance(out, list) else out)["image"])
         changed += int(not set(patch.flatten().tolist()) <= set(image.flatten().tolist()))
     assert changed >= 1, "intensity_aug: true changes intensities"
+
+
+def test_nnunet_intensity_scheme_is_nnunets_set_at_its_probabilities():
+    """data.intensity_scheme: nnunet is nnU-Net v2's default intensity augmentation, in its order and at
+    its probabilities; each transform changes only the image, and the two gamma transforms keep the
+    patch's mean and standard deviation (nnU-Net's retain_stats)."""
+    chain = intensity_transforms("nnunet")
+    names = [type(t).__name__ for t in chain]
+    assert names == ["RandGaussianNoised", "RandGaussianSmoothd", "RandScaleIntensityd", "RandScaleIntensityFixedMeand",
+                     "RandSimulateLowResolutiond", "RandAdjustContrastd", "RandAdjustContrastd"]
+    assert [t.prob for t in chain] == [0.1, 0.2, 0.15, 0.15, 0.25, 0.1, 0.3]
+    image = torch.randn(1, 12, 12, 12) * 2 + 1
+    for gamma in chain[5:]:
+        gamma.prob = 1.0
+        gamma.set_random_state(3)
+        out = torch.as_tensor(gamma({"image": image.clone()})["image"])
+        assert not torch.allclose(out, image)
+        assert float(out.mean()) == pytest.approx(float(image.mean()), abs=1e-3)
+        assert float(out.std()) == pytest.approx(float(image.std()), rel=1e-3)
+    assert [type(t).__name__ for t in intensity_transforms("light")] == [
+        "RandScaleIntensityd", "RandShiftIntensityd", "RandGaussianNoised", "RandAdjustContrastd"]
+    with pytest.raises(ConfigError, match="data.intensity_scheme' must be one of light, nnunet"):
+        load_config(None, ["data.intensity_scheme=heavy"])
 
 
 def test_air_crop_keeps_the_box_plus_margin():
