@@ -24,6 +24,9 @@ Arms:
            fullres16_mirror3 with the rest of nnU-Net v2's default augmentation: rotation ±30° and
            scaling 0.7-1.3 with probability 0.2, and its intensity set (``data.intensity_scheme:
            nnunet``: noise, blur, brightness, contrast, simulated low resolution, gamma)
+    fullres16_ema
+           fullres16 validated, kept and tested with an exponential moving average of its weights
+           (``train.ema`` 0.998, a ~500-step horizon, from step 500: a run of ~2 500 steps)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 4]
 """
@@ -56,6 +59,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "fullres16_mirror3": [*BF16, "method.full_res_features=16", *MIRROR3],
     "fullres16_nnunet_da": [*BF16, "method.full_res_features=16", *MIRROR3, "data.affine_prob=0.2",
                             "data.rotate_deg=30", "data.scale_range=0.3", "data.intensity_scheme=nnunet"],
+    "fullres16_ema": [*BF16, "method.full_res_features=16", "train.ema=0.998", "train.ema_start=500"],
 }
 
 
