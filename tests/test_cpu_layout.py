@@ -83,15 +83,6 @@ def test_the_predictor_applies_infer_cpu_layout(setting, tuned, channels_last):
         assert predictor.layout_tuners[0].channels_last is not None
 
 
-def test_predictors_of_one_method_share_its_tuner():
-    cfg = load_config(None, ["method.name=unet", "method.channels=[4,8]", "method.strides=[2]",
-                             "data.patch_size=[8,8,8]"])
-    method = build_method(cfg.method, num_classes=3, in_channels=1)
-    first, second = Predictor(method, cfg, LABELS), Predictor(method, cfg, LABELS)
-    assert first.layout_tuners == second.layout_tuners and len(first.layout_tuners) == 1
-    assert len(method.net._forward_hooks) == len(method.net._forward_pre_hooks) == 1
-
-
 def test_an_unknown_cpu_layout_is_a_config_error():
     with pytest.raises(ConfigError, match="infer.cpu_layout' must be one of auto, channels_last, default"):
         load_config(None, ["infer.cpu_layout=blocked"])

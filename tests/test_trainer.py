@@ -201,23 +201,6 @@ def test_validation_is_shared_by_the_ranks_and_averaged_over_every_case(msd_data
         assert value == pytest.approx(alone[key]), key
 
 
-def test_validation_keeps_the_training_weight_layout_and_attaches_no_tuner(msd_dataset, tmp_path):
-    """Validation's predictor uses the trainer's channels-last weights as they are: a layout tuner
-    (infer.cpu_layout: auto, the prediction default) would reorder weights the optimiser trains."""
-    from imgx3d.data.catalog import find_cases
-    from imgx3d.data.transforms import Preprocessor
-
-    cfg = _cfg()
-    assert cfg.infer.cpu_layout == "auto"
-    catalog = find_cases(msd_dataset)
-    cases = [Preprocessor(cfg.data).load_case(c, catalog.labels) for c in catalog.cases[:3]]
-    method = build_method(cfg.method, 3, 1)
-    Trainer(cfg, method, tmp_path, {}).validate(cases, catalog.labels)  # fewer windows than a tuning takes
-    assert not method.net._forward_hooks and not method.net._forward_pre_hooks
-    weights = [p for p in method.parameters() if p.ndim == 5 and p.shape[1] > 1]
-    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
-
-
 def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exactly(msd_dataset, tmp_path,
                                                                                     monkeypatch):
     """train.ema: e_1 = w_1 (at ema_start), e_k = d e_{k-1} + (1 - d) w_k; best.pt holds the average,

@@ -175,22 +175,14 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
 
 
 def choose_cpu_layout(method: Method, device: torch.device, setting: str) -> list[CpuLayoutTuner]:
-    """``infer.cpu_layout`` on the CPU: ``channels_last`` puts every network of ``method``
-    channels-last; ``auto`` too, and tunes the main network (``net``, the one every window runs) by
-    its own first calls (once per network: a second predictor of the same method shares the first
-    one's tuner and its decision). Returns that tuner (none for ``default``, a fixed layout, CUDA, or a
-    method without ``net``)."""
+    """``infer.cpu_layout`` on the CPU: ``auto`` puts every network channels-last and tunes the
+    method's main network (``net``, the one every window runs) by its own first calls; returns the
+    tuner (none for a fixed layout, CUDA, or a method without ``net``)."""
     if device.type != "cpu" or setting == "default":
         return []
-    net = getattr(method, "net", None)
-    tuner = getattr(net, "_cpu_layout_tuner", None)
-    if setting == "auto" and tuner is not None:
-        return [tuner]
     use_fast_cpu_layout(method, device)
-    if setting != "auto" or not isinstance(net, torch.nn.Module):
-        return []
-    net._cpu_layout_tuner = CpuLayoutTuner(net)
-    return [net._cpu_layout_tuner]
+    net = getattr(method, "net", None)
+    return [CpuLayoutTuner(net)] if setting == "auto" and isinstance(net, torch.nn.Module) else []
 
 
 def check_input_kind(path: Path, data_cfg: DataConfig) -> None:

@@ -140,10 +140,8 @@ class Trainer:
                     if cfg.train.ema > 0 else None)
         self.plateau = _plateau(cfg.train) if cfg.train.scheduler == "plateau" else None
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
-        # validation predicts with the one Predictor: the run's infer: settings, on the training device, in
-        # the training's weight layout (a layout tuner, infer.cpu_layout: auto, would reorder the weights
-        # the optimiser is training)
-        self.infer_settings = InferSettings.from_config(cfg.infer, device=str(self.device), cpu_layout="channels_last")
+        # validation predicts with the one Predictor: the run's infer: settings, on the training device
+        self.infer_settings = InferSettings.from_config(cfg.infer, device=str(self.device))
 
     def release(self) -> None:
         """Free the device memory training held (weights, optimiser states, the weight average) once
