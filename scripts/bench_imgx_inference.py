@@ -5,8 +5,7 @@ random weights (the cost does not depend on the weights), no TTA. ImgX runs K = 
 passes of its FiLM time U-Net; its cost per pass relative to the U-Net's sets the ratio. Both
 up-path variants are measured: ``up_subunits`` 1 (the default: MONAI UNet's decoder exactly)
 and 2 (before issue 21), each in fp32 and in the precision ``infer.precision: auto``
-picks on this machine, each network in the weight layout its own first calls measured faster
-(``infer.cpu_layout: auto``, as the Predictor loads them; tuned again for each precision).
+picks on this machine, with the weights in the CPU's fast layout (as the Predictor loads them).
 JSON lines.
 
     python scripts/bench_imgx_inference.py [--repeats 5] [--rounds 5]
@@ -26,25 +25,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
-from imgx3d.inference.predictor import choose_cpu_layout, predict_probabilities  # noqa: E402
+from imgx3d.inference.predictor import predict_probabilities
 from imgx3d.inference.windows import make_window  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
 
 
 def seconds(methods: dict, image: torch.Tensor, windows: dict, repeats: int, rounds: int) -> dict[str, float]:
     """Seconds of one whole-volume prediction per method: the methods take turns, ``rounds`` times
-    ``repeats`` predictions each after a warm-up (which lasts until each network's layout tuner has
-    decided), and each keeps its fastest round's mean (a drift of the machine's speed during the
-    run then weighs on every method alike)."""
+    ``repeats`` predictions each after a warm-up, and each keeps its fastest round's mean (a drift of
+    the machine's speed during the run then weighs on every method alike)."""
     best = {name: float("inf") for name in methods}
     for name, method in methods.items():
-        tuners = choose_cpu_layout(method, torch.device("cpu"), "auto")  # as the Predictor loads them
         predict_probabilities(method, image, windows[name])
-        while any(t.channels_last is None for t in tuners):
-            predict_probabilities(method, image, windows[name])
     for _ in range(rounds):
         for name, method in methods.items():
             t0 = time.perf_counter()
@@ -71,6 +66,8 @@ def main() -> None:
     for up in (1, 2):
         nets[f"imgx_up_subunits_{up}"] = build_method(
             dataclasses.replace(imgx_cfg.method, up_subunits=up), 3, 1).eval()
+    for method in nets.values():
+        use_fast_cpu_layout(method, cpu)  # as the Predictor loads them
     emit("imgx_inference.setup", None, "", machine=machine(), shape=args.shape, repeats=args.repeats,
          rounds=args.rounds,
          k=imgx_cfg.method.infer_steps)
