@@ -25,7 +25,6 @@ from imgx3d.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
-CPU_LAYOUTS = ("auto", "channels_last", "default")  # infer.cpu_layout
 INTENSITY_SCHEMES = ("light", "nnunet")  # data.intensity_scheme: the sets of imgx3d.data.transforms
 
 
@@ -250,10 +249,6 @@ class InferConfig:
             (``auto``: bf16 / fp16 on CUDA by compute capability; on the CPU bf16 where it has bf16
             instructions, fp32 elsewhere); probabilities
             are blended and returned in fp32.
-        cpu_layout: the memory layout of the 3D convolution weights on the CPU: ``auto`` (the faster
-            of the two, measured on the prediction's own first window batches:
-            :class:`~imgx3d.resources.CpuLayoutTuner`), ``channels_last`` or ``default`` (PyTorch's;
-            fixed layouts give bit-identical bf16 outputs run after run).
         postprocess: learn at the end of training, from the validation cases, which
             largest-connected-component steps raise Dice (nnU-Net's rule,
             :mod:`imgx3d.inference.postprocess`), and apply them at prediction; false: neither.
@@ -267,7 +262,6 @@ class InferConfig:
     streaming: str = "auto"
     streaming_above_gib: float = 1.0
     precision: str = "auto"
-    cpu_layout: str = "auto"
     postprocess: bool = True
 
 
@@ -576,7 +570,6 @@ def validate_infer(i: InferConfig) -> None:
     _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")
     _check(i.streaming in ("auto", "on", "off"), "infer.streaming", "must be auto, on or off")
     _check(i.precision in PRECISIONS, "infer.precision", "must be auto, fp32, bf16 or fp16")
-    _check(i.cpu_layout in CPU_LAYOUTS, "infer.cpu_layout", f"must be one of {', '.join(CPU_LAYOUTS)}")
     _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
     _check(all(a in (0, 1, 2) for a in i.tta_flips), "infer.tta_flips", "must list axes among 0, 1, 2")
 

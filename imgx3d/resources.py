@@ -9,9 +9,7 @@ lower, and then it is the one that counts.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -116,75 +114,17 @@ def use_fast_cuda_kernels(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def set_cpu_layout(module: torch.nn.Module, channels_last: bool) -> None:
-    """Every 3D convolution weight of ``module`` in channels-last order (``channels_last_3d``) or in
-    PyTorch's default order, in place; only the order in memory changes, not the values."""
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
+    """On the CPU: every 3D convolution weight of ``module`` in channels-last order (``channels_last_3d``),
+    in place. oneDNN then runs the convolutions channels-last, measured ~10 % faster for a training
+    step and a window pass of the hippocampus U-Net on this project's CPU (``scripts/bench_memory_format.py``);
+    the values do not change, only their order in memory. 2D weights and CUDA stay as they are (not
+    measured there)."""
+    if device.type != "cpu":
+        return
     for param in module.parameters():
         if param.dim() == 5:
-            param.data = param.data.contiguous(memory_format=layout)
-
-
-def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
-    """On the CPU: :func:`set_cpu_layout` channels-last, in place. oneDNN then runs the convolutions
-    channels-last, measured ~10 % faster for a training step of the hippocampus U-Net on an Intel CPU
-    with AMX, and the same on a 2-core AMD EPYC (``scripts/bench_memory_format.py``); for prediction,
-    where the faster layout depends on the network, the precision and the CPU, the predictor measures
-    it (:class:`CpuLayoutTuner`). 2D weights and CUDA stay as they are (not measured there)."""
-    if device.type == "cpu":
-        set_cpu_layout(module, True)
-
-
-class CpuLayoutTuner:
-    """Runs a network's calls in whichever weight layout, channels-last or PyTorch's default, its own
-    first calls measured faster on this CPU, and keeps it (like cuDNN's benchmark mode on CUDA).
-
-    Which layout is faster depends on the CPU, the precision and the shapes: on a 2-core AMD EPYC a
-    bf16 window pass of ``bench_inference.py``'s U-Net ran 1.36x faster in the default layout and the
-    hippocampus U-Net's 1.4x faster channels-last (``scripts/bench_memory_format.py``). No call is spent
-    on timing alone: the calls whose input has the first call's shape take turns between the layouts
-    (one warm-up each, as a first call builds oneDNN's kernels, then ``rounds`` timed each), every
-    output is used, and from then on the layout of the faster best time stays; calls of other
-    shapes (a volume's smaller last batch) run in the current layout and are not timed. The two
-    layouts sum in another order, so bf16 outputs may differ in their last bits between machines
-    and runs, as under cuDNN's benchmark mode.
-
-    Args:
-        net: the network whose forward calls are tuned (hooks on it; removed once decided).
-        rounds: timed calls per layout.
-    """
-
-    def __init__(self, net: torch.nn.Module, rounds: int = 2):
-        self.net = net
-        self.schedule = [True, False] * (1 + rounds)  # channels-last or not, for each counted call
-        self.seconds: dict[bool, list[float]] = {True: [], False: []}
-        self.channels_last: bool | None = None  # the decision, once made
-        self._shape: tuple | None = None
-        self._calls = 0
-        self._counted = False
-        self._start = 0.0
-        self._hooks = [net.register_forward_pre_hook(self._before), net.register_forward_hook(self._after)]
-
-    def _before(self, net: torch.nn.Module, args: tuple) -> None:
-        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
-        self._shape = shape if self._shape is None else self._shape
-        self._counted = shape == self._shape
-        if self._counted:
-            set_cpu_layout(net, self.schedule[self._calls])
-            self._start = time.perf_counter()
-
-    def _after(self, net: torch.nn.Module, args: tuple, output: Any) -> None:
-        if not self._counted:
-            return
-        elapsed = time.perf_counter() - self._start
-        if self._calls >= 2:  # the first pair warms each layout's kernels up
-            self.seconds[self.schedule[self._calls]].append(elapsed)
-        self._calls += 1
-        if self._calls == len(self.schedule):
-            self.channels_last = min(self.seconds[True]) < min(self.seconds[False])
-            set_cpu_layout(net, self.channels_last)
-            for hook in self._hooks:
-                hook.remove()
+            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
 
 
 def resolve_device(name: str = "auto", what: str = "--device") -> torch.device:

@@ -5,11 +5,9 @@ weights: speed does not depend on training), the same window (64³, overlap 0.5,
 sw_batch_size 4) and the same softmax. The imgx3d figure includes reading the NIfTI,
 reorientation (the file is stored LPS), normalisation, mapping back to the native grid,
 argmax and writing the .nii.gz; the MONAI figure is the bare ``sliding_window_inference``
-call on a tensor already in memory with the network in PyTorch's default weight layout (as a
-MONAI user has it; imgx3d's predictor measures which layout is faster on its first windows,
-``infer.cpu_layout: auto``), twice: in fp32 (as a MONAI user calls it) and under the autocast
-precision imgx3d chooses for this machine (``infer.precision: auto``: bf16 on a CPU with bf16
-instructions), so the like-for-like ratio isolates imgx3d's I/O, plumbing and layout choice. A
+call on a tensor already in memory, twice: in fp32 (as a MONAI user calls it) and under the
+autocast precision imgx3d chooses for this machine (``infer.precision: auto``: bf16 on a CPU
+with bf16 instructions), so the like-for-like ratio isolates imgx3d's I/O and plumbing. A
 fourth variant predicts a folder of ``--files`` such volumes with one reader and one writer
 thread (``imgx3d predict --workers 1``): reading the next volume and writing the last one run
 beside the window pass (on 2 cores they compete with it: measured no faster per volume than one
@@ -23,7 +21,6 @@ Usage: python scripts/bench_inference.py [--repeats 3] [--shape 256 256 128] [--
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import statistics
@@ -84,24 +81,16 @@ def child(variant: str, folder: Path) -> None:
 
     from imgx3d.inference.folder import predict_to_folder
     from imgx3d.inference.predictor import Predictor
-    from imgx3d.resources import autocast, choose_precision, set_cpu_layout
+    from imgx3d.resources import autocast, choose_precision
 
     predictor = Predictor.load(folder / "model.pt", device="cpu")
-    # MONAI's baseline: the network as a MONAI user has it, PyTorch's default weight layout (the
-    # predictor's copy chooses its own layout on its first windows, infer.cpu_layout: auto)
-    net = copy.deepcopy(predictor.method.net)
-    net._forward_hooks.clear(), net._forward_pre_hooks.clear()
-    set_cpu_layout(net, channels_last=False)
+    net = predictor.method.net
     dtype = choose_precision("fp32" if variant == "monai_fp32" else "auto", torch.device("cpu"))
-    # warm up thread pools, the allocator and oneDNN's kernels (a process-wide cache) for every window
-    # batch a pass runs (sw_batch_size, and the smaller last batch) in both weight layouts: a first call
-    # of a new shape or layout builds its kernels
-    warm = copy.deepcopy(net)
+    # warm up thread pools, the allocator and oneDNN's kernels for every window batch a pass runs
+    # (sw_batch_size, and the smaller last batch): a first call of a new shape builds its kernels
     with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
-        for channels_last in (False, True):
-            set_cpu_layout(warm, channels_last)
-            for batch in range(1, SW_BATCH + 1):
-                warm(torch.zeros(batch, 1, *ROI))
+        for batch in range(1, SW_BATCH + 1):
+            net(torch.zeros(batch, 1, *ROI))
     if variant == "imgx3d":
         out = folder / f"out-{time.time_ns()}"
         t0 = time.perf_counter()

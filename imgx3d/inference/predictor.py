@@ -53,7 +53,6 @@ from imgx3d.methods.base import (
     WindowSegmenter,
 )
 from imgx3d.resources import (
-    CpuLayoutTuner,
     available_host_bytes,
     autocast,
     choose_precision,
@@ -82,7 +81,6 @@ class InferSettings:
     streaming: str = "auto"
     streaming_above_gib: float = 1.0
     precision: str = "auto"
-    cpu_layout: str = "auto"
     postprocess: bool = True
 
     @classmethod
@@ -172,17 +170,6 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
     return (total / len(combos) if len(combos) > 1 else total)[0]
 
 
-
-
-def choose_cpu_layout(method: Method, device: torch.device, setting: str) -> list[CpuLayoutTuner]:
-    """``infer.cpu_layout`` on the CPU: ``auto`` puts every network channels-last and tunes the
-    method's main network (``net``, the one every window runs) by its own first calls; returns the
-    tuner (none for a fixed layout, CUDA, or a method without ``net``)."""
-    if device.type != "cpu" or setting == "default":
-        return []
-    use_fast_cpu_layout(method, device)
-    net = getattr(method, "net", None)
-    return [CpuLayoutTuner(net)] if setting == "auto" and isinstance(net, torch.nn.Module) else []
 
 
 def check_input_kind(path: Path, data_cfg: DataConfig) -> None:
@@ -290,10 +277,9 @@ class Predictor:
         self.settings = settings or InferSettings.from_config(config.infer)
         self.device = resolve_device(self.settings.device)
         self.codec = LabelCodec(labels, config.data)
-        self.layout_tuners = []
         for member in self.members:
             member.to(self.device).eval()
-            self.layout_tuners += choose_cpu_layout(member, self.device, self.settings.cpu_layout)
+            use_fast_cpu_layout(member, self.device)
         use_fast_cuda_kernels(self.device)
 
     @classmethod
