@@ -1,10 +1,13 @@
 """Channels-last 3D weights on the CPU: a training step and a window pass, default layout as the baseline.
 
-The hippocampus U-Net (``configs/hippocampus/unet.yaml``: widths 24-192, batch 4 of 40 x 56 x 40
-patches; windows of 4 x 64³ as ``bench_inference.py``) with its loss and AdamW. Two copies with the
-same weights, one in PyTorch's default layout, one after ``imgx3d.resources.use_fast_cpu_layout``
-(what the trainer and the predictor do on the CPU), timed alternately in this one process, so load
-from elsewhere hits both alike; medians are reported, with the largest output difference.
+The hippocampus U-Net (``configs/hippocampus/unet.yaml``: its full-resolution level and widths
+24-192, batch 4 of 40 x 56 x 40 patches) with its loss and AdamW, and window passes of 4 x 64³
+(as ``bench_inference.py``) of that network and of ``bench_inference.py``'s (widths 16-128, no
+full-resolution level), each in fp32 and in the precision ``auto`` picks on this machine. Two
+copies with the same weights, one in PyTorch's default layout, one after
+``imgx3d.resources.use_fast_cpu_layout`` (what the trainer and the predictor do on the CPU), timed
+alternately in this one process, so load from elsewhere hits both alike; medians are reported,
+with the largest output difference.
 
 Usage: python scripts/bench_memory_format.py [--repeats 7] [--threads 1]
 """
@@ -25,7 +28,7 @@ from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,16 +78,31 @@ def main() -> None:
 
     windows = torch.randn(4, 1, 64, 64, 64)
     fast.load_state_dict(default.state_dict())  # the same weights again (copied into the channels-last storage)
-    default.eval(), fast.eval()
-    with torch.inference_mode():
-        seconds = _alternate({"default": lambda: default.window_probabilities(windows),
-                              "channels_last_3d": lambda: fast.window_probabilities(windows)}, args.repeats)
-        difference = (default.window_probabilities(windows) - fast.window_probabilities(windows)).abs().max()
-    base = statistics.median(seconds["default"])
-    emit("memory_format.window_pass.default.seconds", round(base, 4), "s", baseline=True, runs=seconds["default"])
-    ours = statistics.median(seconds["channels_last_3d"])
-    emit("memory_format.window_pass.channels_last_3d.seconds", round(ours, 4), "s", speedup=round(base / ours, 3),
-         max_probability_difference=float(difference))
+    inference_net = load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]"])
+    nets = {"hippocampus": (default, fast), "bench_inference": _pair(inference_net)}
+    cpu = torch.device("cpu")
+    for net_name, (plain, last) in nets.items():
+        plain.eval(), last.eval()
+        for setting in ("fp32", "auto"):
+            dtype = choose_precision(setting, cpu)
+            with torch.inference_mode(), autocast(cpu, dtype):
+                seconds = _alternate({"default": lambda: plain.window_probabilities(windows),
+                                      "channels_last_3d": lambda: last.window_probabilities(windows)}, args.repeats)
+                difference = (plain.window_probabilities(windows) - last.window_probabilities(windows)).abs().max()
+            name = f"memory_format.window_pass.{net_name}.{precision_name(dtype)}"
+            base = statistics.median(seconds["default"])
+            emit(f"{name}.default.seconds", round(base, 4), "s", baseline=True, runs=seconds["default"])
+            ours = statistics.median(seconds["channels_last_3d"])
+            emit(f"{name}.channels_last_3d.seconds", round(ours, 4), "s", speedup=round(base / ours, 3),
+                 max_probability_difference=float(difference))
+
+
+def _pair(cfg) -> tuple:
+    """The network of ``cfg`` twice, same weights: default layout and channels-last."""
+    plain = build_method(cfg.method, num_classes=3, in_channels=1)
+    last = copy.deepcopy(plain)
+    use_fast_cpu_layout(last, torch.device("cpu"))
+    return plain, last
 
 
 if __name__ == "__main__":
