@@ -12,8 +12,8 @@ Arms:
     fp32   the networks in fp32 (training and inference)
     bf16   bf16 autocast (training and inference): oneDNN's bf16 convolutions on CPUs with
            AVX512-BF16 / AMX; the loss, the optimiser and the weights stay fp32
-    fullres8, fullres16
-           bf16 with a full-resolution level on top (strides [1, 2, 2, 2], 8 or 16 features there):
+    fullres8, fullres16, fullres32
+           bf16 with a full-resolution level on top (strides [1, 2, 2, 2], 8, 16 or 32 features there):
            MONAI's UNet with strides [2, 2, 2] convolves the input with stride 2 at once, so no
            feature map sees the full 1 mm grid but the last up-convolution; nnU-Net's first stage
            is at full resolution
@@ -56,6 +56,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "bf16": [*BF16, "method.full_res_features=0"],
     "fullres8": [*BF16, "method.full_res_features=8"],
     "fullres16": [*BF16, "method.full_res_features=16"],
+    "fullres32": [*BF16, "method.full_res_features=32"],
     "fullres16_mirror3": [*BF16, "method.full_res_features=16", *MIRROR3],
     "fullres16_nnunet_da": [*BF16, "method.full_res_features=16", *MIRROR3, "data.affine_prob=0.2",
                             "data.rotate_deg=30", "data.scale_range=0.3", "data.intensity_scheme=nnunet"],
