@@ -532,7 +532,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
     _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
     _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
-    _check(d.intensity_scheme in INTENSITY_SCHEMES, "data.intensity_scheme", f"must be one of {', '.join(INTENSITY_SCHEMES)}")
+    _check(d.intensity_scheme in INTENSITY_SCHEMES, "data.intensity_scheme",
+           f"must be one of {', '.join(INTENSITY_SCHEMES)}")
     _check(0.0 <= d.scale_range < 1.0, "data.scale_range", "must be in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.cache_gib is None or d.cache_gib >= 0, "data.cache_gib", "must be null or >= 0")

@@ -50,17 +50,18 @@ from imgx3d.training.workflow import train_run  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
 BF16 = ["train.precision=bf16", "infer.precision=bf16"]
+FULLRES16 = [*BF16, "method.full_res_features=16"]
 MIRROR3 = ["data.flip_axes=[0,1,2]", "infer.tta_flips=[0,1,2]"]
 ARMS = {  # the config carries the plan's full-resolution level (16 features): the arms set it explicitly
     "fp32": ["train.precision=fp32", "infer.precision=fp32", "method.full_res_features=0"],
     "bf16": [*BF16, "method.full_res_features=0"],
     "fullres8": [*BF16, "method.full_res_features=8"],
-    "fullres16": [*BF16, "method.full_res_features=16"],
+    "fullres16": FULLRES16,
     "fullres32": [*BF16, "method.full_res_features=32"],
-    "fullres16_mirror3": [*BF16, "method.full_res_features=16", *MIRROR3],
-    "fullres16_nnunet_da": [*BF16, "method.full_res_features=16", *MIRROR3, "data.affine_prob=0.2",
-                            "data.rotate_deg=30", "data.scale_range=0.3", "data.intensity_scheme=nnunet"],
-    "fullres16_ema": [*BF16, "method.full_res_features=16", "train.ema=0.998", "train.ema_start=500"],
+    "fullres16_mirror3": [*FULLRES16, *MIRROR3],
+    "fullres16_nnunet_da": [*FULLRES16, *MIRROR3, "data.affine_prob=0.2", "data.rotate_deg=30", "data.scale_range=0.3",
+                            "data.intensity_scheme=nnunet"],
+    "fullres16_ema": [*FULLRES16, "train.ema=0.998", "train.ema_start=500"],
 }
 
 

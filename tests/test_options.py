@@ -177,8 +177,8 @@ def test_training_patches_without_intensity_augmentation_are_crops_of_the_image(
 
 def test_nnunet_intensity_scheme_is_nnunets_set_at_its_probabilities():
     """data.intensity_scheme: nnunet is nnU-Net v2's default intensity augmentation, in its order and at
-    its probabilities; each transform changes only the image, and the two gamma transforms keep the
-    patch's mean and standard deviation (nnU-Net's retain_stats)."""
+    its probabilities, and the two gamma transforms keep the patch's mean and standard deviation
+    (nnU-Net's retain_stats)."""
     chain = intensity_transforms("nnunet")
     names = [type(t).__name__ for t in chain]
     assert names == ["RandGaussianNoised", "RandGaussianSmoothd", "RandScaleIntensityd", "RandScaleIntensityFixedMeand",

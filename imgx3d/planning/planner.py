@@ -373,9 +373,9 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
     result.decide("data.flip_axes", axes, why)
     result.decide("infer.tta_flips", axes, "the training's mirrors, averaged at inference")
     result.decide("data.affine_prob", 0.2, "random rotation (±15°) and scaling (±15 %) with probability 0.2 "
-                                           "(nnU-Net: p 0.2, ±30°, 0.7-1.4; milder here for minute-long budgets: nnU-Net's spatial, "
-                                           "intensity and mirror set scored -0.0096 test Dice on the hippocampus at 30 "
-                                           "CPU-minutes)")
+                                           "(nnU-Net: p 0.2, ±30°, 0.7-1.4; milder here for minute-long budgets: "
+                                           "nnU-Net's spatial, intensity and mirror set scored -0.0096 test Dice on "
+                                           "the hippocampus at 30 CPU-minutes)")
     result.decide("data.pos_fraction", 0.67, "two thirds of the patches centred on foreground (nnU-Net forces 1/3; "
                                              "more here: short runs see fewer patches)")
     result.decide("data.num_workers", 1, "one loader process prepares batches while the model trains")
