@@ -5,8 +5,10 @@ random weights (the cost does not depend on the weights), no TTA. ImgX runs K = 
 passes of its FiLM time U-Net; its cost per pass relative to the U-Net's sets the ratio. Both
 up-path variants are measured: ``up_subunits`` 1 (the default: MONAI UNet's decoder exactly)
 and 2 (before issue 21), each in fp32 and in the precision ``infer.precision: auto``
-picks on this machine, with the weights in the CPU's fast layout (as the Predictor loads them).
-JSON lines.
+picks on this machine, with the CPU kernels and weight layout the Predictor loads them with
+(``use_fast_cpu_kernels``). The U-Net is also timed with PyTorch's own choice of convolution
+kernel (``unet_torch_kernels``: its im2col kernel for the small batch-1 convolutions of the
+deeper levels in fp32), the baseline of that routing. JSON lines.
 
     python scripts/bench_imgx_inference.py [--repeats 5] [--rounds 5]
 """
@@ -28,7 +30,7 @@ from imgx3d.config import load_config  # noqa: E402
 from imgx3d.inference.predictor import predict_probabilities
 from imgx3d.inference.windows import make_window  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_kernels, use_fast_cpu_layout  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
 
@@ -67,19 +69,25 @@ def main() -> None:
         nets[f"imgx_up_subunits_{up}"] = build_method(
             dataclasses.replace(imgx_cfg.method, up_subunits=up), 3, 1).eval()
     for method in nets.values():
-        use_fast_cpu_layout(method, cpu)  # as the Predictor loads them
+        use_fast_cpu_kernels(method, cpu)  # as the Predictor loads them
+    nets["unet_torch_kernels"] = build_method(unet_cfg.method, 3, 1).eval()
+    use_fast_cpu_layout(nets["unet_torch_kernels"], cpu)  # the same layout, torch's kernel choice
     emit("imgx_inference.setup", None, "", machine=machine(), shape=args.shape, repeats=args.repeats,
          rounds=args.rounds,
          k=imgx_cfg.method.infer_steps)
     for setting in ("fp32", "auto"):
         dtype = choose_precision(setting, cpu)
-        windows = {name: make_window((unet_cfg if name == "unet" else imgx_cfg).infer, unet_cfg.data.patch_size)
+        windows = {name: make_window((unet_cfg if name.startswith("unet") else imgx_cfg).infer, unet_cfg.data.patch_size)
                    for name in nets}
         with torch.inference_mode(), autocast(cpu, dtype):
             took = seconds(nets, image, windows, args.repeats, args.rounds)
         for name, value in took.items():
-            extra = {} if name == "unet" else {"ratio_to_unet": round(value / took["unet"], 2),
-                                               "goal": "<= 5x (stretch 3x)"}
+            if name == "unet":
+                extra = {}
+            elif name == "unet_torch_kernels":
+                extra = {"speedup_of_onednn_routing": round(value / took["unet"], 2)}
+            else:
+                extra = {"ratio_to_unet": round(value / took["unet"], 2), "goal": "<= 5x (stretch 3x)"}
             emit(f"imgx_inference.{precision_name(dtype)}.{name}.seconds_per_volume", round(value, 4), "s",
                  precision=setting, **extra)
 

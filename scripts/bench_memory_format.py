@@ -4,8 +4,9 @@ The hippocampus U-Net (``configs/hippocampus/unet.yaml``: its full-resolution le
 24-192, batch 4 of 40 x 56 x 40 patches) with its loss and AdamW, and window passes of 4 x 64³
 (as ``bench_inference.py``) of that network and of ``bench_inference.py``'s (widths 16-128, no
 full-resolution level), each in fp32 and in the precision ``auto`` picks on this machine. Two
-copies with the same weights, one in PyTorch's default layout, one after
-``imgx3d.resources.use_fast_cpu_layout`` (what the trainer and the predictor do on the CPU), timed
+copies with the same weights and both with their convolutions on oneDNN
+(``imgx3d.resources.use_onednn_convolutions``, as the trainer and the predictor run them on the
+CPU), one in PyTorch's default layout, one after ``imgx3d.resources.use_fast_cpu_layout``, timed
 alternately in this one process, so load from elsewhere hits both alike; medians are reported,
 with the largest output difference.
 
@@ -28,7 +29,7 @@ from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout, use_onednn_convolutions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "hippocampus" / "unet.yaml")
     default = build_method(cfg.method, num_classes=3, in_channels=1)
+    use_onednn_convolutions(default)
     fast = copy.deepcopy(default)
     use_fast_cpu_layout(fast, torch.device("cpu"))
     batch = {"image": torch.randn(cfg.data.batch_size, 1, *cfg.data.patch_size),
@@ -100,6 +102,7 @@ def main() -> None:
 def _pair(cfg) -> tuple:
     """The network of ``cfg`` twice, same weights: default layout and channels-last."""
     plain = build_method(cfg.method, num_classes=3, in_channels=1)
+    use_onednn_convolutions(plain)
     last = copy.deepcopy(plain)
     use_fast_cpu_layout(last, torch.device("cpu"))
     return plain, last

@@ -41,7 +41,7 @@ from imgx3d.config import load_config  # noqa: E402
 from imgx3d.data.catalog import find_cases, make_split  # noqa: E402
 from imgx3d.data.transforms import Preprocessor, train_transforms  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_kernels  # noqa: E402
 from imgx3d.training.trainer import Trainer  # noqa: E402
 from imgx3d.training.workflow import _batches, _load_items  # noqa: E402
 
@@ -75,7 +75,7 @@ def monai_step(cfg, num_classes: int, in_channels: int, precision: torch.dtype |
     """One optimisation step of the bare loop: the same network as imgx3d's, DiceCE, AdamW, clipping."""
     net = build_method(cfg.method, num_classes, in_channels).net
     if fast_layout:
-        use_fast_cpu_layout(net, torch.device("cpu"))
+        use_fast_cpu_kernels(net, torch.device("cpu"))
     m = cfg.method
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=m.batch_dice,
                          lambda_dice=m.lambda_dice, lambda_ce=m.lambda_ce)

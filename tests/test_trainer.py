@@ -125,6 +125,46 @@ def test_precision_is_a_function_of_the_setting_and_the_device():
     assert choose_precision("bf16", cpu) is torch.bfloat16 and choose_precision("fp16", cpu) is torch.float16
 
 
+def _conv_kernels(fn) -> set[str]:
+    """Which of ATen's two CPU kernels for (non-transposed) 3D convolutions ``fn()`` runs."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()} & {"aten::slow_conv3d_forward", "aten::mkldnn_convolution"}
+
+
+def test_cpu_inference_convolutions_run_on_onednn_with_the_same_values_and_training_keeps_torchs_path():
+    import copy
+
+    from imgx3d.resources import OneDNNConv3d, use_fast_cpu_kernels
+
+    torch.manual_seed(0)
+    net = build_method(_cfg().method, 3, 1).net.eval()
+    stock = copy.deepcopy(net)
+    use_fast_cpu_kernels(net, torch.device("cpu"))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and not m.transposed]
+    assert convs and all(type(m) is OneDNNConv3d for m in convs)
+    assert {k: v.tolist() for k, v in net.state_dict().items()} == {k: v.tolist() for k, v in stock.state_dict().items()}
+    x = torch.randn(1, 1, 16, 16, 16)  # batch 1, small deep levels: torch's own choice is its im2col kernel
+    with torch.inference_mode():
+        assert "aten::slow_conv3d_forward" in _conv_kernels(lambda: stock(x))
+        assert _conv_kernels(lambda: net(x)) == {"aten::mkldnn_convolution"}
+        torch.testing.assert_close(net(x), stock(x), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", torch.bfloat16):  # autocast is honoured: bf16 out, as torch's path gives
+            assert net(x).dtype == stock(x).dtype == torch.bfloat16
+    net.train(), stock.train()
+    assert "aten::mkldnn_convolution" not in _conv_kernels(lambda: net(x.requires_grad_()))  # autograd: torch's path
+    for model in (net, stock):
+        model(x).square().sum().backward()
+    for ours, theirs in zip(net.parameters(), stock.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    untouched = copy.deepcopy(stock)
+    use_fast_cpu_kernels(untouched, torch.device("cuda", 0))  # only the CPU: a GPU keeps cuDNN's path
+    assert all(type(m) in (torch.nn.Conv3d, torch.nn.ConvTranspose3d) for m in untouched.modules()
+               if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d))
+
+
 def test_fp16_trains_through_a_gradient_scaler_saved_in_checkpoints(msd_dataset, tmp_path, monkeypatch):
     scaled = []
     real_scale = torch.amp.GradScaler.scale

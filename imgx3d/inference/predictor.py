@@ -58,7 +58,7 @@ from imgx3d.resources import (
     choose_precision,
     gib,
     resolve_device,
-    use_fast_cpu_layout,
+    use_fast_cpu_kernels,
     use_fast_cuda_kernels,
 )
 
@@ -279,7 +279,7 @@ class Predictor:
         self.codec = LabelCodec(labels, config.data)
         for member in self.members:
             member.to(self.device).eval()
-            use_fast_cpu_layout(member, self.device)
+            use_fast_cpu_kernels(member, self.device)
         use_fast_cuda_kernels(self.device)
 
     @classmethod

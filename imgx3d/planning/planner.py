@@ -200,7 +200,7 @@ def measured_step_seconds(device: str) -> StepTimer:
     :class:`CandidateTooLarge` (nnU-Net sizes its patch against a reference GPU's memory; here the
     GPU at hand is measured).
     """
-    from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_layout
+    from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_kernels
 
     dev = resolve_device(device)
     free_bytes = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
@@ -224,7 +224,7 @@ def measured_step_seconds(device: str) -> StepTimer:
 
     def _time_steps(cfg: Config) -> float:
         method = build_method(cfg.method, 3, 1).to(dev).train()
-        use_fast_cpu_layout(method, dev)  # the step the trainer runs: its memory layout and precision
+        use_fast_cpu_kernels(method, dev)  # the step the trainer runs: its kernels, memory layout and precision
         precision = choose_precision(cfg.train.precision_setting(), dev)
         params = [p for group in method.parameter_groups().values() for p in group]
         optimizer = torch.optim.AdamW(params, lr=1e-4)

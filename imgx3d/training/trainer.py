@@ -31,7 +31,7 @@ from imgx3d.evaluation.metrics import score_case
 from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.interrupts import requested, signal_name
 from imgx3d.methods.base import Method, SelfValidating, load_method_state
-from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_layout, use_fast_cuda_kernels
+from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_kernels, use_fast_cuda_kernels
 from imgx3d.tracking import NullTracker, Tracker
 from imgx3d.training.distributed import DistContext
 
@@ -125,7 +125,7 @@ class Trainer:
         self.dist = dist or DistContext()
         self.method.to(self.device)
         use_fast_cuda_kernels(self.device)
-        use_fast_cpu_layout(self.method, self.device)
+        use_fast_cpu_kernels(self.method, self.device)
         self.groups = method.parameter_groups()
         self.training_step, self.average_gradients = self.dist.wrap(method.training_step, method, self.device,
                                                                     len(self.groups))
