@@ -121,7 +121,7 @@ class OneDNNConv3d(torch.nn.Conv3d):
     batch 1 with a 3-wide kernel to its im2col kernel (``slow_conv3d``) unless N·C·D·H exceeds
     20 480 ("for some case, native is faster", a threshold tuned on 2D convolutions). In 3D that
     is every window of a U-Net's deeper levels: on a 2-core AMD EPYC (AVX2) the im2col kernel took
-    2-6x oneDNN's time for those layers, and a batch-1 hippocampus U-Net window pass ran 2.2-2.4x faster
+    2-6x oneDNN's time for those layers, and a batch-1 hippocampus U-Net window pass ran 2.0-2.4x faster
     with every convolution on oneDNN (``scripts/bench_imgx_inference.py``). The values are the
     same convolution up to fp32 rounding. Training (autograd), autocast, other dtypes and devices
     take PyTorch's own path, as do string paddings and non-zero padding modes.
@@ -146,21 +146,32 @@ def use_onednn_convolutions(module: torch.nn.Module) -> None:
             sub.__class__ = OneDNNConv3d
 
 
-def use_fast_cpu_kernels(module: torch.nn.Module, device: torch.device) -> None:
-    """On the CPU, in place: :func:`use_onednn_convolutions`, then :func:`use_fast_cpu_layout`. Nothing
-    changes on other devices."""
+def channels_last_pays_in_inference() -> bool:
+    """Whether channels-last weights (:func:`use_fast_cpu_layout`) speed up CPU window passes on this CPU:
+    measured 1.02-1.26x for 4 x 64³ windows of two U-Nets on an AVX-512 AMD EPYC, ~10 % on an Intel
+    CPU with AMX, and 0.87-0.89x (slower) on an AVX2-only AMD EPYC (``scripts/bench_memory_format.py``;
+    there a training step still gained 1.06-1.26x). Yes where PyTorch's kernels run AVX-512."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def use_fast_cpu_kernels(module: torch.nn.Module, device: torch.device, training: bool) -> None:
+    """On the CPU, in place: :func:`use_onednn_convolutions`, then :func:`use_fast_cpu_layout` for
+    training, and for inference where :func:`channels_last_pays_in_inference`. Nothing changes on
+    other devices."""
     if device.type != "cpu":
         return
     use_onednn_convolutions(module)
-    use_fast_cpu_layout(module, device)
+    if training or channels_last_pays_in_inference():
+        use_fast_cpu_layout(module, device)
 
 
 def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
     """On the CPU: every 3D convolution weight of ``module`` in channels-last order (``channels_last_3d``),
     in place. oneDNN then runs the convolutions channels-last, measured ~10 % faster for a training
     step and a window pass of the hippocampus U-Net on an Intel CPU with AMX, and on a quiet 2-core AMD
-    EPYC 1.03x for a training step and 1.02-1.26x for 4 x 64³ window passes of two U-Nets in fp32 and
-    bf16 (``scripts/bench_memory_format.py``); the values do not change, only their order in memory
+    EPYC with AVX-512 1.03x for a training step and 1.02-1.26x for 4 x 64³ window passes of two U-Nets
+    in fp32 and bf16 (``scripts/bench_memory_format.py``; an AVX2-only EPYC: see
+    :func:`channels_last_pays_in_inference`); the values do not change, only their order in memory
     (a tuner that timed both layouts on a prediction's first windows and kept the faster measured
     slower end to end there, and was dropped). 2D weights and CUDA stay as they are (not measured there)."""
     if device.type != "cpu":

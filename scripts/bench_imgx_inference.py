@@ -30,7 +30,14 @@ from imgx3d.config import load_config  # noqa: E402
 from imgx3d.inference.predictor import predict_probabilities
 from imgx3d.inference.windows import make_window  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_kernels, use_fast_cpu_layout  # noqa: E402
+from imgx3d.resources import (  # noqa: E402
+    autocast,
+    channels_last_pays_in_inference,
+    choose_precision,
+    precision_name,
+    use_fast_cpu_kernels,
+    use_fast_cpu_layout,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
 
@@ -69,9 +76,10 @@ def main() -> None:
         nets[f"imgx_up_subunits_{up}"] = build_method(
             dataclasses.replace(imgx_cfg.method, up_subunits=up), 3, 1).eval()
     for method in nets.values():
-        use_fast_cpu_kernels(method, cpu)  # as the Predictor loads them
+        use_fast_cpu_kernels(method, cpu, training=False)  # as the Predictor loads them
     nets["unet_torch_kernels"] = build_method(unet_cfg.method, 3, 1).eval()
-    use_fast_cpu_layout(nets["unet_torch_kernels"], cpu)  # the same layout, torch's kernel choice
+    if channels_last_pays_in_inference():  # the predictor's layout, torch's kernel choice
+        use_fast_cpu_layout(nets["unet_torch_kernels"], cpu)
     emit("imgx_inference.setup", None, "", machine=machine(), shape=args.shape, repeats=args.repeats,
          rounds=args.rounds,
          k=imgx_cfg.method.infer_steps)

@@ -75,7 +75,7 @@ def monai_step(cfg, num_classes: int, in_channels: int, precision: torch.dtype |
     """One optimisation step of the bare loop: the same network as imgx3d's, DiceCE, AdamW, clipping."""
     net = build_method(cfg.method, num_classes, in_channels).net
     if fast_layout:
-        use_fast_cpu_kernels(net, torch.device("cpu"))
+        use_fast_cpu_kernels(net, torch.device("cpu"), training=True)
     m = cfg.method
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=m.batch_dice,
                          lambda_dice=m.lambda_dice, lambda_ce=m.lambda_ce)

@@ -142,7 +142,7 @@ def test_cpu_inference_convolutions_run_on_onednn_with_the_same_values_and_train
     torch.manual_seed(0)
     net = build_method(_cfg().method, 3, 1).net.eval()
     stock = copy.deepcopy(net)
-    use_fast_cpu_kernels(net, torch.device("cpu"))
+    use_fast_cpu_kernels(net, torch.device("cpu"), training=False)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and not m.transposed]
     assert convs and all(type(m) is OneDNNConv3d for m in convs)
     assert {k: v.tolist() for k, v in net.state_dict().items()} == {k: v.tolist() for k, v in stock.state_dict().items()}
@@ -160,9 +160,25 @@ def test_cpu_inference_convolutions_run_on_onednn_with_the_same_values_and_train
     for ours, theirs in zip(net.parameters(), stock.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad)
     untouched = copy.deepcopy(stock)
-    use_fast_cpu_kernels(untouched, torch.device("cuda", 0))  # only the CPU: a GPU keeps cuDNN's path
+    use_fast_cpu_kernels(untouched, torch.device("cuda", 0), training=True)  # only the CPU: a GPU keeps cuDNN's path
     assert all(type(m) in (torch.nn.Conv3d, torch.nn.ConvTranspose3d) for m in untouched.modules()
                if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d))
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_cpu_weights_are_channels_last_for_training_and_for_inference_only_on_avx512(monkeypatch, capability):
+    from imgx3d.resources import use_fast_cpu_kernels
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    layouts = {}
+    for training in (True, False):
+        net = build_method(_cfg().method, 3, 1).net
+        use_fast_cpu_kernels(net, torch.device("cpu"), training=training)
+        cl = torch.channels_last_3d  # the 5D weights whose two layouts differ (not those of 1 channel, 1³ kernels)
+        weights = [p for p in net.parameters()
+                   if p.dim() == 5 and not (p.is_contiguous() and p.is_contiguous(memory_format=cl))]
+        layouts[training] = {p.is_contiguous(memory_format=cl) for p in weights}
+    assert layouts == {True: {True}, False: {capability == "AVX512"}}
 
 
 def test_fp16_trains_through_a_gradient_scaler_saved_in_checkpoints(msd_dataset, tmp_path, monkeypatch):

@@ -279,7 +279,7 @@ class Predictor:
         self.codec = LabelCodec(labels, config.data)
         for member in self.members:
             member.to(self.device).eval()
-            use_fast_cpu_kernels(member, self.device)
+            use_fast_cpu_kernels(member, self.device, training=False)
         use_fast_cuda_kernels(self.device)
 
     @classmethod

@@ -224,7 +224,7 @@ def measured_step_seconds(device: str) -> StepTimer:
 
     def _time_steps(cfg: Config) -> float:
         method = build_method(cfg.method, 3, 1).to(dev).train()
-        use_fast_cpu_kernels(method, dev)  # the step the trainer runs: its kernels, memory layout and precision
+        use_fast_cpu_kernels(method, dev, training=True)  # the trainer's step: its kernels, layout and precision
         precision = choose_precision(cfg.train.precision_setting(), dev)
         params = [p for group in method.parameter_groups().values() for p in group]
         optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -125,7 +125,7 @@ class Trainer:
         self.dist = dist or DistContext()
         self.method.to(self.device)
         use_fast_cuda_kernels(self.device)
-        use_fast_cpu_kernels(self.method, self.device)
+        use_fast_cpu_kernels(self.method, self.device, training=True)
         self.groups = method.parameter_groups()
         self.training_step, self.average_gradients = self.dist.wrap(method.training_step, method, self.device,
                                                                     len(self.groups))
