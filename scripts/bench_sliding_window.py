@@ -3,7 +3,9 @@
 A 512 x 512 x 300 volume, a 14-class 3D U-Net (MONAI ``UNet``; untrained: the cost and the
 memory do not depend on the weights), roi 96^3, gaussian blending. MONAI runs 4 windows per forward pass; ``streaming`` one at a
 time (what ``imgx3d predict`` does on CPU), ``streaming_batch4`` 4 at a time (its GPU mode),
-``streaming_fp16`` one at a time with float16 accumulators. Each variant runs in its own
+``streaming_fp16`` one at a time with float16 accumulators; the streaming variants' network has
+the CPU kernels ``imgx3d predict`` loads it with (``use_fast_cpu_kernels``: every convolution on
+oneDNN), MONAI's is the stock module a MONAI user calls. Each variant runs in its own
 process, so its peak resident memory (``ru_maxrss``) is its own; the parent prints JSON lines
 with seconds, peak RSS and the fraction of voxels whose labels differ (float summation order).
 
@@ -34,9 +36,12 @@ def _run_variant(variant: str, shape: list[int], classes: int, roi: int, overlap
     from monai.networks.nets import UNet
 
     from imgx3d.inference.windows import streaming_argmax
+    from imgx3d.resources import use_fast_cpu_kernels
 
     torch.manual_seed(0)
     net = UNet(3, 1, classes, channels=[8, 16, 32, 64], strides=[2, 2, 2], num_res_units=1).eval()
+    if variant != "monai":
+        use_fast_cpu_kernels(net, torch.device("cpu"), training=False)  # as imgx3d predict loads its networks
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(net(x).float(), 1)
