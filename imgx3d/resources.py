@@ -121,7 +121,7 @@ class OneDNNConv3d(torch.nn.Conv3d):
     batch 1 with a 3-wide kernel to its im2col kernel (``slow_conv3d``) unless N·C·D·H exceeds
     20 480 ("for some case, native is faster", a threshold tuned on 2D convolutions). In 3D that
     is every window of a U-Net's deeper levels: on a 2-core AMD EPYC (AVX2) the im2col kernel took
-    2-6x oneDNN's time for those layers, and a batch-1 hippocampus U-Net window pass ran 2.0-2.4x faster
+    2-6x oneDNN's time for those layers, and a batch-1 hippocampus U-Net window pass ran 1.9-2.7x faster
     with every convolution on oneDNN (``scripts/bench_imgx_inference.py``). The values are the
     same convolution up to fp32 rounding. Training (autograd), autocast, other dtypes and devices
     take PyTorch's own path, as do string paddings and non-zero padding modes.
