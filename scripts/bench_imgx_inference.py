@@ -85,8 +85,8 @@ def main() -> None:
          k=imgx_cfg.method.infer_steps)
     for setting in ("fp32", "auto"):
         dtype = choose_precision(setting, cpu)
-        windows = {name: make_window((unet_cfg if name.startswith("unet") else imgx_cfg).infer, unet_cfg.data.patch_size)
-                   for name in nets}
+        windows = {name: make_window((unet_cfg if name.startswith("unet") else imgx_cfg).infer,
+                                     unet_cfg.data.patch_size) for name in nets}
         with torch.inference_mode(), autocast(cpu, dtype):
             took = seconds(nets, image, windows, args.repeats, args.rounds)
         for name, value in took.items():

@@ -29,7 +29,13 @@ from _bench import emit, machine  # noqa: E402
 
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_layout, use_onednn_convolutions  # noqa: E402
+from imgx3d.resources import (  # noqa: E402
+    autocast,
+    choose_precision,
+    precision_name,
+    use_fast_cpu_layout,
+    use_onednn_convolutions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
