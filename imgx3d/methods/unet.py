@@ -40,6 +40,10 @@ class UNetConfig(MethodConfig):
         batch_dice: compute Dice over the whole batch (nnU-Net's default) instead of per sample.
         full_res_features: ``arch: unet``: a full-resolution level of this many features on top of
             ``channels`` (0: none; see :func:`~imgx3d.nets.segmentation.build_segmentation_net`).
+        deep_supervision: ``arch: dynunet``: Dice + CE also on this many lower decoder levels' outputs
+            (upsampled), weighted 1, 1/2, 1/4, ... from the top and normalised to sum 1 (nnU-Net's
+            weights; nnU-Net zeroes its coarsest head, which at 4 levels leaves the top and one head,
+            ``deep_supervision: 1``). Inference uses the top output only. 0: none.
     """
 
     name: str = "unet"
@@ -55,6 +59,7 @@ class UNetConfig(MethodConfig):
     lambda_ce: float = 1.0
     batch_dice: bool = True
     full_res_features: int = 0
+    deep_supervision: int = 0
 
 
 @register
@@ -70,7 +75,9 @@ class UNetMethod(Method):
         self.spatial_dims = cfg.spatial_dims
         self.net = build_segmentation_net(cfg.arch, self.spatial_dims, in_channels, num_classes, cfg.channels,
                                           cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size,
-                                          cfg.full_res_features)
+                                          cfg.full_res_features, cfg.deep_supervision)
+        head_weights = torch.tensor([0.5 ** i for i in range(1 + cfg.deep_supervision)])
+        self.head_weights = (head_weights / head_weights.sum()).tolist()
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
                                lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
 
@@ -81,7 +88,10 @@ class UNetMethod(Method):
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         logits = self.net(batch["image"])
-        return {"loss/model": self.loss(logits, batch["label"])}
+        if not self.cfg.deep_supervision:
+            return {"loss/model": self.loss(logits, batch["label"])}
+        heads = torch.unbind(logits, dim=1)  # DynUNet in training mode: (B, 1 + heads, C, ...)
+        return {"loss/model": sum(w * self.loss(head, batch["label"]) for w, head in zip(self.head_weights, heads))}
 
     def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
         """Softmax of one network pass (the :class:`~imgx3d.methods.base.WindowSegmenter` role)."""
