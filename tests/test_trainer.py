@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from imgx3d.config import load_config
+from imgx3d.errors import ConfigError
 from imgx3d.methods.base import build_method
 from imgx3d.training.trainer import Trainer
 from imgx3d.training.workflow import train_run
@@ -295,3 +296,42 @@ def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exac
     resumed = torch.load(tmp_path / "broken" / "last.pt", weights_only=False)
     for key, value in last["ema"].items():
         assert torch.equal(resumed["ema"][key], value), key
+
+
+@pytest.mark.parametrize("heads, weights", [(1, [2 / 3, 1 / 3]), (2, [4 / 7, 2 / 7, 1 / 7])])
+def test_deep_supervision_weights_each_heads_loss_and_predicts_with_the_top_output(heads, weights):
+    cfg = load_config(None, ["method.name=unet", "method.arch=dynunet", "method.channels=[4,8,16,16]",
+                             "method.strides=[2,2,2]", f"method.deep_supervision={heads}"])
+    method = build_method(cfg.method, num_classes=3, in_channels=1)
+    torch.manual_seed(0)
+    image = torch.randn(2, 1, 16, 16, 16)
+    label = (torch.arange(16 ** 3).reshape(1, 1, 16, 16, 16) % 7 // 3).repeat(2, 1, 1, 1, 1)  # classes 0, 1, 2
+    method.train()
+    outputs = method.net(image)
+    assert outputs.shape == (2, 1 + heads, 3, 16, 16, 16)
+    per_head = [method.loss(outputs[:, i], label) for i in range(1 + heads)]
+    assert len({round(v.item(), 4) for v in per_head}) == 1 + heads  # distinct heads: the weights matter
+    expected = sum(w * v for w, v in zip(weights, per_head))
+    assert torch.allclose(method.training_step({"image": image, "label": label}, 0)["loss/model"], expected)
+    method.eval()
+    with torch.no_grad():
+        top = method.net(image)
+        assert torch.allclose(top, outputs[:, 0].detach(), atol=1e-5)
+        assert torch.allclose(method.window_probabilities(image), torch.softmax(top, dim=1))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.arch=unet", "method.deep_supervision=1"], "needs method.arch: dynunet"),
+    (["method.arch=dynunet", "method.channels=[4,8,16]", "method.strides=[2,2]", "method.deep_supervision=2"],
+     "must be 0 to 1"),
+])
+def test_deep_supervision_outside_dynunets_levels_is_a_config_error(overrides, message):
+    cfg = load_config(None, ["method.name=unet", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        build_method(cfg.method, num_classes=2, in_channels=1)
+
+
+def test_deep_supervised_dynunet_trains_and_scores_whole_volumes(msd_dataset, tmp_path):
+    result = train_run(_cfg("method.arch=dynunet", "method.deep_supervision=1"), msd_dataset, tmp_path / "r")
+    assert any(k.startswith("net.deep_supervision_heads.") for k in _weights(tmp_path / "r" / "best.pt"))
+    assert result.test_summary["cases"] == 2  # the test split predicted by the top output alone (eval mode)
