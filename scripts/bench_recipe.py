@@ -27,6 +27,9 @@ Arms:
     fullres16_ema
            fullres16 validated, kept and tested with an exponential moving average of its weights
            (``train.ema`` 0.998, a ~500-step horizon, from step 500: a run of ~2 500 steps)
+    fullres16_batch8
+           fullres16 at batch 8 instead of 4 (nnU-Net: 9 on the hippocampus): half the steps in the
+           budget, each on twice the patches (validation flattens by ~1 500 steps at batch 4)
     dynunet16
            bf16 MONAI DynUNet (nnU-Net's network: two conv-norm-LeakyReLU per level, transposed
            convolutions up) with features [16, 32, 64, 128], its first level at full resolution;
@@ -70,6 +73,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "fullres16_nnunet_da": [*FULLRES16, *MIRROR3, "data.affine_prob=0.2", "data.rotate_deg=30", "data.scale_range=0.3",
                             "data.intensity_scheme=nnunet"],
     "fullres16_ema": [*FULLRES16, "train.ema=0.998", "train.ema_start=500"],
+    "fullres16_batch8": [*FULLRES16, "data.batch_size=8"],
     "dynunet16": DYNUNET16,
     "dynunet16_ds1": [*DYNUNET16, "method.deep_supervision=1"],
 }
