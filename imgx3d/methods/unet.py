@@ -76,8 +76,8 @@ class UNetMethod(Method):
         self.net = build_segmentation_net(cfg.arch, self.spatial_dims, in_channels, num_classes, cfg.channels,
                                           cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size,
                                           cfg.full_res_features, cfg.deep_supervision)
-        head_weights = torch.tensor([0.5 ** i for i in range(1 + cfg.deep_supervision)])
-        self.head_weights = (head_weights / head_weights.sum()).tolist()
+        halving = [0.5 ** i for i in range(1 + cfg.deep_supervision)]
+        self.head_weights = [w / sum(halving) for w in halving]
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
                                lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
 
