@@ -37,6 +37,11 @@ Arms:
     dynunet16_ds1
            dynunet16 with deep supervision on the half-resolution decoder level (weights 2/3, 1/3:
            nnU-Net's, whose coarsest head's zero weight leaves one head at 4 levels)
+    fullres16_trainval
+           fullres16 trained on the 16 validation cases too (160 cases, ``data.split.val_fraction: 0``;
+           the test split is cut first, so it stays the same 40): no validation, so the last weights
+           (the end of the cosine schedule, nnU-Net's final checkpoint) are tested and no
+           postprocessing is learned (the validation runs kept none)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
@@ -79,6 +84,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "fullres16_batch8": [*FULLRES16, "data.batch_size=8"],
     "dynunet16": DYNUNET16,
     "dynunet16_ds1": [*DYNUNET16, "method.deep_supervision=1"],
+    "fullres16_trainval": [*FULLRES16, "data.split.val_fraction=0"],
 }
 
 
