@@ -150,20 +150,66 @@ def test_time_unet_with_one_up_subunit_is_monai_unet_plus_time_conditioning():
 def test_film_scales_and_shifts_each_channel_and_one_timestep_serves_a_batch():
     """FiLM is ``h * (1 + scale) + shift`` per sample and channel (non-trivial values); a (1,)
     timestep (what prediction passes for a batch of windows) equals that timestep repeated."""
+    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
     from imgx3d.nets.diffusion_unet import FiLMTimeUNet
 
     torch.manual_seed(0)
-    film = torch.nn.Linear(6, 8)
-    h, emb = torch.randn(2, 4, 3, 5, 2), torch.randn(2, 6)
-    scale, shift = film(emb).chunk(2, dim=1)
-    expected = h * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
-    torch.testing.assert_close(FiLMTimeUNet._film(h, film, emb), expected)
-    torch.testing.assert_close(FiLMTimeUNet._film(h, film, emb[:1]), FiLMTimeUNet._film(h, film, emb[:1].repeat(2, 1)))
+    h, scale, shift = torch.randn(2, 4, 3, 5, 2), torch.randn(2, 4, 1, 1, 1), torch.randn(2, 4, 1, 1, 1)
+    expected = torch.stack([h[b, c] * (1 + scale[b, c, 0, 0, 0]) + shift[b, c, 0, 0, 0]
+                            for b in range(2) for c in range(4)]).view(2, 4, 3, 5, 2)
+    torch.testing.assert_close(FiLMTimeUNet._film(h, scale, shift), expected)
     net = FiLMTimeUNet(3, 4, 3, [8, 16, 32], [2, 2], num_res_units=2, up_subunits=1).eval()
+    scale0, shift0 = net.conditioning(torch.tensor([1]), torch.float32)[0]
+    emb = net.time_mlp(get_timestep_embedding(torch.tensor([1]), 8))
+    torch.testing.assert_close(torch.cat([scale0, shift0], 1).flatten(), net.down_films[0](emb).flatten())
     x = torch.randn(3, 4, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(net(x, torch.tensor([2])), net(x, torch.tensor([2, 2, 2])))
         assert not torch.allclose(net(x, torch.tensor([2])), net(x, torch.tensor([0]))), "the timestep conditions"
+
+
+def test_remembered_conditioning_follows_the_timestep_and_every_weight_change():
+    """Prediction remembers each timestep's FiLM scales and shifts; the memo must give what a fresh
+    computation gives, and be dropped by an optimiser step, ``load_state_dict`` or new storage."""
+    from imgx3d.nets.diffusion_unet import FiLMTimeUNet
+
+    torch.manual_seed(1)
+    net = FiLMTimeUNet(3, 4, 3, [8, 16, 32], [2, 2], num_res_units=2, up_subunits=1)
+    x, t = torch.randn(1, 4, 16, 16, 16), torch.tensor([3])
+
+    def fresh() -> torch.Tensor:  # gradient mode: never remembered
+        with torch.enable_grad():
+            return net(x, t).detach()
+
+    net.eval()
+    with torch.inference_mode():
+        first = net(x, t)
+        assert len(net._memo) == 1
+        torch.testing.assert_close(net(x, t), first)
+        assert not torch.allclose(net(x, torch.tensor([0])), first), "a different timestep is not served the memo"
+    torch.testing.assert_close(first, fresh())
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.05)
+    net(x, t).square().mean().backward()
+    optimizer.step()
+    net.eval()
+    with torch.inference_mode():
+        stepped = net(x, t)
+    assert not torch.allclose(stepped, first)
+    torch.testing.assert_close(stepped, fresh())
+    other = FiLMTimeUNet(3, 4, 3, [8, 16, 32], [2, 2], num_res_units=2, up_subunits=1).state_dict()
+    net.load_state_dict(other)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x, t), fresh())
+    net.time_mlp[0].weight.data = net.time_mlp[0].weight.data * 3  # new storage
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x, t), fresh())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net(x, t)
+    assert low.dtype == torch.bfloat16 and net._memo, "autocast's state is part of the key"
+    with torch.inference_mode():
+        assert net(x, t).dtype == torch.float32
 
 
 def test_x0_loss_is_dice_plus_cross_entropy_with_weights_one():

@@ -92,6 +92,8 @@ def sample(schedule: DiffusionSchedule, predict_x0: Callable[[torch.Tensor, int]
     x0_hat = x_T
     for t in reversed(range(schedule.num_steps)):
         x0_hat = predict_x0(x_t, t)
+        if t == 0:  # the chain's end: x0_hat is the result (a last step's x_{-1} would go unused)
+            break
         if sampler == "ddpm":
             x_t = ddpm_step(schedule, x_t, t, x0_hat, generator)
         else:

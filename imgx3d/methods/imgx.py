@@ -110,7 +110,11 @@ class ImgXDiffSeg(Method):
     def _net_out(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                  schedule: DiffusionSchedule) -> torch.Tensor:
         """The network on ``[image, x_t]`` at chain index t: x0 class logits (x0 mode) or noise (eps mode)."""
-        return self.net(torch.cat([image, x_t.to(image.dtype)], 1), schedule.embed_timesteps(t).to(image.device))
+        return self._net_on_joined(torch.cat([image, x_t.to(image.dtype)], 1), t, schedule)
+
+    def _net_on_joined(self, joined: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+        """:meth:`_net_out` on ``[image, x_t]`` already joined on channels (prediction's windows are)."""
+        return self.net(joined, schedule.embed_timesteps(t).to(joined.device))
 
     def _x0_estimate(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                      schedule: DiffusionSchedule) -> torch.Tensor:
@@ -157,8 +161,7 @@ class ImgXDiffSeg(Method):
         def predict_x0(x_t: torch.Tensor, t: int) -> torch.Tensor:
             def per_window(patch: torch.Tensor) -> torch.Tensor:
                 tt = torch.full((1,), t, dtype=torch.long, device=patch.device)  # one step for every window
-                noisy = patch[:, n_image:]
-                return self._x0_estimate(self._net_out(patch[:, :n_image], noisy, tt, schedule), noisy, tt, schedule)
+                return self._x0_estimate(self._net_on_joined(patch, tt, schedule), patch[:, n_image:], tt, schedule)
 
             # gaussian blending is a normalised weighted mean, so blending x0_hat = 2p - 1 equals
             # blending the probabilities p: one consistent x0 estimate for the whole volume per step
