@@ -42,6 +42,9 @@ Arms:
            the test split is cut first, so it stays the same 40): no validation, so the last weights
            (the end of the cosine schedule, nnU-Net's final checkpoint) are tested and no
            postprocessing is learned (the validation runs kept none)
+    fullres16_sgd
+           fullres16 with nnU-Net's optimiser: SGD, Nesterov momentum 0.99, LR 1e-2 with poly (0.9)
+           decay over the budget and no warmup, weight decay 3e-5, gradient norm clipped at 12
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
@@ -85,6 +88,8 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "dynunet16": DYNUNET16,
     "dynunet16_ds1": [*DYNUNET16, "method.deep_supervision=1"],
     "fullres16_trainval": [*FULLRES16, "data.split.val_fraction=0"],
+    "fullres16_sgd": [*FULLRES16, "train.optimizer=sgd", "train.lr=0.01", "train.scheduler=poly", "train.warmup_steps=0",
+                      "train.weight_decay=0.00003", "train.grad_clip=12"],
 }
 
 
