@@ -6,9 +6,11 @@ The hippocampus U-Net (``configs/hippocampus/unet.yaml``: its full-resolution le
 full-resolution level), each in fp32 and in the precision ``auto`` picks on this machine. Two
 copies with the same weights and both with their convolutions on oneDNN
 (``imgx3d.resources.use_onednn_convolutions``, as the trainer and the predictor run them on the
-CPU), one in PyTorch's default layout, one after ``imgx3d.resources.use_fast_cpu_layout``, timed
-alternately in this one process, so load from elsewhere hits both alike; medians are reported,
-with the largest output difference.
+CPU), one in PyTorch's default layout, one after ``imgx3d.resources.use_fast_cpu_layout``, and a
+third with its channels-last weights but PyTorch's own instance norms (``channels_last_weights``:
+the layout before the norms kept it; each norm then returns the default layout and the next
+convolution converts back), timed alternately in this one process, so load from elsewhere hits
+them alike; medians are reported, with the largest output difference from the default layout.
 
 Usage: python scripts/bench_memory_format.py [--repeats 7] [--threads 1]
 """
@@ -30,6 +32,7 @@ from _bench import emit, machine  # noqa: E402
 from imgx3d.config import load_config  # noqa: E402
 from imgx3d.methods.base import build_method  # noqa: E402
 from imgx3d.resources import (  # noqa: E402
+    ChannelsLastInstanceNorm3d,
     autocast,
     choose_precision,
     precision_name,
@@ -65,11 +68,10 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "hippocampus" / "unet.yaml")
     default = build_method(cfg.method, num_classes=3, in_channels=1)
     use_onednn_convolutions(default)
-    fast = copy.deepcopy(default)
-    use_fast_cpu_layout(fast, torch.device("cpu"))
+    fast, weights_only = _channels_last_copies(default)
     batch = {"image": torch.randn(cfg.data.batch_size, 1, *cfg.data.patch_size),
              "label": torch.randint(0, 3, (cfg.data.batch_size, 1, *cfg.data.patch_size))}
-    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (default, fast)}
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (default, fast, weights_only)}
 
     def train_step(method):
         loss = sum(v for k, v in method.training_step(batch, 0).items() if k.startswith("loss/"))
@@ -77,41 +79,52 @@ def main() -> None:
         optimizers[id(method)].step()
         optimizers[id(method)].zero_grad(set_to_none=True)
 
-    seconds = _alternate({"default": lambda: train_step(default), "channels_last_3d": lambda: train_step(fast)},
-                         args.repeats)
-    base = statistics.median(seconds["default"])
-    emit("memory_format.train_step.default.seconds", round(base, 4), "s", baseline=True, runs=seconds["default"])
-    ours = statistics.median(seconds["channels_last_3d"])
-    emit("memory_format.train_step.channels_last_3d.seconds", round(ours, 4), "s", speedup=round(base / ours, 3))
+    seconds = _alternate({"default": lambda: train_step(default), "channels_last_weights": lambda: train_step(weights_only),
+                          "channels_last_3d": lambda: train_step(fast)}, args.repeats)
+    _emit_against_default("memory_format.train_step", seconds)
 
     windows = torch.randn(4, 1, 64, 64, 64)
-    fast.load_state_dict(default.state_dict())  # the same weights again (copied into the channels-last storage)
+    for variant in (fast, weights_only):  # the same weights again (copied into the channels-last storage)
+        variant.load_state_dict(default.state_dict())
     inference_net = load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]"])
-    nets = {"hippocampus": (default, fast), "bench_inference": _pair(inference_net)}
+    plain = build_method(inference_net.method, num_classes=3, in_channels=1)
+    use_onednn_convolutions(plain)
+    nets = {"hippocampus": (default, fast, weights_only), "bench_inference": (plain, *_channels_last_copies(plain))}
     cpu = torch.device("cpu")
-    for net_name, (plain, last) in nets.items():
-        plain.eval(), last.eval()
+    for net_name, variants in nets.items():
+        variants = dict(zip(("default", "channels_last_3d", "channels_last_weights"), variants))
+        for method in variants.values():
+            method.eval()
         for setting in ("fp32", "auto"):
             dtype = choose_precision(setting, cpu)
             with torch.inference_mode(), autocast(cpu, dtype):
-                seconds = _alternate({"default": lambda: plain.window_probabilities(windows),
-                                      "channels_last_3d": lambda: last.window_probabilities(windows)}, args.repeats)
-                difference = (plain.window_probabilities(windows) - last.window_probabilities(windows)).abs().max()
-            name = f"memory_format.window_pass.{net_name}.{precision_name(dtype)}"
-            base = statistics.median(seconds["default"])
-            emit(f"{name}.default.seconds", round(base, 4), "s", baseline=True, runs=seconds["default"])
-            ours = statistics.median(seconds["channels_last_3d"])
-            emit(f"{name}.channels_last_3d.seconds", round(ours, 4), "s", speedup=round(base / ours, 3),
-                 max_probability_difference=float(difference))
+                passes = {name: (lambda m=m: m.window_probabilities(windows)) for name, m in variants.items()}
+                seconds = _alternate(passes, args.repeats)
+                reference = passes["default"]()
+                differences = {name: float((fn() - reference).abs().max()) for name, fn in passes.items()}
+            _emit_against_default(f"memory_format.window_pass.{net_name}.{precision_name(dtype)}", seconds, differences)
 
 
-def _pair(cfg) -> tuple:
-    """The network of ``cfg`` twice, same weights: default layout and channels-last."""
-    plain = build_method(cfg.method, num_classes=3, in_channels=1)
-    use_onednn_convolutions(plain)
-    last = copy.deepcopy(plain)
-    use_fast_cpu_layout(last, torch.device("cpu"))
-    return plain, last
+def _channels_last_copies(method) -> tuple:
+    """Two copies of ``method`` (same weights): after ``use_fast_cpu_layout``, and with its
+    channels-last weights but PyTorch's own instance norms (the layout before the norms kept it)."""
+    fast = copy.deepcopy(method)
+    use_fast_cpu_layout(fast, torch.device("cpu"))
+    weights_only = copy.deepcopy(fast)
+    for sub in weights_only.modules():
+        if type(sub) is ChannelsLastInstanceNorm3d:
+            sub.__class__ = torch.nn.InstanceNorm3d
+    return fast, weights_only
+
+
+def _emit_against_default(name: str, seconds: dict[str, list[float]], differences: dict[str, float] | None = None) -> None:
+    """Median seconds of each variant, the default layout as the baseline (speed-ups against it)."""
+    base = statistics.median(seconds["default"])
+    emit(f"{name}.default.seconds", round(base, 4), "s", baseline=True, runs=[round(s, 4) for s in seconds["default"]])
+    for variant in ("channels_last_weights", "channels_last_3d"):
+        ours = statistics.median(seconds[variant])
+        extra = {"max_probability_difference": differences[variant]} if differences else {}
+        emit(f"{name}.{variant}.seconds", round(ours, 4), "s", speedup=round(base / ours, 3), **extra)
 
 
 if __name__ == "__main__":
