@@ -214,7 +214,7 @@ def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
         if param.dim() == 5:
             param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return  # the norms' gain below was measured on AVX-512 only
+        return  # the norm swap's gain was measured on AVX-512 only
     for sub in module.modules():  # a class swap, as use_onednn_convolutions: parameters and keys stay
         if type(sub) is torch.nn.InstanceNorm3d:
             sub.__class__ = ChannelsLastInstanceNorm3d
