@@ -88,10 +88,10 @@ class FiLMTimeUNet(nn.Module):
         for the same K timesteps at every volume; their small matrix products (2 in the time MLP, one
         per FiLM layer) and autocast's casts took ~6 % of a hippocampus-sized bf16 step in a profile
         on a 2-core CPU, so prediction computes them once per timestep. The memo is keyed by the
-        timesteps, the dtype and autocast's state, and
-        dropped when any conditioning weight changes (storage or in-place version: optimiser steps,
-        ``load_state_dict``, EMA swaps; not writes through ``param.data``, which bypass the version).
-        Training mode and gradient mode compute afresh.
+        timesteps, the dtype and autocast's state, and dropped when any conditioning weight changes
+        (storage or in-place version: optimiser steps, ``load_state_dict``, EMA swaps; not writes
+        through ``param.data``, which bypass the version). Training mode and gradient mode compute
+        afresh.
         """
         if self.training or torch.is_grad_enabled():
             return self._conditioning(timesteps, dtype)
