@@ -45,6 +45,8 @@ Arms:
     fullres16_sgd
            fullres16 with nnU-Net's optimiser: SGD, Nesterov momentum 0.99, LR 1e-2 with poly (0.9)
            decay over the budget and no warmup, weight decay 3e-5, gradient norm clipped at 12
+    fullres16_lr1e3
+           fullres16 with AdamW's peak LR at 1e-3 instead of 2e-3 (the cosine's floor stays 1e-5)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
@@ -90,6 +92,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "fullres16_trainval": [*FULLRES16, "data.split.val_fraction=0"],
     "fullres16_sgd": [*FULLRES16, "train.optimizer=sgd", "train.lr=0.01", "train.scheduler=poly", "train.warmup_steps=0",
                       "train.weight_decay=0.00003", "train.grad_clip=12"],
+    "fullres16_lr1e3": [*FULLRES16, "train.lr=0.001"],
 }
 
 
