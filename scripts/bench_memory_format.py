@@ -3,8 +3,8 @@
 The hippocampus U-Net (``configs/hippocampus/unet.yaml``: its full-resolution level and widths
 24-192, batch 4 of 40 x 56 x 40 patches) with its loss and AdamW, and window passes of 4 x 64³
 (as ``bench_inference.py``) of that network and of ``bench_inference.py``'s (widths 16-128, no
-full-resolution level), each in fp32 and in the precision ``auto`` picks on this machine. Two
-copies with the same weights and both with their convolutions on oneDNN
+full-resolution level), each in fp32 and in the precision ``auto`` picks on this machine. Copies
+with the same weights, all with their convolutions on oneDNN
 (``imgx3d.resources.use_onednn_convolutions``, as the trainer and the predictor run them on the
 CPU), one in PyTorch's default layout, one after ``imgx3d.resources.use_fast_cpu_layout``, and a
 third with its channels-last weights but PyTorch's own instance norms (``channels_last_weights``:
@@ -68,10 +68,10 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "hippocampus" / "unet.yaml")
     default = build_method(cfg.method, num_classes=3, in_channels=1)
     use_onednn_convolutions(default)
-    fast, weights_only = _channels_last_copies(default)
+    hippocampus = _layout_variants(default)
     batch = {"image": torch.randn(cfg.data.batch_size, 1, *cfg.data.patch_size),
              "label": torch.randint(0, 3, (cfg.data.batch_size, 1, *cfg.data.patch_size))}
-    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (default, fast, weights_only)}
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in hippocampus.values()}
 
     def train_step(method):
         loss = sum(v for k, v in method.training_step(batch, 0).items() if k.startswith("loss/"))
@@ -79,20 +79,18 @@ def main() -> None:
         optimizers[id(method)].step()
         optimizers[id(method)].zero_grad(set_to_none=True)
 
-    seconds = _alternate({"default": lambda: train_step(default), "channels_last_weights": lambda: train_step(weights_only),
-                          "channels_last_3d": lambda: train_step(fast)}, args.repeats)
+    seconds = _alternate({name: (lambda m=m: train_step(m)) for name, m in hippocampus.items()}, args.repeats)
     _emit_against_default("memory_format.train_step", seconds)
 
     windows = torch.randn(4, 1, 64, 64, 64)
-    for variant in (fast, weights_only):  # the same weights again (copied into the channels-last storage)
+    for variant in hippocampus.values():  # the same weights again (copied into the channels-last storage)
         variant.load_state_dict(default.state_dict())
     inference_net = load_config(None, ["method.name=unet", "method.channels=[16,32,64,128]", "method.strides=[2,2,2]"])
     plain = build_method(inference_net.method, num_classes=3, in_channels=1)
     use_onednn_convolutions(plain)
-    nets = {"hippocampus": (default, fast, weights_only), "bench_inference": (plain, *_channels_last_copies(plain))}
+    nets = {"hippocampus": hippocampus, "bench_inference": _layout_variants(plain)}
     cpu = torch.device("cpu")
     for net_name, variants in nets.items():
-        variants = dict(zip(("default", "channels_last_3d", "channels_last_weights"), variants))
         for method in variants.values():
             method.eval()
         for setting in ("fp32", "auto"):
@@ -105,16 +103,17 @@ def main() -> None:
             _emit_against_default(f"memory_format.window_pass.{net_name}.{precision_name(dtype)}", seconds, differences)
 
 
-def _channels_last_copies(method) -> tuple:
-    """Two copies of ``method`` (same weights): after ``use_fast_cpu_layout``, and with its
-    channels-last weights but PyTorch's own instance norms (the layout before the norms kept it)."""
+def _layout_variants(method) -> dict:
+    """``method`` (``default``) and two copies with its weights: after ``use_fast_cpu_layout``
+    (``channels_last_3d``), and with channels-last weights but PyTorch's own instance norms
+    (``channels_last_weights``: the layout before the norms kept it)."""
     fast = copy.deepcopy(method)
     use_fast_cpu_layout(fast, torch.device("cpu"))
     weights_only = copy.deepcopy(fast)
     for sub in weights_only.modules():
         if type(sub) is ChannelsLastInstanceNorm3d:
             sub.__class__ = torch.nn.InstanceNorm3d
-    return fast, weights_only
+    return {"default": method, "channels_last_weights": weights_only, "channels_last_3d": fast}
 
 
 def _emit_against_default(name: str, seconds: dict[str, list[float]], differences: dict[str, float] | None = None) -> None:
