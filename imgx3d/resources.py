@@ -149,8 +149,8 @@ class ChannelsLastInstanceNorm3d(torch.nn.InstanceNorm3d):
     next channels-last convolution converts back. A group norm with C groups normalises over the same
     voxels per sample and channel, with the same biased variance, eps and affine parameters (the
     same values up to rounding), and its CPU kernel keeps the channels-last order. Measured there
-    (``scripts/bench_memory_format.py``): fp32 hippocampus training steps 1.11x and 4 × 64³ window
-    passes 1.13-1.37x faster than with channels-last weights alone. The group-norm kernel is slower
+    (``scripts/bench_memory_format.py``, idle, medians of 7): a fp32 hippocampus training step 1.08x and
+    4 × 64³ window passes 1.15-1.35x faster than with channels-last weights alone. The group-norm kernel is slower
     than the instance norm on maps of few voxels (under ``GROUP_NORM_MIN_VOXELS`` per channel, e.g.
     192 × 5 × 7 × 5) and in bf16 (a bf16 hippocampus training step took 0.82 s against 0.50 s), so
     those, running statistics (``track_running_stats``), other devices and non-3D inputs take the
@@ -173,9 +173,15 @@ def use_onednn_convolutions(module: torch.nn.Module) -> None:
     keeps its parameters, state dict keys, hooks and place); nothing where oneDNN is not built in."""
     if not torch.backends.mkldnn.is_available():
         return
+    _swap_class(module, torch.nn.Conv3d, OneDNNConv3d)
+
+
+def _swap_class(module: torch.nn.Module, stock: type, replacement: type) -> None:
+    """Every submodule of exactly class ``stock`` becomes a ``replacement`` (a subclass), in place:
+    each keeps its parameters, state dict keys, hooks and place."""
     for sub in module.modules():
-        if type(sub) is torch.nn.Conv3d:
-            sub.__class__ = OneDNNConv3d
+        if type(sub) is stock:
+            sub.__class__ = replacement
 
 
 def channels_last_pays_in_inference() -> bool:
@@ -215,9 +221,7 @@ def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
             param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return  # the norm swap's gain was measured on AVX-512 only
-    for sub in module.modules():  # a class swap, as use_onednn_convolutions: parameters and keys stay
-        if type(sub) is torch.nn.InstanceNorm3d:
-            sub.__class__ = ChannelsLastInstanceNorm3d
+    _swap_class(module, torch.nn.InstanceNorm3d, ChannelsLastInstanceNorm3d)
 
 
 def resolve_device(name: str = "auto", what: str = "--device") -> torch.device:
