@@ -1,9 +1,11 @@
 """Memory-bounded sliding window vs MONAI's ``sliding_window_inference`` on a large CT-sized volume.
 
 A 512 x 512 x 300 volume, a 14-class 3D U-Net (MONAI ``UNet``; untrained: the cost and the
-memory do not depend on the weights), roi 96^3, gaussian blending. MONAI runs 4 windows per forward pass; ``streaming`` one at a
-time (what ``imgx3d predict`` does on CPU), ``streaming_batch4`` 4 at a time (its GPU mode),
-``streaming_fp16`` one at a time with float16 accumulators; the streaming variants' network has
+memory do not depend on the weights), roi 96^3, gaussian blending. MONAI runs 4 windows per forward pass; ``streaming`` one per
+forward pass, two passes at once on a CPU of 2+ threads (what ``imgx3d predict`` does on CPU:
+:class:`~imgx3d.inference.windows.ConcurrentBatches`), ``streaming_serial`` one window at a time,
+``streaming_batch4`` 4 at a time (its GPU mode), ``streaming_fp16`` one at a time with float16
+accumulators; the streaming variants' network has
 the CPU kernels ``imgx3d predict`` loads it with (``use_fast_cpu_kernels``: every convolution on
 oneDNN), MONAI's is the stock module a MONAI user calls. Each variant runs in its own
 process, so its peak resident memory (``ru_maxrss``) is its own; the parent prints JSON lines
@@ -28,14 +30,14 @@ import torch
 from _bench import emit, machine
 
 
-VARIANTS = ("monai", "streaming", "streaming_batch4", "streaming_fp16")
+VARIANTS = ("monai", "streaming", "streaming_serial", "streaming_batch4", "streaming_fp16")
 
 
 def _run_variant(variant: str, shape: list[int], classes: int, roi: int, overlap: float, out: Path) -> None:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNet
 
-    from imgx3d.inference.windows import streaming_argmax
+    from imgx3d.inference.windows import ConcurrentBatches, streaming_argmax, window_streams
     from imgx3d.resources import use_fast_cpu_kernels
 
     torch.manual_seed(0)
@@ -58,8 +60,10 @@ def _run_variant(variant: str, shape: list[int], classes: int, roi: int, overlap
             labels = sliding_window_inference(image, [roi] * 3, 4, fn, overlap=overlap, mode="gaussian")[0].max(0).indices
         else:
             dtype = torch.float16 if variant == "streaming_fp16" else torch.float32
-            batch = 4 if variant == "streaming_batch4" else 1
-            labels = streaming_argmax(fn, image, [roi] * 3, batch, overlap, "gaussian", dtype)
+            chunk = 4 if variant == "streaming_batch4" else 1
+            streams = window_streams(torch.device("cpu")) if variant == "streaming" else 1
+            with ConcurrentBatches(fn, chunk, streams) as batches:
+                labels = streaming_argmax(batches, image, [roi] * 3, batches.batch_size, overlap, "gaussian", dtype)
     seconds = time.perf_counter() - t0
     np.save(out, labels.to(torch.uint8).numpy())
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
