@@ -64,8 +64,8 @@ class ConcurrentBatches:
     Why: a U-Net's convolutions on 64³ windows do not scale across cores. On a 2-core AMD EPYC
     (AVX2, fp32) a batch of 4 windows took 100 ms per window on 1 thread and 60 ms on 2 (1.67x),
     while two threads of 1 intra-op thread each, one batch each, took 51 ms per window; a
-    256 x 256 x 128 MONAI sliding window ran 1.13x faster so, with the same output to the bit
-    (each window is the same computation; ``scripts/bench_inference.py``). The blending stays
+    256 x 256 x 128 MONAI sliding window ran 1.13x faster so, with outputs equal to the bit there
+    (each window is the same computation; ``scripts/bench_inference.py`` times it). The blending stays
     the caller's: MONAI's loop (or :func:`streaming_argmax`) is given ``batch_size`` =
     ``chunk x streams`` windows per call, and gets their outputs back in order.
 
