@@ -241,6 +241,9 @@ class InferConfig:
         sw_batch_size: windows per forward pass.
         blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
         tta_flips: spatial axes mirrored for test-time augmentation (all combinations).
+        tta_shifts: phase shifts for test-time augmentation of 3D methods: the volume is also predicted
+            shifted by 1 … N − 1 voxels along every axis (each mirroring at each shift), and the maps
+            are moved back and averaged; 1: none. Not applied by the streaming window.
         streaming: label maps of single-pass 3D methods without whole-volume probability maps
             (``imgx3d.inference.windows``): ``on``, ``off``, or ``auto`` (when those maps would
             exceed ``streaming_above_gib``). With TTA, streaming mirrors each window, not the volume.
@@ -259,6 +262,7 @@ class InferConfig:
     sw_batch_size: int = 4
     blend: str = "gaussian"
     tta_flips: list[int] = field(default_factory=list)
+    tta_shifts: int = 1
     streaming: str = "auto"
     streaming_above_gib: float = 1.0
     precision: str = "auto"
@@ -573,6 +577,7 @@ def validate_infer(i: InferConfig) -> None:
     _check(i.precision in PRECISIONS, "infer.precision", "must be auto, fp32, bf16 or fp16")
     _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
     _check(all(a in (0, 1, 2) for a in i.tta_flips), "infer.tta_flips", "must list axes among 0, 1, 2")
+    _check(i.tta_shifts >= 1, "infer.tta_shifts", "must be >= 1 (1: no shifted predictions)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

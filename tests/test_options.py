@@ -85,8 +85,8 @@ def test_predict_tta_flag_mirrors_over_all_three_axes(run, tmp_path, monkeypatch
     seen = []
     real = infer.predict_probabilities
     monkeypatch.setattr(infer, "predict_probabilities",
-                        lambda method, image, window, tta_flips=(), slices=None:
-                        seen.append(list(tta_flips)) or real(method, image, window, tta_flips, slices))
+                        lambda method, image, window, tta_flips=(), slices=None, tta_shifts=1:
+                        seen.append(list(tta_flips)) or real(method, image, window, tta_flips, slices, tta_shifts))
     folder, data = run
     image = data / "imagesTr" / "case_0.nii.gz"
     assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "a")]) == 0

@@ -63,7 +63,8 @@ def export_settings(checkpoint: Checkpoint, fmt: str, spatial_dims: int) -> dict
     size = window_size(checkpoint, spatial_dims)
     if spatial_dims == 3:
         window = {"roi_size": size, "overlap": cfg.infer.overlap, "mode": cfg.infer.blend,
-                  "sw_batch_size": cfg.infer.sw_batch_size, "tta_flips": list(cfg.infer.tta_flips)}
+                  "sw_batch_size": cfg.infer.sw_batch_size, "tta_flips": list(cfg.infer.tta_flips),
+                  "tta_shifts": cfg.infer.tta_shifts}
     else:  # per slice: cut along slices.axis, resized to slices.size, intensities per volume to [-1, 1]
         window = {"slices": data["slices"], "tta_flips": list(cfg.infer.tta_flips)}
     return {
