@@ -103,6 +103,10 @@ class DataConfig:
         batch_size: patches per training step.
         pos_fraction: share of patches centred on foreground (the rest anywhere).
         flip_axes: spatial axes for random flips (RAS order).
+        translate: each training patch shifted by a random whole number of voxels, uniform in
+            [−translate, translate] per axis (zero fill), after it is cut: a case smaller than the
+            patch is otherwise always centred in it, at one phase of the network's pooling grid.
+            0: off.
         affine_prob: probability of a random rotation (±``rotate_deg`` per axis) and
             scaling (±``scale_range``), applied to the patch (nnU-Net-style spatial augmentation).
         intensity_aug: random intensity augmentation, the set ``intensity_scheme`` names.
@@ -143,6 +147,7 @@ class DataConfig:
     batch_size: int = 2
     pos_fraction: float = 0.67
     flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    translate: int = 0
     affine_prob: float = 0.0
     rotate_deg: float = 15.0
     scale_range: float = 0.15
@@ -536,6 +541,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
     _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
     _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
+    _check(d.translate >= 0, "data.translate", "must be >= 0 (voxels; 0: no random translation)")
     _check(d.intensity_scheme in INTENSITY_SCHEMES, "data.intensity_scheme",
            f"must be one of {', '.join(INTENSITY_SCHEMES)}")
     _check(0.0 <= d.scale_range < 1.0, "data.scale_range", "must be in [0, 1)")

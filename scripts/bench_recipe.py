@@ -47,6 +47,10 @@ Arms:
            decay over the budget and no warmup, weight decay 3e-5, gradient norm clipped at 12
     fullres16_lr1e3
            fullres16 with AdamW's peak LR at 1e-3 instead of 2e-3 (the cosine's floor stays 1e-5)
+    fullres16_translate2
+           fullres16 with each patch shifted by a random -2 … 2 voxels per axis (``data.translate: 2``):
+           a hippocampus case is smaller than its patch, so the plain sampler always centres it, at one
+           phase of the network's pooling grid (the phase shifts of ``infer.tta_shifts`` pay at inference)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
@@ -93,6 +97,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "fullres16_sgd": [*FULLRES16, "train.optimizer=sgd", "train.lr=0.01", "train.scheduler=poly", "train.warmup_steps=0",
                       "train.weight_decay=0.00003", "train.grad_clip=12"],
     "fullres16_lr1e3": [*FULLRES16, "train.lr=0.001"],
+    "fullres16_translate2": [*FULLRES16, "data.translate=2"],
 }
 
 

@@ -67,6 +67,70 @@ def test_tta_flips_every_mirrored_prediction_back():
     assert not torch.allclose(predict_probabilities(Pointwise(), image, window, tta_flips=[0]), unflipped, atol=1e-3)
 
 
+class WhereInTheInput(Pointwise):
+    """A fake 3D segmenter that is not shift-equivariant: its class-1 probability at a voxel depends on the
+    parity of the voxel's index sum in the array it is given (a pooling grid's aliasing, exaggerated)."""
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([1 - self.p1(x.shape[2:]), self.p1(x.shape[2:])], 1)[:1].expand(x.shape[0], -1, -1, -1, -1)
+
+    @staticmethod
+    def p1(shape, offset=(0, 0, 0)) -> torch.Tensor:
+        grid = torch.meshgrid(*[torch.arange(n) + o for n, o in zip(shape, offset)], indexing="ij")
+        return (0.1 + 0.8 * ((grid[0] + grid[1] + grid[2]) % 2) + 0.01 * grid[0]).float()[None, None]
+
+
+def test_tta_shifts_average_the_shifted_maps_moved_back():
+    """Shift s pads s voxels before every axis (N - 1 - s after) and crops them off again: a pointwise
+    model is unchanged, and a position-dependent one gives the mean of its maps at offsets 0 … N - 1."""
+    image, window = _ramp(), make_window(InferConfig(sw_batch_size=2), [16, 16, 16])
+    plain = predict_probabilities(Pointwise(), image, window)
+    torch.testing.assert_close(predict_probabilities(Pointwise(), image, window, tta_flips=[0], tta_shifts=3), plain,
+                               rtol=1e-5, atol=1e-6)
+    # the window (16³) is larger than the volume, so MONAI centres the padded volume in it: a volume of
+    # (n + 2) voxels sits (16 - n - 2) // 2 voxels in; shift s moves its content s voxels further on
+    shape = image.shape[1:]
+    offset = [(16 - n - 2) // 2 for n in shape]
+    expected = sum(WhereInTheInput.p1(shape, [o + s for o in offset]) for s in range(3))[0, 0] / 3
+    shifted = predict_probabilities(WhereInTheInput(), image, window, tta_shifts=3)
+    torch.testing.assert_close(shifted[1], expected, rtol=1e-5, atol=1e-5)
+    unshifted = predict_probabilities(WhereInTheInput(), image, window)
+    assert (shifted[1] - unshifted[1]).abs().min() > 0.2  # the test can tell shifts from none
+
+
+def test_tta_shifts_run_every_mirroring_at_every_shift_for_3d_methods_only():
+    calls = []
+
+    class Counting(Pointwise):
+        def predict(self, image, window):
+            calls.append(tuple(image.shape[2:]))
+            return super().predict(image, window)
+
+    image, window = _ramp(), make_window(InferConfig(), [16, 16, 16])
+    predict_probabilities(Counting(), image, window, tta_flips=[0, 2], tta_shifts=2)
+    assert calls == [(13, 11, 9)] * 8, "4 mirrorings x 2 shifts, each on the volume padded by one voxel"
+    calls.clear()
+    Counting.spatial_dims = 2  # a per-slice method: its slices are resized, so shifts do not apply
+    predict_probabilities(Counting(), image, window, tta_shifts=2)
+    with_shifts = list(calls)
+    calls.clear()
+    predict_probabilities(Counting(), image, window)
+    assert with_shifts == calls and calls
+
+
+def test_validation_predicts_without_shifts_and_streaming_warns_that_it_skips_them(monkeypatch):
+    cfg = load_config(None, ["infer.tta_shifts=2", "infer.tta_flips=[0]", "data.patch_size=[8,8,8]"])
+    predictor = Predictor(Pointwise(), cfg, {0: "bg", 1: "fg"}, InferSettings.from_config(cfg.infer, device="cpu"))
+    assert predictor.settings.tta_shifts == 2
+    seen = []
+    real = infer.predict_probabilities
+    monkeypatch.setattr(infer, "predict_probabilities", lambda *a, **k: seen.append(a[3:]) or real(*a, **k))
+    predictor.model_space_classes(_ramp())
+    assert seen == [((), cfg.data.slices, 1)], "validation during training: no mirrors, no shifts"
+    with pytest.warns(UserWarning, match="infer.tta_shifts .2. is not applied by the streaming window"):
+        predictor._stream(_ramp(), predictor.settings)
+
+
 def test_streaming_tta_mirrors_each_window_and_flips_it_back():
     cfg = load_config(None, ["infer.tta_flips=[0,1,2]", "infer.streaming=on", "data.patch_size=[8,8,8]"])
     predictor = Predictor(Pointwise(), cfg, {0: "bg", 1: "fg"}, InferSettings.from_config(cfg.infer, device="cpu"))
@@ -309,6 +373,7 @@ BAD_VALUES = [
     ("train.val_every=0", "train.val_every"), ("train.checkpoint_every=0", "train.checkpoint_every"),
     ("train.patience=-1", "train.patience"), ("infer.overlap=1.0", "infer.overlap"),
     ("infer.sw_batch_size=0", "infer.sw_batch_size"), ("infer.blend=median", "infer.blend"),
+    ("infer.tta_shifts=0", "infer.tta_shifts"),
     ("infer.streaming=maybe", "infer.streaming"), ("infer.roi_size=[8,8]", "infer.roi_size"),
     ("train.precision=fp8", "train.precision"), ("infer.precision=int8", "infer.precision"),
     ("data.cache_gib=-1", "data.cache_gib"), ("train.ema=1.0", "train.ema"), ("train.ema_start=-1", "train.ema_start"),
