@@ -202,6 +202,32 @@ def test_spatial_augmentation_moves_image_and_label_together():
     assert moved >= 4, "the augmentation changed the geometry"
 
 
+def test_translate_places_a_small_case_anywhere_within_its_shift_range_and_moves_the_label_too():
+    """A case smaller than the patch is centred in it by the plain sampler (one position); data.translate: 2
+    moves image and label together by every whole shift in -2 … 2 along each axis, nothing else."""
+    image = torch.zeros(1, 8, 8, 8)
+    image[0, 3, 4, 2] = 1.0
+    item = {"image": image, "label": image.long()}
+    positions = {}
+    for translate in (0, 2):
+        transform = train_transforms(DataConfig(patch_size=[12, 12, 12], flip_axes=[], intensity_aug=False,
+                                                translate=translate))
+        transform.set_random_state(0)
+        seen = set()
+        for _ in range(300):
+            out = transform(dict(item))
+            out = out[0] if isinstance(out, list) else out
+            patch, label = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+            assert patch.shape == (1, 12, 12, 12) and torch.equal(patch.long(), label)
+            seen.add(tuple(torch.nonzero(patch[0])[0].tolist()))
+        positions[translate] = seen
+    assert positions[0] == {(5, 6, 4)}, "centred: 2 voxels of padding before each axis"
+    shifts = {(x - 5, y - 6, z - 4) for x, y, z in positions[2]}
+    assert all(max(map(abs, d)) <= 2 for d in shifts), "no shift beyond 2 voxels"
+    assert [{d[a] for d in shifts} for a in range(3)] == [set(range(-2, 3))] * 3, "every shift along every axis"
+    assert len(shifts) > 50, "the axes are shifted independently"
+
+
 def test_intensity_presets_and_their_keys():
     rng = np.random.default_rng(0)
     image = torch.zeros(1, 10, 10, 10)
@@ -373,7 +399,7 @@ BAD_VALUES = [
     ("train.val_every=0", "train.val_every"), ("train.checkpoint_every=0", "train.checkpoint_every"),
     ("train.patience=-1", "train.patience"), ("infer.overlap=1.0", "infer.overlap"),
     ("infer.sw_batch_size=0", "infer.sw_batch_size"), ("infer.blend=median", "infer.blend"),
-    ("infer.tta_shifts=0", "infer.tta_shifts"),
+    ("infer.tta_shifts=0", "infer.tta_shifts"), ("data.translate=-1", "data.translate"),
     ("infer.streaming=maybe", "infer.streaming"), ("infer.roi_size=[8,8]", "infer.roi_size"),
     ("train.precision=fp8", "train.precision"), ("infer.precision=int8", "infer.precision"),
     ("data.cache_gib=-1", "data.cache_gib"), ("train.ema=1.0", "train.ema"), ("train.ema_start=-1", "train.ema_start"),
