@@ -361,7 +361,8 @@ def test_case_folders_are_planned_with_their_reading_keys_and_a_config_over_a_pl
 
 # the keys the budget fit measures on the machine at hand (a shrunk patch re-derives the topology)
 MEASURED_KEYS = ("method.channels", "data.batch_size", "data.patch_size", "method.arch", "method.strides",
-                 "method.kernel_size", "method.full_res_features")  # the last goes with the arch
+                 "method.kernel_size", "method.full_res_features",  # goes with the arch
+                 "data.translate")  # goes with the patch (none where it was shrunk)
 
 
 @pytest.mark.parametrize("config, folder", [("hippocampus", "hippocampus"), ("brats", "brats2015")])

@@ -168,7 +168,9 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Window, t
     carries that grid's aliasing; averaging phases is an ensemble of the same weights at no training
     cost. On the hippocampus bench split (30 CPU-minutes, 2 seeds, 40 test cases; ``scripts/bench_tta.py``)
     2 shifts with the axis-0 mirror raised test Dice 0.8723 → 0.8767 (+0.0050 / +0.0039 per seed;
-    validation +0.0013), 4 shifts to 0.8780; a second trained model averaged in instead: +0.0007.
+    validation +0.0013), 4 shifts to 0.8780; a second trained model averaged in instead: +0.0007. A
+    network trained on shifted patches (``data.translate``) is less tied to one phase and gains less:
+    0.8770 → 0.8791 (+0.0011 / +0.0031).
     """
     x = image[None]
     combos = flip_combinations(tta_flips)
