@@ -1,6 +1,7 @@
 """Recipe ablation of the hippocampus U-Net: arms × seeds, each the same CPU budget, the same split.
 
-Every run is ``configs/hippocampus/unet.yaml`` with an arm's overrides and a seed (``seed=N``:
+Every run is ``configs/hippocampus/unet.yaml`` with centred patches and no shifted predictions (``CENTRED``:
+the recipe before this round's ``data.translate`` and ``infer.tta_shifts``), an arm's overrides and a seed (``seed=N``:
 initialisation and patch sampling; the split stays seed 0's: 144 train / 16 val / 40 test),
 trained for ``--minutes`` and scored on the 40 test volumes on their native grid. Runs train
 ``--parallel`` at a time in child processes of ``--threads`` threads; ``--clock cpu`` (the default)
@@ -51,6 +52,9 @@ Arms:
            fullres16 with each patch shifted by a random -2 … 2 voxels per axis (``data.translate: 2``):
            a hippocampus case is smaller than its patch, so the plain sampler always centres it, at one
            phase of the network's pooling grid (the phase shifts of ``infer.tta_shifts`` pay at inference)
+    fullres16_translate4
+           the same with -4 … 4 voxels: every phase of the 3 poolings' 8-voxel grid, at the price of cutting
+           a voxel or two of a case's border from some patches (hippocampus cases leave 2-3 voxels of the patch)
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
@@ -78,6 +82,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
 BF16 = ["train.precision=bf16", "infer.precision=bf16"]
 FULLRES16 = [*BF16, "method.full_res_features=16"]
+# every arm starts from the recipe as it was before the phase changes of issue 21 (patches centred, no shifted
+# predictions), so arms measured in different rounds stay comparable; the arms that test them set them, and
+# scripts/bench_tta.py scores trained runs with infer.tta_shifts
+CENTRED = ["data.translate=0", "infer.tta_shifts=1"]
 DYNUNET16 = [*BF16, "method.arch=dynunet", "method.full_res_features=0", "method.channels=[16,32,64,128]"]
 MIRROR3 = ["data.flip_axes=[0,1,2]", "infer.tta_flips=[0,1,2]"]
 ARMS = {  # the config carries the plan's full-resolution level (16 features): the arms set it explicitly
@@ -98,6 +106,7 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
                       "train.weight_decay=0.00003", "train.grad_clip=12"],
     "fullres16_lr1e3": [*FULLRES16, "train.lr=0.001"],
     "fullres16_translate2": [*FULLRES16, "data.translate=2"],
+    "fullres16_translate4": [*FULLRES16, "data.translate=4"],
 }
 
 
@@ -109,7 +118,7 @@ def run_name(arm: str, seed: int) -> str:
 def train_one(name: str, args: argparse.Namespace) -> dict:
     """Train and test one ``arm.seedN`` run."""
     arm, seed = name.rsplit(".seed", 1)
-    overrides = [*ARMS[arm], f"seed={seed}", f"train.max_minutes={args.minutes}",
+    overrides = [*CENTRED, *ARMS[arm], f"seed={seed}", f"train.max_minutes={args.minutes}",
                  f"train.budget_clock={args.clock}", f"tracking.experiment={args.experiment}"]
     if args.clock == "cpu":
         overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
