@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all three axes")
+    p.add_argument("--tta-shifts", type=int, metavar="N", help="3D methods: also predict the volume shifted by "
+                   "1 … N-1 voxels along every axis and average (infer.tta_shifts; 1: none, N times faster)")
     p.add_argument("--no-postprocess", action="store_true", help="the raw label map, without the largest-component "
                    "steps the run learned from its validation cases")
     p.add_argument("--overlay", metavar="DIR", help="also write a PNG montage of each case's contours to DIR")
@@ -306,6 +308,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             source = load_checkpoint(checkpoint_of_model(args.model, tracking_uri(args.tracking_uri), Path(tmp)))
     predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri),
                                device=args.device, tta_flips=[0, 1, 2] if args.tta else None,
+                               tta_shifts=args.tta_shifts,
                                sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision,
                                postprocess=False if args.no_postprocess else None)
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,

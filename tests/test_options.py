@@ -145,17 +145,23 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     return train_tiny_unet(tmp_path_factory.mktemp("options"))
 
 
-def test_predict_tta_flag_mirrors_over_all_three_axes(run, tmp_path, monkeypatch):
-    seen = []
+def test_predict_tta_flags_mirror_over_all_three_axes_and_shift(run, tmp_path, monkeypatch):
+    seen, shifts = [], []
     real = infer.predict_probabilities
     monkeypatch.setattr(infer, "predict_probabilities",
                         lambda method, image, window, tta_flips=(), slices=None, tta_shifts=1:
-                        seen.append(list(tta_flips)) or real(method, image, window, tta_flips, slices, tta_shifts))
+                        seen.append(list(tta_flips)) or shifts.append(tta_shifts)
+                        or real(method, image, window, tta_flips, slices, tta_shifts))
     folder, data = run
     image = data / "imagesTr" / "case_0.nii.gz"
     assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "a")]) == 0
     assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "b"), "--tta"]) == 0
     assert seen == [[], [0, 1, 2]]
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "c"),
+                 "--tta-shifts", "3"]) == 0
+    assert shifts == [1, 1, 3], "--tta-shifts overrides the run's infer.tta_shifts"
+    assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "d"),
+                 "--tta-shifts", "0"]) == 2, "the config's own range check, one line"
 
 
 def test_predict_skips_existing_outputs_unless_overwrite(run, tmp_path):

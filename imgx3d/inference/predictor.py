@@ -154,8 +154,9 @@ def shift_paddings(tta_shifts: int, spatial_dims: int = 3) -> list[list[int]]:
     return [[p for _ in range(spatial_dims) for p in (s, tta_shifts - 1 - s)] for s in range(max(1, tta_shifts))]
 
 
-def predict_probabilities(method: Method, image: torch.Tensor, window: Window, tta_flips: list[int] | tuple[int, ...] = (),
-                          slices: SliceConfig | None = None, tta_shifts: int = 1) -> torch.Tensor:
+def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
+                          tta_flips: list[int] | tuple[int, ...] = (), slices: SliceConfig | None = None,
+                          tta_shifts: int = 1) -> torch.Tensor:
     """Class probabilities (K, ...) for one model-space image (C, ...), averaged over flips and shifts.
 
     3D methods run on the whole volume through ``window``; 2D methods (``spatial_dims == 2``)

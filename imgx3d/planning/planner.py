@@ -429,9 +429,9 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
                   "to what the strides divide: every window sees a whole median case (nnU-Net starts from it too)")
     if patch is None:
         result.decide("data.translate", TRANSLATE,
-                      f"each patch shifted by a random -{TRANSLATE} … {TRANSLATE} voxels per axis: a case smaller than the "
-                      "patch is otherwise always centred in it, at one phase of the network's pooling grid; on the "
-                      "hippocampus at 30 CPU-minutes +0.0047 test Dice (2 seeds: 0.8770 vs 0.8723)")
+                      f"each patch shifted by a random -{TRANSLATE} … {TRANSLATE} voxels per axis: a case smaller "
+                      "than the patch is otherwise always centred in it, at one phase of the network's pooling grid; "
+                      "on the hippocampus at 30 CPU-minutes +0.0047 test Dice (2 seeds: 0.8770 vs 0.8723)")
     else:
         result.decide("data.translate", 0, "the patch is smaller than the median case: its random crops already place "
                                            "cases at every phase of the network's pooling grid")
