@@ -106,7 +106,7 @@ class DataConfig:
         translate: each training patch shifted by a random whole number of voxels, uniform in
             [−translate, translate] per axis (zero fill), after it is cut: a case smaller than the
             patch is otherwise always centred in it, at one phase of the network's pooling grid.
-            0: off.
+            0: off; never along an axis of one voxel (a 2D image's).
         affine_prob: probability of a random rotation (±``rotate_deg`` per axis) and
             scaling (±``scale_range``), applied to the patch (nnU-Net-style spatial augmentation).
         intensity_aug: random intensity augmentation, the set ``intensity_scheme`` names.

@@ -232,6 +232,11 @@ def test_translate_places_a_small_case_anywhere_within_its_shift_range_and_moves
     assert all(max(map(abs, d)) <= 2 for d in shifts), "no shift beyond 2 voxels"
     assert [{d[a] for d in shifts} for a in range(3)] == [set(range(-2, 3))] * 3, "every shift along every axis"
     assert len(shifts) > 50, "the axes are shifted independently"
+    flat = train_transforms(DataConfig(patch_size=[12, 12, 1], flip_axes=[], intensity_aug=False, translate=2))
+    flat.set_random_state(0)
+    for _ in range(20):  # a one-voxel axis (a 2D image as a volume) is never shifted off its only slice
+        out = flat({"image": image[:, :, :, 2:3].clone(), "label": image[:, :, :, 2:3].long()})
+        assert torch.as_tensor((out[0] if isinstance(out, list) else out)["image"]).sum() == 1
 
 
 def test_intensity_presets_and_their_keys():

@@ -161,8 +161,9 @@ def train_transforms(cfg: DataConfig) -> Compose:
                                pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, num_samples=1,
                                fg_indices_key="fg_indices", bg_indices_key="bg_indices"),
     ]
-    if cfg.translate:  # zero border of `translate` voxels, then the patch cut from it at a uniform offset
-        transforms += [SpatialPadd(keys, spatial_size=[p + 2 * cfg.translate for p in cfg.patch_size], mode="constant"),
+    if cfg.translate:  # a zero border of `translate` voxels (not along a one-voxel axis), the patch cut at random
+        border = [p + 2 * cfg.translate if p > 1 else p for p in cfg.patch_size]
+        transforms += [SpatialPadd(keys, spatial_size=border, mode="constant"),
                        RandSpatialCropd(keys, roi_size=cfg.patch_size, random_size=False)]
     if cfg.affine_prob > 0:
         angle = float(np.deg2rad(cfg.rotate_deg))
