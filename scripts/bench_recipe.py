@@ -54,7 +54,8 @@ Arms:
            phase of the network's pooling grid (the phase shifts of ``infer.tta_shifts`` pay at inference)
     fullres16_translate4
            the same with -4 … 4 voxels: every phase of the 3 poolings' 8-voxel grid, at the price of cutting
-           a voxel or two of a case's border from some patches (hippocampus cases leave 2-3 voxels of the patch)
+           a voxel or two of a case's border from some patches (hippocampus cases leave 2-3 voxels of the patch);
+           what the plan ships
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
