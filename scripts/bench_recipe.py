@@ -56,6 +56,11 @@ Arms:
            the same with -4 … 4 voxels: every phase of the 3 poolings' 8-voxel grid, at the price of cutting
            a voxel or two of a case's border from some patches (hippocampus cases leave 2-3 voxels of the patch);
            what the plan ships
+    imgx, imgx_translate4
+           ImgX-DiffSeg (``configs/hippocampus/imgx.yaml``: the U-Net config's data, split and budget, K = 5 over
+           the baseline's topology with FiLM time conditioning) in bf16, centred, and with ``data.translate: 4``:
+           whether the phase shifts the U-Net's plan ships pay for the diffusion method too (score its shifted
+           predictions with ``scripts/bench_tta.py``); compare it with the U-Net arms for ImgX against the baseline
 
 Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
@@ -81,6 +86,7 @@ from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
+IMGX_CONFIG = ROOT / "configs" / "hippocampus" / "imgx.yaml"
 BF16 = ["train.precision=bf16", "infer.precision=bf16"]
 FULLRES16 = [*BF16, "method.full_res_features=16"]
 # every arm starts from the recipe as it was before the phase changes of issue 21 (patches centred, no shifted
@@ -108,7 +114,10 @@ ARMS = {  # the config carries the plan's full-resolution level (16 features): t
     "fullres16_lr1e3": [*FULLRES16, "train.lr=0.001"],
     "fullres16_translate2": [*FULLRES16, "data.translate=2"],
     "fullres16_translate4": [*FULLRES16, "data.translate=4"],
+    "imgx": BF16,
+    "imgx_translate4": [*BF16, "data.translate=4"],
 }
+CONFIGS = {"imgx": IMGX_CONFIG, "imgx_translate4": IMGX_CONFIG}  # the arms on another config than CONFIG
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -123,7 +132,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
                  f"train.budget_clock={args.clock}", f"tracking.experiment={args.experiment}"]
     if args.clock == "cpu":
         overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
-    return save_train_result(train_run(load_config(CONFIG, overrides), args.data, Path(args.out) / name),
+    return save_train_result(train_run(load_config(CONFIGS.get(arm, CONFIG), overrides), args.data, Path(args.out) / name),
                              arm=arm, seed=int(seed))
 
 
