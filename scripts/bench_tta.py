@@ -15,6 +15,7 @@ foreground-mean Dice per run, variant and split, each variant's mean over the ru
 difference from ``flips`` with the per-run differences.
 
 Usage: python scripts/bench_tta.py runs/bench-recipe/fullres16.seed0 runs/bench-recipe/fullres16.seed1
+       [--variants shifts2]
 """
 
 from __future__ import annotations
@@ -57,15 +58,19 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (best.pt, split.json); the same split")
     parser.add_argument("--data", type=Path, default=HIPPOCAMPUS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", nargs="+", choices=list(SHIFTS), default=list(SHIFTS),
+                        help="the variants scored besides flips, the baseline (a K-step diffusion method pays K passes "
+                             "for each: shifts4 is 4x flips)")
     args = parser.parse_args()
+    variants = {name: shifts for name, shifts in SHIFTS.items() if name == "flips" or name in args.variants}
     splits = [json.loads((run / "split.json").read_text(encoding="utf-8")) for run in args.runs]
     if any(s["test"] != splits[0]["test"] or s["val"] != splits[0]["val"] for s in splits):
         sys.exit("bench_tta.py: the runs were trained on different splits; pass runs of one split")
-    emit("tta.setup", None, "", machine=machine(), runs=[str(r) for r in args.runs], variants=SHIFTS,
+    emit("tta.setup", None, "", machine=machine(), runs=[str(r) for r in args.runs], variants=variants,
          val_cases=len(splits[0]["val"]), test_cases=len(splits[0]["test"]))
     dice: dict[tuple[str, str, str], float] = {}
     for run in args.runs:
-        for variant, shifts in SHIFTS.items():
+        for variant, shifts in variants.items():
             predictor = Predictor.load(run / "best.pt", device=args.device, tta_shifts=shifts)
             for part in ("val", "test"):
                 value, seconds = foreground_dice(predictor, args.data, splits[0][part])
@@ -75,7 +80,7 @@ def main() -> None:
                      seconds_per_case=round(seconds, 3))
     names = [run.name for run in args.runs]
     for part in ("val", "test"):
-        for variant in SHIFTS:
+        for variant in variants:
             per_run = [dice[name, variant, part] for name in names]
             emit(f"tta.{variant}.{part}.dice.foreground_mean.run_mean", round(statistics.fmean(per_run), 4), "dice",
                  per_run=[round(d, 4) for d in per_run])
