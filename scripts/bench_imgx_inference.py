@@ -8,7 +8,10 @@ and 2 (before issue 21), each in fp32 and in the precision ``infer.precision: au
 picks on this machine, with the CPU kernels and weight layout the Predictor loads them with
 (``use_fast_cpu_kernels``). The U-Net is also timed with PyTorch's own choice of convolution
 kernel (``unet_torch_kernels``: its im2col kernel for the small batch-1 convolutions of the
-deeper levels in fp32), the baseline of that routing. JSON lines.
+deeper levels in fp32), the baseline of that routing. The bare networks are timed too, one forward
+pass on the window-sized input each (``net_ratio``: ImgX's network on [image, x_t] with its FiLM time
+conditioning against the U-Net's): K times it is the ratio a sampler and window costing nothing
+would reach, the floor of ``ratio_to_unet`` for a K-step chain of whole-network passes. JSON lines.
 
     python scripts/bench_imgx_inference.py [--repeats 5] [--rounds 5]
 """
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,18 +47,18 @@ from imgx3d.resources import (  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hippocampus"
 
 
-def seconds(methods: dict, image: torch.Tensor, windows: dict, repeats: int, rounds: int) -> dict[str, float]:
-    """Seconds of one whole-volume prediction per method: the methods take turns, ``rounds`` times
-    ``repeats`` predictions each after a warm-up, and each keeps its fastest round's mean (a drift of
-    the machine's speed during the run then weighs on every method alike)."""
-    best = {name: float("inf") for name in methods}
-    for name, method in methods.items():
-        predict_probabilities(method, image, windows[name])
+def seconds(calls: dict[str, Callable[[], object]], repeats: int, rounds: int) -> dict[str, float]:
+    """Seconds of each call: the calls take turns, ``rounds`` times ``repeats`` calls each after a warm-up,
+    and each keeps its fastest round's mean (a drift of the machine's speed during the run then weighs on
+    every call alike)."""
+    best = {name: float("inf") for name in calls}
+    for call in calls.values():
+        call()
     for _ in range(rounds):
-        for name, method in methods.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
             for _ in range(repeats):
-                predict_probabilities(method, image, windows[name])
+                call()
             best[name] = min(best[name], (time.perf_counter() - t0) / repeats)
     return best
 
@@ -87,8 +92,17 @@ def main() -> None:
         dtype = choose_precision(setting, cpu)
         windows = {name: make_window((unet_cfg if name.startswith("unet") else imgx_cfg).infer,
                                      unet_cfg.data.patch_size) for name in nets}
+        calls = {name: functools.partial(predict_probabilities, method, image, windows[name])
+                 for name, method in nets.items()}
+        window_input = {"unet": torch.randn(1, 1, *unet_cfg.data.patch_size),  # what one window's pass sees
+                        "imgx": torch.randn(1, 1 + nets["unet"].num_classes, *unet_cfg.data.patch_size)}
+        step = torch.full((1,), imgx_cfg.method.infer_steps - 1, dtype=torch.long)
+        bare = {"unet": functools.partial(nets["unet"].net, window_input["unet"]),
+                "imgx_up_subunits_1": functools.partial(nets["imgx_up_subunits_1"].net, window_input["imgx"], step)}
         with torch.inference_mode(), autocast(cpu, dtype):
-            took = seconds(nets, image, windows, args.repeats, args.rounds)
+            took = seconds(calls, args.repeats, args.rounds)
+            net = seconds(bare, args.repeats, args.rounds)
+        prefix = f"imgx_inference.{precision_name(dtype)}"
         for name, value in took.items():
             if name == "unet":
                 extra = {}
@@ -96,8 +110,12 @@ def main() -> None:
                 extra = {"speedup_of_onednn_routing": round(value / took["unet"], 2)}
             else:
                 extra = {"ratio_to_unet": round(value / took["unet"], 2), "goal": "<= 5x (stretch 3x)"}
-            emit(f"imgx_inference.{precision_name(dtype)}.{name}.seconds_per_volume", round(value, 4), "s",
-                 precision=setting, **extra)
+            emit(f"{prefix}.{name}.seconds_per_volume", round(value, 4), "s", precision=setting, **extra)
+        net_ratio = net["imgx_up_subunits_1"] / net["unet"]
+        emit(f"{prefix}.net_ratio", round(net_ratio, 3), "ratio", precision=setting,
+             unet_ms=round(1000 * net["unet"], 2), imgx_ms=round(1000 * net["imgx_up_subunits_1"], 2),
+             k_times_net_ratio=round(imgx_cfg.method.infer_steps * net_ratio, 2),
+             whole_prediction_ratio=round(took["imgx_up_subunits_1"] / took["unet"], 2))
 
 
 if __name__ == "__main__":
