@@ -379,9 +379,9 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
     result.decide("infer.tta_shifts", TTA_SHIFTS,
                   "the volume also predicted shifted by 1 voxel along every axis (another phase of the network's "
                   "pooling grid) and the maps averaged, at each mirroring, for twice the inference time: on the "
-                  "hippocampus at 30 CPU-minutes +0.0044 test Dice with centred training patches (2 seeds: 0.8767 vs "
-                  "0.8723), +0.0012 with data.translate's shifted ones (3 seeds: 0.8797 vs 0.8785); 4 shifts no better "
-                  "than 2 on validation")
+                  "hippocampus at 30 CPU-minutes (3 seeds) +0.0045 test Dice with centred training patches (0.8756 vs "
+                  "0.8711), +0.0012 with data.translate's shifted ones (0.8797 vs 0.8785), and ImgX-DiffSeg +0.0014 "
+                  "(2 seeds); 4 shifts no better than 2 on validation")
     result.decide("data.affine_prob", 0.2, "random rotation (±15°) and scaling (±15 %) with probability 0.2 "
                                            "(nnU-Net: p 0.2, ±30°, 0.7-1.4; milder here for minute-long budgets: "
                                            "nnU-Net's spatial, intensity and mirror set scored -0.0096 test Dice on "
@@ -432,7 +432,8 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
                       f"each patch shifted by a random -{TRANSLATE} … {TRANSLATE} voxels per axis (every phase of 3 "
                       "poolings' 8-voxel grid): a case smaller than the patch is otherwise always centred in it, at "
                       "one phase; on the hippocampus at 30 CPU-minutes +0.0073 test Dice (3 seeds: 0.8785 vs 0.8711; "
-                      "-2 … 2, 2 seeds: +0.0047; validation alike for both ranges)")
+                      "-2 … 2, 2 seeds: +0.0047; validation alike for both ranges), and ImgX-DiffSeg +0.0122 (2 seeds: "
+                      "0.8744 vs 0.8622)")
     else:
         result.decide("data.translate", 0, "the patch is smaller than the median case: its random crops already place "
                                            "cases at every phase of the network's pooling grid")
