@@ -132,8 +132,8 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
                  f"train.budget_clock={args.clock}", f"tracking.experiment={args.experiment}"]
     if args.clock == "cpu":
         overrides.append("data.num_workers=0")  # a worker's CPU time would escape the budget
-    return save_train_result(train_run(load_config(CONFIGS.get(arm, CONFIG), overrides), args.data, Path(args.out) / name),
-                             arm=arm, seed=int(seed))
+    cfg = load_config(CONFIGS.get(arm, CONFIG), overrides)
+    return save_train_result(train_run(cfg, args.data, Path(args.out) / name), arm=arm, seed=int(seed))
 
 
 def main() -> None:

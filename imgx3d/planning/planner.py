@@ -429,11 +429,11 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
                   "to what the strides divide: every window sees a whole median case (nnU-Net starts from it too)")
     if patch is None:
         result.decide("data.translate", TRANSLATE,
-                      f"each patch shifted by a random -{TRANSLATE} … {TRANSLATE} voxels per axis (every phase of 3 "
-                      "poolings' 8-voxel grid): a case smaller than the patch is otherwise always centred in it, at "
-                      "one phase; on the hippocampus at 30 CPU-minutes +0.0073 test Dice (3 seeds: 0.8785 vs 0.8711; "
-                      "-2 … 2, 2 seeds: +0.0047; validation alike for both ranges), and ImgX-DiffSeg +0.0122 (2 seeds: "
-                      "0.8744 vs 0.8622)")
+                      f"each patch shifted by a random -{TRANSLATE} … {TRANSLATE} voxels per axis (every phase of the "
+                      "8-voxel grid of 3 poolings, the hippocampus's): a case smaller than the patch is otherwise "
+                      "always centred in it, at one phase; on the hippocampus at 30 CPU-minutes +0.0073 test Dice "
+                      "(3 seeds: 0.8785 vs 0.8711; -2 … 2, 2 seeds: +0.0047; validation alike for both ranges), and "
+                      "ImgX-DiffSeg +0.0122 (2 seeds: 0.8744 vs 0.8622)")
     else:
         result.decide("data.translate", 0, "the patch is smaller than the median case: its random crops already place "
                                            "cases at every phase of the network's pooling grid")
