@@ -5,8 +5,8 @@ The Python API, what the CLI does, callable from a notebook or a service::
     import nibabel as nib
     from imgx3d import Predictor, evaluate, plan, train
 
-    config = plan("path/to/MyDataset", budget="30m").config()   # or load_config("configs/….yaml")
-    result = train(config, "path/to/MyDataset")                  # run folder, mlflow run, test scores
+    planned = plan("path/to/MyDataset", budget="30m")  # .config() is the config; or load_config("configs/….yaml")
+    result = train(planned, "path/to/MyDataset")                 # races the plan's rivals, if any; then scores
     predictor = Predictor.load(result.run_dir)
     labels = predictor.predict(nib.load("case.nii.gz"))         # a Nifti1Image on the input's grid
     rows, summary = evaluate("predictions/", "references/")
@@ -24,7 +24,7 @@ __all__ = ["Predictor", "evaluate", "load_config", "plan", "train", "__version__
 # public name → (module, attribute)
 _EXPORTS = {
     "Predictor": ("imgx3d.inference.predictor", "Predictor"),
-    "train": ("imgx3d.training.workflow", "train_run"),
+    "train": ("imgx3d.training.race", "train"),
     "plan": ("imgx3d.planning", "plan_dataset"),
     "evaluate": ("imgx3d.evaluation.metrics", "evaluate_folders"),
     "load_config": ("imgx3d.config", "load_config"),

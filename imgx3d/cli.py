@@ -18,7 +18,7 @@ from pathlib import Path
 from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
-from imgx3d.planning import parse_budget, plan_folder, reading_config
+from imgx3d.planning import parse_budget, plan_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = TrackingConfig.uri  # the config's own default
@@ -181,28 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def _planned_tree(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
-    """The plan of ``--data`` for ``--method`` within ``--budget`` (a config file's keys on top), and
-    the files that record it in the run folder."""
-    import json
-
-    from imgx3d.config import load_yaml, merge_sections
-    from imgx3d.planning.fingerprint import fingerprint
-    from imgx3d.planning.planner import plan
-
-    given = load_yaml(args.config) if args.config else {}
-    method = args.method or given.get("method", {}).get("name") or "unet"
-    budget = parse_budget(args.budget or "30m")
-    fp = fingerprint(args.data, reading_config(given, args.overrides), cache_dir=plan_folder(args.data))
-    result = plan(fp, method, budget, args.device or "auto")
-    print("\n".join(["imgx3d plan:", *fp.summary(), *result.explain()]), file=sys.stderr)
-    # the file's own keys, not a plan it extends (that plan was made for another machine or budget)
-    tree = merge_sections(result.tree, load_yaml(args.config, above_plans=True)) if args.config else result.tree
-    return tree, {"plan.yaml": result.to_yaml(), "fingerprint.json": json.dumps(fp.to_json(), indent=1)}
-
-
 def _load_overrides(args: argparse.Namespace):
-    from imgx3d.config import load_config, load_yaml
+    """The run's :class:`~imgx3d.planning.resolve.Resolved` config: the flags as ``key=value`` overrides,
+    through the one resolver the Python API and the benchmarks use too."""
+    from imgx3d.planning.resolve import resolve_run
 
     overrides = list(args.overrides)
     if getattr(args, "seed", None) is not None:
@@ -219,19 +201,8 @@ def _load_overrides(args: argparse.Namespace):
         overrides.append(f"tracking.register={args.register}")
     if getattr(args, "image", False) or getattr(args, "volume", False):
         overrides.append(f"data.mode={'image' if args.image else 'volume'}")
-    records: dict[str, str] = {}
-    if not args.config or getattr(args, "budget", None):  # no config, or a budget: plan the dataset first
-        tree, records = _planned_tree(args)
-    else:
-        tree = load_yaml(args.config)
-    if getattr(args, "method", None) and tree.get("method", {}).get("name") != args.method:
-        import dataclasses
-
-        from imgx3d.methods.base import method_class
-
-        shared = {f.name for f in dataclasses.fields(method_class(args.method).Config)}
-        tree["method"] = {**{k: v for k, v in tree.get("method", {}).items() if k in shared}, "name": args.method}
-    return load_config(None, overrides, base=tree), records
+    return resolve_run(getattr(args, "data", None), args.config, getattr(args, "method", None),
+                       getattr(args, "budget", None), getattr(args, "device", None) or "auto", overrides)
 
 
 def tracking_uri(flag: str | None) -> str:
@@ -243,12 +214,14 @@ def _load(args: argparse.Namespace):
     """The run's config — the file (or the dataset's plan), the flags and overrides, then mlflow's
     environment variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``) where neither flag
     nor file set the value — and the files that record a plan in the run folder."""
-    cfg, records = _load_overrides(args)
-    if not args.tracking_uri and cfg.tracking.uri == DEFAULT_TRACKING_URI:
-        cfg.tracking.uri = tracking_uri(None)
-    if not getattr(args, "experiment", None) and not cfg.tracking.experiment:
-        cfg.tracking.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
-    return cfg, records
+    resolved = _load_overrides(args)
+    for run in [resolved, *resolved.rivals.values()]:
+        cfg = run.config
+        if not args.tracking_uri and cfg.tracking.uri == DEFAULT_TRACKING_URI:
+            cfg.tracking.uri = tracking_uri(None)
+        if not getattr(args, "experiment", None) and not cfg.tracking.experiment:
+            cfg.tracking.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
+    return resolved
 
 
 def _print_result(result) -> None:
@@ -272,7 +245,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.fold is not None and args.folds is None:
         raise InputError(f"--fold {args.fold}: needs --folds N (the number of cross-validation folds)")
-    cfg, records = _load(args)
+    resolved = _load(args)
+    cfg, records = resolved.config, resolved.records
+    if resolved.rivals and args.folds is None and not args.resume:
+        from imgx3d.planning.planner import RACE_SHARE
+        from imgx3d.training.race import default_run_dir, race_run
+
+        runs = {r.name: r for r in [resolved, *resolved.rivals.values()]}
+        result = race_run({n: r.config for n, r in runs.items()}, args.data, args.run_dir or default_run_dir(cfg),
+                          RACE_SHARE, {n: r.records for n, r in runs.items()})
+        _print_result(result)
+        return 0
     if args.folds is not None:
         from imgx3d.training.folds import parse_folds, train_folds
 
@@ -342,26 +325,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
-    from imgx3d.config import load_yaml, parse_overrides
     from imgx3d.data.io import atomic_write_text
-    from imgx3d.planning.fingerprint import fingerprint
-    from imgx3d.planning.planner import plan
+    from imgx3d.planning.planner import RACE_SHARE
+    from imgx3d.planning.resolve import resolve_plan
 
-    budget = parse_budget(args.budget)
-    given = load_yaml(args.config) if args.config else {}
     t0 = time.perf_counter()
-    fp = fingerprint(args.data, reading_config(given, args.overrides), cache_dir=plan_folder(args.data))
-    print(f"fingerprint ({time.perf_counter() - t0:.1f} s):")
+    result, fp = resolve_plan(args.data, args.method, args.budget, args.device, args.config, args.overrides)
+    print("fingerprint:")
     print("\n".join("  " + line for line in fp.summary()))
-    t0 = time.perf_counter()
-    result = plan(fp, args.method, budget, args.device)
-    result.override(load_yaml(args.config, above_plans=True) if args.config else {}, f"set by {args.config}")
-    result.override(parse_overrides(args.overrides), "set on the command line")
-    print(f"plan for {args.method}, {budget:g} minutes of training ({time.perf_counter() - t0:.1f} s):")
+    print(f"plan for {args.method}, {parse_budget(args.budget):g} minutes of training "
+          f"({time.perf_counter() - t0:.1f} s with the fingerprint):")
     print("\n".join("  " + line for line in result.explain()))
     output = Path(args.output or plan_folder(args.data) / f"{args.method}.yaml")
     atomic_write_text(output, result.to_yaml())
     print(f"plan written to {output}; train on it with: imgx3d train --config {output} --data {args.data}")
+    for name, rival in result.rivals.items():
+        other = output.with_name(f"{output.stem}.{name}{output.suffix}")
+        atomic_write_text(other, rival.to_yaml())
+        print(f"rival plan {name} written to {other}: imgx3d train --budget {args.budget} --data {args.data} races "
+              f"the two ({100 * RACE_SHARE:g} % of the budget each, the better on validation continues)")
+        print("\n".join("  " + line for line in rival.explain() if line.startswith(("method.", "data.slices",
+                                                                                     "data.batch_size"))))
     return 0
 
 
@@ -432,7 +416,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not args.config:
         args.config = str(REPO_ROOT / "configs" / ("demo.yaml" if args.method == "unet" else "demo_imgx.yaml"))
-    cfg, _ = _load(args)
+    cfg = _load(args).config
     run_demo(cfg, Path(args.workdir), args.cases)
     return 0
 

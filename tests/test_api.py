@@ -24,9 +24,9 @@ def test_the_package_exports_the_api_lazily():
     from imgx3d.evaluation.metrics import evaluate_folders
     from imgx3d.inference.predictor import Predictor as PredictorClass
     from imgx3d.planning import plan_dataset
-    from imgx3d.training.workflow import train_run
+    from imgx3d.training.race import train as train_planned
 
-    assert (Predictor, train, plan, evaluate) == (PredictorClass, train_run, plan_dataset, evaluate_folders)
+    assert (Predictor, train, plan, evaluate) == (PredictorClass, train_planned, plan_dataset, evaluate_folders)
     assert load_config(None).method.name == "unet"
     assert {"Predictor", "train", "plan", "evaluate"} <= set(dir(imgx3d))
     with pytest.raises(AttributeError, match="no attribute 'predictor_v2'"):

@@ -323,10 +323,9 @@ def test_case_folders_are_planned_with_their_reading_keys_and_a_config_over_a_pl
         tmp_path, monkeypatch, capsys):
     """``imgx3d plan`` reads a case-folder dataset with the ``data.*`` keys given on the command line (the
     plan carries them); a config extending a plan file keeps only its own keys over a fresh plan."""
-    import argparse
-
-    from imgx3d.cli import _planned_tree, main
+    from imgx3d.cli import main
     from imgx3d.config import load_config, load_yaml
+    from imgx3d.planning.resolve import resolve_plan
 
     rng = np.random.default_rng(0)
     root = tmp_path / "cases"
@@ -352,9 +351,8 @@ def test_case_folders_are_planned_with_their_reading_keys_and_a_config_over_a_pl
     assert load_yaml(tmp_path / "unet.yaml", above_plans=True) == {"train": {"lr": 0.0005}}
     shipped = load_config(tmp_path / "unet.yaml")
     assert shipped.train.lr == 0.0005 and shipped.data.layout == "cases" and shipped.train.max_minutes == 0.1
-    args = argparse.Namespace(config=str(tmp_path / "unet.yaml"), data=str(root), method=None, budget="0.05",
-                              device="cpu", overrides=[])
-    tree, _ = _planned_tree(args)  # train --config unet.yaml --budget 0.05: a fresh plan, the file's own key on top
+    # train --config unet.yaml --budget 0.05: a fresh plan, the file's own key on top
+    tree = resolve_plan(str(root), None, "0.05", "cpu", str(tmp_path / "unet.yaml"), [])[0].tree
     assert tree["train"]["lr"] == 0.0005 and tree["train"]["max_minutes"] == 0.05
     assert tree["data"]["layout"] == "cases", "the reading keys came from the plan the file extends"
 

@@ -52,17 +52,14 @@ def plan_folder(data: str | Path) -> Path:
 def plan_dataset(data: str | Path, method: str = "unet", budget: str | float = "30m", device: str = "auto",
                  cache_dir: str | Path | None = None, reading: list[str] | None = None) -> Plan:
     """Fingerprint the dataset at ``data`` and plan ``method`` for ``budget`` of training (``"30m"``,
-    ``"2h"`` or minutes): what ``imgx3d plan`` does; ``.config()`` is the complete config.
+    ``"2h"`` or minutes): what ``imgx3d plan`` does (:func:`imgx3d.planning.resolve.resolve_plan`);
+    ``.config()`` is the complete config, ``imgx3d.train`` trains it (racing its rivals, if any).
 
     Args:
         cache_dir: where the fingerprint is cached (default ``plans/<dataset folder name>``).
         reading: ``data.*`` overrides saying how to read the dataset when its layout is not found
             alone, e.g. ``["data.layout=cases", "data.channels=[Flair*,T1c*]"]``.
     """
-    from imgx3d.planning.fingerprint import fingerprint
-    from imgx3d.planning.planner import plan
+    from imgx3d.planning.resolve import resolve_plan
 
-    minutes = parse_budget(budget) if isinstance(budget, str) else float(budget)
-    fp = fingerprint(data, reading_config(None, reading), cache_dir=cache_dir or plan_folder(data))
-    return plan(fp, method, minutes, device)
-
+    return resolve_plan(data, method, budget, device, overrides=reading, cache_dir=cache_dir)[0]

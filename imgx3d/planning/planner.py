@@ -58,6 +58,16 @@ LATERAL_WORDS = {"left", "right"}
 POSITION_WORDS = {"anterior", "posterior", "superior", "inferior", "upper", "lower", "dorsal", "ventral", "cranial",
                   "caudal"}
 MIN_SLICE = 32  # the smallest slice side planned (smaller sides leave a latent method a few latent pixels)
+# Thin-slab data (cardiac cine, prostate, many clinical MRI series): few thick slices. Recognised from the
+# header (the coarsest spacing over ANISO_THRESHOLD x the finest) or, since converted headers often claim 1 mm
+# slices, from the shape alone: at most THIN_SLAB_SLICES slices and at most 1/THIN_SLAB_RATIO of the in-plane extent.
+THIN_SLAB_SLICES = 24
+THIN_SLAB_RATIO = 4
+# A race (imgx3d.training.race): each candidate plan trains for this share of the budget; the best on validation
+# Dice continues from its checkpoint, so the losers cost (candidates - 1) x this share of the budget.
+RACE_SHARE = 0.15
+UNET_2D = {"spatial_dims": 2, "arch": "unet", "channels": [32, 64, 128, 256], "strides": [2, 2, 2],
+           "num_res_units": 2, "full_res_features": 0, "norm": "instance"}  # configs/hippocampus/unet2d.yaml's network
 
 GPU_MEMORY_SHARE = 0.8  # a candidate may take this share of the GPU memory free when planning (the rest:
 # validation, the loader's pinned batches, other processes' growth)
@@ -85,6 +95,9 @@ class Plan:
     tree: dict[str, Any]
     decisions: list[Decision] = field(default_factory=list)
     planned: dict[str, Any] = field(default_factory=dict)  # what was planned, for how long, where (written out)
+    # other candidate plans a planned training races against this one (name → plan; see RACE_SHARE)
+    rivals: dict[str, "Plan"] = field(default_factory=dict)
+    name: str = "3d"  # this candidate's name in a race
 
     def decide(self, key: str, value: Any, reason: str) -> Any:
         """Set ``key`` (dotted) in the tree and record why."""
@@ -105,7 +118,12 @@ class Plan:
             method = changes.get("method") or {}
             if method.get("name", self.tree["method"]["name"]) != self.tree["method"]["name"]:
                 self.tree["method"] = {}
+                self.rivals = {}  # another method: the race was between U-Net plans
             changes = list(_leaves(changes))
+        if any(key.startswith(("method.", "data.patch_size", "data.slices")) for key, _ in changes):
+            self.rivals = {}  # the network or window is set by hand: the plan the user shaped trains, unraced
+        for rival in self.rivals.values():
+            rival.override(changes, reason)
         for key, value in changes:
             node = self.tree
             for part in key.split("."):
@@ -280,7 +298,40 @@ def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30
         plans[method] = copy.deepcopy(base)
         if method != "unet":
             _adapt(plans[method], fp, method, budget_minutes, step_timer)
+    if "unet" in plans:
+        axis, evidence = thin_slab_axis(fp)
+        if axis is not None:
+            plans["unet"].rivals["2d"] = _slice_unet(base, fp, axis, evidence, budget_minutes, step_timer)
     return plans
+
+
+def _slice_unet(base: Plan, fp: Fingerprint, axis: int, evidence: str, budget_minutes: float,
+                step_timer: StepTimer) -> Plan:
+    """The 2D U-Net on slices across the thin axis (nnU-Net's ``2d`` configuration), the rival of a thin-slab 3D
+    plan: which of the two learns more in the budget is measured by racing them (``imgx3d.training.race``)."""
+    result = copy.deepcopy(base)
+    result.name, result.rivals = "2d", {}
+    for key in ("infer.tta_shifts", "data.translate", "data.patch_size", "method.kernel_size",
+                "method.full_res_features", "method.channels", "method.strides", "method.arch"):
+        result.forget(key)
+    result.tree["method"] = {"name": "unet"}
+    result.decide("method.spatial_dims", 2, f"thin-slab data ({evidence}): the 2D U-Net on its slices, raced against "
+                                            "the 3D plan (nnU-Net trains both and keeps the better)")
+    for key, value in UNET_2D.items():
+        if key != "spatial_dims":
+            result.decide(f"method.{key}", value, "configs/hippocampus/unet2d.yaml's 2D network")
+    _, median_shape = _target_grid(result, fp)
+    plane = [a for a in range(3) if a != axis]
+    multiple = 2 ** len(UNET_2D["strides"])
+    size = [int(max(MIN_SLICE, np.ceil(median_shape[a] / multiple) * multiple)) for a in plane]
+    result.decide("data.slices.axis", axis, "slices across the thin axis")
+    result.decide("data.slices.size", size, f"the in-plane median shape rounded up to what the strides divide "
+                                            f"({multiple}): whole slices, as nnU-Net's 2D patch")
+    flips = [a for a in base.tree["data"]["flip_axes"] if a != axis]
+    result.decide("data.flip_axes", flips, "the 3D plan's in-plane mirrors")
+    result.decide("infer.tta_flips", flips, "the training's mirrors, averaged at inference")
+    _plan_slice_batch(result, budget_minutes, step_timer)
+    return result
 
 
 def _adapt(result: Plan, fp: Fingerprint, method: str, budget_minutes: float, step_timer: StepTimer) -> None:
@@ -395,10 +446,36 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
                   "within the 2 seeds' spread, at the price of the best checkpoint and the learned postprocessing)")
 
 
+def thin_slab_axis(fp: Fingerprint) -> tuple[int | None, str]:
+    """The slice axis of thin-slab data (see :data:`THIN_SLAB_SLICES`) and the evidence, or (None, "")."""
+    spacing, shape = np.median(fp.spacings, axis=0), np.median(fp.shapes, axis=0)
+    coarse = int(np.argmax(spacing))
+    finest = min(spacing[a] for a in range(3) if a != coarse)
+    if spacing[coarse] > ANISO_THRESHOLD * finest:
+        return coarse, (f"axis {coarse} at {spacing[coarse]:.3g} mm, {spacing[coarse] / finest:.1f}x the in-plane "
+                        f"{finest:.3g} mm (header)")
+    thin = int(np.argmin(shape))
+    in_plane = min(shape[a] for a in range(3) if a != thin)
+    if shape[thin] <= THIN_SLAB_SLICES and shape[thin] * THIN_SLAB_RATIO <= in_plane:
+        return thin, (f"axis {thin} has {shape[thin]:.0f} slices against {in_plane:.0f} voxels in-plane (shape; the "
+                      f"header's {spacing[thin]:.3g} mm slices are not trusted)")
+    return None, ""
+
+
 def _target_grid(result: Plan, fp: Fingerprint) -> tuple[np.ndarray, np.ndarray]:
-    """The planned spacing and the median case shape at it (voxels, RAS)."""
+    """The spacing the topology is planned on and the median case shape at the planned spacing (voxels, RAS).
+
+    The topology spacing is the planned one, except along the slice axis of data recognised as thin-slab by its
+    shape alone (:func:`thin_slab_axis`): there it is taken as at least :data:`ANISO_THRESHOLD` x the finest, so
+    that axis gets nnU-Net's anisotropic treatment (in-plane kernels, pooled last) whatever the header claims.
+    """
     spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
-    return spacing, np.median(fp.shapes * fp.spacings, axis=0) / spacing
+    median_shape = np.median(fp.shapes * fp.spacings, axis=0) / spacing
+    axis, _ = thin_slab_axis(fp)
+    if axis is not None:
+        spacing = spacing.copy()
+        spacing[axis] = max(spacing[axis], ANISO_THRESHOLD * 1.01 * min(spacing[a] for a in range(3) if a != axis))
+    return spacing, median_shape
 
 
 def shrink_patch(patch: np.ndarray, median_shape: np.ndarray, spacing: np.ndarray, max_voxels: float) -> np.ndarray:

@@ -61,15 +61,16 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def agree_to_stop(self, out_of_time: bool, signum: int | None) -> tuple[bool, int | None]:
-        """Rank 0's (time budget spent, pending stop signal) on every rank, as one small tensor
-        broadcast on the backend's device (no pickling); in one process, the values themselves."""
+    def agree_to_stop(self, out_of_time: int, signum: int | None) -> tuple[int, int | None]:
+        """Rank 0's (why to stop: 0 go on, any other code a reason of the caller's; pending stop
+        signal) on every rank, as one small tensor broadcast on the backend's device (no
+        pickling); in one process, the values themselves."""
         if not self.enabled:
             return out_of_time, signum
         flags = torch.tensor([int(out_of_time), signum or 0], device=collective_device(dist.get_backend()))
         dist.broadcast(flags, src=0)
         spent, signal_number = flags.tolist()
-        return bool(spent), signal_number or None
+        return int(spent), signal_number or None
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order, on every rank."""

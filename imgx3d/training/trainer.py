@@ -276,8 +276,13 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, batches: Iterator[dict[str, torch.Tensor]], val_cases: list[dict[str, Any]],
-            labels: dict[int, str]) -> TrainState:
+            labels: dict[int, str], pause_after_s: float | None = None) -> TrainState:
         """Train until ``max_steps``, the time budget, or early stopping.
+
+        Args:
+            pause_after_s: stop once the run's clock passes this many seconds (stop reason
+                ``paused``), validated and saved in ``last.pt``; the schedule stays that of the whole
+                budget, so a resume continues the same run (how a planned race trains its candidates).
 
         Raises:
             Interrupted: after SIGTERM / SIGINT (see :mod:`imgx3d.interrupts`), once ``last.pt``
@@ -286,7 +291,7 @@ class Trainer:
                 checkpoint to resume from.
         """
         try:
-            return self._fit(batches, val_cases, labels)
+            return self._fit(batches, val_cases, labels, pause_after_s)
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory() from None
 
@@ -315,7 +320,7 @@ class Trainer:
                           f"{self.run_dir / 'last.pt'}", signum, resume_dir=self.run_dir)
 
     def _fit(self, batches: Iterator[dict[str, torch.Tensor]], val_cases: list[dict[str, Any]],
-             labels: dict[int, str]) -> TrainState:
+             labels: dict[int, str], pause_after_s: float | None = None) -> TrainState:
         t = self.cfg.train
         start, elapsed0 = self._clock(), self.state.elapsed_s
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
@@ -325,13 +330,14 @@ class Trainer:
         while self.state.step < t.max_steps:
             self.state.elapsed_s = elapsed0 + self._clock() - start
             out_of_time = bool(t.max_minutes) and self.state.elapsed_s >= 60 * t.max_minutes
-            # rank 0's clock and signals decide, so every rank stops at the same step
-            out_of_time, signum = self.dist.agree_to_stop(out_of_time, requested())
+            paused = pause_after_s is not None and self.state.elapsed_s >= pause_after_s
+            # rank 0's clock and signals decide, so every rank stops at the same step (1: budget, 2: pause)
+            why, signum = self.dist.agree_to_stop(1 if out_of_time else 2 if paused else 0, requested())
             if signum is not None:
                 bar.close()
                 self._stop_for_signal(signum)
-            if out_of_time:
-                self.state.stop_reason = "time budget"
+            if why:
+                self.state.stop_reason = "time budget" if why == 1 else "paused"
                 break
             scalars = self.step(next(batches))
             self.state.step += 1

@@ -188,7 +188,8 @@ def _run_tags(cfg: Config, split: Split) -> dict[str, str]:
 
 
 def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = None, resume: str | Path | None = None,
-              test_at_end: bool = True, records: dict[str, str] | None = None) -> TrainResult:
+              test_at_end: bool = True, records: dict[str, str] | None = None,
+              pause_after_minutes: float | None = None) -> TrainResult:
     """Train ``cfg`` on the dataset at ``data_root`` and evaluate on its held-out test cases.
 
     Under ``torchrun`` every rank calls this; training is data-parallel and rank 0 alone writes
@@ -200,11 +201,14 @@ def train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None = N
         test_at_end: predict the test split on the native grid and log per-class metrics.
         records: more files for the run folder and mlflow, name → text (a plan's ``plan.yaml`` and
             ``fingerprint.json``).
+        pause_after_minutes: stop when the run's clock passes this (validated, ``last.pt`` saved, stop
+            reason ``paused``, nothing scored, no ``result.json``): ``resume`` continues it to the budget.
     """
     ctx, dist_device = distributed.setup(cfg.train.device)
     finished = False
     try:
-        result = _train_run(cfg, data_root, run_dir, resume, test_at_end, ctx, dist_device, records or {})
+        result = _train_run(cfg, data_root, run_dir, resume, test_at_end, ctx, dist_device, records or {},
+                            pause_after_minutes)
         finished = True
         return result
     finally:
@@ -229,7 +233,7 @@ def _load_resume(resume: str | Path, cfg: Config, ctx: distributed.DistContext) 
 
 def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, resume: str | Path | None,
                test_at_end: bool, ctx: distributed.DistContext, dist_device: torch.device | None,
-               records: dict[str, str]) -> TrainResult:
+               records: dict[str, str], pause_after_minutes: float | None = None) -> TrainResult:
     resume_ckpt = _load_resume(resume, cfg, ctx) if resume is not None else None
     if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
@@ -276,9 +280,14 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
 
     try:
         batches = _batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank, device.type == "cuda")
-        state = trainer.fit(batches, val_items, catalog.labels)
+        pause_s = None if pause_after_minutes is None else 60 * pause_after_minutes
+        state = trainer.fit(batches, val_items, catalog.labels, pause_s)
         summary = None
         trainer.release()  # the test split is scored from best.pt: the training copy and optimisers go
+        if state.stop_reason == "paused":
+            tracker.end("FINISHED")  # a resume reopens the same mlflow run
+            return TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, None,
+                               ctx.rank)
         if ctx.is_main:
             summary = _finish_run(cfg, run_dir, catalog, split, method, pre, tracker, state, test_at_end, device)
         tracker.end("FINISHED")
