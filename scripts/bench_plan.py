@@ -41,24 +41,29 @@ TARGET = {"hippocampus": 0.865}  # the plans issue's target for the zero-config 
 
 
 def _plan(args: argparse.Namespace):
-    """Fingerprint and plan the dataset (reading keys from the hand-tuned config); emit timings and decisions."""
+    """Fingerprint and plan the dataset (reading keys from the hand-tuned config) through the one resolver
+    the CLI uses; emit timings and decisions (the rivals' too)."""
     from imgx3d.config import load_yaml
     from imgx3d.planning import plan_folder, reading_config
     from imgx3d.planning.fingerprint import fingerprint
-    from imgx3d.planning.planner import plan
+    from imgx3d.planning.resolve import resolve_plan
 
     given = load_yaml(args.hand_config) if args.hand_config else {}
     t0 = time.perf_counter()
     fp = fingerprint(args.data, reading_config(given, args.reading), cache_dir=plan_folder(args.data) / "bench")
     fingerprint_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = plan(fp, "unet", args.budget, "cpu")
+    reading = [f"data.{k}={json.dumps(v)}" for k, v in fp.reading.items()]
+    result, _ = resolve_plan(args.data, "unet", args.budget, "cpu", overrides=reading,
+                             cache_dir=plan_folder(args.data) / "bench")
     plan_s = time.perf_counter() - t0
     emit("plan.zero_config.planning_seconds", round(fingerprint_s + plan_s, 1), "s",
          fingerprint_s=round(fingerprint_s, 1), budget_fit_s=round(plan_s, 1), cases=len(fp.cases),
          fingerprint_summary=fp.summary())
-    for decision in result.decisions:
-        emit(f"plan.zero_config.decision.{decision.key}", str(decision.value), "", reason=decision.reason)
+    for candidate in [result, *result.rivals.values()]:
+        prefix = "plan.zero_config.decision" + ("" if candidate is result else f".{candidate.name}")
+        for decision in candidate.decisions:
+            emit(f"{prefix}.{decision.key}", str(decision.value), "", reason=decision.reason)
     return result
 
 
@@ -72,21 +77,39 @@ def run_arm(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = [f"tracking.experiment={args.experiment}", f"train.max_minutes={args.budget}", *args.overrides]
+    plan_file = Path(args.plan_file)
+    rivals = {}
     if args.arm == "plan":
-        if not Path(args.plan_file).is_file():  # plan here (the parent plans first when the arms run side by side)
-            Path(args.plan_file).write_text(_plan(args).to_yaml(), encoding="utf-8")
+        if not plan_file.is_file():  # plan here (the parent plans first when the arms run side by side)
+            result = _plan(args)
+            plan_file.write_text(result.to_yaml(), encoding="utf-8")
+            for name, rival in result.rivals.items():
+                plan_file.with_name(f"{plan_file.stem}.{name}.yaml").write_text(rival.to_yaml(), encoding="utf-8")
         if args.plan_only:
             return
-        text = Path(args.plan_file).read_text(encoding="utf-8")
-        cfg, records = load_config(args.plan_file, overrides), {"plan.yaml": text}
+        cfg, records = load_config(plan_file, overrides), {"plan.yaml": plan_file.read_text(encoding="utf-8")}
+        rivals = {path.stem.split(".", 1)[1]: (load_config(path, overrides), {"plan.yaml": path.read_text("utf-8")})
+                  for path in sorted(plan_file.parent.glob(f"{plan_file.stem}.*.yaml"))}
     else:
         cfg, records = load_config(args.hand_config, overrides), {}
     t0 = time.perf_counter()
-    run = train_run(cfg, args.data, records=records)
+    if rivals:
+        from imgx3d.planning.planner import RACE_SHARE
+        from imgx3d.training.race import RACE_FILE, default_run_dir, race_run
+
+        runs = {"3d": (cfg, records), **rivals}
+        run = race_run({n: c for n, (c, _) in runs.items()}, args.data, default_run_dir(cfg), RACE_SHARE,
+                       {n: r for n, (_, r) in runs.items()})
+        race = json.loads((run.run_dir / RACE_FILE).read_text(encoding="utf-8"))
+        emit("plan.zero_config.race", race["winner"], "", **race)
+        cfg = load_config(run.run_dir / "config.yaml")
+    else:
+        run = train_run(cfg, args.data, records=records)
     name = "plan.zero_config" if args.arm == "plan" else "plan.hand_tuned"
     emit(f"{name}.train_steps", run.steps, "steps", stop_reason=run.stop_reason, run_id=run.run_id,
          wall_minutes=round((time.perf_counter() - t0) / 60, 2), best_val_dice=round(run.best_val_dice, 4),
-         channels=cfg.method.channels, batch=cfg.data.batch_size, patch=cfg.data.patch_size)
+         channels=cfg.method.channels, batch=cfg.data.batch_size, patch=cfg.data.patch_size,
+         spatial_dims=cfg.method.spatial_dims)
     emit_test_summary(name, run.test_summary, cases=run.test_summary["cases"])
 
 

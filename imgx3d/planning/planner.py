@@ -53,7 +53,8 @@ FULL_RES_FEATURES = 16
 TRANSLATE = 4  # voxels of random patch shift planned where the patch covers the median case (data.translate)
 TTA_SHIFTS = 2  # phase shifts averaged at inference by 3D methods (imgx3d.inference.predictor.predict_probabilities)
 BATCHES = (4, 2)  # batch sizes tried (nnU-Net: 2, more when the patch is small)
-SLICE_BATCHES = (16, 8, 4, 2)  # slices per step tried for per-slice methods (the shipped 2D configs use 8-16)
+SLICE_BATCHES = (16, 8, 4, 2)
+SLICE_SCALES = (1, 2)  # in-plane resampling factors tried for the 2D U-Net rival of a thin-slab plan  # slices per step tried for per-slice methods (the shipped 2D configs use 8-16)
 LATERAL_WORDS = {"left", "right"}
 POSITION_WORDS = {"anterior", "posterior", "superior", "inferior", "upper", "lower", "dorsal", "ventral", "cranial",
                   "caudal"}
@@ -323,14 +324,19 @@ def _slice_unet(base: Plan, fp: Fingerprint, axis: int, evidence: str, budget_mi
     _, median_shape = _target_grid(result, fp)
     plane = [a for a in range(3) if a != axis]
     multiple = 2 ** len(UNET_2D["strides"])
-    size = [int(max(MIN_SLICE, np.ceil(median_shape[a] / multiple) * multiple)) for a in plane]
-    result.decide("data.slices.axis", axis, "slices across the thin axis")
-    result.decide("data.slices.size", size, f"the in-plane median shape rounded up to what the strides divide "
-                                            f"({multiple}): whole slices, as nnU-Net's 2D patch")
     flips = [a for a in base.tree["data"]["flip_axes"] if a != axis]
     result.decide("data.flip_axes", flips, "the 3D plan's in-plane mirrors")
     result.decide("infer.tta_flips", flips, "the training's mirrors, averaged at inference")
-    _plan_slice_batch(result, budget_minutes, step_timer)
+    result.decide("data.slices.axis", axis, "slices across the thin axis")
+    full = [int(max(MIN_SLICE, np.ceil(median_shape[a] / multiple) * multiple)) for a in plane]
+    for factor in SLICE_SCALES:  # whole slices, at a coarser in-plane grid when the budget is short
+        size = [int(max(MIN_SLICE, np.ceil(n / factor / multiple) * multiple)) for n in full]
+        coarser = "" if factor == 1 else (f", resampled {factor}x coarser in-plane: at full resolution no batch "
+                                          f"reached {ENOUGH_STEPS} steps")
+        result.decide("data.slices.size", size, f"the in-plane median shape {full} rounded up to what the strides "
+                                                f"divide ({multiple}): whole slices, as nnU-Net's 2D patch{coarser}")
+        if _plan_slice_batch(result, budget_minutes, step_timer) >= ENOUGH_STEPS or min(size) <= MIN_SLICE:
+            break
     return result
 
 
@@ -372,10 +378,10 @@ def _adapt(result: Plan, fp: Fingerprint, method: str, budget_minutes: float, st
     _plan_slice_batch(result, budget_minutes, step_timer)
 
 
-def _plan_slice_batch(result: Plan, budget_minutes: float, step_timer: StepTimer) -> None:
+def _plan_slice_batch(result: Plan, budget_minutes: float, step_timer: StepTimer) -> int:
     """Slices per step of a per-slice method: the largest of :data:`SLICE_BATCHES` whose measured step (the
     method's main stage, after any codec-first stage, on its own network defaults) still reaches
-    ``ENOUGH_STEPS`` in the budget — the U-Net's rule applied to the method's own step."""
+    ``ENOUGH_STEPS`` in the budget — the U-Net's rule applied to the method's own step. Returns its steps."""
     timing = _Timing(step_timer, budget_minutes)
     for batch in SLICE_BATCHES:
         trial = copy.deepcopy(result)
@@ -386,7 +392,8 @@ def _plan_slice_batch(result: Plan, budget_minutes: float, step_timer: StepTimer
             reach = "the largest reaching" if steps >= ENOUGH_STEPS else "the smallest: none reached"
             result.decide("data.batch_size", batch, f"{reach} {ENOUGH_STEPS} steps of the method's main stage in "
                                                     f"{budget_minutes:g} minutes (measured: {timing.measured})")
-            return
+            return steps
+    return 0
 
 
 def mirror_axes(class_names: list[str]) -> tuple[list[int], str]:
