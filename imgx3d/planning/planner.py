@@ -74,6 +74,12 @@ GPU_MEMORY_SHARE = 0.8  # a candidate may take this share of the GPU memory free
 # validation, the loader's pinned batches, other processes' growth)
 
 StepTimer = Callable[[Config], float]  # seconds per optimiser step of a candidate plan
+PassTimer = Callable[[Config, tuple[int, ...]], float]  # seconds of one prediction pass (no TTA) over a model-space
+# image of this shape
+# Prediction's price: the plan keeps a median case's prediction, its TTA included, within this share of the training
+# budget (at least MIN_PREDICT_SECONDS): shifts go first, then mirrors, until it fits (issue: TTA passes have a price).
+PREDICT_SHARE = 0.01
+MIN_PREDICT_SECONDS = 2.0
 
 
 class CandidateTooLarge(Exception):
@@ -270,26 +276,131 @@ def measured_step_seconds(device: str) -> StepTimer:
     return timer
 
 
+def measured_pass_seconds(device: str) -> PassTimer:
+    """A :data:`PassTimer` that predicts a random model-space image with the candidate's untrained network, by the
+    rules ``imgx3d predict`` follows (windows, precision, streaming; no TTA), and times it."""
+    from imgx3d.inference.predictor import InferSettings, Predictor
+
+    def timer(cfg: Config, shape: tuple[int, ...]) -> float:
+        method = build_method(cfg.method, 3, 1)
+        predictor = Predictor(method, cfg, {0: "background", 1: "a", 2: "b"},
+                              InferSettings.from_config(cfg.infer, device=device))
+        image = torch.randn(1, *shape)
+        t0 = time.perf_counter()
+        predictor.model_space_classes(image)
+        return time.perf_counter() - t0
+
+    return timer
+
+
 def plan(fp: Fingerprint, method: str = "unet", budget_minutes: float = 30.0, device: str = "auto",
-         step_timer: StepTimer | None = None) -> Plan:
+         step_timer: StepTimer | None = None, pass_timer: PassTimer | None = None) -> Plan:
     """The plan of ``method`` for the dataset ``fp`` describes, fitted to ``budget_minutes`` of training.
 
     Args:
         step_timer: seconds per step of a candidate config (default: measured on ``device``).
+        pass_timer: seconds of one prediction pass (default: measured on ``device``; with a ``step_timer``
+            given and no ``pass_timer``, prediction is taken as free).
     """
-    return plan_methods(fp, [method], budget_minutes, device, step_timer)[method]
+    return plan_methods(fp, [method], budget_minutes, device, step_timer, pass_timer)[method]
 
 
 def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30.0, device: str = "auto",
-                 step_timer: StepTimer | None = None) -> dict[str, Plan]:
+                 step_timer: StepTimer | None = None, pass_timer: PassTimer | None = None) -> dict[str, Plan]:
     """The plans of several methods from **one** U-Net plan and budget measurement, so that a
     comparison of them shares the split, data section, budget and (3D) topology by construction."""
+    started = time.perf_counter()
+    if pass_timer is None:
+        pass_timer = measured_pass_seconds(device) if step_timer is None else (lambda cfg, shape: 0.0)
+    plans = _plan_methods(fp, methods, budget_minutes, device, step_timer)
+    for result in plans.values():
+        for candidate in [result, *result.rivals.values()]:
+            _plan_prediction(candidate, fp, budget_minutes, pass_timer)
+    planning_minutes = (time.perf_counter() - started) / 60
+    for result in plans.values():
+        for candidate in [result, *result.rivals.values()]:
+            _fit_whole_run(candidate, fp, budget_minutes, planning_minutes)
+    return plans
+
+
+def _split_sizes(cases: int, data: dict[str, Any]) -> tuple[int, int]:
+    """(validation, test) cases of the planned split (``data.split``'s fractions of ``cases``)."""
+    split = data.get("split") or {}
+    test = int(round(cases * split.get("test_fraction", 0.2)))
+    return int(round((cases - test) * split.get("val_fraction", 0.1))), test
+
+
+def _plan_prediction(result: Plan, fp: Fingerprint, budget_minutes: float, pass_timer: PassTimer) -> None:
+    """Measure one prediction pass of a median case and keep the TTA within :data:`PREDICT_SHARE` of the budget
+    per case: phase shifts are dropped first, then mirrors (the last axis first); the seconds per case are
+    recorded (``planned.predict_seconds_per_case``) and printed."""
+    _, median_shape = _target_grid(result, fp)
+    shape = tuple(int(np.ceil(n)) for n in median_shape)
+    cfg = result.config(["tracking.enabled=false"])
+    one = pass_timer(cfg, shape)
+    limit = max(MIN_PREDICT_SECONDS, PREDICT_SHARE * 60 * budget_minutes)
+    infer = result.tree.setdefault("infer", {})
+    flips = list(infer.get("tta_flips") or [])
+    spatial_dims = getattr(cfg.method, "spatial_dims", method_class(cfg.method.name).spatial_dims)
+    shifts = int(infer.get("tta_shifts") or 1) if spatial_dims == 3 else 1
+
+    def seconds() -> float:
+        return one * 2 ** len(flips) * shifts
+
+    planned = seconds()
+    dropped = []
+    while seconds() > limit and (shifts > 1 or flips):
+        if shifts > 1:
+            shifts = 1
+            dropped.append("the phase shifts")
+        else:
+            dropped.append(f"the axis-{flips.pop()} mirror")
+    passes = 2 ** len(flips) * shifts
+    why = (f"a median case {list(shape)} takes {one:.2f} s a pass, {seconds():.1f} s with {passes} TTA pass(es)"
+           f", within {PREDICT_SHARE:.0%} of the budget per case ({limit:.0f} s)")
+    if dropped:
+        why += f"; {planned:.1f} s with the full TTA, so {', '.join(dropped)} dropped"
+        result.decide("infer.tta_flips", flips, why)
+        if "tta_shifts" in infer:
+            result.decide("infer.tta_shifts", shifts, why)
+    result.planned["predict_seconds_per_case"] = round(seconds(), 2)
+    result.planned["predict_seconds_per_pass"] = round(one, 3)
+    result.decisions.append(Decision("planned.predict_seconds_per_case", round(seconds(), 2), why))
+
+
+def _fit_whole_run(result: Plan, fp: Fingerprint, budget_minutes: float, planning_minutes: float) -> None:
+    """Training minutes such that planning, training with its validations, the final validation, the
+    postprocessing decision and the test split's scoring together keep to the budget."""
+    n_val, n_test = _split_sizes(len(fp.cases), result.tree["data"])
+    one = result.planned["predict_seconds_per_pass"]
+    per_case = result.planned["predict_seconds_per_case"]
+    after = (n_val * one + (n_val + n_test) * per_case) / 60  # last validation (no TTA), postprocessing, test
+    minutes = max(0.5 * budget_minutes, budget_minutes - planning_minutes - after)
+    result.decide("train.max_minutes", round(minutes, 2),
+                  f"the {budget_minutes:g}-minute budget less planning ({planning_minutes:.1f} min) and what follows "
+                  f"training ({after:.1f} min: {n_val} validation and {n_test} test cases predicted), so the whole "
+                  "run keeps to the budget (at least half of it trains)")
+
+
+def _plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float, device: str,
+                  step_timer: StepTimer | None) -> dict[str, Plan]:
+    """The plans, before prediction is priced (see :func:`plan_methods`)."""
     base = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}, "data": copy.deepcopy(fp.reading)})
     _plan_data(base, fp)
-    _plan_network(base, fp)
     measured_on = (f"{resolve_device(device)}, {torch.get_num_threads()} threads" if step_timer is None
                    else "a given step timer")
     step_timer = step_timer or measured_step_seconds(device)
+    if fp.reading.get("mode") == "image":  # 2D images: one-slice volumes, planned as slices from the start
+        _plan_training(base, budget_minutes)
+        base = _slice_unet(base, fp, 2, "2D images", budget_minutes, step_timer)
+        base.planned = {"dataset": fp.dataset, "cases": len(fp.cases), "budget_minutes": budget_minutes,
+                        "measured_on": measured_on}
+        plans = {m: copy.deepcopy(base) for m in methods}
+        for method in methods:
+            if method != "unet":
+                _adapt(plans[method], fp, method, budget_minutes, step_timer)
+        return plans
+    _plan_network(base, fp)
     _plan_budget(base, fp, budget_minutes, step_timer)
     _plan_training(base, budget_minutes)
     base.planned = {"dataset": fp.dataset, "cases": len(fp.cases), "budget_minutes": budget_minutes,
@@ -316,8 +427,9 @@ def _slice_unet(base: Plan, fp: Fingerprint, axis: int, evidence: str, budget_mi
                 "method.full_res_features", "method.channels", "method.strides", "method.arch"):
         result.forget(key)
     result.tree["method"] = {"name": "unet"}
-    result.decide("method.spatial_dims", 2, f"thin-slab data ({evidence}): the 2D U-Net on its slices, raced against "
-                                            "the 3D plan (nnU-Net trains both and keeps the better)")
+    result.decide("method.spatial_dims", 2, "2D images: the 2D U-Net" if evidence == "2D images" else
+                  f"thin-slab data ({evidence}): the 2D U-Net on its slices, raced against the 3D plan (nnU-Net "
+                  "trains both and keeps the better)")
     for key, value in UNET_2D.items():
         if key != "spatial_dims":
             result.decide(f"method.{key}", value, "configs/hippocampus/unet2d.yaml's 2D network")
