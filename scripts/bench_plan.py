@@ -93,18 +93,20 @@ def run_arm(args: argparse.Namespace) -> None:
     else:
         cfg, records = load_config(args.hand_config, overrides), {}
     t0 = time.perf_counter()
+    # each arm its own folder: both start in the same second, and the default name carries only the time
+    run_dir = Path("runs") / cfg.dataset / f"bench-{args.arm}-{time.strftime('%Y%m%d-%H%M%S')}"
     if rivals:
         from imgx3d.planning.planner import RACE_SHARE
-        from imgx3d.training.race import RACE_FILE, default_run_dir, race_run
+        from imgx3d.training.race import RACE_FILE, race_run
 
         runs = {"3d": (cfg, records), **rivals}
-        run = race_run({n: c for n, (c, _) in runs.items()}, args.data, default_run_dir(cfg), RACE_SHARE,
+        run = race_run({n: c for n, (c, _) in runs.items()}, args.data, run_dir, RACE_SHARE,
                        {n: r for n, (_, r) in runs.items()})
         race = json.loads((run.run_dir / RACE_FILE).read_text(encoding="utf-8"))
         emit("plan.zero_config.race", race["winner"], "", **race)
         cfg = load_config(run.run_dir / "config.yaml")
     else:
-        run = train_run(cfg, args.data, records=records)
+        run = train_run(cfg, args.data, run_dir, records=records)
     name = "plan.zero_config" if args.arm == "plan" else "plan.hand_tuned"
     emit(f"{name}.train_steps", run.steps, "steps", stop_reason=run.stop_reason, run_id=run.run_id,
          wall_minutes=round((time.perf_counter() - t0) / 60, 2), best_val_dice=round(run.best_val_dice, 4),

@@ -176,3 +176,23 @@ def test_tta_is_dropped_until_a_case_predicts_within_its_share_of_the_budget():
     # 40 cases: 8 test, 3 validation; after training: 3 passes + 11 cases x 2 passes of 4 s = 100 s
     assert cfg.train.max_minutes == pytest.approx(20.0 - 100 / 60, abs=0.02)
     assert any(d.key == "planned.predict_seconds_per_case" for d in costly.decisions)
+
+
+def test_axes_along_which_classes_keep_their_order_are_not_mirrored():
+    """Unnamed classes (converted cardiac data: 'label_1', 'label_2'): the right ventricle lies beside the
+    left one along axis 0 in every case, at random heights along axis 2; only axis 0 keeps its order."""
+    from imgx3d.planning.planner import ordered_axes, plan
+
+    rng = np.random.default_rng(0)
+    fp = _fingerprint([128, 128, 10], [1.5, 1.5, 8.0], cases=12)
+    fp.classes = [ClassStats(1, "label_1", 12, 300.0, [10.0, 10.0, 4.0]),
+                  ClassStats(2, "label_2", 12, 300.0, [10.0, 10.0, 4.0])]
+    for case in fp.cases:
+        z = rng.uniform(3, 7, 2)
+        case.centroids = {"1": [40.0 + rng.uniform(-3, 3), 64.0, z[0]], "2": [70.0, 64.0 + rng.uniform(-3, 3), z[1]]}
+    axes, evidence = ordered_axes(fp)
+    assert axes == [0] and "label_1 on the - side of label_2 in 100% of 12 cases" in evidence
+    cfg = plan(fp, "unet", 20.0, step_timer=lambda cfg: 0.05).config()
+    assert cfg.data.flip_axes == [1, 2] and cfg.infer.tta_flips == [1, 2]
+    fp.cases[0].centroids["1"][0] = 90.0  # one case in twelve the other way round: 92 % < 95 %, mirrored again
+    assert ordered_axes(fp)[0] == []

@@ -30,7 +30,7 @@ from imgx3d.data.geometry import grid_map, reorient
 from imgx3d.data.io import atomic_write_text, read_label
 from imgx3d.data.transforms import Preprocessor, check_grids
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 SAMPLES_PER_CASE = 10_000  # foreground voxels sampled per case and channel (nnU-Net: 10 000)
 CT_NAMES = ("ct", "computed tomography")
 HU_AIR, HU_TISSUE = -500.0, 100.0  # a CT channel's foreground spans below the first and above the second
@@ -49,6 +49,7 @@ class CaseStats:
     spacing: list[float]
     axcodes: str  # the file's own orientation, e.g. "LPS"
     nonzero_fraction: float  # share of voxels that are not 0 in the first channel (zero background?)
+    centroids: dict[str, list[float]] = field(default_factory=dict)  # class value → RAS centroid in voxels
 
 
 @dataclass
@@ -191,8 +192,9 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
                     label_volume.affine, "label")  # sampled intensities must sit under their labels
         label = label_volume.array
         ras_label = reorient(torch.from_numpy(label)[None], to_ras)[0].numpy()
-        cases.append(CaseStats(case.case_id, list(grid.ras_shape), [float(s) for s in spacing], axcodes,
-                               float(np.count_nonzero(array[0]) / array[0].size)))
+        stats = CaseStats(case.case_id, list(grid.ras_shape), [float(s) for s in spacing], axcodes,
+                          float(np.count_nonzero(array[0]) / array[0].size))
+        cases.append(stats)
         foreground = np.flatnonzero(label.reshape(-1) > 0)
         if foreground.size:
             picked = rng.choice(foreground, size=min(SAMPLES_PER_CASE, foreground.size), replace=False)
@@ -203,6 +205,7 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
             count = int(mask.sum())
             if count:
                 per_class[value].append((count, _bbox(mask)))
+                stats.centroids[str(value)] = [float(c.mean()) for c in np.nonzero(mask)]
     channels = []
     for name, parts in zip(catalog.channel_names, samples):
         values = np.concatenate(parts) if parts else np.zeros(1)

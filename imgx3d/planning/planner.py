@@ -70,6 +70,10 @@ RACE_SHARE = 0.15
 UNET_2D = {"spatial_dims": 2, "arch": "unet", "channels": [32, 64, 128, 256], "strides": [2, 2, 2],
            "num_res_units": 2, "full_res_features": 0, "norm": "instance"}  # configs/hippocampus/unet2d.yaml's network
 
+# Mirroring by evidence (ordered_axes): two classes lie in the same order along an axis in at least this share of
+# the cases where both appear (and in at least MIN_ORDERED_CASES of them)
+ORDERED_SHARE = 0.95
+MIN_ORDERED_CASES = 5
 GPU_MEMORY_SHARE = 0.8  # a candidate may take this share of the GPU memory free when planning (the rest:
 # validation, the loader's pinned batches, other processes' growth)
 
@@ -523,6 +527,34 @@ def mirror_axes(class_names: list[str]) -> tuple[list[int], str]:
                   "8-mirror TTA scored -0.0025 test Dice, 2 seeds)")
 
 
+def ordered_axes(fp: Fingerprint) -> tuple[list[int], str]:
+    """RAS axes along which two classes lie in a fixed order in (nearly) every case — the right kidney to the
+    right of the left one, the liver above the kidneys, the right ventricle beside the left — with the
+    pair that shows it. Mirroring such an axis shows the network arrangements no patient has, and where
+    the classes differ only by position it teaches the wrong class. Read from the labels' centroids, so
+    it needs no class names (converted data often has none)."""
+    ordered, evidence = [], []
+    values = [str(c.value) for c in fp.classes]
+    for axis in range(3):
+        for i, a in enumerate(values):
+            for b in values[i + 1:]:
+                gaps = np.array([c.centroids[a][axis] - c.centroids[b][axis] for c in fp.cases
+                                 if a in c.centroids and b in c.centroids])
+                if len(gaps) < MIN_ORDERED_CASES:
+                    continue
+                same_side = max(np.mean(gaps > 0), np.mean(gaps < 0))
+                if same_side >= ORDERED_SHARE:
+                    names = {str(c.value): c.name for c in fp.classes}
+                    ordered.append(axis)
+                    side = "+" if np.median(gaps) > 0 else "-"
+                    evidence.append(f"axis {axis}: {names[a]} on the {side} side of {names[b]} in {same_side:.0%} "
+                                    f"of {len(gaps)} cases")
+                    break
+            if axis in ordered:
+                break
+    return ordered, "; ".join(evidence)
+
+
 def _plan_data(result: Plan, fp: Fingerprint) -> None:
     spacing, why = target_spacing(fp)
     if np.allclose(fp.spacings, spacing, atol=1e-3):
@@ -544,6 +576,11 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
                       f"the non-zero region covers {nonzero:.0%} of a median volume (nnU-Net: inside the mask when "
                       f"under {NONZERO_BACKGROUND:.0%})")
     axes, why = mirror_axes([c.name for c in fp.classes])
+    ordered, evidence = ordered_axes(fp)
+    if set(ordered) & set(axes):
+        axes = [a for a in axes if a not in ordered]
+        why = (f"{f'axes {axes} only' if axes else 'no mirroring'}: classes keep their order along the others in "
+               f"the labels ({evidence}); by name: {why}")
     result.decide("data.flip_axes", axes, why)
     result.decide("infer.tta_flips", axes, "the training's mirrors, averaged at inference")
     result.decide("infer.tta_shifts", TTA_SHIFTS,
