@@ -86,7 +86,9 @@ def test_the_race_continues_the_candidate_with_the_best_validation_dice(tmp_path
     from imgx3d.config import load_config
     from imgx3d.training.race import RACE_FILE, race_minutes, race_run
 
-    assert race_minutes(20.0, 2, 0.15) == (3.0, 17.0), "the loser's share comes off the winner's training"
+    pauses, totals = race_minutes({"3d": 10.0, "2d": 16.0}, 0.25)
+    assert pauses == {"3d": 2.5, "2d": 4.0}
+    assert totals == {"3d": 6.0, "2d": 13.5}, "the loser's race minutes come off the winner's training"
     data = write_msd_dataset(tmp_path / "msd")
     common = [*TINY_OVERRIDES, "tracking.enabled=false", "train.max_minutes=10"]
     configs = {"wide": load_config(None, [*common, "method.channels=[8,16,32]"]),

@@ -281,20 +281,46 @@ def measured_step_seconds(device: str) -> StepTimer:
 
 
 def measured_pass_seconds(device: str) -> PassTimer:
-    """A :data:`PassTimer` that predicts a random model-space image with the candidate's untrained network, by the
-    rules ``imgx3d predict`` follows (windows, precision, streaming; no TTA), and times it."""
+    """A :data:`PassTimer` that predicts a random model-space image with the candidate's untrained network by
+    the rules ``imgx3d predict`` follows (windows, precision; no TTA) and times it: on a crop of two window
+    batches (3D) or one slice batch (2D), the second of two runs, scaled to the batches of the whole image —
+    a whole pass of a large case on a CPU can take a minute, longer than the rest of the planning."""
     from imgx3d.inference.predictor import InferSettings, Predictor
 
     def timer(cfg: Config, shape: tuple[int, ...]) -> float:
+        crop, batches, crop_batches = _pass_crop(cfg, shape)
         method = build_method(cfg.method, 3, 1)
         predictor = Predictor(method, cfg, {0: "background", 1: "a", 2: "b"},
                               InferSettings.from_config(cfg.infer, device=device))
-        image = torch.randn(1, *shape)
-        t0 = time.perf_counter()
-        predictor.model_space_classes(image)
-        return time.perf_counter() - t0
+        image = torch.randn(1, *crop)
+        seconds = []
+        for _ in range(2):  # the first pays for allocations and kernel choices
+            t0 = time.perf_counter()
+            predictor.model_space_classes(image)
+            seconds.append(time.perf_counter() - t0)
+        return seconds[-1] * batches / crop_batches
 
     return timer
+
+
+def _pass_crop(cfg: Config, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+    """(the crop timed, forward batches of a pass over ``shape``, forward batches of a pass over the crop)."""
+    if getattr(cfg.method, "spatial_dims", 3) == 2:
+        axis, per_batch = cfg.data.slices.axis, cfg.data.slices.predict_batch
+        crop = tuple(min(n, per_batch) if a == axis else n for a, n in enumerate(shape))
+        return crop, int(np.ceil(shape[axis] / per_batch)), 1
+    window = list(cfg.infer.roi_size or cfg.data.patch_size)
+    interval = [max(1, int(w * (1 - cfg.infer.overlap))) for w in window]
+
+    def windows(size: tuple[int, ...]) -> int:
+        return int(np.prod([1 + max(0, int(np.ceil((n - w) / i))) for n, w, i in zip(size, window, interval)]))
+
+    per_batch = cfg.infer.sw_batch_size
+    crop = [min(n, w) for n, w in zip(shape, window)]
+    for axis in np.argsort(shape)[::-1]:  # grow the longest axis first until the crop holds two batches
+        while windows(tuple(crop)) < 2 * per_batch and crop[axis] < shape[axis]:
+            crop[axis] = min(shape[axis], crop[axis] + interval[axis])
+    return tuple(crop), int(np.ceil(windows(shape) / per_batch)), max(1, int(np.ceil(windows(tuple(crop)) / per_batch)))
 
 
 def plan(fp: Fingerprint, method: str = "unet", budget_minutes: float = 30.0, device: str = "auto",

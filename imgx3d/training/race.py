@@ -38,42 +38,42 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.dataset / f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def race_minutes(budget_minutes: float, candidates: int, share: float) -> tuple[float, float]:
-    """(minutes each candidate trains before the decision, training minutes of the winner in all), so that
-    the race and the winner's run together take ``budget_minutes``."""
-    pause = share * budget_minutes
-    return pause, budget_minutes - (candidates - 1) * pause
+def race_minutes(budgets: dict[str, float], share: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Per candidate (name → its planned training minutes): the minutes it trains before the decision, and
+    the training minutes it has in all if it wins — its own less the other candidates' race minutes, so
+    that the race and the winner's run together keep to the budget."""
+    pauses = {name: share * minutes for name, minutes in budgets.items()}
+    return pauses, {name: minutes - sum(p for other, p in pauses.items() if other != name)
+                    for name, minutes in budgets.items()}
 
 
 def race_run(configs: dict[str, Config], data_root: str | Path, run_dir: str | Path, share: float,
              records: dict[str, dict[str, str]] | None = None) -> TrainResult:
-    """Race the candidate ``configs`` (name → config, each with the same ``train.max_minutes`` budget) and
-    train the winner to the end in ``run_dir``.
+    """Race the candidate ``configs`` (name → config with its planned ``train.max_minutes``) and train the
+    winner to the end in ``run_dir``.
 
     Args:
         share: each candidate's share of the budget before the decision.
         records: per candidate, files for its run folder (its ``plan.yaml``, the fingerprint).
     """
     run_dir = Path(run_dir)
-    budget = next(iter(configs.values())).train.max_minutes
-    pause, total = race_minutes(budget, len(configs), share)
+    pauses, totals = race_minutes({name: cfg.train.max_minutes for name, cfg in configs.items()}, share)
+    configs = {name: replace(cfg, train=replace(cfg.train, max_minutes=totals[name])) for name, cfg in configs.items()}
     scores: dict[str, dict[str, float | int | None]] = {}
     for name, cfg in configs.items():
-        cfg = replace(cfg, train=replace(cfg.train, max_minutes=total))
-        print(f"race: candidate {name} trains {pause:.1f} of {total:.1f} minutes", flush=True)
+        print(f"race: candidate {name} trains {pauses[name]:.1f} of its {totals[name]:.1f} minutes", flush=True)
         result = train_run(cfg, data_root, run_dir / "race" / name, records=(records or {}).get(name),
-                           pause_after_minutes=pause)
+                           pause_after_minutes=pauses[name])
         dice = result.best_val_dice if math.isfinite(result.best_val_dice) else None
-        scores[name] = {"val_dice": dice, "steps": result.steps}
+        scores[name] = {"val_dice": dice, "steps": result.steps, "minutes": round(pauses[name], 2)}
         print(f"race: {name} reached validation Dice {dice if dice is None else round(dice, 4)} in "
               f"{result.steps} steps", flush=True)
     winner = max(scores, key=lambda n: -math.inf if scores[n]["val_dice"] is None else scores[n]["val_dice"])
-    atomic_write_text(run_dir / RACE_FILE, json.dumps({"share": share, "pause_minutes": pause, "winner": winner,
-                                                       "candidates": scores}, indent=1))
+    atomic_write_text(run_dir / RACE_FILE, json.dumps({"share": share, "winner": winner, "candidates": scores},
+                                                      indent=1))
     print(f"race: {winner} continues", flush=True)
     _move_run(run_dir / "race" / winner, run_dir)
-    return train_run(replace(configs[winner], train=replace(configs[winner].train, max_minutes=total)), data_root,
-                     resume=run_dir)
+    return train_run(configs[winner], data_root, resume=run_dir)
 
 
 def _move_run(source: Path, target: Path) -> None:
