@@ -386,8 +386,9 @@ def _plan_prediction(result: Plan, fp: Fingerprint, budget_minutes: float, pass_
         else:
             dropped.append(f"the axis-{flips.pop()} mirror")
     passes = 2 ** len(flips) * shifts
-    why = (f"a median case {list(shape)} takes {one:.2f} s a pass, {seconds():.1f} s with {passes} TTA pass(es)"
-           f", within {PREDICT_SHARE:.0%} of the budget per case ({limit:.0f} s)")
+    within = "within" if seconds() <= limit else "over, even without TTA,"
+    why = (f"a median case {list(shape)} takes {one:.2f} s a pass, {seconds():.1f} s with {passes} TTA pass(es), "
+           f"{within} {PREDICT_SHARE:.0%} of the budget per case ({limit:.0f} s)")
     if dropped:
         why += f"; {planned:.1f} s with the full TTA, so {', '.join(dropped)} dropped"
         result.decide("infer.tta_flips", flips, why)
