@@ -5,8 +5,8 @@ trains both and keeps the better); which learns more within a short budget depen
 constant read off another dataset. ``imgx3d train --data DIR --budget 20m`` on such data trains each
 candidate plan for :data:`~imgx3d.planning.planner.RACE_SHARE` of the budget — the same schedule it would
 follow to the end, paused — and the candidate with the best validation Dice continues from its checkpoint,
-so its race steps are not thrown away. The losers cost ``(candidates - 1) x share`` of the budget, which is
-taken off every candidate's training minutes so the whole run keeps to the budget.
+so its race steps are not thrown away. What the losers cost — their share, their loading and their
+validation, as measured — is taken off the winner's training minutes, so the whole run keeps to the budget.
 
 The run folder holds the winner's run; the candidates' paused runs stay under ``race/<name>`` and the
 scores in ``race.json``.
@@ -40,8 +40,9 @@ def default_run_dir(cfg: Config) -> Path:
 
 def race_minutes(budgets: dict[str, float], share: float) -> tuple[dict[str, float], dict[str, float]]:
     """Per candidate (name → its planned training minutes): the minutes it trains before the decision, and
-    the training minutes it has in all if it wins — its own less the other candidates' race minutes, so
-    that the race and the winner's run together keep to the budget."""
+    the training minutes it plans for in all — its own less the other candidates' race minutes, so that
+    the race and the winner's run together keep to the budget (the schedule each candidate follows; the
+    winner's final minutes subtract what the losers measured, their loading and validation included)."""
     pauses = {name: share * minutes for name, minutes in budgets.items()}
     return pauses, {name: minutes - sum(p for other, p in pauses.items() if other != name)
                     for name, minutes in budgets.items()}
@@ -57,23 +58,28 @@ def race_run(configs: dict[str, Config], data_root: str | Path, run_dir: str | P
         records: per candidate, files for its run folder (its ``plan.yaml``, the fingerprint).
     """
     run_dir = Path(run_dir)
-    pauses, totals = race_minutes({name: cfg.train.max_minutes for name, cfg in configs.items()}, share)
-    configs = {name: replace(cfg, train=replace(cfg.train, max_minutes=totals[name])) for name, cfg in configs.items()}
+    budgets = {name: cfg.train.max_minutes for name, cfg in configs.items()}
+    pauses, totals = race_minutes(budgets, share)
     scores: dict[str, dict[str, float | int | None]] = {}
     for name, cfg in configs.items():
         print(f"race: candidate {name} trains {pauses[name]:.1f} of its {totals[name]:.1f} minutes", flush=True)
-        result = train_run(cfg, data_root, run_dir / "race" / name, records=(records or {}).get(name),
-                           pause_after_minutes=pauses[name])
+        clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
+        started = clock()
+        result = train_run(replace(cfg, train=replace(cfg.train, max_minutes=totals[name])), data_root,
+                           run_dir / "race" / name, records=(records or {}).get(name), pause_after_minutes=pauses[name])
         dice = result.best_val_dice if math.isfinite(result.best_val_dice) else None
-        scores[name] = {"val_dice": dice, "steps": result.steps, "minutes": round(pauses[name], 2)}
+        scores[name] = {"val_dice": dice, "steps": result.steps, "minutes": round((clock() - started) / 60, 2)}
         print(f"race: {name} reached validation Dice {dice if dice is None else round(dice, 4)} in "
               f"{result.steps} steps", flush=True)
     winner = max(scores, key=lambda n: -math.inf if scores[n]["val_dice"] is None else scores[n]["val_dice"])
-    atomic_write_text(run_dir / RACE_FILE, json.dumps({"share": share, "winner": winner, "candidates": scores},
-                                                      indent=1))
-    print(f"race: {winner} continues", flush=True)
+    # the losers' whole cost (loading, training, their validation), measured, comes off the winner's minutes
+    minutes = budgets[winner] - sum(float(s["minutes"]) for n, s in scores.items() if n != winner)
+    atomic_write_text(run_dir / RACE_FILE, json.dumps({"share": share, "winner": winner, "winner_minutes": minutes,
+                                                       "candidates": scores}, indent=1))
+    print(f"race: {winner} continues to {minutes:.1f} minutes of training", flush=True)
     _move_run(run_dir / "race" / winner, run_dir)
-    return train_run(configs[winner], data_root, resume=run_dir)
+    return train_run(replace(configs[winner], train=replace(configs[winner].train, max_minutes=minutes)), data_root,
+                     resume=run_dir)
 
 
 def _move_run(source: Path, target: Path) -> None:
