@@ -3,7 +3,8 @@
 ``imgx3d study --data DIR --methods unet,imgx,sdseg --budget 30m`` fingerprints the dataset, makes
 one U-Net plan with one budget measurement and adapts it to every method
 (:func:`imgx3d.planning.planner.plan_methods`: the same split, data section and budget; 3D methods
-the same topology, per-slice methods the 2D plan), trains each method in turn into
+the same topology, per-slice methods the 2D plan; a thin-slab U-Net plan races its 2D rival as
+``imgx3d train`` does), trains each method in turn into
 ``<study>/<method>`` (test cases predicted and scored on their native grid), and ends with
 ``compare``'s table, paired tests and plots over those runs, all in one mlflow experiment.
 
@@ -27,7 +28,8 @@ from imgx3d.evaluation.records import Comparison
 from imgx3d.methods.base import Segmenter, method_class
 from imgx3d.planning import reading_config
 from imgx3d.planning.fingerprint import fingerprint
-from imgx3d.planning.planner import plan_methods
+from imgx3d.planning.planner import RACE_SHARE, plan_methods
+from imgx3d.training.race import race_run
 from imgx3d.training.workflow import RESULT_FILE, train_run
 
 LEGACY_DONE = "study.json"  # the finished-run marker studies wrote before every run wrote result.json
@@ -76,13 +78,21 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
         if not done.is_file() and (run_dir / LEGACY_DONE).is_file():
             done = run_dir / LEGACY_DONE  # a study from before result.json: its finished runs stay finished
         if not done.is_file():
-            cfg = load_config(None, [*(overrides or []), f"train.device={device}", f"tracking.uri={tracking_uri}",
-                                     f"tracking.experiment={experiment}", "tracking.enabled=true"],
-                              base=load_yaml(configs[method]))
+            settings = [*(overrides or []), f"train.device={device}", f"tracking.uri={tracking_uri}",
+                        f"tracking.experiment={experiment}", "tracking.enabled=true"]
+            candidates = {"": configs[method], **{path.stem.split(".", 1)[1]: path for path in
+                                                  sorted(configs[method].parent.glob(f"{method}.*.yaml"))}}
             resume = run_dir if (run_dir / "last.pt").is_file() else None
             print(f"study: {'resuming' if resume else 'training'} {method} in {run_dir}")
-            plan_text = configs[method].read_text(encoding="utf-8")
-            train_run(cfg, data, run_dir, resume, records={"plan.yaml": plan_text})
+            if len(candidates) > 1 and resume is None:  # a thin-slab U-Net plan races its rival, as train does
+                candidates["3d"] = candidates.pop("")
+                race_run({n: load_config(None, settings, base=load_yaml(f)) for n, f in candidates.items()}, data,
+                         run_dir, RACE_SHARE, {n: {"plan.yaml": f.read_text(encoding="utf-8")}
+                                               for n, f in candidates.items()})
+            else:
+                cfg = load_config(None, settings, base=load_yaml(configs[method]))
+                plan_text = configs[method].read_text(encoding="utf-8")
+                train_run(cfg, data, run_dir, resume, records={"plan.yaml": plan_text})
         else:
             print(f"study: {method} finished earlier ({run_dir}), skipped")
         runs[method] = run_dir
@@ -104,5 +114,7 @@ def _plans(data: str | Path, methods: list[str], study_dir: Path, budget_minutes
         fp = fingerprint(data, reading_config(None, overrides), cache_dir=folder)
         for method, result in plan_methods(fp, missing, budget_minutes, device).items():
             print("\n".join([f"study: plan of {method}", *("  " + line for line in result.explain())]))
+            for name, rival in result.rivals.items():  # written first: the method's own file marks the plans done
+                atomic_write_text(folder / f"{method}.{name}.yaml", rival.to_yaml())
             atomic_write_text(files[method], result.to_yaml())
     return files
