@@ -143,7 +143,7 @@ def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_ti
     assert net(torch.zeros(1, 1, *full)).shape == (1, 3, *full)
     assert sum(isinstance(m, torch.nn.Conv3d) and m.stride == (1, 1, 1) and m.in_channels == 1 and
                m.out_channels == FULL_RES_FEATURES for m in net.modules()), "the first convolution keeps the full grid"
-    assert cfg.data.preset == "mri" and cfg.data.mri_nonzero is False and cfg.train.max_minutes == 1.0
+    assert cfg.data.preset == "mri" and cfg.data.mri_nonzero is False and 0.5 <= cfg.train.max_minutes <= 1.0
     assert all(d.reason for d in result.decisions)
     timed.clear()
     roomy = plan(fp, "unet", budget_minutes=60.0, step_timer=_voxel_clock(timed)).config()
@@ -154,20 +154,26 @@ def test_plan_decides_every_key_with_a_reason_and_fits_the_budget_with_a_step_ti
 def test_a_budget_too_small_for_the_whole_patch_shrinks_it_and_predicted_hopeless_candidates_are_not_timed():
     fp = _fp([(1.0, 1.0, 1.0)] * 3, [(35, 50, 36)] * 3)
     timed = []
-    result = plan(fp, "unet", budget_minutes=0.2, step_timer=_voxel_clock(timed))
+    kept = plan(fp, "unet", budget_minutes=0.2, step_timer=_voxel_clock(timed))
+    # 12 s: the probe (width 16 batch 2 on the whole patch, 0.0092 s) makes 1306 steps: under ENOUGH_STEPS, over
+    # CONTEXT_STEPS, so the whole patch stays (context over steps); every larger candidate is predicted under
+    # ENOUGH_STEPS / 2 and not timed
+    assert [t[:2] for t in timed] == [(16, 2)] and kept.config().data.patch_size == [40, 56, 40]
+    assert "context over steps" in {d.key: d.reason for d in kept.decisions}["method.channels"]
+    timed.clear()
+    result = plan(fp, "unet", budget_minutes=0.02, step_timer=_voxel_clock(timed))
     cfg = result.config()
-    # 12 s: the probe (width 16 batch 2, 0.0092 s) makes 1306 steps; every larger candidate is predicted under
-    # ENOUGH_STEPS / 2 and not timed; the patch shrinks to at most 0.9 x 89 600 x 1306 / 2000 voxels:
-    # 32 x 56 x 40 → 32 x 48 x 40 → 32 x 48 x 32 (49 152), timed: 0.0050 s, 2384 steps
+    # 1.2 s: 130 steps, under CONTEXT_STEPS; the patch shrinks to at most 0.9 x 89 600 x 130 / 250 voxels:
+    # 32 x 56 x 40 → 32 x 48 x 40 → 32 x 48 x 32 → 32 x 40 x 32 (40 960), timed: 0.0042 s, 286 steps
     assert [t[:2] for t in timed] == [(16, 2), (16, 2)]
-    assert cfg.data.patch_size == timed[-1][2] == [32, 48, 32]
+    assert cfg.data.patch_size == timed[-1][2] == [32, 40, 32]
     assert (cfg.method.channels[0], cfg.data.batch_size) == (16, 2)
     assert cfg.method.arch == "unet" and cfg.method.strides == [2, 2, 2]
     reasons = {d.key: d.reason for d in result.decisions}
     assert "shrunk by nnU-Net's rule" in reasons["data.patch_size"] and "not timed" in reasons["method.channels"]
-    assert "2384 steps" in reasons["data.patch_size"]
+    assert "286 steps" in reasons["data.patch_size"]
     assert sum(d.key == "data.patch_size" for d in result.decisions) == 1, "the shrunk patch replaced the decision"
-    tiny = plan(fp, "unet", budget_minutes=0.02, step_timer=_voxel_clock([]))
+    tiny = plan(fp, "unet", budget_minutes=0.002, step_timer=_voxel_clock([]))
     assert tiny.config().data.patch_size == [32, 32, 32], "a budget too small for context: the floor, fewer steps"
     assert "none reached" in {d.key: d.reason for d in tiny.decisions}["method.channels"]
 
