@@ -533,14 +533,26 @@ def _adapt(result: Plan, fp: Fingerprint, method: str, budget_minutes: float, st
 def _plan_slice_batch(result: Plan, budget_minutes: float, step_timer: StepTimer) -> int:
     """Slices per step of a per-slice method: the largest of :data:`SLICE_BATCHES` whose measured step (the
     method's main stage, after any codec-first stage, on its own network defaults) still reaches
-    ``ENOUGH_STEPS`` in the budget — the U-Net's rule applied to the method's own step. Returns its steps."""
+    ``ENOUGH_STEPS`` in the budget — the U-Net's rule applied to the method's own step. The smallest is timed
+    first; a larger one it predicts under half the target is not timed. Returns the chosen batch's steps."""
     timing = _Timing(step_timer, budget_minutes)
+
+    def trial(batch: int) -> Plan:
+        candidate = copy.deepcopy(result)
+        candidate.tree["data"]["batch_size"] = batch
+        return candidate
+
+    smallest = SLICE_BATCHES[-1]  # timed first: it must fit, and it predicts the others (linear in the slices)
+    measured = {smallest: timing.measure(trial(smallest), f"batch {smallest}", required=True)}
     for batch in SLICE_BATCHES:
-        trial = copy.deepcopy(result)
-        trial.tree["data"]["batch_size"] = batch
-        last = batch == SLICE_BATCHES[-1]
-        steps = timing.measure(trial, f"batch {batch}", required=last)
-        if steps is not None and (steps >= ENOUGH_STEPS or last or timing.out_of_time()):
+        if batch not in measured:
+            predicted = measured[smallest] * smallest // batch
+            if predicted < ENOUGH_STEPS / 2:
+                timing.tried.append(f"batch {batch}: predicted {predicted} steps, not timed")
+                continue
+            measured[batch] = timing.measure(trial(batch), f"batch {batch}")
+        steps = measured[batch]
+        if steps is not None and (steps >= ENOUGH_STEPS or batch == smallest or timing.out_of_time()):
             reach = "the largest reaching" if steps >= ENOUGH_STEPS else "the smallest: none reached"
             result.decide("data.batch_size", batch, f"{reach} {ENOUGH_STEPS} steps of the method's main stage in "
                                                     f"{budget_minutes:g} minutes (measured: {timing.measured})")
