@@ -93,7 +93,7 @@ def test_train_method_flag_keeps_the_keys_the_new_method_shares():
 
     config = Path(__file__).resolve().parents[1] / "configs" / "hippocampus" / "sdseg.yaml"
     args = build_parser().parse_args(["train", "--config", str(config), "--method", "vae", "--data", "x"])
-    cfg, _ = _load(args)
+    cfg = _load(args).config
     assert type(cfg.method).__name__ == "VAEConfig" and cfg.method.name == "vae"
     assert cfg.method.codec.widths == [16, 32, 64, 64], "the codec section the sdseg config wrote"
 
