@@ -1,8 +1,9 @@
 """Planning: a dataset's fingerprint (``fingerprint``) and the documented rules that turn it into a
 complete config (``planner``), as nnU-Net's experiment planner does, fitted to a compute budget.
 
-May import: ``data``, ``methods`` (their config dataclasses), ``nets`` and the top-level modules.
-Imported by the CLI and ``training.workflow`` (``train`` without ``--config`` plans first).
+May import: ``data``, ``methods`` (their config dataclasses), ``nets``, ``inference`` (a prediction pass is
+timed to price test-time augmentation) and the top-level modules. Imported by the CLI, ``training.study``
+and ``training.race``; ``resolve`` is the one way from flags or API arguments to a run's config.
 """
 
 from __future__ import annotations
