@@ -248,13 +248,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolved = _load(args)
     cfg, records = resolved.config, resolved.records
     if resolved.rivals and args.folds is None and not args.resume:
-        from imgx3d.planning.planner import RACE_SHARE
-        from imgx3d.training.race import default_run_dir, race_run
+        from imgx3d.training.race import train_resolved
 
-        runs = {r.name: r for r in [resolved, *resolved.rivals.values()]}
-        result = race_run({n: r.config for n, r in runs.items()}, args.data, args.run_dir or default_run_dir(cfg),
-                          RACE_SHARE, {n: r.records for n, r in runs.items()})
-        _print_result(result)
+        _print_result(train_resolved(resolved, args.data, args.run_dir))
         return 0
     if args.folds is not None:
         from imgx3d.training.folds import parse_folds, train_folds

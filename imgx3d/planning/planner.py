@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -581,25 +582,18 @@ def ordered_axes(fp: Fingerprint) -> tuple[list[int], str]:
     pair that shows it. Mirroring such an axis shows the network arrangements no patient has, and where
     the classes differ only by position it teaches the wrong class. Read from the labels' centroids, so
     it needs no class names (converted data often has none)."""
+    names = {str(c.value): c.name for c in fp.classes}
     ordered, evidence = [], []
-    values = [str(c.value) for c in fp.classes]
     for axis in range(3):
-        for i, a in enumerate(values):
-            for b in values[i + 1:]:
-                gaps = np.array([c.centroids[a][axis] - c.centroids[b][axis] for c in fp.cases
-                                 if a in c.centroids and b in c.centroids])
-                if len(gaps) < MIN_ORDERED_CASES:
-                    continue
-                same_side = max(np.mean(gaps > 0), np.mean(gaps < 0))
-                if same_side >= ORDERED_SHARE:
-                    names = {str(c.value): c.name for c in fp.classes}
-                    ordered.append(axis)
-                    side = "+" if np.median(gaps) > 0 else "-"
-                    evidence.append(f"axis {axis}: {names[a]} on the {side} side of {names[b]} in {same_side:.0%} "
-                                    f"of {len(gaps)} cases")
-                    break
-            if axis in ordered:
-                break
+        for a, b in itertools.combinations(names, 2):
+            gaps = np.array([c.centroids[a][axis] - c.centroids[b][axis] for c in fp.cases
+                             if a in c.centroids and b in c.centroids])
+            same_side = max(np.mean(gaps > 0), np.mean(gaps < 0)) if len(gaps) >= MIN_ORDERED_CASES else 0.0
+            if same_side >= ORDERED_SHARE:
+                ordered.append(axis)
+                evidence.append(f"axis {axis}: {names[a]} on the {'+' if np.median(gaps) > 0 else '-'} side of "
+                                f"{names[b]} in {same_side:.0%} of {len(gaps)} cases")
+                break  # one pair is evidence enough for this axis
     return ordered, "; ".join(evidence)
 
 

@@ -29,6 +29,7 @@ from imgx3d.training.workflow import TrainResult, train_run
 
 if TYPE_CHECKING:
     from imgx3d.planning.planner import Plan
+    from imgx3d.planning.resolve import Resolved
 
 RACE_FILE = "race.json"
 
@@ -106,10 +107,16 @@ def train(run: "Config | Plan", data_root: str | Path, run_dir: str | Path | Non
     """
     if isinstance(run, Config):
         return train_run(run, data_root, run_dir, **kwargs)
-    from imgx3d.planning.planner import RACE_SHARE
     from imgx3d.planning.resolve import resolve_planned
 
-    resolved = resolve_planned(run)
+    return train_resolved(resolve_planned(run), data_root, run_dir, **kwargs)
+
+
+def train_resolved(resolved: "Resolved", data_root: str | Path, run_dir: str | Path | None = None,
+                   **kwargs: object) -> TrainResult:
+    """Train a resolved run (``imgx3d train``'s and the API's): its config, or the race of it and its rivals."""
+    from imgx3d.planning.planner import RACE_SHARE
+
     if not resolved.rivals:
         return train_run(resolved.config, data_root, run_dir, records=resolved.records, **kwargs)
     runs = {r.name: r for r in [resolved, *resolved.rivals.values()]}
