@@ -300,6 +300,10 @@ class MethodConfig:
 
     name: str = "unet"
 
+    def complete(self, train: TrainConfig) -> None:
+        """Fill the keys whose default follows from the training schedule (a method that has such
+        keys overrides this; they are written to the run's ``config.yaml`` resolved)."""
+
 
 def method_config(values: dict[str, Any] | None, key: str = "method") -> MethodConfig:
     """The ``method:`` section as the named method's complete config dataclass."""
@@ -501,6 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         set_dotted(tree, key, value)
     cfg = from_dict(Config, tree)
+    cfg.method.complete(cfg.train)
     validate(cfg)
     return cfg
 

@@ -41,6 +41,7 @@ from imgx3d.data.vessels import fractal_vessels, remove_vessels
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError, InputError
 from imgx3d.methods.base import Method, TrainingPlan, Window, register
+from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.spade_generator import SwitchableSPADEGenerator
 
 
@@ -176,6 +177,8 @@ class DARLMethod(Method):
                                           num_layers_d=cfg.discriminator_layers, norm="INSTANCE")
         self.d_mask = PatchDiscriminator(spatial_dims=2, channels=cfg.discriminator_channels, in_channels=1,
                                          num_layers_d=cfg.discriminator_layers, norm="INSTANCE")
+        for net in (self.eps_theta, self.generator, self.d_image, self.d_mask):
+            float32_outputs(net)
         self.pool_image, self.pool_mask = ImagePool(cfg.pool_size), ImagePool(cfg.pool_size)
         self.schedule: DiffusionSchedule = make_schedule("linear", cfg.base_steps, cfg.beta_start, cfg.beta_end)
         self._fractals: torch.Tensor | None = None  # drawn on the first batch, at its size
@@ -236,7 +239,7 @@ class DARLMethod(Method):
         noise = torch.randn_like(images)
         t_b = torch.randint(0, self.schedule.num_steps, (n,), device=device)
         fake_images, eps_b = self._path(backgrounds, t_b, noise, masks)
-        loss_diff = F.mse_loss(eps_b.float(), noise)
+        loss_diff = F.mse_loss(eps_b, noise)
         t_a = torch.randint(0, self.cfg.t_a_max, (n,), device=device)
         segmentation, _ = self._path(images, t_a, noise, None)
         cycled, _ = self._path(fake_images, t_a, noise, None)
@@ -260,5 +263,5 @@ class DARLMethod(Method):
             vessel = polyphase_merge([self.segment(part) for part in polyphase_split(image)])
         else:
             vessel = self.segment(image)
-        p = ((vessel.float() + 1) / 2).clamp(0, 1)
+        p = ((vessel + 1) / 2).clamp(0, 1)
         return torch.cat([1 - p, p], 1)

@@ -31,6 +31,7 @@ from imgx3d.diffusion.sampler import sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, Window, register
+from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.diffusion_unet import build_time_unet
 
 
@@ -99,6 +100,7 @@ class ImgXDiffSeg(Method):
         self.net = build_time_unet(cfg.backbone, 3, in_channels + num_classes, num_classes, cfg.channels, cfg.strides,
                                    cfg.num_res_units, cfg.norm, cfg.attention_levels, cfg.norm_num_groups,
                                    cfg.num_head_channels, cfg.up_subunits)
+        self.net = float32_outputs(self.net)
         schedule = dict(kind=cfg.beta_schedule, base_steps=cfg.base_steps, beta_start=cfg.beta_start,
                         beta_end=cfg.beta_end)
         self.train_schedule: DiffusionSchedule = make_schedule(**schedule, num_steps=cfg.train_steps)
@@ -120,8 +122,8 @@ class ImgXDiffSeg(Method):
                      schedule: DiffusionSchedule) -> torch.Tensor:
         """Network output → x0_hat in [-1, 1] mask space."""
         if self.cfg.prediction == "x0":
-            return 2 * torch.softmax(out.float(), 1) - 1
-        return schedule.x0_from_eps(x_t.float(), t, out.float()).clamp(-1, 1)
+            return 2 * torch.softmax(out, 1) - 1
+        return schedule.x0_from_eps(x_t.float(), t, out).clamp(-1, 1)
 
     def _recycle_times(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(t of the trained pass, t_r of the gradient-free pass or None)."""
@@ -148,9 +150,9 @@ class ImgXDiffSeg(Method):
         x_t = schedule.q_sample(source, t, noise)
         out = self._net_out(image, x_t, t, schedule)
         if self.cfg.prediction == "x0":
-            loss = self.seg_loss(out.float(), label)
+            loss = self.seg_loss(out, label)
         else:  # eps ablation: the target is the noise that made x_t from its source
-            loss = F.mse_loss(out.float(), noise)
+            loss = F.mse_loss(out, noise)
         return {"loss/model": loss}
 
     def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:

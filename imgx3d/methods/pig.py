@@ -51,6 +51,7 @@ from imgx3d.methods.base import (
     codec_first,
     register,
 )
+from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
 
 VAL_SLICES = 32  # foreground validation slices scored per validation (fixed, deterministic)
@@ -195,8 +196,8 @@ class PIGMethod(Method):
                                       num_res_blocks=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups,
                                       num_head_channels=cfg.num_head_channels)
 
-        self.model_x = denoiser(self.mask_channels, image_channels)
-        self.model_y = denoiser(image_channels, self.mask_channels)
+        self.model_x = float32_outputs(denoiser(self.mask_channels, image_channels))
+        self.model_y = float32_outputs(denoiser(image_channels, self.mask_channels))
         self.schedule: DiffusionSchedule = make_schedule("linear", cfg.base_steps, cfg.beta_start, cfg.beta_end)
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -205,10 +206,10 @@ class PIGMethod(Method):
 
     # -- the two denoisers -----------------------------------------------------------------
     def _x0_of_mask(self, x_t: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.x0_from_eps(x_t, t, self.model_x(torch.cat([x_t, y_t], 1), t)).clamp(-1, 1).float()
+        return self.schedule.x0_from_eps(x_t, t, self.model_x(torch.cat([x_t, y_t], 1), t)).clamp(-1, 1)
 
     def _x0_of_image(self, y_t: torch.Tensor, guide: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y0_hat = self.schedule.x0_from_eps(y_t, t, self.model_y(torch.cat([y_t, guide], 1), t)).float()
+        y0_hat = self.schedule.x0_from_eps(y_t, t, self.model_y(torch.cat([y_t, guide], 1), t))
         return y0_hat.clamp(-1, 1) if self.space.clip else y0_hat
 
     def size_multiple(self) -> int:
@@ -227,12 +228,12 @@ class PIGMethod(Method):
         x_t, y_t = self.schedule.q_sample(x0, t, noise_x).float(), self.schedule.q_sample(y0, t, noise_y).float()
         if self.plan.stage_at(step)[0].group == "model_x":
             eps_x = self.model_x(torch.cat([x_t, y_t], 1), t)
-            return {"loss/model_x": F.mse_loss(eps_x.float(), noise_x)}
+            return {"loss/model_x": F.mse_loss(eps_x, noise_x)}
         with torch.no_grad():  # stage 2: the clean mask estimate of the frozen model_x guides the image
             x0_hat = self._x0_of_mask(x_t, y_t, t)
         eps_y = self.model_y(torch.cat([y_t, x0_hat], 1), t)
         weight = torch.sigmoid(x0_hat).amax(1, keepdim=True)  # the lesion (any foreground channel) weighs more
-        return {"loss/model_y": (weight * (eps_y.float() - noise_y) ** 2).mean()}
+        return {"loss/model_y": (weight * (eps_y - noise_y) ** 2).mean()}
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -306,7 +307,7 @@ class PIGMethod(Method):
         y_t = self.schedule.q_sample(y0, tt, noise_y).float()
         x0_hat = self._x0_of_mask(self.schedule.q_sample(x0, tt, torch.randn(x0.shape, generator=g).to(device)).float(),
                                   y_t, tt)
-        eps_y = self.model_y(torch.cat([y_t, x0_hat], 1), tt).float()
+        eps_y = self.model_y(torch.cat([y_t, x0_hat], 1), tt)
         metrics["val/image_eps_mse"] = float((torch.sigmoid(x0_hat).amax(1, keepdim=True) * (eps_y - noise_y) ** 2).mean())
         # a generator keeps its latest weights (keeps_latest); the mean mask Dice is what gets logged as the score
         metrics["val/dice_mean"] = float(np.mean([v for k, v in metrics.items() if "guided_mask_dice" in k]))

@@ -44,6 +44,7 @@ from imgx3d.methods.base import (
     register,
 )
 from imgx3d.methods.vae import random_class_masks
+from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.latent_codec import (
     CodecConfig,
     LatentCodec,
@@ -163,18 +164,18 @@ class SDSeg(Method):
         self.codec = LatentCodec.build(cfg.codec)
         self.train_codec_first = not cfg.codec.path
         self.plan = TrainingPlan(codec_first(self.train_codec_first, cfg.codec_steps, cfg.codec_lr_scale, Stage("model")))
-        self.tau = VisionEncoder(self.codec)
+        self.tau = float32_outputs(VisionEncoder(self.codec))
         latent = self.codec.vae.config.latent_channels
         if any(c % cfg.norm_groups for c in cfg.channels):
             raise ConfigError(f"config key 'method.norm_groups' ({cfg.norm_groups}) must divide every method.channels")
         if len(cfg.attention_levels) != len(cfg.channels):
             raise ConfigError("config key 'method.attention_levels' needs one entry per level of method.channels")
         self.multi_class = num_classes > 2
-        self.denoiser = DiffusionModelUNet(
+        self.denoiser = float32_outputs(DiffusionModelUNet(
             spatial_dims=2, in_channels=2 * latent, out_channels=latent, channels=list(cfg.channels),
             attention_levels=list(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
             norm_num_groups=cfg.norm_groups, num_head_channels=cfg.num_head_channels,
-            num_class_embeds=num_classes - 1 if self.multi_class else None)
+            num_class_embeds=num_classes - 1 if self.multi_class else None))
         if cfg.denoiser_init:
             load_with_zero_extra_inputs(self.denoiser, cfg.denoiser_init)
         self.schedule: DiffusionSchedule = make_schedule(cfg.beta_schedule, cfg.base_steps, cfg.beta_start,
@@ -219,8 +220,8 @@ class SDSeg(Method):
         noise = torch.randn_like(z0)
         z_t = self.schedule.q_sample(z0, t, noise)
         eps_hat = self._eps(z_t, z_c, t, classes)
-        z0_hat = self.schedule.x0_from_eps(z_t, t, eps_hat.float())
-        loss = F.l1_loss(eps_hat.float(), noise) + self.cfg.latent_weight * F.l1_loss(z0_hat, z0)
+        z0_hat = self.schedule.x0_from_eps(z_t, t, eps_hat)
+        loss = F.l1_loss(eps_hat, noise) + self.cfg.latent_weight * F.l1_loss(z0_hat, z0)
         return {"loss/model": loss}
 
     def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:

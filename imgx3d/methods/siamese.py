@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from imgx3d.config import MethodConfig, SliceConfig
+from imgx3d.config import MethodConfig, SliceConfig, TrainConfig
 from imgx3d.data.slices import foreground_slices
 from imgx3d.diffusion.sampler import ddim_sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
@@ -55,6 +55,7 @@ from imgx3d.methods.base import (
     register,
 )
 from imgx3d.methods.pig import masks_to_channels
+from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.dense_hint import DenseHintEncoder
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
 
@@ -71,7 +72,9 @@ class SiameseConfig(MethodConfig):
         channels, layers_per_block, norm_groups, attention_head_dim, context_dim: the small denoiser.
         hint_widths: the DHI widths (paper: 16 → 256).
         beta_schedule, base_steps, beta_start, beta_end: SD's chain (scaled linear, 1000).
-        ramp_steps: N_iter of ``w_i = k / N_iter`` (set it to train.max_steps).
+        ramp_steps: N_iter of ``w_i = k / N_iter``; 0 (default): the diffusion phase's length,
+            ``train.max_steps`` less the codec phase when the codec is trained first (the paper
+            ramps over the whole fine-tuning of SD).
         consistency_weight: w_c (0 turns noise consistency off, the ablation).
         online_augmentation, online_after, t_tau: ``L_m'`` after ``online_after``·ramp_steps steps, t ≤ t_tau.
         cond_dropout: probability of the null control in training (0: the paper has no control
@@ -98,7 +101,7 @@ class SiameseConfig(MethodConfig):
     base_steps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    ramp_steps: int = 3000
+    ramp_steps: int = 0
     consistency_weight: float = 1.0
     online_augmentation: bool = True
     online_after: float = 1 / 3
@@ -107,6 +110,12 @@ class SiameseConfig(MethodConfig):
     guidance: float = 1.0
     sample_steps: int = 50
     seed: int = 0
+
+    def complete(self, train: TrainConfig) -> None:
+        """``ramp_steps: 0`` → the steps of the diffusion phase."""
+        if self.ramp_steps <= 0:
+            codec_phase = 0 if self.sd_path or self.codec.path else self.codec_steps
+            self.ramp_steps = max(1, train.max_steps - codec_phase)
 
 
 @dataclass
@@ -150,13 +159,15 @@ class SiameseDiffusion(Method):
             if not (root / "unet").is_dir() or not (root / "vae").is_dir():
                 raise CheckpointError(f"{root}: not a Stable Diffusion folder (unet/ and vae/ in diffusers format); "
                                       "fix method.sd_path")
-            self.codec = LatentCodec.build(CodecConfig(path=str(root / "vae")))
-            self.unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+            # SD's own latent scale (0.18215 in its config), not 1/std of a batch: the pretrained
+            # denoiser was trained on latents at that scale
+            self.codec = LatentCodec.build(CodecConfig(path=str(root / "vae"), scale_by_std=False))
+            self.unet = float32_outputs(UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True))
             for part in (self.unet.conv_in, self.unet.time_embedding, self.unet.down_blocks, self.unet.mid_block):
                 part.requires_grad_(False)  # the authors run the pretrained encoder and middle block without grad
         else:
             self.codec = LatentCodec.build(cfg.codec)
-            self.unet = _small_unet(cfg, self.codec.vae.config.latent_channels)
+            self.unet = float32_outputs(_small_unet(cfg, self.codec.vae.config.latent_channels))
         self.train_codec_first = not (cfg.sd_path or cfg.codec.path)
         # a generator: best.pt is the latest validated weights; a dropped condition or the late
         # online term leaves some weights out of a step
@@ -209,8 +220,8 @@ class SiameseDiffusion(Method):
                                                       "mid_block_additional_residual": residuals[-1]}
         if shielded:
             weights = {name: p.detach() for name, p in self.unet.named_parameters()}
-            return functional_call(self.unet, weights, args, kwargs).sample.float()
-        return self.unet(*args, **kwargs).sample.float()
+            return functional_call(self.unet, weights, args, kwargs).sample
+        return self.unet(*args, **kwargs).sample
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         """The mask branch: control residuals of ``hint`` features, then the denoiser."""
@@ -245,7 +256,7 @@ class SiameseDiffusion(Method):
         self.codec.check_fits(rgb)
         with torch.no_grad():
             self.codec.fit_scale(rgb)
-            z0 = self.codec.encode(rgb)
+            z0 = self.codec.encode(rgb, sample=bool(self.cfg.sd_path))  # SD fine-tuning encodes a posterior sample
         n = z0.shape[0]
         t = torch.randint(0, self.schedule.num_steps, (n,), device=z0.device) if t is None else t
         noise = torch.randn_like(z0) if noise is None else noise

@@ -18,6 +18,7 @@ from torch import nn
 from imgx3d.config import MethodConfig
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, Window, register
+from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.segmentation import build_segmentation_net
 
 
@@ -76,6 +77,7 @@ class UNetMethod(Method):
         self.net = build_segmentation_net(cfg.arch, self.spatial_dims, in_channels, num_classes, cfg.channels,
                                           cfg.strides, cfg.num_res_units, cfg.norm, cfg.dropout, cfg.kernel_size,
                                           cfg.full_res_features, cfg.deep_supervision)
+        self.net = float32_outputs(self.net)
         halving = [0.5 ** i for i in range(1 + cfg.deep_supervision)]
         self.head_weights = [w / sum(halving) for w in halving]
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
@@ -95,7 +97,7 @@ class UNetMethod(Method):
 
     def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
         """Softmax of one network pass (the :class:`~imgx3d.methods.base.WindowSegmenter` role)."""
-        return torch.softmax(self.net(window).float(), dim=1)
+        return torch.softmax(self.net(window), dim=1)
 
     def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
         return window(self.window_probabilities, image)
