@@ -44,6 +44,7 @@ from imgx3d.data.io import read_label  # noqa: E402
 from imgx3d.evaluation.metrics import score_case  # noqa: E402
 from imgx3d.inference.predictor import Predictor  # noqa: E402
 from imgx3d.methods.vae import codec_validation  # noqa: E402
+from imgx3d.training.ema import averaged_state_dict  # noqa: E402
 from imgx3d.training.workflow import train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def score_last_weights(run_dir: Path, data: str, device: str) -> dict[str, dict]
     split = Split(**json.loads((run_dir / "split.json").read_text(encoding="utf-8")))
     catalog = find_cases(data, last.config.data)
     out = {}
-    for name, weights in (("raw", last.weights), ("ema", ema and _averaged(ema))):
+    for name, weights in (("raw", last.weights), ("ema", ema and averaged_state_dict(last.build_method(), ema))):
         if weights is None:
             continue
         folder = run_dir / f"last_{name}"
@@ -89,11 +90,6 @@ def score_last_weights(run_dir: Path, data: str, device: str) -> dict[str, dict]
         save_checkpoint(folder / "best.pt", {**last.state, "model": weights})
         out[name] = evaluate_test_split(folder, catalog, split, NullTracker(), last.get("step"), device)
     return out
-
-
-def _averaged(ema_state: dict) -> dict:
-    """The method's state dict inside torch's ``AveragedModel`` state (``module.`` prefix, ``n_averaged``)."""
-    return {k.removeprefix("module."): v for k, v in ema_state.items() if k.startswith("module.")}
 
 
 def validation_curve(run_dir: str) -> list[tuple[int, float]]:

@@ -155,7 +155,9 @@ def test_cpu_inference_convolutions_run_on_onednn_with_the_same_values_and_train
         assert _conv_kernels(lambda: net(x)) == {"aten::mkldnn_convolution"}
         torch.testing.assert_close(net(x), stock(x), rtol=1e-4, atol=1e-4)
         with torch.autocast("cpu", torch.bfloat16):  # autocast is honoured: bf16 out, as torch's path gives
-            assert net(x).dtype == stock(x).dtype == torch.bfloat16
+            stock_conv = next(m for m in stock.modules() if isinstance(m, torch.nn.Conv3d))
+            assert convs[0](x).dtype == stock_conv(x).dtype == torch.bfloat16
+            assert net(x).dtype == torch.float32  # and the network's output leaves it as float32
     net.train(), stock.train()
     assert "aten::mkldnn_convolution" not in _conv_kernels(lambda: net(x.requires_grad_()))  # autograd: torch's path
     for model in (net, stock):
@@ -324,8 +326,9 @@ def test_validation_is_shared_by_the_ranks_and_averaged_over_every_case(msd_data
 
 def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exactly(msd_dataset, tmp_path,
                                                                                     monkeypatch):
-    """train.ema: e_1 = w_1 (at ema_start), e_k = d e_{k-1} + (1 - d) w_k; best.pt holds the average,
-    last.pt the training weights and the average's state, and a resumed run ends on the same average."""
+    """train.ema: e_1 = w_1 (at ema_start), e_k = d_k e_{k-1} + (1 - d_k) w_k with LitEma's warm-up
+    d_k = min(decay, (1 + n) / (10 + n)); best.pt holds the average, last.pt the training weights and
+    the average's state, and a resumed run ends on the same average."""
     weights = []
     real_step = Trainer.step
 
@@ -335,12 +338,14 @@ def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exac
         return out
 
     monkeypatch.setattr(Trainer, "step", step)
-    cfg = _cfg("train.ema=0.6", "train.ema_start=1", "train.val_every=6")  # one validation, at the end
+    cfg = _cfg("train.ema=0.2", "train.ema_start=1", "train.val_every=6")  # one validation, at the end
     train_run(cfg, msd_dataset, tmp_path / "full", test_at_end=False)
     assert len(weights) == 6
     expected = {k: v.clone() for k, v in weights[1].items()}  # after step 2 (past ema_start = 1): a copy
-    for w in weights[2:]:
-        expected = {k: (0.6 * e + 0.4 * w[k]) if e.is_floating_point() else w[k] for k, e in expected.items()}
+    parameters = {name for name, _ in build_method(cfg.method, 2, 1).named_parameters()}
+    for n, w in enumerate(weights[2:], start=1):
+        d = min(0.2, (1 + n) / (10 + n))  # 2/11 (warm-up), then 0.2 (the decay)
+        expected = {k: (d * e + (1 - d) * w[k]) if k in parameters else w[k] for k, e in expected.items()}
     best = torch.load(tmp_path / "full" / "best.pt", weights_only=False)
     assert best["step"] == 6
     for key, value in expected.items():
@@ -349,7 +354,7 @@ def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exac
     last = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     for key, value in weights[-1].items():  # last.pt: the training weights, not the average
         assert torch.equal(last["model"][key], value), key
-    assert int(last["ema"]["n_averaged"]) == 5
+    assert last["ema"]["updates"] == 5
 
     monkeypatch.setattr(Trainer, "step", lambda self, batch: (_ for _ in ()).throw(KeyboardInterrupt)
                         if self.state.step == 4 else real_step(self, batch))
@@ -358,8 +363,9 @@ def test_ema_averages_each_step_validates_and_saves_the_average_and_resumes_exac
     monkeypatch.setattr(Trainer, "step", real_step)
     train_run(cfg, msd_dataset, resume=tmp_path / "broken", test_at_end=False)
     resumed = torch.load(tmp_path / "broken" / "last.pt", weights_only=False)
-    for key, value in last["ema"].items():
-        assert torch.equal(resumed["ema"][key], value), key
+    assert resumed["ema"]["updates"] == last["ema"]["updates"]
+    for a, b in zip(resumed["ema"]["weights"], last["ema"]["weights"], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("heads, weights", [(1, [2 / 3, 1 / 3]), (2, [4 / 7, 2 / 7, 1 / 7])])

@@ -21,7 +21,7 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 def ddpm_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: torch.Tensor,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample ``x_{t−1} ~ q(x_{t−1} | x_t, x0_hat)``; at t = 0 the mean (= x0_hat) is returned."""
-    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
     mean, variance = schedule.posterior(x0_hat, x_t, tt)
     if t == 0:
         return mean
@@ -39,10 +39,11 @@ def ddim_step(schedule: DiffusionSchedule, x_t: torch.Tensor, t: int, x0_hat: to
     t_prev = t - 1 if t_prev is None else t_prev
     if t_prev < 0:
         return x0_hat
-    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
     eps = schedule.eps_from_x0(x_t, tt, x0_hat)
-    ab = value_at_steps(schedule.alpha_bar, tt, x_t)
-    ab_prev = value_at_steps(schedule.alpha_bar, torch.full_like(tt, t_prev), x_t)
+    alpha_bar = schedule.on_device("alpha_bar", x_t.device)
+    ab = value_at_steps(alpha_bar, tt, x_t)
+    ab_prev = value_at_steps(alpha_bar, torch.full_like(tt, t_prev), x_t)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0:

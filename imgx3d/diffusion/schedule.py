@@ -101,6 +101,18 @@ class DiffusionSchedule:
         self.posterior_variance = self.betas * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
         self.posterior_coef_x0 = self.betas * self.alpha_bar_prev.sqrt() / (1 - self.alpha_bar)
         self.posterior_coef_xt = (1 - self.alpha_bar_prev) * self.alphas.sqrt() / (1 - self.alpha_bar)
+        # per-device copies, made once: a host-to-device copy per call would synchronise every step on a GPU
+        self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def on_device(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-step tensor ``name`` (``alpha_bar``, ``timesteps``, ...) on ``device``, copied there once."""
+        key = (name, device)
+        if key not in self._device_copies:
+            self._device_copies[key] = getattr(self, name).to(device)
+        return self._device_copies[key]
+
+    def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return value_at_steps(self.on_device(name, like.device), t, like)
 
     @property
     def num_steps(self) -> int:
@@ -109,27 +121,27 @@ class DiffusionSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising ``sqrt(ab_t) x0 + sqrt(1 − ab_t) eps`` (t per batch element)."""
-        ab = value_at_steps(self.alpha_bar, t, x0)
+        ab = self._at("alpha_bar", t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``(x_t − sqrt(1 − ab_t) eps) / sqrt(ab_t)``."""
-        ab = value_at_steps(self.alpha_bar, t, x_t)
+        ab = self._at("alpha_bar", t, x_t)
         return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """``(x_t − sqrt(ab_t) x0) / sqrt(1 − ab_t)``."""
-        ab = value_at_steps(self.alpha_bar, t, x_t)
+        ab = self._at("alpha_bar", t, x_t)
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``q(x_{t−1} | x_t, x0)``."""
-        mean = value_at_steps(self.posterior_coef_x0, t, x_t) * x0 + value_at_steps(self.posterior_coef_xt, t, x_t) * x_t
-        return mean, value_at_steps(self.posterior_variance, t, x_t)
+        mean = self._at("posterior_coef_x0", t, x_t) * x0 + self._at("posterior_coef_xt", t, x_t) * x_t
+        return mean, self._at("posterior_variance", t, x_t)
 
     def embed_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Network time-embedding values for chain indices ``t``."""
-        return self.timesteps.to(t.device)[t]
+        return self.on_device("timesteps", t.device)[t]
 
 
 def make_schedule(kind: str = "linear", base_steps: int = 1001, beta_start: float = 1e-4, beta_end: float = 0.02,

@@ -73,6 +73,15 @@ class TrainingPlan:
             start += stage.steps or 0
         return self.stages[-1], step - start  # the last stage runs on
 
+    def stage_index(self, step: int) -> int:
+        """The index in ``stages`` of the stage training step ``step`` falls in."""
+        end = 0
+        for index, stage in enumerate(self.stages[:-1]):
+            end += stage.steps or 0
+            if step < end:
+                return index
+        return len(self.stages) - 1
+
     def lr_scale(self, group: str) -> float:
         """The LR multiplier of ``group`` (the stage that trains it; 1 otherwise)."""
         return next((stage.lr_scale for stage in self.stages if stage.group == group), 1.0)

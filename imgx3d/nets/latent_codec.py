@@ -8,7 +8,7 @@ whose method holds a codec). Without weights a small f = 8 autoencoder is built 
 trained on the dataset's slices (``imgx3d train --method vae``, or the first phase of SDSeg).
 
 Inputs and outputs are 3-channel images in [-1, 1] (grey images and masks are replicated);
-``encode`` returns latents multiplied by ``scale`` (``scale_by_std``: 1 / std of the first
+``encode`` returns float32 latents multiplied by ``scale`` (``scale_by_std``: 1 / std of the first
 batch's latents, as in SDSeg, rather than SD's 0.18215).
 """
 
@@ -18,6 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from imgx3d.errors import CheckpointError, ConfigError
+from imgx3d.nets.boundary import to_float32
 
 # The SD-1.x VAE architecture (diffusers config of CompVis/stable-diffusion-v1-4 'vae'), for
 # single-file weights given without a config.json.
@@ -115,6 +117,11 @@ class LatentCodec(nn.Module):
         self.vae = vae
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._scale_fitted = False  # a Python flag: no device-to-host read of ``scale`` per training step
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._scale_fitted = False  # loaded weights bring their own scale: look at it again
+        super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def build(cls, cfg: CodecConfig) -> "LatentCodec":
@@ -171,15 +178,18 @@ class LatentCodec(nn.Module):
     def encode(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """Scaled latents of ``x`` (posterior mode, or a sample)."""
         dist = self.vae.encode(x).latent_dist
-        return (dist.sample() if sample else dist.mode()) * self.latent_scale
+        return to_float32(dist.sample() if sample else dist.mode()) * self.latent_scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (unclamped) from scaled latents."""
-        return self.vae.decode(z / self.latent_scale).sample
+        return to_float32(self.vae.decode(z / self.latent_scale).sample)
 
     @torch.no_grad()
     def fit_scale(self, x: torch.Tensor) -> None:
         """``scale_by_std``: set ``scale`` to 1 / std of this batch's latents, once."""
+        if self._scale_fitted:
+            return
+        self._scale_fitted = True
         if float(self.scale) == 0.0:
             std = self.vae.encode(x).latent_dist.mode().std().detach()
             if torch.distributed.is_initialized():  # torchrun: the ranks' mean, one scale for all

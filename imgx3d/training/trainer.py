@@ -21,7 +21,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from imgx3d.checkpoint import checkpoint_state, save_checkpoint
@@ -34,6 +33,7 @@ from imgx3d.methods.base import Method, SelfValidating, load_method_state
 from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_kernels, use_fast_cuda_kernels
 from imgx3d.tracking import NullTracker, Tracker
 from imgx3d.training.distributed import DistContext
+from imgx3d.training.ema import WeightAverage
 
 LOG_EVERY = 50  # steps between logged running means (and, on CUDA, loss finiteness checks)
 
@@ -134,10 +134,9 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; disabled (a no-op) for every other precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.state = TrainState()
-        # torch's AveragedModel: its state (weights and count) is saved in last.pt, so a resume
-        # continues the average bit for bit; one update after each optimisation step.
-        self.ema = (AveragedModel(method, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
-                    if cfg.train.ema > 0 else None)
+        # its state (weights and counters) is saved in last.pt, so a resume continues the average
+        # bit for bit; one update after each optimisation step
+        self.ema = WeightAverage(method, cfg.train.ema) if cfg.train.ema > 0 else None
         self.plateau = _plateau(cfg.train) if cfg.train.scheduler == "plateau" else None
         self._clock = time.process_time if cfg.train.budget_clock == "cpu" else time.monotonic
         # validation predicts with the one Predictor: the run's infer: settings, on the training device
@@ -189,7 +188,7 @@ class Trainer:
         if ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
+            self.ema.load_state_dict(ckpt["ema"], self.method)
         if self.plateau is not None and ckpt.get("plateau") is not None:
             self.plateau.load_state_dict(ckpt["plateau"])
             self.plateau.optimizer.param_groups[0]["lr"] = self.state.lr_scale
@@ -342,7 +341,7 @@ class Trainer:
             scalars = self.step(next(batches))
             self.state.step += 1
             if self.ema is not None and self.state.step > t.ema_start:
-                self.ema.update_parameters(self.method)
+                self.ema.update(self.method, self.method.plan.stage_index(self.state.step - 1))
             bar.update(1)
             for k, v in scalars.items():
                 running.setdefault(k, []).append(v)
@@ -377,21 +376,11 @@ class Trainer:
     def averaged_weights(self) -> Iterator[None]:
         """Inside the block the method holds the moving average of its weights (``train.ema``, once
         the average has started); the training weights come back after it."""
-        if self.ema is None or int(self.ema.n_averaged) == 0:
+        if self.ema is None:
             yield
             return
-        tensors = [*self.method.parameters(), *self.method.buffers()]
-        averaged = [*self.ema.module.parameters(), *self.ema.module.buffers()]
-        training = [t.detach().clone() for t in tensors]
-        with torch.no_grad():
-            for tensor, value in zip(tensors, averaged, strict=True):
-                tensor.copy_(value)
-        try:
+        with self.ema.applied_to(self.method):
             yield
-        finally:
-            with torch.no_grad():
-                for tensor, value in zip(tensors, training, strict=True):
-                    tensor.copy_(value)
 
     def _validate_and_checkpoint(self, val_cases: list[dict[str, Any]], labels: dict[int, str],
                                  start: float, elapsed0: float) -> bool:
