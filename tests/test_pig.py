@@ -23,8 +23,8 @@ from imgx3d.methods.pig import (
     antithetic_timesteps,
     binarise_guide,
     channels_to_labels,
-    masks_to_channels,
 )
+from imgx3d.methods.masks import masks_to_channels
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_PYTHON_REFRESH": "quiet"}

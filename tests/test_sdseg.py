@@ -121,7 +121,7 @@ def test_latent_estimation_loss_matches_the_formula():
     loss = method.training_step(batch, step=0)["loss/model"]
 
     torch.manual_seed(1)  # replay the method's draws: classes, t, noise
-    classes = torch.randint(1, 3, (3,))
+    classes = torch.multinomial(torch.ones(3, 2), 1)[:, 0] + 1  # every class is present in these random labels
     masks = mask_to_rgb((batch["label"][:, 0] == classes[:, None, None]).float())
     z0 = method.codec.encode(masks)
     t = torch.randint(0, 1000, (3,))
@@ -268,3 +268,21 @@ def test_codec_validation_scores_the_decoded_masks_exactly():
     blank = codec_validation(Blank(), cases, labels, SliceConfig(size=[16, 16]))
     assert blank["val/dice/a"] == 0.0 and blank["val/dice/b"] == 0.0
     assert codec_validation(Faint(), cases, labels, SliceConfig(size=[16, 16]))["val/dice_mean"] == 1.0
+
+
+def test_training_draws_a_class_present_in_each_slice_and_any_class_for_an_empty_one():
+    """SDSeg's multi-class targets (the authors' synapse loader): a class among those in the slice, so a
+    slice with classes 1 and 3 never trains on the empty mask of class 2; an empty slice on any class."""
+    from imgx3d.methods.masks import present_class_masks
+
+    label = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    label[0, 0, :2, :3] = 1
+    label[0, 0, 5:, 5:] = 3
+    torch.manual_seed(0)
+    drawn = {0: set(), 1: set()}
+    for _ in range(200):
+        classes, masks = present_class_masks(label, 4)
+        for i in range(2):
+            drawn[i].add(int(classes[i]))
+            assert torch.equal(masks[i], (label[i, 0] == classes[i]).float())
+    assert drawn == {0: {1, 3}, 1: {1, 2, 3}}

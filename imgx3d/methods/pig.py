@@ -51,6 +51,7 @@ from imgx3d.methods.base import (
     codec_first,
     register,
 )
+from imgx3d.methods.masks import masks_to_channels
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
 
@@ -104,11 +105,6 @@ def antithetic_timesteps(batch_size: int, num_steps: int, device: torch.device) 
     """t for half the batch and ``T − 1 − t`` for the other half (lower-variance loss estimates)."""
     half = torch.randint(0, num_steps, ((batch_size + 1) // 2,), device=device)
     return torch.cat([half, num_steps - 1 - half])[:batch_size]
-
-
-def masks_to_channels(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, 1, H, W)`` class indices → ``(B, K − 1, H, W)`` foreground one-hot in {-1, 1}."""
-    return 2 * F.one_hot(label[:, 0].long(), num_classes)[..., 1:].movedim(-1, 1).float() - 1
 
 
 def channels_to_labels(x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@
   (the latent-estimation loss).
 - Inference: ``z_T ~ N(0, I)``, one denoiser call at ``t = T − 1``, ``z0_hat`` in one step,
   decode, mean over channels; DDIM over ``infer_steps`` strided steps as the comparison mode.
-- Multi-class (as in the paper): one pass per foreground class with the class id as a class
-  embedding; the per-class foreground probabilities p_c are combined by a softmax over
+- Multi-class (as in the paper): training draws one class per slice among those present in it
+  (``methods.masks.present_class_masks``); prediction makes one pass per foreground class with the
+  class id as a class embedding; the per-class foreground probabilities p_c are combined by a softmax over
   ``[0, logit p_1, …]`` — background wins where every p_c < 0.5, which for one class is the
   paper's 0.5 threshold.
 
@@ -43,7 +44,7 @@ from imgx3d.methods.base import (
     codec_first,
     register,
 )
-from imgx3d.methods.vae import random_class_masks
+from imgx3d.methods.masks import present_class_masks
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.latent_codec import (
     CodecConfig,
@@ -205,7 +206,7 @@ class SDSeg(Method):
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         image, label = to_rgb(batch["image"]), batch["label"]
         self.codec.check_fits(image)
-        classes, masks = random_class_masks(label, self.num_classes)
+        classes, masks = present_class_masks(label, self.num_classes)
         masks = mask_to_rgb(masks)
         codec_loss = self.codec_stage(self.codec, step, lambda: torch.cat([image, masks]), self.cfg.codec.kl_weight)
         if codec_loss is not None:

@@ -54,7 +54,7 @@ from imgx3d.methods.base import (
     codec_first,
     register,
 )
-from imgx3d.methods.pig import masks_to_channels
+from imgx3d.methods.masks import masks_to_channels
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.dense_hint import DenseHintEncoder
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb

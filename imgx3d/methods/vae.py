@@ -18,6 +18,7 @@ from monai.metrics import compute_dice
 from imgx3d.config import MethodConfig, SliceConfig
 from imgx3d.data.geometry import slices_to_volume, to_slice_range, volume_to_slices
 from imgx3d.methods.base import Method, register
+from imgx3d.methods.masks import present_class_masks
 from imgx3d.nets.latent_codec import (
     CodecConfig,
     LatentCodec,
@@ -38,19 +39,6 @@ class VAEConfig(MethodConfig):
 
     name: str = "vae"
     codec: CodecConfig = field(default_factory=CodecConfig)
-
-
-def random_class_masks(label: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One foreground class per sample (uniform, present or not) and its binary mask.
-
-    Args:
-        label: ``(B, 1, H, W)`` class indices.
-
-    Returns:
-        (classes ``(B,)`` in 1 … num_classes − 1, masks ``(B, H, W)`` as 0/1 floats).
-    """
-    classes = torch.randint(1, num_classes, (label.shape[0],), device=label.device)
-    return classes, (label[:, 0] == classes[:, None, None]).float()
 
 
 @torch.no_grad()
@@ -101,7 +89,7 @@ class VAEMethod(Method):
         return self.codec.factor
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        _, masks = random_class_masks(batch["label"], self.num_classes)
+        _, masks = present_class_masks(batch["label"], self.num_classes)
         x = torch.cat([to_rgb(batch["image"]), mask_to_rgb(masks)])
         return {"loss/model": self.codec.training_loss(x, self.cfg.codec.kl_weight)}
 
