@@ -9,6 +9,7 @@ paper's contribution, hence written here; the modulation itself is MONAI's block
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks.spade_norm import SPADE
 from torch import nn
 
@@ -27,21 +28,31 @@ class SwitchableSPADE(nn.Module):
 
 
 class SwitchableResBlock(nn.Module):
-    """norm → ReLU → conv, twice, plus the identity; each norm switchable."""
+    """norm → LeakyReLU(0.2) → conv, twice, plus the shortcut; each norm switchable (SPADE's
+    ``SPADEResnetBlock``: a learned 1×1 shortcut, itself normalised, when the width changes)."""
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, out_channels: int | None = None):
         super().__init__()
-        self.norm1, self.norm2 = SwitchableSPADE(channels, hidden=hidden), SwitchableSPADE(channels, hidden=hidden)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        out_channels = out_channels or channels
+        middle = min(channels, out_channels)
+        self.norm1, self.norm2 = SwitchableSPADE(channels, hidden=hidden), SwitchableSPADE(middle, hidden=hidden)
+        self.conv1 = nn.Conv2d(channels, middle, 3, padding=1)
+        self.conv2 = nn.Conv2d(middle, out_channels, 3, padding=1)
+        self.learned_shortcut = channels != out_channels
+        if self.learned_shortcut:
+            self.norm_s = SwitchableSPADE(channels, hidden=hidden)
+            self.conv_s = nn.Conv2d(channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(torch.relu(self.norm1(x, mask)))
-        return x + self.conv2(torch.relu(self.norm2(h, mask)))
+        shortcut = self.conv_s(self.norm_s(x, mask)) if self.learned_shortcut else x
+        h = self.conv1(F.leaky_relu(self.norm1(x, mask), 0.2))
+        return shortcut + self.conv2(F.leaky_relu(self.norm2(h, mask), 0.2))
 
 
 class SwitchableSPADEGenerator(nn.Module):
-    """Encoder (stride-2 convs) → switchable residual blocks → decoder, tanh output in [-1, 1].
+    """Encoder (stride-2 convs) → switchable residual blocks → decoder of nearest upsampling and
+    switchable residual blocks at every resolution (the authors' ``up_0`` at H/2 and ``up_1`` at H,
+    so the mask modulates the full-resolution features: thin vessels survive) → tanh in [-1, 1].
 
     Args:
         in_channels: input channels (DARL: the noisy image and the diffusion module's noise estimate).
@@ -63,16 +74,14 @@ class SwitchableSPADEGenerator(nn.Module):
             width *= 2
         self.encoder = nn.Sequential(*layers)
         self.blocks = nn.ModuleList(SwitchableResBlock(width, hidden) for _ in range(blocks))
-        layers = []
-        for _ in range(downsamples):
-            layers += [nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.InstanceNorm2d(width // 2, affine=True), nn.ReLU()]
-            width //= 2
-        layers += [nn.Conv2d(width, out_channels, 7, padding=3), nn.Tanh()]
-        self.decoder = nn.Sequential(*layers)
+        self.up_blocks = nn.ModuleList(SwitchableResBlock(width // 2**i, hidden, width // 2 ** (i + 1))
+                                       for i in range(downsamples))
+        self.head = nn.Conv2d(channels, out_channels, 7, padding=3)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.encoder(x)
         for block in self.blocks:
             h = block(h, mask)
-        return self.decoder(h)
+        for block in self.up_blocks:  # SPADE resizes the mask to each resolution (nearest)
+            h = block(F.interpolate(h, scale_factor=2.0, mode="nearest"), mask)
+        return torch.tanh(self.head(F.leaky_relu(h, 0.2)))
