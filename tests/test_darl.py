@@ -73,15 +73,21 @@ def test_the_cycle_renoises_at_path_as_t_and_eps_and_the_losses_carry_the_papers
     real = darl.schedule.q_sample
 
     def q_sample(x0, t, noise):
-        calls.append((t.clone(), noise.clone()))
+        calls.append((t.clone(), noise.clone(), x0.detach().clone()))
         return real(x0, t, noise)
 
     darl.schedule.q_sample = q_sample
+    generated = []
+    generator = darl.generator.forward
+    darl.generator.forward = lambda x, mask=None: generated.append(generator(x, mask)) or generated[-1]
     ts = {"a": [], "b": []}
     for step in range(20):
-        calls.clear()
-        out = darl.training_step({"image": torch.rand(3, 1, 32, 32) * 2 - 1, "label": torch.zeros(3, 1, 32, 32)}, step)
-        (t_b, eps_b), (t_a, eps_a), (t_cycle, eps_cycle) = calls
+        calls.clear(), generated.clear()
+        images = torch.rand(3, 1, 32, 32) * 2 - 1
+        out = darl.training_step({"image": images, "label": torch.zeros(3, 1, 32, 32)}, step)
+        (t_b, eps_b, x0_b), (t_a, eps_a, x0_a), (t_cycle, eps_cycle, x0_cycle) = calls
+        assert torch.equal(x0_a, images) and not torch.equal(x0_b, images), "path B starts from a background"
+        assert torch.equal(x0_cycle, generated[0].detach()), "the cycle segments the fake angiogram of path B"
         assert torch.equal(t_cycle, t_a) and torch.equal(eps_cycle, eps_a), "the cycle reuses path A's t and eps"
         assert torch.equal(eps_b, eps_a), "one eps per step, as the authors' code"
         ts["a"] += t_a.tolist()

@@ -257,3 +257,37 @@ def test_a_run_rebuilt_from_its_config_yaml_alone_predicts_the_same(msd_dataset,
     ours = Predictor(method, rebuilt, checkpoint.labels, InferSettings.from_config(rebuilt.infer, device="cpu"))
     theirs = Predictor.load(run, device="cpu", postprocess=False)  # the learned postprocessing lives in best.pt only
     np.testing.assert_array_equal(ours.predict_files([image]).labels.array, theirs.predict_files([image]).labels.array)
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "dice_focal"])
+def test_present_class_dice_leaves_out_the_classes_absent_from_each_sample(loss):
+    """dice_over: present (the authors'): sample 0 holds classes 1 and 2, sample 1 only class 1, so its
+    class-2 Dice is left out: the Dice term is the mean of three (sample, class) Dice losses, not four."""
+    method = _method(loss=loss, dice_over="present")
+    reference = _method(loss=loss)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=torch.Generator().manual_seed(5))
+    label[1][label[1] == 2] = 0
+    for m in (method, reference):
+        m.net.forward = lambda x, t: logits
+    batch = {"image": torch.rand(2, 1, 8, 8, 8), "label": label}
+    torch.manual_seed(0)
+    present = method.training_step(batch, 0)["loss/model"]
+    torch.manual_seed(0)
+    everything = reference.training_step(batch, 0)["loss/model"]
+    p = torch.softmax(logits, 1)
+    g = torch.nn.functional.one_hot(label[:, 0], 3).movedim(-1, 1).float()
+    dims = (2, 3, 4)
+    dice = 1 - (2 * (p * g)[:, 1:].sum(dims) + 1e-5) / (p[:, 1:].sum(dims) + g[:, 1:].sum(dims) + 1e-5)  # (2, 2)
+    assert float(dice[1, 1]) > 0.9  # the absent class, predicted with probability ~1/3: a loss near 1 when counted
+    torch.testing.assert_close(present - everything, (dice[0].sum() + dice[1, 0]) / 3 - dice.mean(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_x0_estimate_is_twice_the_softmax_minus_one():
+    """x0 mode maps the class logits to the mask space by 2·softmax − 1 (not tanh, not a clamp)."""
+    method = _method()
+    out = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2)) * 3
+    x0 = method._x0_estimate(out, torch.zeros_like(out), torch.zeros(2, dtype=torch.long), method.train_schedule)
+    torch.testing.assert_close(x0, 2 * torch.softmax(out, 1) - 1)
+    torch.testing.assert_close((x0 + 1).sum(1) / 2, torch.ones(2, 4, 4, 4))

@@ -287,3 +287,23 @@ def test_latent_space_trains_codec_then_model_x_then_model_y_and_samples_at_slic
     metrics = pig.validation_metrics([{"image": torch.rand(1, 32, 32, 4), "label": label}],
                                      {0: "bg", 1: "a", 2: "b"}, SliceConfig(size=[32, 32]))
     assert 0 <= metrics["val/guided_mask_dice/a"] <= 1 and metrics["val/image_eps_mse"] > 0
+
+
+def test_stage_one_guides_the_mask_denoiser_with_the_noised_image():
+    """PIG's stage 1: model_x sees [x_t, y_t] with y_t the image noised at the same t (not the clean y0)."""
+    pig = _tiny_pig()
+    seen = []
+    forward = pig.model_x.forward
+    pig.model_x.forward = lambda x, t: seen.append((x.clone(), t.clone())) or forward(x, t)
+    batch = _batch()
+    torch.manual_seed(3)
+    pig.training_step(batch, step=0)
+    torch.manual_seed(3)  # replay: t, then the two noises
+    y0, x0 = batch["image"], masks_to_channels(batch["label"], 3)
+    t = antithetic_timesteps(y0.shape[0], pig.schedule.num_steps, y0.device)
+    noise_x, noise_y = torch.randn_like(x0), torch.randn_like(y0)
+    (inputs, t_seen), = seen
+    assert torch.equal(t_seen, t)
+    torch.testing.assert_close(inputs[:, :2], pig.schedule.q_sample(x0, t, noise_x).float())
+    torch.testing.assert_close(inputs[:, 2:], pig.schedule.q_sample(y0, t, noise_y).float())
+    assert not torch.allclose(inputs[:, 2:], y0)

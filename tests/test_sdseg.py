@@ -286,3 +286,27 @@ def test_training_draws_a_class_present_in_each_slice_and_any_class_for_an_empty
             drawn[i].add(int(classes[i]))
             assert torch.equal(masks[i], (label[i, 0] == classes[i]).float())
     assert drawn == {0: {1, 3}, 1: {1, 2, 3}}
+
+
+def test_prediction_is_one_denoiser_call_at_the_last_step_conditioned_on_the_image():
+    """SDSeg's inference: z_T ~ N(0, I), one call at t = T − 1 with [z_T, z_c = tau(image)]; the
+    prediction changes with the image (a zeroed or dropped z_c would not)."""
+    torch.manual_seed(0)
+    method = _sdseg(num_classes=2).eval()
+    with torch.no_grad():
+        for p in method.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # MONAI zero-initialises the output conv
+    calls = []
+    forward = method.denoiser.forward
+    method.denoiser.forward = lambda x, t, class_labels=None: calls.append((x.clone(), t.clone())) or forward(x, t, class_labels)
+    whole = lambda fn, x: fn(x)  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.rand(2, 1, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        pa, pb = method.predict(a, whole), method.predict(b, whole)
+        z_c = method.tau(a.repeat(1, 3, 1, 1), method.codec.latent_scale)  # the grey slice as RGB
+    assert len(calls) == 2 and all(bool((t == method.schedule.num_steps - 1).all()) for _, t in calls)
+    latent = z_c.shape[1]
+    torch.testing.assert_close(calls[0][0][:, latent:], z_c)  # the image's latent is the condition
+    assert torch.equal(calls[0][0][:, :latent], calls[1][0][:, :latent])  # the same seeded z_T
+    assert not torch.allclose(pa, pb), "the prediction depends on the image"

@@ -227,3 +227,18 @@ def test_opt_in_control_guidance_extrapolates_over_the_null_control_and_dropout_
     method.train()
     method.losses(_batch(), k=1)
     assert torch.equal(hints[0], method.null_control.expand_as(hints[0])), "dropped to the null control"
+
+
+def test_consistency_sends_no_gradient_into_the_image_branch():
+    """L_c = MSE(eps_m, sg(eps_mix)): the image branch (its residuals c_i and the image's hint) gets no
+    gradient from L_c, so the mask branch is pulled toward the image branch and never the reverse."""
+    method = _siamese()
+    calls = []
+    residuals = method.residuals
+    method.residuals = lambda *a: calls.append(residuals(*a)) or calls[-1]
+    terms = method.losses(_batch(), k=5)
+    c_m, c_i = calls[:2]
+    to_image = torch.autograd.grad(terms["consistency"], c_i, allow_unused=True, retain_graph=True)
+    assert all(g is None or float(g.abs().sum()) == 0 for g in to_image), "sg(eps_mix)"
+    to_mask = torch.autograd.grad(terms["consistency"], c_m, allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in to_mask)

@@ -24,7 +24,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+from monai.networks.utils import one_hot
+from torch import nn
 
 from imgx3d.config import MethodConfig
 from imgx3d.diffusion.sampler import sample
@@ -33,6 +35,26 @@ from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, Window, register
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.diffusion_unet import build_time_unet
+
+
+class PresentClassDice(nn.Module):
+    """MONAI's Dice loss averaged over the (sample, class) pairs whose class is in the sample's
+    reference (ImgX-DiffSeg's Dice: absent classes are left out, not scored ~1 or ~0 by smoothing).
+
+    Wraps the ``dice`` of a ``DiceCELoss`` / ``DiceFocalLoss`` (which hand it class indices or a
+    one-hot target) with its reduction switched to per (sample, class).
+    """
+
+    def __init__(self, dice: DiceLoss):
+        super().__init__()
+        self.dice = dice
+        dice.reduction = "none"
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_class = self.dice(input, target).flatten(1)  # (B, classes scored)
+        onehot = target if target.shape[1] == input.shape[1] else one_hot(target, input.shape[1])
+        present = onehot.flatten(2).amax(2)[:, 0 if self.dice.include_background else 1:].to(per_class.dtype)
+        return (per_class * present).sum() / present.sum().clamp_min(1)
 
 
 @dataclass
@@ -55,6 +77,9 @@ class ImgXConfig(MethodConfig):
         recycling: ``max``, ``next`` or ``none``.
         prediction: ``x0`` (paper) or ``eps`` (ablation).
         loss: ``dice_ce`` (v0.1) or ``dice_focal`` (later code); weights 1 each.
+        dice_over: the (sample, class) pairs the Dice term averages: ``all`` (MONAI's: a class absent
+            from a sample's reference scores ~1 when nothing is predicted, and counts) or ``present``
+            (the authors': a class absent from the reference is left out of that sample's Dice).
         sampler: ``ddpm`` or ``ddim``; ddim_eta: DDIM's eta.
         num_samples: ensemble size at inference (one-hot votes averaged).
         seed: seed of the inference noise.
@@ -79,6 +104,7 @@ class ImgXConfig(MethodConfig):
     recycling: Literal["max", "next", "none"] = "max"
     prediction: Literal["x0", "eps"] = "x0"
     loss: Literal["dice_ce", "dice_focal"] = "dice_ce"
+    dice_over: Literal["all", "present"] = "all"
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     ddim_eta: float = 0.0
     num_samples: int = 1
@@ -107,6 +133,8 @@ class ImgXDiffSeg(Method):
         self.infer_schedule: DiffusionSchedule = make_schedule(**schedule, num_steps=cfg.infer_steps)
         loss_cls = DiceCELoss if cfg.loss == "dice_ce" else DiceFocalLoss
         self.seg_loss = loss_cls(include_background=False, to_onehot_y=True, softmax=True)
+        if cfg.dice_over == "present":
+            self.seg_loss.dice = PresentClassDice(self.seg_loss.dice)
 
     # -- the network as a function of the chain --------------------------------------------
     def _net_out(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
