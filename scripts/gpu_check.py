@@ -4,15 +4,18 @@
 2. ``method.<name>``: each method trains 30 steps on the device with the automatic precision
    (a NaN loss or a device mismatch fails it) and then predicts one volume (segmenters), draws
    pairs (generators) or reconstructs slices (the codec); seconds, steps/s, peak GPU memory.
-3. ``torchrun``: ``torchrun --nproc_per_node 1`` (NCCL on a GPU) trains past step 60, then a
+3. ``syncs.<name>``: host synchronisations per training step of each method (optimiser, EMA and
+   logging included) under ``torch.cuda.set_sync_debug_mode("warn")``: 0 for the U-Net and ImgX, ≤ 1
+   elsewhere.
+4. ``torchrun``: ``torchrun --nproc_per_node 1`` (NCCL on a GPU) trains past step 60, then a
    second command resumes the run to step 80.
-4. ``large_volume``: a 14-class U-Net predicts a 512 x 512 x 300 synthetic CT file to file
+5. ``large_volume``: a 14-class U-Net predicts a 512 x 512 x 300 synthetic CT file to file
    (``imgx3d predict``'s path), against MONAI's ``sliding_window_inference`` with the same
    network in the same run: seconds, peak GPU memory, peak host RSS of each.
-5. ``hippocampus``: the U-Net of ``configs/hippocampus/unet.yaml`` trains 3 minutes and scores
+6. ``hippocampus``: the U-Net of ``configs/hippocampus/unet.yaml`` trains 3 minutes and scores
    the bench test split (Dice, steps/s); needs ``--hippocampus DIR`` (skipped without).
-6. ``imgx_inference``: ImgX's K = 5 prediction time against one U-Net pass (hippocampus configs).
-7. ``plan``: ``imgx3d plan``'s budget fit on the GPU (hippocampus, or the demo data without
+7. ``imgx_inference``: ImgX's K = 5 prediction time against one U-Net pass (hippocampus configs).
+8. ``plan``: ``imgx3d plan``'s budget fit on the GPU (hippocampus, or the demo data without
    ``--hippocampus``): the candidates timed, their GPU memory bound, the width and batch kept.
 
 Every section prints its lines even when another fails; the exit code is 1 if any failed.
@@ -319,6 +322,63 @@ def check_plan(device: torch.device, hippocampus: Path | None, data: Path, work:
          patch_size=decisions["data.patch_size"].value, reason=decisions["method.channels"].reason)
 
 
+# Host synchronisations per training step the issue allows (U-Net and ImgX: none; elsewhere at most one).
+SYNC_LIMITS = {"unet": 0, "imgx": 0}
+
+
+@section("syncs")
+def check_syncs(method: str, device: torch.device, work: Path, dry: bool) -> None:
+    """Host synchronisations per training step (optimiser, EMA and scalars included), counted by
+    ``torch.cuda.set_sync_debug_mode("warn")`` over 5 steps after 3 warm-up steps (the first steps
+    fit a codec's scale and tune cuDNN). On the CPU (--dry-run) the same steps run, uncounted."""
+    import warnings
+
+    from imgx3d.methods.base import build_method
+    from imgx3d.training.trainer import Trainer
+
+    cfg = _config(method, 8, dry, [f"train.device={device}", "train.ema=0.999"])
+    torch.manual_seed(0)
+    num_classes = 2 if method == "darl" else 4
+    trained = build_method(cfg.method, num_classes, 1)
+    trainer = Trainer(cfg, trained, work / f"syncs_{method}", {}, device=device)
+    spatial = list(cfg.data.patch_size) if trained.spatial_dims == 3 else list(cfg.data.slices.size)
+    batch_size = cfg.data.batch_size
+    g = torch.Generator().manual_seed(0)
+
+    def one_step() -> None:
+        batch = {"image": torch.rand(batch_size, 1, *spatial, generator=g) * 2 - 1,
+                 "label": torch.randint(0, num_classes, (batch_size, 1, *spatial), generator=g)}
+        trainer.step(batch)
+        trainer.state.step += 1
+        trainer.ema.update(trainer.method, trainer.method.plan.stage_index(trainer.state.step - 1))
+
+    skip_codec = getattr(trained.plan.stages[0], "steps", None) if len(trained.plan.stages) > 1 else 0
+    trainer.state.step = skip_codec or 0  # count the method's own stage, past a codec phase
+    if skip_codec and hasattr(trained, "tau"):
+        trained.tau.copy_from(trained.codec)
+    for _ in range(3):
+        one_step()
+    counted = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(5):
+                    one_step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counted = sum("synchroniz" in str(w.message) for w in caught)
+    else:
+        for _ in range(5):
+            one_step()
+    per_step = counted / 5
+    limit = SYNC_LIMITS.get(method, 1)
+    emit(f"syncs.{method}", per_step, "host syncs / training step", ok=per_step <= limit or device.type != "cuda",
+         limit=limit, counted=device.type == "cuda")
+
+
 @section("imgx_inference")
 def check_imgx_inference(device: torch.device, dry: bool) -> None:
     from imgx3d.config import load_config
@@ -357,8 +417,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS), help="methods to check")
     parser.add_argument("--minutes", type=float, default=3.0, help="the hippocampus training's minutes")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
-    parser.add_argument("--only", nargs="*", choices=["env", "methods", "torchrun", "large_volume", "hippocampus",
-                                                      "imgx_inference", "plan"], help="run only these sections")
+    parser.add_argument("--only", nargs="*", choices=["env", "methods", "syncs", "torchrun", "large_volume",
+                                                      "hippocampus", "imgx_inference", "plan"],
+                        help="run only these sections")
     args = parser.parse_args()
     device = torch.device("cpu") if args.dry_run else _device()
     if not args.dry_run and device.type != "cuda":
@@ -369,12 +430,15 @@ def main() -> int:
     from imgx3d.data.demo import write_demo_dataset
 
     data = write_demo_dataset(work / "demo", 10)
-    wanted = set(args.only or ["env", "methods", "torchrun", "large_volume", "hippocampus", "imgx_inference", "plan"])
+    wanted = set(args.only or ["env", "methods", "syncs", "torchrun", "large_volume", "hippocampus", "imgx_inference",
+                               "plan"])
     results = []
     if "env" in wanted:
         results.append(check_env(device))
     if "methods" in wanted:
         results += [check_method(m, device, data, work, args.dry_run) for m in args.methods]
+    if "syncs" in wanted:
+        results += [check_syncs(m, device, work, args.dry_run) for m in args.methods]
     if "torchrun" in wanted:
         results.append(check_torchrun(device, data, work, args.dry_run))
     if "large_volume" in wanted:

@@ -19,11 +19,12 @@ def test_gpu_check_dry_run_passes_every_section(tmp_path):
     failed = [line for line in lines if not line.get("ok")]
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-2000:])
     names = {line["name"] for line in lines}
-    assert {f"method.{m}" for m in ("unet", "imgx", "sdseg", "pig", "siamese", "vae", "darl")} <= names
+    assert {f"{section}.{m}" for m in ("unet", "imgx", "sdseg", "pig", "siamese", "vae", "darl")
+            for section in ("method", "syncs")} <= names
     assert {"env", "torchrun", "large_volume.monai", "large_volume.imgx3d", "large_volume.ratio",
             "hippocampus.test.dice.foreground_mean", "imgx_inference.ratio", "plan.budget_fit", "gpu_check"} <= names
     summary = next(line for line in lines if line["name"] == "gpu_check")
-    assert summary["value"] == 13 and summary["failed"] == 0
+    assert summary["value"] == 20 and summary["failed"] == 0
     torchrun = next(line for line in lines if line["name"] == "torchrun")
     assert torchrun["value"] == 10 and torchrun["first_run_steps"] == 8, "trained to step 8, resumed to 10"
 

@@ -35,6 +35,7 @@ from imgx3d.tracking import NullTracker, Tracker
 from imgx3d.training.distributed import DistContext
 from imgx3d.training.ema import WeightAverage
 
+STOP_CHECK_EVERY = 10  # torchrun: steps between the ranks' agreements on stopping (budget, pause, signal)
 LOG_EVERY = 50  # steps between logged running means (and, on CUDA, loss finiteness checks)
 
 
@@ -330,8 +331,11 @@ class Trainer:
             self.state.elapsed_s = elapsed0 + self._clock() - start
             out_of_time = bool(t.max_minutes) and self.state.elapsed_s >= 60 * t.max_minutes
             paused = pause_after_s is not None and self.state.elapsed_s >= pause_after_s
-            # rank 0's clock and signals decide, so every rank stops at the same step (1: budget, 2: pause)
-            why, signum = self.dist.agree_to_stop(1 if out_of_time else 2 if paused else 0, requested())
+            # rank 0's clock and signals decide, so every rank stops at the same step (1: budget, 2: pause);
+            # under torchrun asked every STOP_CHECK_EVERY steps, as the collective waits for the devices
+            why, signum = 0, None
+            if not self.dist.enabled or self.state.step % STOP_CHECK_EVERY == 0:
+                why, signum = self.dist.agree_to_stop(1 if out_of_time else 2 if paused else 0, requested())
             if signum is not None:
                 bar.close()
                 self._stop_for_signal(signum)
