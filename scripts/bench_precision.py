@@ -1,0 +1,91 @@
+"""Does a trained run predict the same labels under bf16 / fp16 autocast as under fp32? JSON lines.
+
+For each run folder (its ``best.pt`` and ``split.json``) the test split is predicted once per
+precision on the native grid, and every precision is compared with fp32:
+
+- ``agreement``: of the voxels that either prediction calls foreground, the share both label
+  alike (issue 40's criterion: ≥ 99.5 %);
+- ``dice``: mean foreground Dice against the reference labels, beside fp32's (criterion: within
+  0.005), and seconds per volume.
+
+Usage:
+    python scripts/bench_precision.py --data ../shared/data/hippocampus runs/hippocampus/sdseg-... \\
+        [--precisions fp32 bf16 fp16] [--device cpu] [--cases 40]
+
+On a CPU without bf16 instructions (AVX2 only) bf16 and fp16 run emulated: slow, and the figures
+are those of the arithmetic, not the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import emit, machine  # noqa: E402
+
+from imgx3d.data.catalog import Split, find_cases  # noqa: E402
+from imgx3d.data.io import read_label  # noqa: E402
+from imgx3d.evaluation.metrics import score_case  # noqa: E402
+from imgx3d.inference.predictor import Predictor  # noqa: E402
+
+
+def predict_split(run_dir: Path, data: Path, precision: str, device: str, cases: int) -> dict:
+    """Labels (class values), per-case foreground Dice and seconds per volume of the test split."""
+    predictor = Predictor.load(run_dir / "best.pt", device=device, precision=precision)
+    split = Split(**json.loads((run_dir / "split.json").read_text(encoding="utf-8")))
+    catalog = find_cases(data, predictor.config.data)
+    by_id = catalog.by_id()
+    classes = [c for c in catalog.labels if c != 0]
+    labels, dice, seconds = {}, [], 0.0
+    for case_id in split.test[:cases]:
+        case = by_id[case_id]
+        t0 = time.perf_counter()
+        prediction = predictor.predict_files(case.images)
+        seconds += time.perf_counter() - t0
+        pred = prediction.labels.array
+        ref = read_label(case.label, predictor.config.data).array
+        scores = score_case(pred, ref, classes, metrics=("dice",))
+        dice.append(float(np.nanmean([scores[c]["dice"] for c in classes])))
+        labels[case_id] = pred
+    return {"labels": labels, "dice": float(np.mean(dice)), "seconds": seconds / max(len(labels), 1),
+            "method": predictor.members[0].name}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (best.pt, split.json)")
+    parser.add_argument("--data", type=Path, required=True, help="the dataset the runs were trained on")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cases", type=int, default=10**6, help="at most this many test cases")
+    args = parser.parse_args()
+    emit("precision.setup", None, "", machine=machine(), runs=[str(r) for r in args.runs], device=args.device)
+    for run in args.runs:
+        reference = predict_split(run, args.data, "fp32", args.device, args.cases)
+        emit(f"precision.{run.name}.fp32.dice", round(reference["dice"], 4), "mean foreground Dice",
+             method=reference["method"], seconds_per_volume=round(reference["seconds"], 3),
+             cases=len(reference["labels"]))
+        for precision in [p for p in args.precisions if p != "fp32"]:
+            other = predict_split(run, args.data, precision, args.device, args.cases)
+            either = same = 0
+            for case_id, ref_labels in reference["labels"].items():
+                got = other["labels"][case_id]
+                foreground = (ref_labels != 0) | (got != 0)
+                either += int(foreground.sum())
+                same += int((foreground & (ref_labels == got)).sum())
+            emit(f"precision.{run.name}.{precision}.agreement", round(same / max(either, 1), 5),
+                 "share of either-foreground voxels labelled alike", voxels=either, differing=either - same,
+                 dice=round(other["dice"], 4), dice_fp32=round(reference["dice"], 4),
+                 dice_change=round(other["dice"] - reference["dice"], 4),
+                 seconds_per_volume=round(other["seconds"], 3), method=reference["method"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
