@@ -18,6 +18,7 @@ from pathlib import Path
 from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
+from imgx3d.progress import rank_prefix
 from imgx3d.planning import parse_budget, plan_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -224,22 +225,6 @@ def _load(args: argparse.Namespace):
     return resolved
 
 
-def _print_result(result) -> None:
-    from imgx3d.evaluation.metrics import format_table
-
-    print(f"run folder: {result.run_dir}")
-    if result.run_id:
-        print(f"mlflow run: {result.run_id}")
-    best = (f"{result.best_val_dice:.4f}" if result.best_val_dice > float("-inf")
-            else "n/a (no validation cases, or the method reports no Dice)")
-    print(f"steps: {result.steps} ({result.stop_reason}); best validation Dice: {best}")
-    if result.test_summary and "per_class" in result.test_summary:
-        print(f"test cases ({result.test_summary['cases']}), native grid:")
-        print(format_table(result.test_summary))
-    elif result.test_summary:  # a codec's own test metrics
-        print("test: " + ", ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in result.test_summary.items()))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from imgx3d.training.workflow import train_run
 
@@ -250,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resolved.rivals and args.folds is None and not args.resume:
         from imgx3d.training.race import train_resolved
 
-        _print_result(train_resolved(resolved, args.data, args.run_dir))
+        train_resolved(resolved, args.data, args.run_dir)  # the run prints its result (and keeps it in train.log)
         return 0
     if args.folds is not None:
         from imgx3d.training.folds import parse_folds, train_folds
@@ -259,14 +244,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise InputError("--resume with --folds: rerun the same command with --run-dir of the cross-validation; "
                              "finished folds are skipped and an interrupted one resumes")
         which = parse_folds(args.fold or "all", args.folds)
-        results = train_folds(cfg, args.data, args.folds, which, args.run_dir, records)
-        for result in results:
-            if result.rank == 0:
-                _print_result(result)
+        train_folds(cfg, args.data, args.folds, which, args.run_dir, records)
         return 0
-    result = train_run(cfg, args.data, args.run_dir, args.resume, records=records)
-    if result.rank == 0:  # under torchrun, one report
-        _print_result(result)
+    train_run(cfg, args.data, args.run_dir, args.resume, records=records)
     return 0
 
 
@@ -453,19 +433,19 @@ def main(argv: list[str] | None = None) -> int:
         resumable = err.resume_dir is not None and args.command == "train"
         folds = resumable and getattr(args, "folds", None) is not None
         hint = f"; continue with: {resume_command(argv, err.resume_dir, folds)}" if resumable else ""
-        print(f"imgx3d: interrupted: {err}{hint}", file=sys.stderr)
+        print(f"{rank_prefix()}imgx3d: interrupted: {err}{hint}", file=sys.stderr)
         return err.exit_code
     except Imgx3dError as err:
-        print(f"imgx3d: error: {err}", file=sys.stderr)
+        print(f"{rank_prefix()}imgx3d: error: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # a write outside atomic_write (mlflow's store, a folder) that found no room
         no_room = resource_error(err)
         if no_room is None:
             raise
-        print(f"imgx3d: error: {no_room}", file=sys.stderr)
+        print(f"{rank_prefix()}imgx3d: error: {no_room}", file=sys.stderr)
         return no_room.exit_code
     except KeyboardInterrupt:
-        print("imgx3d: interrupted", file=sys.stderr)
+        print(f"{rank_prefix()}imgx3d: interrupted", file=sys.stderr)
         return 130
 
 

@@ -204,6 +204,8 @@ class TrainConfig:
         val_cases: at most this many validation volumes per validation (0 = all).
         patience: early stopping after N validations without improvement; 0 = off.
         checkpoint_every: write ``last.pt`` every N steps (also at every validation).
+        log_every: when the output is not a terminal, a progress line every N steps; 0 (default): one
+            every ~30 s (on a terminal a progress bar shows instead).
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
     """
 
@@ -229,6 +231,7 @@ class TrainConfig:
     val_cases: int = 0
     patience: int = 0
     checkpoint_every: int = 200
+    log_every: int = 0
     device: str = "auto"
 
     def precision_setting(self) -> str:
@@ -284,6 +287,9 @@ class TrackingConfig:
         enabled: log the run at all.
         log_model: log a segmenter's run as an mlflow model (pyfunc) in its ``model`` artifact.
         register: also register that model under this name in the model registry ("": do not).
+        system_metrics: record CPU, memory, disk (and GPU, with ``nvidia-ml-py``) use as mlflow
+            ``system/...`` metrics while a run trains.
+        system_metrics_seconds: the interval between their samples.
     """
 
     uri: str = "sqlite:///mlflow.db"
@@ -291,6 +297,8 @@ class TrackingConfig:
     enabled: bool = True
     log_model: bool = True
     register: str = ""
+    system_metrics: bool = True
+    system_metrics_seconds: float = 15.0
 
 
 @dataclass
@@ -576,6 +584,8 @@ def validate(cfg: Config) -> None:
     _check(t.patience >= 0, "train.patience", "must be >= 0")
     _check(0.0 <= t.ema < 1.0, "train.ema", "must be in [0, 1) (0: no weight averaging; e.g. 0.9999)")
     _check(t.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _check(t.log_every >= 0, "train.log_every", "must be >= 0 (0: a line every ~30 s)")
+    _check(cfg.tracking.system_metrics_seconds > 0, "tracking.system_metrics_seconds", "must be > 0")
     validate_infer(i)
 
 

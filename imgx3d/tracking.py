@@ -102,6 +102,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self._local_path: Path | None = None
+        self._monitor: Any = None
         self._pending: list[tuple[str, Any]] = []
         self._away_since: float | None = None
         for name in ("alembic", "mlflow"):  # their INFO lines (db migrations) are noise to a user
@@ -224,8 +225,25 @@ class Tracker:
         self.set_tags({"registered_model": f"models:/{name}/{version}"})
         return f"models:/{name}/{version}"
 
+    def monitor_system(self, seconds: float, resume: bool = False) -> None:
+        """Record the machine's CPU, memory, disk and network use (and GPU utilisation and memory where
+        ``nvidia-ml-py`` finds a GPU) as ``system/...`` metrics every ``seconds``, until :meth:`end`
+        (mlflow's system metrics monitor, on this run; ``resume``: continue a resumed run's steps)."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as err:  # psutil missing
+            print(f"imgx3d: warning: no mlflow system metrics ({err}); pip install psutil, or set "
+                  "tracking.system_metrics: false", file=sys.stderr)
+            return
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=seconds, resume_logging=resume,
+                                             tracking_uri=self.uri)
+        self._monitor.start()
+
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run finished (or FAILED / KILLED), first sending anything kept while the server was away."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         self._away_since = None  # one last try, whatever the retry interval
         self._send("end", status)
         if self._pending:
@@ -238,6 +256,9 @@ class NullTracker:
     """Stands in for :class:`Tracker` when tracking is off."""
 
     run_id = None
+
+    def monitor_system(self, seconds: float, resume: bool = False) -> None:
+        """No-op."""
 
     def keep_locally(self, path: str | Path) -> None:
         """No-op."""

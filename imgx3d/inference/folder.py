@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +32,7 @@ from imgx3d.errors import InputError
 from imgx3d.evaluation.plots import overlay_montage
 from imgx3d.inference.predictor import Prediction, Predictor
 from imgx3d.interrupts import raise_if_requested, requested
+from imgx3d.progress import CaseProgress, on_terminal
 
 
 def prediction_path(output: Path, case_id: str, data_cfg: DataConfig) -> Path:
@@ -208,7 +210,10 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
         raise InputError(f"{output}: cannot create the output folder ({err.strerror}); choose a writable --output") from None
     job = _FolderJob(predictor, output, probabilities, Path(overlay_dir) if overlay_dir is not None else None)
     pending = [(case_id, paths, overwrite) for case_id, paths in cases]
-    with tqdm(total=len(cases), desc="predict", unit="case", disable=None) as job.bar, _Pipeline(workers) as pipe:
+    # a bar on a terminal, else one line per case (a log file, a pipe, a batch job)
+    with tqdm(total=len(cases), desc="predict", unit="case", disable=not on_terminal(sys.stderr)) as job.bar, \
+            _Pipeline(workers) as pipe:
+        job.lines = CaseProgress("predict", len(cases), enabled=job.bar.disable)
         while pending:
             busy = job.one_pass(pending, pipe, workers)
             raise_if_requested(f"{len(job.done)} of {len(cases)} case(s) are in {output}, each complete; run the "
@@ -226,6 +231,7 @@ class _FolderJob:
         self.predictor, self.output, self.probabilities, self.overlay_dir = predictor, output, probabilities, overlay_dir
         self.done: dict[str, Path] = {}
         self.bar: Any = None
+        self.lines: CaseProgress | None = None
 
     def write(self, case_id: str, target: Path, prediction: Prediction, image: np.ndarray) -> None:
         """The label map, the probabilities when asked for, and the overlay when asked for."""
@@ -235,9 +241,11 @@ class _FolderJob:
             overlay_montage(image, prediction.labels.array, self.predictor.labels, self.overlay_dir / f"{case_id}.png",
                             title=case_id)
 
-    def _finish(self, case_id: str, target: Path) -> None:
+    def _finish(self, case_id: str, target: Path, note: str = "") -> None:
         self.done[case_id] = target
         self.bar.update()
+        if self.lines is not None:
+            self.lines.advance(note=f"{case_id}{note}")
 
     def _predict_next(self, ahead: collections.deque, pipe: "_Pipeline") -> None:
         case_id, target, lock, loaded = ahead.popleft()
@@ -263,7 +271,7 @@ class _FolderJob:
                     break
                 target = prediction_path(self.output, case_id, self.predictor.config.data)
                 if target.exists() and not redo:
-                    self._finish(case_id, target)
+                    self._finish(case_id, target, ": already there")
                     continue
                 lock = claim_case(self.output, case_id)
                 if lock is None:  # another process is on it: its result will do

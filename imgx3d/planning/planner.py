@@ -777,6 +777,8 @@ class _Timing:
                                     "--device cpu, or free GPU memory") from None
             return None
         self.tried.append(f"{what}: {seconds:.3f} s/step, {self.steps(seconds)} steps")
+        print(f"plan: timed {what}: {seconds:.3f} s/step, {self.steps(seconds)} steps in the budget "
+              f"({time.perf_counter() - self.started:.0f} s of timing so far)", flush=True)
         return self.steps(seconds)
 
 

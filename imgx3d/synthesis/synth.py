@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.interrupts import raise_if_requested
 from imgx3d.methods.base import GenerateSettings, Generator
+from imgx3d.progress import CaseProgress, on_terminal
 from imgx3d.resources import resolve_device
 
 SETTINGS_FILE = "synth.json"
@@ -148,7 +150,8 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
     missing = [i for i in range(n) if not all((output / p).exists() for p in _pair_names(i))]
     blocks = sorted({i // batch for i in missing})
     complete = n - len(missing)
-    bar = tqdm(total=n, initial=complete, desc="synth", unit="pair", disable=None)
+    bar = tqdm(total=n, initial=complete, desc="synth", unit="pair", disable=not on_terminal(sys.stderr))
+    lines = CaseProgress("synth", len(missing), unit="pairs", enabled=bar.disable)  # a line per pair in a log
     for block in blocks:
         raise_if_requested(f"{complete} of {n} pair(s) are in {output}, each complete; run the same command again to "
                            "write the rest")
@@ -164,6 +167,7 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
             _write(np.expand_dims(label[0], axis), label_path, affine, np.uint8)
             complete += 1
             bar.update(1)
+            lines.advance(note=image_path.name)
     bar.close()
     labels = {str(k): v for k, v in sorted(meta.labels.items())}
     channels = meta.get("channel_names")

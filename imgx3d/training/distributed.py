@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from imgx3d.methods.base import Method
+from imgx3d.progress import prefix_warnings_with_rank
 
 # Ranks wait in a collective while rank 0 validates itself (codecs, generators), writes a checkpoint
 # or scores the test split: the default 30-minute collective timeout is too short for large CTs.
@@ -168,6 +169,7 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
     if world_size <= 1:
         return DistContext(), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    prefix_warnings_with_rank()  # rank 0 alone prints progress; the others' warnings say whose they are
     if os.environ.get("OMP_NUM_THREADS") == "1":  # torchrun's default; augmentation runs on this thread pool
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()

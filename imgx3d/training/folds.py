@@ -53,10 +53,10 @@ def train_folds(cfg: Config, data_root: str | Path, folds: int, which: list[int]
     for k in which:
         folder = fold_dir(base, k)
         if (folder / RESULT_FILE).is_file():
-            print(f"cross-validation: fold {k} finished earlier ({folder}), skipped")
+            print(f"cross-validation: fold {k} of {folds} finished earlier ({folder}), skipped", flush=True)
             continue
         resume = folder if (folder / "last.pt").is_file() else None
-        print(f"cross-validation: {'resuming' if resume else 'training'} fold {k} of {folds} in {folder}")
+        print(f"cross-validation: {'resuming' if resume else 'training'} fold {k} of {folds} in {folder}", flush=True)
         fold_cfg = replace(cfg, data=replace(cfg.data, split=replace(cfg.data.split, folds=folds, fold=k)))
         results.append(train_run(fold_cfg, data_root, folder, resume, records=records))
     return results

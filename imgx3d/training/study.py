@@ -72,7 +72,7 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
     experiment = experiment or f"study-{study_dir.resolve().name}"
     configs = _plans(data, methods, study_dir, budget_minutes, device, overrides or [])
     runs, run_ids = {}, {}
-    for method in methods:
+    for number, method in enumerate(methods, start=1):
         run_dir = study_dir / method
         done = run_dir / RESULT_FILE
         if not done.is_file() and (run_dir / LEGACY_DONE).is_file():
@@ -83,7 +83,8 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
             candidates = {"": configs[method], **{path.stem.split(".", 1)[1]: path for path in
                                                   sorted(configs[method].parent.glob(f"{method}.*.yaml"))}}
             resume = run_dir if (run_dir / "last.pt").is_file() else None
-            print(f"study: {'resuming' if resume else 'training'} {method} in {run_dir}")
+            print(f"study: {'resuming' if resume else 'training'} {method} ({number}/{len(methods)}) in {run_dir}; "
+                  f"done: {', '.join(runs) or 'none yet'}", flush=True)
             if len(candidates) > 1 and resume is None:  # a thin-slab U-Net plan races its rival, as train does
                 candidates["3d"] = candidates.pop("")
                 race_run({n: load_config(None, settings, base=load_yaml(f)) for n, f in candidates.items()}, data,
@@ -94,7 +95,7 @@ def run_study(data: str | Path, methods: list[str], study_dir: str | Path, budge
                 plan_text = configs[method].read_text(encoding="utf-8")
                 train_run(cfg, data, run_dir, resume, records={"plan.yaml": plan_text})
         else:
-            print(f"study: {method} finished earlier ({run_dir}), skipped")
+            print(f"study: {method} ({number}/{len(methods)}) finished earlier ({run_dir}), skipped", flush=True)
         runs[method] = run_dir
         run_ids[method] = json.loads(done.read_text(encoding="utf-8"))["run_id"]
     reference = run_ids.get("unet", run_ids[methods[0]])

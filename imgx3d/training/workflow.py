@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -43,12 +44,14 @@ from imgx3d.methods.base import (
     build_method,
     load_method_state,
 )
+from imgx3d.progress import tee_to_file
 from imgx3d.resources import device_tags, resolve_device
 from imgx3d.tracking import NullTracker, Tracker, flatten
 from imgx3d.training import distributed
 from imgx3d.training.trainer import Trainer, seed_everything
 
 RESULT_FILE = "result.json"  # in a run folder once training and test scoring finished (rank 0)
+LOG_FILE = "train.log"  # in every run folder: what the run printed, as it went (rank 0)
 OVERLAY_CASES = 4  # contour montages of the first test cases, logged with the run
 SPACING_CASES = 8  # training cases whose headers give the slice geometry of 2D runs
 RANK_SEED_STRIDE = 1_000_003  # distributed rank r trains on seed + r * stride
@@ -246,6 +249,18 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     split = make_split(catalog, cfg.data.split)
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
     _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
+    with tee_to_file(run_dir / LOG_FILE, ctx.is_main):  # train.log: everything printed from here on
+        if ctx.is_main:
+            _print_plan(records)
+        return _train_in_folder(cfg, catalog, split, method, run_dir, resume_ckpt, test_at_end, ctx, dist_device,
+                                records, pause_after_minutes)
+
+
+def _train_in_folder(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
+                     resume_ckpt: Checkpoint | None, test_at_end: bool, ctx: distributed.DistContext,
+                     dist_device: torch.device | None, records: dict[str, str],
+                     pause_after_minutes: float | None) -> TrainResult:
+    """Load the cases, train, score: the part of :func:`train_run` whose output ``train.log`` keeps."""
     pre = Preprocessor(cfg.data)
     # each rank holds only its shard of the training cases; validation cases are predicted by all ranks in turn
     train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=method.plan.uses_labels,
@@ -262,6 +277,8 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
                           run_id=resume_ckpt.get("mlflow_run_id") if resume_ckpt else None)
     if ctx.is_main:
         tracker.keep_locally(run_dir / "mlflow_offline.jsonl")
+        if cfg.tracking.system_metrics:
+            tracker.monitor_system(cfg.tracking.system_metrics_seconds, resume=resume_ckpt is not None)
     meta = _checkpoint_meta(cfg, catalog, split, method, train_items, ctx, tracker.run_id)
     trainer = Trainer(cfg, method, run_dir, meta, tracker, device, ctx)
     tracker.set_tags(device_tags(device, trainer.autocast_dtype))
@@ -290,15 +307,44 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
                                ctx.rank)
         if ctx.is_main:
             summary = _finish_run(cfg, run_dir, catalog, split, method, pre, tracker, state, test_at_end, device)
+        result = TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary,
+                             ctx.rank)
+        if ctx.is_main:
+            print_result(result)
+            tracker.log_artifact(run_dir / LOG_FILE)
         tracker.end("FINISHED")
     except BaseException:
+        if ctx.is_main and (run_dir / LOG_FILE).is_file():
+            tracker.log_artifact(run_dir / LOG_FILE)  # the log up to the interruption
         tracker.end("KILLED")
         raise
-    result = TrainResult(run_dir, tracker.run_id, state.best_metric, state.step, state.stop_reason, summary, ctx.rank)
     if ctx.is_main:
         atomic_write_text(run_dir / RESULT_FILE, json.dumps({"method": cfg.method.name, **result.to_json(),
                                                              **fold_fields(cfg)}, indent=1))
     return result
+
+
+def _print_plan(records: dict[str, str]) -> None:
+    """A planned run's decisions (its ``plan.yaml``'s reasons), first in its log."""
+    reasons = [line[2:] for line in records.get("plan.yaml", "").splitlines()[1:] if line.startswith("# ")]
+    if reasons:
+        print("\n".join(["plan:", *("  " + line for line in reasons)]), flush=True)
+
+
+def print_result(result: TrainResult) -> None:
+    """The finished run in a few lines: folder, mlflow run, steps, best validation Dice, the test table."""
+    print(f"run folder: {result.run_dir}")
+    if result.run_id:
+        print(f"mlflow run: {result.run_id}")
+    best = (f"{result.best_val_dice:.4f}" if result.best_val_dice > float("-inf")
+            else "n/a (no validation cases, or the method reports no Dice)")
+    print(f"steps: {result.steps} ({result.stop_reason}); best validation Dice: {best}")
+    if result.test_summary and "per_class" in result.test_summary:
+        print(f"test cases ({result.test_summary['cases']}), native grid:")
+        print(format_table(result.test_summary))
+    elif result.test_summary:  # a codec's own test metrics
+        print("test: " + ", ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in result.test_summary.items()))
+    sys.stdout.flush()
 
 
 def _check_and_record(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
