@@ -21,15 +21,13 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from imgx3d.config import Config, from_dict, to_dict
 from imgx3d.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from imgx3d.methods.base import Method
+from imgx3d.files import atomic_write
 
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v2"
 READABLE_FORMATS = ("imgx3d-checkpoint-v1", CHECKPOINT_FORMAT)
@@ -75,17 +73,6 @@ class Checkpoint:
         """A metadata field (``mlflow_run_id``, ``slice_spacing``, ``channel_names``, ``step``, ...)."""
         return self.state.get(key, default)
 
-    def build_method(self) -> "Method":
-        """The method the config describes, with these weights (on the CPU, in training mode)."""
-        from imgx3d.methods.base import (  # methods read checkpoints too
-            build_method,
-            load_method_state,
-        )
-
-        method = build_method(self.config.method, self.num_classes, self.in_channels)
-        load_method_state(method, self.weights, str(self.path))
-        return method
-
 
 def checkpoint_state(config: Config, weights: dict[str, torch.Tensor], **fields: Any) -> dict[str, Any]:
     """The dict a checkpoint file holds: format tag, the complete config, the weights and ``fields``."""
@@ -99,10 +86,6 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     Serialised in memory first: torch's own file writer reports a full disk as a bare
     ``RuntimeError``, a Python write as the ``OSError`` that ``atomic_write`` explains.
     """
-    from imgx3d.data.io import (
-        atomic_write,  # data imports config; keep this module importable from both
-    )
-
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(Path(path), lambda tmp: tmp.write_bytes(buffer.getbuffer()))

@@ -18,8 +18,8 @@ from pathlib import Path
 from imgx3d.config import TrackingConfig
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
-from imgx3d.progress import rank_prefix
 from imgx3d.planning import parse_budget, plan_folder
+from imgx3d.progress import rank_prefix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = TrackingConfig.uri  # the config's own default
@@ -301,7 +301,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
-    from imgx3d.data.io import atomic_write_text
+    from imgx3d.files import atomic_write_text
     from imgx3d.planning.planner import RACE_SHARE
     from imgx3d.planning.resolve import resolve_plan
 
@@ -352,7 +352,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     import json
 
-    from imgx3d.data.io import atomic_write_text
+    from imgx3d.files import atomic_write_text
     from imgx3d.evaluation.cv import records_from_folder, records_from_mlflow, summarise, to_markdown
 
     if args.folder:

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from imgx3d.errors import ConfigError
+from imgx3d.files import atomic_write_text
+from imgx3d.registry import method_class
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
@@ -315,10 +317,6 @@ class MethodConfig:
 
 def method_config(values: dict[str, Any] | None, key: str = "method") -> MethodConfig:
     """The ``method:`` section as the named method's complete config dataclass."""
-    from imgx3d.methods.base import (
-        method_class,  # methods import this module: resolve them when asked
-    )
-
     values = dict(values or {})
     cls = method_class(values.setdefault("name", MethodConfig.name)).Config
     return from_dict(cls, values, prefix=key)
@@ -603,8 +601,4 @@ def validate_infer(i: InferConfig) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    from imgx3d.data.io import (
-        atomic_write_text,  # data imports config: import here, not at the top
-    )
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

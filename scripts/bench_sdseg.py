@@ -44,6 +44,7 @@ from imgx3d.data.io import read_label  # noqa: E402
 from imgx3d.evaluation.metrics import score_case  # noqa: E402
 from imgx3d.inference.predictor import Predictor  # noqa: E402
 from imgx3d.methods.vae import codec_validation  # noqa: E402
+from imgx3d.methods.base import method_from_checkpoint  # noqa: E402
 from imgx3d.training.ema import averaged_state_dict  # noqa: E402
 from imgx3d.training.workflow import train_run  # noqa: E402
 
@@ -82,7 +83,8 @@ def score_last_weights(run_dir: Path, data: str, device: str) -> dict[str, dict]
     split = Split(**json.loads((run_dir / "split.json").read_text(encoding="utf-8")))
     catalog = find_cases(data, last.config.data)
     out = {}
-    for name, weights in (("raw", last.weights), ("ema", ema and averaged_state_dict(last.build_method(), ema))):
+    averaged = ema and averaged_state_dict(method_from_checkpoint(last), ema)
+    for name, weights in (("raw", last.weights), ("ema", averaged)):
         if weights is None:
             continue
         folder = run_dir / f"last_{name}"

@@ -141,7 +141,7 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
     from imgx3d.checkpoint import load_checkpoint
     from imgx3d.data.transforms import Preprocessor
     from imgx3d.inference.predictor import Predictor
-    from imgx3d.methods.base import Generator, Segmenter
+    from imgx3d.methods.base import Generator, Segmenter, method_from_checkpoint
     from imgx3d.synthesis.synth import synthesize
 
     steps = 3 if dry else 30
@@ -149,7 +149,7 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
     _reset_peak(device)
     result, seconds = _train(cfg, data, work / method)
     run = load_checkpoint(work / method / "best.pt")
-    trained = run.build_method()
+    trained = method_from_checkpoint(run)
     volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
     t0 = time.perf_counter()
     if isinstance(trained, Generator):  # a generator: two pairs through imgx3d synth

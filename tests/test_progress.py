@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from imgx3d.progress import CaseProgress, duration, rank_prefix
 from tests.conftest import TINY_OVERRIDES, train_tiny_unet, write_msd_dataset

@@ -3,5 +3,6 @@ intensity presets (``presets``), the one native ⇄ model-space map (``geometry`
 (``labels``), augmentation and patch / slice sampling (``transforms``, ``slices``) and the
 procedural demo and vessel data (``demo``, ``vessels``).
 
-May import: the top-level ``config`` and ``errors`` only; nothing from the stages above it.
+May import: the top-level ``config``, ``errors``, ``files`` and ``resources`` (the memory a volume
+needs to read) only; nothing from the stages above it.
 """

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
-from imgx3d.data.io import atomic_write, atomic_write_text
+from imgx3d.files import atomic_write, atomic_write_text
 
 DEMO_LABELS = {0: "background", 1: "blob", 2: "tube", 3: "box"}
 DEMO_SHAPE = (48, 48, 32)

@@ -11,22 +11,20 @@ Every problem a user can cause becomes an :class:`InputError`.
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from imgx3d.config import DataConfig
 from imgx3d.data.labels import file_to_class
-from imgx3d.errors import InputError, resource_error
+from imgx3d.errors import InputError
+from imgx3d.files import atomic_write
 from imgx3d.resources import available_host_bytes, gib
 
 if TYPE_CHECKING:
@@ -433,50 +431,6 @@ def read_label(path: str | Path, cfg: DataConfig | None = None) -> Volume:
     if array.min() < 0:
         raise InputError(f"{path}: label map has negative values (min {array.min():g}); labels must be >= 0")
     return replace(volume, array=array.astype(np.int64) if cfg is None else file_to_class(array, cfg))
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: no half-written file under its final name.
-
-    Every file imgx3d writes goes through here, so this is where "no room" errors (a full
-    disk, a file-size limit, a quota, a read-only file system) become one-line
-    :class:`~imgx3d.errors.ResourceError`\\ s naming ``path``; the temp file is removed and a
-    previous file under ``path`` stays as it was.
-    """
-    path = Path(path)
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        no_room = resource_error(err, path) if isinstance(err, OSError) else None
-        if no_room is not None:
-            raise no_room from None
-        raise
-
-
-def csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
-    """Rows as CSV text with a header line (keys outside ``fields`` are left out)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a UTF-8 text file (CSV, JSON, YAML, Markdown) through :func:`atomic_write`."""
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_nifti(array: np.ndarray, path: str | Path, reference: Volume, dtype: type = np.uint8) -> None:

@@ -1,1 +1,4 @@
-"""Diffusion schedules (``schedule``) and reverse-step samplers (``sampler``), apart from networks."""
+"""Diffusion schedules (``schedule``) and reverse-step samplers (``sampler``), apart from networks.
+
+May import: the top-level ``errors`` only.
+"""

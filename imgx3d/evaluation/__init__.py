@@ -2,6 +2,6 @@
 tables (``records``), comparisons of mlflow runs with paired tests (``compare``) and their plots
 and contour overlays (``plots``).
 
-May import: ``data`` and the top-level ``config``, ``errors``, ``tracking``. Nothing from training,
+May import: ``data`` and the top-level ``config``, ``errors``, ``files``, ``tracking``. Nothing from training,
 inference or methods: it scores files and records, whoever made them.
 """

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import wilcoxon
 
-from imgx3d.data.io import atomic_write_text, csv_text
 from imgx3d.errors import Imgx3dError
 from imgx3d.evaluation.records import Comparison, RunRecord
+from imgx3d.files import atomic_write_text, csv_text
 from imgx3d.tracking import resolve_uri
 
 COMPARISON_TAG = "imgx3d.kind"  # comparison runs carry it and are never compared themselves

@@ -21,15 +21,9 @@ from monai.metrics import (
 )
 
 from imgx3d.config import DataConfig
-from imgx3d.data.io import (
-    atomic_write_text,
-    csv_text,
-    is_image_path,
-    is_volume_path,
-    read_label,
-    strip_suffix,
-)
+from imgx3d.data.io import is_image_path, is_volume_path, read_label, strip_suffix
 from imgx3d.errors import InputError
+from imgx3d.files import atomic_write_text, csv_text
 
 ALL_METRICS = ("dice", "iou", "hd95", "nsd")
 

@@ -14,8 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from imgx3d.config import DataConfig
-from imgx3d.data.io import atomic_write, read_label, read_volume
+from imgx3d.data.io import read_label, read_volume
 from imgx3d.evaluation.records import Comparison, RunRecord
+from imgx3d.files import atomic_write
 
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
                  "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]

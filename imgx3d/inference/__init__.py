@@ -3,7 +3,8 @@ label maps (``predictor``); the windows it runs a method through, 3D sliding, 2D
 memory-bounded streaming window (``windows``); batch prediction over files and folders with
 locks, read-ahead and atomic writes (``folder``).
 
-May import: ``data``, ``methods``, ``evaluation.plots`` (contour overlays of predictions) and the
-top-level ``config``, ``checkpoint``, ``errors``, ``tracking``, ``resources``, ``interrupts``.
+May import: ``data``, ``methods``, ``evaluation.plots`` (contour overlays of predictions),
+``evaluation.metrics`` (the learned postprocessing scores candidates) and the top-level ``config``,
+``checkpoint``, ``errors``, ``files``, ``tracking``, ``resources``, ``interrupts``, ``progress``.
 Never the trainer: training imports inference, not the other way round.
 """

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from imgx3d.checkpoint import Checkpoint
-from imgx3d.data.io import atomic_write, atomic_write_text
 from imgx3d.errors import CheckpointError, InputError
+from imgx3d.files import atomic_write, atomic_write_text
 from imgx3d.inference.predictor import MODEL_SPACE_KEYS, ensemble_postprocessing, load_checkpoints
-from imgx3d.methods.base import WindowSegmenter
+from imgx3d.methods.base import WindowSegmenter, method_from_checkpoint
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 SETTINGS_FILE = "imgx3d_export.json"
@@ -138,7 +138,7 @@ def export_run(source: str | Path, fmt: str, output: str | Path, tracking_uri: s
     if len(checkpoints) != 1:
         raise CheckpointError(f"{source}: holds {len(checkpoints)} runs; export one run (e.g. {source}/fold_0)")
     checkpoint = checkpoints[0]
-    method = checkpoint.build_method().eval()
+    method = method_from_checkpoint(checkpoint).eval()
     if not isinstance(method, WindowSegmenter):
         raise CheckpointError(f"{checkpoint.path}: method '{method.name}' predicts by a sampling loop, not one network "
                               "pass per window; only single-pass segmenters (unet) can be exported")

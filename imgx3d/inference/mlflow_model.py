@@ -90,14 +90,13 @@ def save_mlflow_model(checkpoint_path: Path, in_channels: int, output: Path) -> 
     (replacing an earlier one; written beside it first, so an interrupted save leaves none half-written)."""
     import mlflow.pyfunc
 
-    import imgx3d
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     output = Path(output)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent)) / "model"
     try:
         mlflow.pyfunc.save_model(str(staging), loader_module=__name__, data_path=str(checkpoint_path),
-                                 code_paths=[str(Path(imgx3d.__file__).parent)], signature=_signature(in_channels),
+                                 code_paths=[str(Path(__file__).resolve().parents[1])],  # the imgx3d package
+                                 signature=_signature(in_channels),
                                  input_example=input_example(in_channels), pip_requirements=_requirements())
         if output.exists():
             shutil.rmtree(output)

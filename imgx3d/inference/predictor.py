@@ -54,6 +54,7 @@ from imgx3d.methods.base import (
     Segmenter,
     Window,
     WindowSegmenter,
+    method_from_checkpoint,
 )
 from imgx3d.resources import (
     available_host_bytes,
@@ -331,7 +332,7 @@ class Predictor:
                          **overrides) -> "Predictor":
         """A predictor of one checkpoint, or an ensemble of several (see :meth:`load`)."""
         check_ensemble(checkpoints)
-        methods = [checkpoint.build_method() for checkpoint in checkpoints]
+        methods = [method_from_checkpoint(checkpoint) for checkpoint in checkpoints]
         for method, checkpoint in zip(methods, checkpoints):
             if not isinstance(method, Segmenter):
                 raise _not_a_segmenter(method, checkpoint.path)

@@ -1,6 +1,6 @@
 """The seams between the workflow stages and a method: ``Method`` and its ``TrainingPlan`` for
-training, the roles a trained run may have (``Segmenter``, ``Generator``, ``Codec``, ...), and
-the registry of methods by name.
+training, the roles a trained run may have (``Segmenter``, ``Generator``, ``Codec``, ...). Methods
+register by name in :mod:`imgx3d.registry`.
 
 A method is an ``nn.Module`` that owns its networks and losses. The trainer, the predictor,
 synthesis and tracking use only these interfaces, so adding a method touches no other file but
@@ -9,7 +9,6 @@ its own module and its configs.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Protocol, runtime_checkable
@@ -17,17 +16,15 @@ from typing import Any, Callable, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from imgx3d.checkpoint import Checkpoint
 from imgx3d.config import MethodConfig, SliceConfig, method_config
-from imgx3d.errors import CheckpointError, ConfigError
+from imgx3d.errors import CheckpointError
+from imgx3d.registry import method_class
 
 # window(fn, x): run fn over windows of x and blend the outputs (3D: sliding windows of a
 # (B, C, X, Y, Z) volume; 2D: each batch of slices is one window). Built by imgx3d.inference.windows.
 Window = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
-METHODS: dict[str, type["Method"]] = {}
-# Modules that register methods; imported lazily so `imgx3d --help` stays fast.
-METHOD_MODULES = ("imgx3d.methods.unet", "imgx3d.methods.imgx", "imgx3d.methods.vae", "imgx3d.methods.sdseg",
-                  "imgx3d.methods.pig", "imgx3d.methods.darl", "imgx3d.methods.siamese")
 CODEC_GROUP = "codec"  # the parameter group of a latent codec trained in the first stage
 
 
@@ -213,27 +210,19 @@ class FeatureExtractor(Protocol):
         """``(N, F)`` features of ``(N, C, H, W)`` slices."""
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its ``name``."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-def method_class(name: str) -> type[Method]:
-    """The registered class for ``name``."""
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
-    if name not in METHODS:
-        raise ConfigError(f"config key 'method.name': unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
 def build_method(method_cfg: MethodConfig | Mapping[str, Any], num_classes: int, in_channels: int) -> Method:
     """Instantiate the method ``method_cfg`` names: a method's config dataclass, or a ``method:``
     mapping (checked and completed with the defaults first)."""
     if not isinstance(method_cfg, MethodConfig):
         method_cfg = method_config(dict(method_cfg))
     return method_class(method_cfg.name)(method_cfg, num_classes, in_channels)
+
+
+def method_from_checkpoint(checkpoint: Checkpoint) -> Method:
+    """The method a checkpoint's config describes, with its weights (on the CPU, in training mode)."""
+    method = build_method(checkpoint.config.method, checkpoint.num_classes, checkpoint.in_channels)
+    load_method_state(method, checkpoint.weights, str(checkpoint.path))
+    return method
 
 
 def load_method_state(method: Method, state: dict[str, torch.Tensor], source: str) -> None:

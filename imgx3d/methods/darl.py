@@ -40,9 +40,10 @@ from imgx3d.data.io import IMAGE_SUFFIXES, read_volume
 from imgx3d.data.vessels import fractal_vessels, remove_vessels
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError, InputError
-from imgx3d.methods.base import Method, TrainingPlan, Window, register
+from imgx3d.methods.base import Method, TrainingPlan, Window
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.spade_generator import SwitchableSPADEGenerator
+from imgx3d.registry import register
 
 
 @dataclass

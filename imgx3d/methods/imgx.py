@@ -32,9 +32,10 @@ from imgx3d.config import MethodConfig
 from imgx3d.diffusion.sampler import sample
 from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
 from imgx3d.errors import ConfigError
-from imgx3d.methods.base import Method, Window, register
+from imgx3d.methods.base import Method, Window
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.diffusion_unet import build_time_unet
+from imgx3d.registry import register
 
 
 class PresentClassDice(nn.Module):

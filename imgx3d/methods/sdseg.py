@@ -42,7 +42,6 @@ from imgx3d.methods.base import (
     TrainingPlan,
     Window,
     codec_first,
-    register,
 )
 from imgx3d.methods.masks import present_class_masks
 from imgx3d.nets.boundary import float32_outputs
@@ -53,6 +52,7 @@ from imgx3d.nets.latent_codec import (
     rgb_to_probability,
     to_rgb,
 )
+from imgx3d.registry import register
 
 
 @dataclass

@@ -52,12 +52,12 @@ from imgx3d.methods.base import (
     Stage,
     TrainingPlan,
     codec_first,
-    register,
 )
 from imgx3d.methods.masks import masks_to_channels
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.dense_hint import DenseHintEncoder
 from imgx3d.nets.latent_codec import CodecConfig, LatentCodec, from_rgb, to_rgb
+from imgx3d.registry import register
 
 VAL_SLICES = 32  # foreground validation slices scored per validation
 

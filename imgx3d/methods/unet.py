@@ -17,9 +17,10 @@ from torch import nn
 
 from imgx3d.config import MethodConfig
 from imgx3d.errors import ConfigError
-from imgx3d.methods.base import Method, Window, register
+from imgx3d.methods.base import Method, Window
 from imgx3d.nets.boundary import float32_outputs
 from imgx3d.nets.segmentation import build_segmentation_net
+from imgx3d.registry import register
 
 
 @dataclass

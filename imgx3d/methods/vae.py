@@ -17,7 +17,7 @@ from monai.metrics import compute_dice
 
 from imgx3d.config import MethodConfig, SliceConfig
 from imgx3d.data.geometry import slices_to_volume, to_slice_range, volume_to_slices
-from imgx3d.methods.base import Method, register
+from imgx3d.methods.base import Method
 from imgx3d.methods.masks import present_class_masks
 from imgx3d.nets.latent_codec import (
     CodecConfig,
@@ -26,6 +26,7 @@ from imgx3d.nets.latent_codec import (
     rgb_to_probability,
     to_rgb,
 )
+from imgx3d.registry import register
 
 
 @dataclass

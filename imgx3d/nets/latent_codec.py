@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
+from imgx3d.checkpoint import load_checkpoint
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.nets.boundary import to_float32
 
@@ -150,10 +151,6 @@ class LatentCodec(nn.Module):
 
     @classmethod
     def _from_imgx3d_checkpoint(cls, path: Path) -> "LatentCodec":
-        from imgx3d.checkpoint import (
-            load_checkpoint,  # the checkpoint module builds methods, which build codecs
-        )
-
         run = load_checkpoint(path)
         trained = getattr(run.config.method, "codec", None)  # the codec section of the run's method config
         if not isinstance(trained, CodecConfig):

@@ -2,7 +2,8 @@
 complete config (``planner``), as nnU-Net's experiment planner does, fitted to a compute budget.
 
 May import: ``data``, ``methods`` (their config dataclasses), ``nets``, ``inference`` (a prediction pass is
-timed to price test-time augmentation) and the top-level modules. Imported by the CLI, ``training.study``
+timed to price test-time augmentation) and the top-level ``config``, ``errors``, ``files``, ``registry``,
+``resources``. Imported by the CLI, ``training.study``
 and ``training.race``; ``resolve`` is the one way from flags or API arguments to a run's config.
 """
 

@@ -27,8 +27,9 @@ import torch
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import Catalog, find_cases
 from imgx3d.data.geometry import grid_map, reorient
-from imgx3d.data.io import atomic_write_text, read_label
+from imgx3d.data.io import read_label
 from imgx3d.data.transforms import Preprocessor, check_grids
+from imgx3d.files import atomic_write_text
 
 FINGERPRINT_VERSION = 3
 SAMPLES_PER_CASE = 10_000  # foreground voxels sampled per case and channel (nnU-Net: 10 000)

@@ -28,9 +28,10 @@ import yaml
 
 from imgx3d.config import Config, load_config, to_dict
 from imgx3d.errors import ResourceError
-from imgx3d.methods.base import build_method, method_class
-from imgx3d.resources import resolve_device
+from imgx3d.methods.base import build_method
 from imgx3d.planning.fingerprint import Fingerprint
+from imgx3d.registry import method_class
+from imgx3d.resources import resolve_device
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: an axis is "anisotropic" beyond 3x the finest spacing
 MIN_FEATURE_MAP = 4  # nnU-Net: no pooling below 4 voxels along an axis

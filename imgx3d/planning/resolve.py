@@ -68,7 +68,7 @@ def resolve_run(data: str | Path, config_file: str | Path | None = None, method:
         return _resolved(result, overrides, json.dumps(fp.to_json(), indent=1))
     tree = load_yaml(config_file)
     if method and (tree.get("method") or {}).get("name") != method:
-        from imgx3d.methods.base import method_class
+        from imgx3d.registry import method_class
 
         shared = {f.name for f in dataclasses.fields(method_class(method).Config)}
         tree["method"] = {**{k: v for k, v in (tree.get("method") or {}).items() if k in shared}, "name": method}

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 from imgx3d.checkpoint import Checkpoint, load_checkpoint
 from imgx3d.data.catalog import find_cases
 from imgx3d.data.geometry import volume_to_slices
-from imgx3d.data.io import atomic_write, atomic_write_text
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, ConfigError, InputError
+from imgx3d.files import atomic_write, atomic_write_text
 from imgx3d.interrupts import raise_if_requested
-from imgx3d.methods.base import GenerateSettings, Generator
+from imgx3d.methods.base import GenerateSettings, Generator, method_from_checkpoint
 from imgx3d.progress import CaseProgress, on_terminal
 from imgx3d.resources import resolve_device
 
@@ -125,7 +125,7 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
         raise ConfigError(f"--n {n} and --batch {batch} must be >= 1")
     meta = load_checkpoint(run)
     checkpoint = meta.path
-    method = meta.build_method()
+    method = method_from_checkpoint(meta)
     if not isinstance(method, Generator):
         raise CheckpointError(f"{checkpoint}: method '{method.name}' does not generate image/mask pairs; synth needs "
                               "a generator run (pig, siamese)")

@@ -3,6 +3,7 @@ and the end-to-end jobs behind ``imgx3d train`` and ``imgx3d demo`` (``workflow`
 score the test split). Checkpoints are written through :mod:`imgx3d.checkpoint`.
 
 May import: ``data``, ``methods``, ``inference`` (validation predicts with the one ``Predictor``),
-``evaluation`` (scores) and the top-level ``config``, ``checkpoint``, ``errors``, ``tracking``,
-``resources``, ``interrupts``. Imported by the CLI only (and the benchmark scripts).
+``evaluation`` (scores), ``planning`` (the race and ``study`` plan their candidates) and the top-level
+``config``, ``checkpoint``, ``errors``, ``files``, ``interrupts``, ``progress``, ``registry``,
+``resources``, ``tracking``. Imported by the CLI only (and the benchmark scripts).
 """

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgx3d.config import Config
-from imgx3d.data.io import atomic_write_text
+from imgx3d.files import atomic_write_text
 from imgx3d.training.workflow import TrainResult, train_run
 
 if TYPE_CHECKING:

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgx3d.config import load_config, load_yaml
-from imgx3d.data.io import atomic_write_text
 from imgx3d.errors import ConfigError
 from imgx3d.evaluation.compare import write_comparison
 from imgx3d.evaluation.records import Comparison
-from imgx3d.methods.base import Segmenter, method_class
+from imgx3d.files import atomic_write_text
+from imgx3d.methods.base import Segmenter
 from imgx3d.planning import reading_config
 from imgx3d.planning.fingerprint import fingerprint
 from imgx3d.planning.planner import RACE_SHARE, plan_methods
+from imgx3d.registry import method_class
 from imgx3d.training.race import race_run
 from imgx3d.training.workflow import RESULT_FILE, train_run
 

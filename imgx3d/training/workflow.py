@@ -21,7 +21,7 @@ from imgx3d.checkpoint import Checkpoint, add_to_checkpoint, load_checkpoint
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
-from imgx3d.data.io import atomic_write_text, read_grid, read_label, strip_suffix
+from imgx3d.data.io import read_grid, read_label, strip_suffix
 from imgx3d.data.slices import SliceBatches, slice_spacing
 from imgx3d.data.transforms import (
     DeferredCase,
@@ -34,6 +34,7 @@ from imgx3d.data.transforms import (
 from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
+from imgx3d.files import atomic_write_text
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.postprocess import case_candidates, learn_postprocessing
 from imgx3d.inference.predictor import Predictor
