@@ -10,6 +10,9 @@ Runs, all in one mlflow experiment:
     imgx_up2, imgx_up2_seed1, imgx_k5_max_seed1
                       (not in the default set) ``method.up_subunits: 2`` (the up path before issue 21)
                       against the default 1 (MONAI UNet's up path, cheaper), two seeds each
+    imgx_dice_present, imgx_dice_present_seed1
+                      (not in the default set) ``method.dice_over: present``, the authors' Dice
+                      without the classes absent from a sample, against imgx_k5_max(_seed1)
 
 Every run gets ``--minutes`` of training (``train.max_minutes``; the configs anneal their LR
 over the budget) and is scored on the 40 test volumes on their native grid. With
@@ -56,6 +59,9 @@ RUNS = {
     "imgx_k5_max_seed1": ("imgx.yaml", ["method.recycling=max", "seed=1"]),
     "imgx_up2": ("imgx.yaml", ["method.up_subunits=2"]),
     "imgx_up2_seed1": ("imgx.yaml", ["method.up_subunits=2", "seed=1"]),
+    # the authors' Dice (classes absent from a sample left out) against MONAI's (every class counts)
+    "imgx_dice_present": ("imgx.yaml", ["method.dice_over=present"]),
+    "imgx_dice_present_seed1": ("imgx.yaml", ["method.dice_over=present", "seed=1"]),
 }
 DEFAULT_RUNS = ["unet", "imgx_k5_max", "imgx_k5_next", "imgx_k5_none", "imgx_t1001_k5"]
 
