@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="threads reading the next cases while one is predicted, "
                    "results written behind it (0, the default: one case at a time; pays off when reading is slow "
                    "and cores are free)")
+    p.add_argument("--part", metavar="K/N", help="predict only every N-th case starting at the K-th (0 <= K < N), "
+                   "nnU-Net's -part_id/-num_parts: N jobs of an array, processes or machines share one folder "
+                   "(under torchrun the processes split each part further by rank)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (infer.sw_batch_size; larger is faster "
                    "on a GPU with memory to spare)")
@@ -257,6 +260,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: must be >= 0")
+    part, device = prediction_share(args.part, args.device)
     # the run's infer: settings, overridden by the flags (--sw-batch-size 0, --overlap 1.5: the config's own errors)
     # --run: folders or mlflow run ids (several: an ensemble)
     source = load_checkpoint(args.checkpoint) if args.checkpoint else args.run
@@ -266,14 +270,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:  # the checkpoint is read whole; the download can go
             source = load_checkpoint(checkpoint_of_model(args.model, tracking_uri(args.tracking_uri), Path(tmp)))
     predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri),
-                               device=args.device, tta_flips=[0, 1, 2] if args.tta else None,
+                               device=device, tta_flips=[0, 1, 2] if args.tta else None,
                                tta_shifts=args.tta_shifts,
                                sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision,
                                postprocess=False if args.no_postprocess else None)
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,
-                                args.workers)
-    print(f"{len(written)} prediction(s) in {args.output}")
+                                args.workers, part)
+    share = f" (part {part[0]}/{part[1]})" if part[1] > 1 else ""
+    print(f"{rank_prefix()}{len(written)} prediction(s){share} in {args.output}")
     return 0
+
+
+def prediction_share(part: str | None, device: str) -> tuple[tuple[int, int], str]:
+    """The share of the cases this process predicts, ``(k, n)``, and its device.
+
+    ``--part K/N`` gives every N-th case from the K-th; under ``torchrun`` (``WORLD_SIZE`` > 1) the
+    processes split that part further, rank ``r`` of ``G`` taking part ``K + N·r`` of ``N·G``, each
+    on GPU ``LOCAL_RANK`` when there are GPUs and ``--device auto``. No process group is formed: the
+    shares are disjoint and the folder's locks keep any overlap (a restarted job) from writing twice.
+    """
+    k, n = 0, 1
+    if part:
+        try:
+            k, n = (int(x) for x in part.split("/"))
+        except ValueError:
+            raise InputError(f"--part {part}: write K/N, e.g. --part 0/4 for the first of 4 parts") from None
+        if not 0 <= k < n:
+            raise InputError(f"--part {part}: needs 0 <= K < N (parts are numbered from 0, as nnU-Net's -part_id)")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        k, n = k + n * rank, n * world  # cases[K::N][rank::world]
+        if device == "auto":
+            import torch
+
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return (k, n), device
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

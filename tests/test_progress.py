@@ -100,3 +100,29 @@ def test_predicting_a_folder_into_a_file_prints_a_line_per_case(tmp_path):
     assert len(lines) == len(cases) >= 2
     assert lines[0].startswith(f"predict: 1/{len(cases)} cases, ") and " s/case, ~" in lines[0]
     assert lines[-1].startswith(f"predict: {len(cases)}/{len(cases)} cases")
+
+
+def test_parts_of_a_folder_write_exactly_what_one_process_writes(tmp_path, monkeypatch):
+    """--part K/N (nnU-Net's -part_id/-num_parts): two parts together give the one-process outputs, byte for
+    byte, each part predicting only its own cases; torchrun ranks split a part further."""
+    from imgx3d.cli import main, prediction_share
+
+    run, data = train_tiny_unet(tmp_path)
+    cases = sorted(p.name for p in (data / "imagesTr").glob("*.nii.gz"))
+    assert main(["predict", "--run", str(run), "--input", str(data / "imagesTr"), "--output",
+                 str(tmp_path / "one")]) == 0
+    for k in (0, 1):
+        assert main(["predict", "--run", str(run), "--input", str(data / "imagesTr"), "--output",
+                     str(tmp_path / f"part{k}"), "--part", f"{k}/2"]) == 0
+    parts = [sorted(p.name for p in (tmp_path / f"part{k}").glob("*.nii.gz")) for k in (0, 1)]
+    assert parts == [cases[0::2], cases[1::2]]
+    for k, names in enumerate(parts):
+        for name in names:
+            assert (tmp_path / f"part{k}" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    (k, n), device = prediction_share("1/2", "cpu")
+    assert (k, n, device) == (5, 6, "cpu")
+    assert list(range(12))[k::n] == list(range(12))[1::2][2::3]
+    assert main(["predict", "--run", str(run), "--input", str(data / "imagesTr"), "--output", str(tmp_path / "x"),
+                 "--part", "2/2"]) == 2

@@ -191,7 +191,7 @@ def claim_case(output: Path, case_id: str) -> Path | None:
 
 def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: str | Path, overwrite: bool = False,
                       probabilities: bool = False, overlay_dir: str | Path | None = None,
-                      workers: int = 0) -> list[Path]:
+                      workers: int = 0, part: tuple[int, int] = (0, 1)) -> list[Path]:
     """Predict every input case into ``output/<case>.nii.gz`` (``.png`` for 2D images); with
     ``overlay_dir``, also a contour montage ``<case>.png`` of each newly predicted case there.
 
@@ -200,10 +200,15 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
     Safe to interrupt and to share: outputs are written atomically (never half-written under
     their final name), existing ones are skipped, so a restarted run finishes the rest; a case
     another live process is predicting into the same folder is waited for, not redone.
+
+    ``part = (k, n)``: only every n-th case (in case-id order) starting at the k-th, nnU-Net's
+    ``-part_id / -num_parts``: n processes, machines or jobs of an array each predict one part of
+    the same folder, and together write exactly what one process would.
     """
     output = Path(output)
     check_output_folder(output, inputs)
-    cases = resolve_inputs(inputs, predictor.config.data, predictor.in_channels)
+    k, n = part
+    cases = sorted(resolve_inputs(inputs, predictor.config.data, predictor.in_channels))[k::n]
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -213,7 +218,7 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
     # a bar on a terminal, else one line per case (a log file, a pipe, a batch job)
     with tqdm(total=len(cases), desc="predict", unit="case", disable=not on_terminal(sys.stderr)) as job.bar, \
             _Pipeline(workers) as pipe:
-        job.lines = CaseProgress("predict", len(cases), enabled=job.bar.disable)
+        job.lines = CaseProgress("predict" if n == 1 else f"predict part {k}/{n}", len(cases), enabled=job.bar.disable)
         while pending:
             busy = job.one_pass(pending, pipe, workers)
             raise_if_requested(f"{len(job.done)} of {len(cases)} case(s) are in {output}, each complete; run the "
