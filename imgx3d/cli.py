@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import sys
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (never an input folder)")
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
+    p.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty.nii.gz (predictive "
+                   "entropy; and the mutual information of the members when TTA, an ensemble or samples are "
+                   "averaged) and uncertainty.csv, the cases most unsure first")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all three axes")
     p.add_argument("--tta-shifts", type=int, metavar="N", help="3D methods: also predict the volume shifted by "
                    "1 … N-1 voxels along every axis and average (infer.tta_shifts; 1: none, N times faster)")
@@ -141,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", metavar="DIR", help="write a PNG montage per case, prediction (solid) and "
                    "reference (dashed) contours, on the image from --images when given")
     p.add_argument("--images", help="folder of the images (same case names), the overlays' background")
+    p.add_argument("--uncertainty", metavar="DIR", help="also score the uncertainty maps of predict --uncertainty in "
+                   "DIR (usually --pred): ECE of <case>_probabilities.nii.gz, the AUC of the entropy for finding "
+                   "errors, the Spearman correlation of per-case uncertainty with Dice")
     p.add_argument("--config", help="a training config: its data.labels names the classes and its "
                    "data.mask_threshold / data.label_map turn both folders' file values into classes")
 
@@ -275,7 +282,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision,
                                postprocess=False if args.no_postprocess else None)
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,
-                                args.workers, part)
+                                args.workers, part, args.uncertainty)
     share = f" (part {part[0]}/{part[1]})" if part[1] > 1 else ""
     print(f"{rank_prefix()}{len(written)} prediction(s){share} in {args.output}")
     return 0
@@ -319,7 +326,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         labels = {0: "background", **data_cfg.labels} if data_cfg.labels else None
     if args.labels:
         labels = {0: "background", **{v: (labels or {}).get(v, f"label_{v}") for v in args.labels if v != 0}}
-    _, summary = evaluate_folders(args.pred, args.ref, labels, args.output or args.pred, args.nsd_tolerance, data_cfg)
+    rows, summary = evaluate_folders(args.pred, args.ref, labels, args.output or args.pred, args.nsd_tolerance,
+                                     data_cfg)
     if args.overlay:
         from imgx3d.evaluation.plots import overlay_folder
 
@@ -327,7 +335,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{n} overlay(s) in {args.overlay}")
     print(format_table(summary))
     print(f"metrics.csv and summary.json in {args.output or args.pred}")
+    if args.uncertainty:
+        _evaluate_uncertainty(args, rows, data_cfg)
     return 0
+
+
+def _evaluate_uncertainty(args: argparse.Namespace, rows: list[dict], data_cfg) -> None:
+    from imgx3d.evaluation.uncertainty import evaluate_uncertainty_folders
+    from imgx3d.files import atomic_write_text
+
+    try:
+        result = evaluate_uncertainty_folders(args.pred, args.ref, args.uncertainty, rows, data_cfg)
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from None
+    output = Path(args.output or args.pred) / "uncertainty_metrics.json"
+    atomic_write_text(output, json.dumps(result, indent=1))
+    ece = "n/a (no <case>_probabilities.nii.gz: predict with --probabilities)" if result["ece"] is None \
+        else f"{result['ece']:.4f}"
+    print(f"uncertainty ({result['cases']} cases): ECE {ece}; error AUC {result['error_auc']:.4f}; Spearman "
+          f"(foreground entropy, Dice) {result['spearman_dice']:.3f} (p {result['spearman_p']:.2g}); in {output}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -382,10 +408,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    import json
-
-    from imgx3d.files import atomic_write_text
     from imgx3d.evaluation.cv import records_from_folder, records_from_mlflow, summarise, to_markdown
+    from imgx3d.files import atomic_write_text
 
     if args.folder:
         records = records_from_folder(args.folder)

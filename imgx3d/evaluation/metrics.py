@@ -108,11 +108,12 @@ def summarize(rows: list[dict], labels: dict[int, str], metrics: tuple[str, ...]
 
 
 def label_files(folder: Path) -> dict[str, Path]:
-    """Label maps (volumes or 2D images) of a folder by case name (probability maps left out)."""
+    """Label maps (volumes or 2D images) of a folder by case name (probability and uncertainty maps left out)."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; pass a folder of label maps")
     return {strip_suffix(p.name): p for p in sorted(folder.iterdir())
-            if (is_volume_path(p) or is_image_path(p)) and not p.name.startswith(".") and "_probabilities" not in p.name}
+            if (is_volume_path(p) or is_image_path(p)) and not p.name.startswith(".")
+            and not strip_suffix(p.name).endswith(("_probabilities", "_uncertainty"))}
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int, str] | None = None,

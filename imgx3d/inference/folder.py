@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -23,6 +24,7 @@ from imgx3d.data.io import (
     check_exists,
     is_image_path,
     is_volume_path,
+    read_label,
     strip_suffix,
     write_image2d,
     write_nifti,
@@ -30,9 +32,19 @@ from imgx3d.data.io import (
 from imgx3d.data.labels import LabelCodec
 from imgx3d.errors import InputError
 from imgx3d.evaluation.plots import overlay_montage
+from imgx3d.evaluation.uncertainty import case_uncertainty
+from imgx3d.files import atomic_write_text, csv_text
 from imgx3d.inference.predictor import Prediction, Predictor
 from imgx3d.interrupts import raise_if_requested, requested
 from imgx3d.progress import CaseProgress, on_terminal
+
+
+UNCERTAINTY_TABLE = "uncertainty.csv"  # predict --uncertainty: the folder's cases, most unsure first
+
+
+def uncertainty_path(output: Path, case_id: str) -> Path:
+    """Where a case's uncertainty maps go (``predict --uncertainty``)."""
+    return output / f"{case_id}_uncertainty.nii.gz"
 
 
 def prediction_path(output: Path, case_id: str, data_cfg: DataConfig) -> Path:
@@ -191,7 +203,7 @@ def claim_case(output: Path, case_id: str) -> Path | None:
 
 def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: str | Path, overwrite: bool = False,
                       probabilities: bool = False, overlay_dir: str | Path | None = None,
-                      workers: int = 0, part: tuple[int, int] = (0, 1)) -> list[Path]:
+                      workers: int = 0, part: tuple[int, int] = (0, 1), uncertainty: bool = False) -> list[Path]:
     """Predict every input case into ``output/<case>.nii.gz`` (``.png`` for 2D images); with
     ``overlay_dir``, also a contour montage ``<case>.png`` of each newly predicted case there.
 
@@ -200,6 +212,10 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
     Safe to interrupt and to share: outputs are written atomically (never half-written under
     their final name), existing ones are skipped, so a restarted run finishes the rest; a case
     another live process is predicting into the same folder is waited for, not redone.
+
+    ``uncertainty``: also ``<case>_uncertainty.nii.gz`` (predictive entropy, and the mutual information
+    of the members when several are averaged; :mod:`imgx3d.inference.uncertainty`) and the folder's
+    ``uncertainty.csv``, the cases sorted by how unsure the prediction is, most unsure first.
 
     ``part = (k, n)``: only every n-th case (in case-id order) starting at the k-th, nnU-Net's
     ``-part_id / -num_parts``: n processes, machines or jobs of an array each predict one part of
@@ -213,7 +229,8 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{output}: cannot create the output folder ({err.strerror}); choose a writable --output") from None
-    job = _FolderJob(predictor, output, probabilities, Path(overlay_dir) if overlay_dir is not None else None)
+    job = _FolderJob(predictor, output, probabilities, Path(overlay_dir) if overlay_dir is not None else None,
+                     uncertainty)
     pending = [(case_id, paths, overwrite) for case_id, paths in cases]
     # a bar on a terminal, else one line per case (a log file, a pipe, a batch job)
     with tqdm(total=len(cases), desc="predict", unit="case", disable=not on_terminal(sys.stderr)) as job.bar, \
@@ -226,14 +243,19 @@ def predict_to_folder(predictor: Predictor, inputs: list[str | Path], output: st
             if busy:
                 time.sleep(0.5)
             pending = busy
+    if uncertainty:
+        job.write_uncertainty_table()
     return [job.done[case_id] for case_id, _ in cases]
 
 
 class _FolderJob:
     """One ``predict_to_folder`` call: which cases are done, and one pass over the pending ones."""
 
-    def __init__(self, predictor: Predictor, output: Path, probabilities: bool, overlay_dir: Path | None):
+    def __init__(self, predictor: Predictor, output: Path, probabilities: bool, overlay_dir: Path | None,
+                 uncertainty: bool = False):
         self.predictor, self.output, self.probabilities, self.overlay_dir = predictor, output, probabilities, overlay_dir
+        self.uncertainty = uncertainty
+        self.members: dict[str, int] = {}  # members averaged per case predicted here (0: an earlier run's)
         self.done: dict[str, Path] = {}
         self.bar: Any = None
         self.lines: CaseProgress | None = None
@@ -242,9 +264,32 @@ class _FolderJob:
         """The label map, the probabilities when asked for, and the overlay when asked for."""
         write_prediction(prediction, target, self.predictor.codec,
                          self.output / f"{case_id}_probabilities.nii.gz" if self.probabilities else None)
+        if prediction.uncertainty is not None:
+            self.members[case_id] = prediction.members
+            maps = prediction.uncertainty.array
+            write_nifti(maps[0] if len(maps) == 1 else np.moveaxis(maps, 0, -1), uncertainty_path(self.output, case_id),
+                        prediction.uncertainty, dtype=np.float32)
         if self.overlay_dir is not None:
             overlay_montage(image, prediction.labels.array, self.predictor.labels, self.overlay_dir / f"{case_id}.png",
                             title=case_id)
+
+    def write_uncertainty_table(self) -> None:
+        """``uncertainty.csv``: every case with an uncertainty map in the folder, most unsure first (cases
+        written earlier by an interrupted or another process included: their maps are the record)."""
+        rows = []
+        for case_id, target in self.done.items():
+            path = uncertainty_path(self.output, case_id)
+            if not path.is_file():
+                continue
+            maps = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+            labels = read_label(target, self.predictor.config.data)
+            score = case_uncertainty(maps[..., 0] if maps.ndim == 4 else maps, labels.array != 0,
+                                     self.predictor.method.num_classes, float(np.prod(labels.spacing)) / 1000,
+                                     self.members.get(case_id, 0))
+            rows.append({"case": case_id, **score.to_json(), "map": path.name})
+        rows.sort(key=lambda r: (-r["foreground_entropy"], -r["uncertain_ml"], r["case"]))
+        atomic_write_text(self.output / UNCERTAINTY_TABLE,
+                          csv_text(["case", "foreground_entropy", "uncertain_ml", "members", "map"], rows))
 
     def _finish(self, case_id: str, target: Path, note: str = "") -> None:
         self.done[case_id] = target
@@ -256,7 +301,7 @@ class _FolderJob:
         case_id, target, lock, loaded = ahead.popleft()
         try:
             case = loaded()
-            prediction = self.predictor.predict_case(case, self.probabilities)
+            prediction = self.predictor.predict_case(case, self.probabilities, self.uncertainty)
         except BaseException:
             lock.unlink(missing_ok=True)
             raise

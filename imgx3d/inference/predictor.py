@@ -21,6 +21,7 @@ import itertools
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,19 +39,21 @@ from imgx3d.config import (
     TrackingConfig,
     validate_infer,
 )
-from imgx3d.data.geometry import ModelCase, class_map, to_model
+from imgx3d.data.geometry import ModelCase, class_map, to_model, to_native
 from imgx3d.data.io import Volume, is_image_path
 from imgx3d.data.labels import LabelCodec
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, InputError, ResourceError
 from imgx3d.inference.images import ImageObject, like, to_volume
 from imgx3d.inference.postprocess import CaseCandidates, Postprocessing, learn_postprocessing
+from imgx3d.inference.uncertainty import Spread
 from imgx3d.inference.windows import (ConcurrentBatches, make_window, predict_by_slices, streaming_argmax,
                                       window_streams)
 from imgx3d.methods.base import (
     Codec,
     Generator,
     Method,
+    Sampler,
     Segmenter,
     Window,
     WindowSegmenter,
@@ -104,10 +107,17 @@ class Prediction:
     Attributes:
         labels: class values (the dataset's label values), with the input's affine and header.
         probabilities: ``(K, X, Y, Z)`` float32 class probabilities when asked for, else None.
+        uncertainty: when asked for, ``(1, X, Y, Z)`` predictive entropy, or ``(2, X, Y, Z)`` predictive
+            entropy and mutual information when several members were averaged (nats; see
+            :mod:`imgx3d.inference.uncertainty`); else None.
+        members: how many predictions were averaged (mirrorings × shifts × ensemble members × samples;
+            counted when the uncertainty was asked for).
     """
 
     labels: Volume
     probabilities: Volume | None = None
+    uncertainty: Volume | None = None
+    members: int = 1
 
 
 # Whole-volume float32 maps of K classes held at once by the window path: MONAI's output and
@@ -157,7 +167,7 @@ def shift_paddings(tta_shifts: int, spatial_dims: int = 3) -> list[list[int]]:
 
 def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
                           tta_flips: list[int] | tuple[int, ...] = (), slices: SliceConfig | None = None,
-                          tta_shifts: int = 1) -> torch.Tensor:
+                          tta_shifts: int = 1, spread: Spread | None = None) -> torch.Tensor:
     """Class probabilities (K, ...) for one model-space image (C, ...), averaged over flips and shifts.
 
     3D methods run on the whole volume through ``window``; 2D methods (``spatial_dims == 2``)
@@ -165,6 +175,8 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
     ``tta_flips = [0, 1, 2]`` the 8 mirrorings of nnU-Net are used. With ``tta_shifts = N`` a 3D
     method also sees the volume shifted by 0 … N − 1 voxels along every axis (each mirroring at each
     shift; see :func:`shift_paddings`; 2D methods: unused), and every map is moved back before the mean.
+    ``spread``: every pass (and every sample of a :class:`~imgx3d.methods.base.Sampler`) is also
+    added to it, moved back, for the uncertainty maps; the result is the same.
 
     Why shifts: a U-Net's strided poolings see a volume at one phase of their grid, and the output
     carries that grid's aliasing; averaging phases is an ensemble of the same weights at no training
@@ -185,19 +197,36 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
     else:
         def run(volume: torch.Tensor) -> torch.Tensor:
             return method.predict(volume, window)
+    sampled = spread is not None and isinstance(method, Sampler) and method.spatial_dims == 3
     total = None
     with torch.inference_mode():
         for pad in paddings:
             shifted = F.pad(x, pad) if any(pad) else x
             back = tuple(slice(pad[2 * a], pad[2 * a] + n) for a, n in enumerate(x.shape[2:]))
+
+            def undo(probs: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+                return (probs.flip(dims) if dims else probs)[(slice(None), slice(None), *back)]
+
             for dims in combos:
-                probs = run(shifted.flip(dims) if dims else shifted)
-                probs = (probs.flip(dims) if dims else probs)[(slice(None), slice(None), *back)]
+                volume = shifted.flip(dims) if dims else shifted
+                if sampled:  # each sample joins the spread; the prediction combines them as predict does
+                    samples = method.sample_probabilities(volume, window)
+                    probs = undo(method.combine_samples(_recorded(samples, spread, lambda p: undo(p, dims))), dims)
+                else:
+                    probs = undo(run(volume), dims)
+                    if spread is not None:
+                        spread.add(probs[0])
                 total = probs if total is None else total + probs
     passes = len(combos) * len(paddings)
     return (total / passes if passes > 1 else total)[0]
 
 
+def _recorded(samples: Iterator[torch.Tensor], spread: Spread, undo: Callable[[torch.Tensor], torch.Tensor]
+              ) -> Iterator[torch.Tensor]:
+    """``samples`` passed on unchanged, each also added to ``spread`` (moved back by ``undo``)."""
+    for probs in samples:
+        spread.add(undo(probs)[0])
+        yield probs
 
 
 def check_input_kind(path: Path, data_cfg: DataConfig) -> None:
@@ -387,8 +416,9 @@ class Predictor:
         prediction = self.predict_case(self.from_volume(to_volume(image)), probabilities)
         return prediction if probabilities else like(image, prediction.labels)
 
-    def predict_case(self, case: ModelCase, probabilities: bool = False) -> Prediction:
-        """The native-grid prediction of a case read by :meth:`read`.
+    def predict_case(self, case: ModelCase, probabilities: bool = False, uncertainty: bool = False) -> Prediction:
+        """The native-grid prediction of a case read by :meth:`read` (with its class probabilities and
+        its uncertainty maps when asked for: both need the whole-volume maps, so neither streams).
 
         The memory the prediction needs is estimated first: a volume whose whole-volume maps
         would not fit the free host memory goes through the streaming window when the method
@@ -399,9 +429,10 @@ class Predictor:
         Raises:
             ResourceError: the volume cannot be predicted within this machine's memory.
         """
-        streaming = self._streams(case.image) and not probabilities
-        streaming = streaming or self._must_stream(case, probabilities, streaming)
-        return self._postprocessed(self._predict_with_retry(case, probabilities, streaming))
+        whole_maps = probabilities or uncertainty
+        streaming = self._streams(case.image) and not whole_maps
+        streaming = streaming or self._must_stream(case, whole_maps, streaming)
+        return self._postprocessed(self._predict_with_retry(case, probabilities, streaming, uncertainty))
 
     def _postprocessed(self, prediction: Prediction) -> Prediction:
         """The learned postprocessing applied to the label map (when the settings ask for it)."""
@@ -412,10 +443,11 @@ class Predictor:
         kept = self.postprocessing.apply(labels.array, foreground)
         return dataclasses.replace(prediction, labels=dataclasses.replace(labels, array=kept))
 
-    def _predict_with_retry(self, case: ModelCase, probabilities: bool, streaming: bool) -> Prediction:
+    def _predict_with_retry(self, case: ModelCase, probabilities: bool, streaming: bool,
+                            uncertainty: bool = False) -> Prediction:
         """:meth:`_predict`, once more with windows one at a time when the GPU runs out of memory."""
         try:
-            return self._predict(case, probabilities, streaming, self.settings)
+            return self._predict(case, probabilities, streaming, self.settings, uncertainty)
         except torch.cuda.OutOfMemoryError:
             name = case.source.path or "the volume"
             print(f"imgx3d: warning: {name}: out of GPU memory; trying again with windows one at a time",
@@ -424,7 +456,7 @@ class Predictor:
                 torch.cuda.empty_cache()
             try:
                 one_at_a_time = dataclasses.replace(self.settings, sw_batch_size=1)
-                return self._predict(case, probabilities, streaming, one_at_a_time)
+                return self._predict(case, probabilities, streaming, one_at_a_time, uncertainty)
             except torch.cuda.OutOfMemoryError:
                 raise ResourceError(
                     f"{name}: out of GPU memory even with windows one at a time; lower "
@@ -442,16 +474,23 @@ class Predictor:
             return class_map(self._model_space_probabilities(image, settings))
 
     # -- internals ---------------------------------------------------------------------------
-    def _predict(self, case: ModelCase, probabilities: bool, streaming: bool, settings: InferSettings) -> Prediction:
+    def _predict(self, case: ModelCase, probabilities: bool, streaming: bool, settings: InferSettings,
+                 uncertainty: bool = False) -> Prediction:
         """One attempt at :meth:`predict` with these window settings."""
         inverse, grid = case.inverse, case.inverse.grid
+        spread = Spread() if uncertainty else None
         with self._autocast(settings):
             if streaming:
                 return Prediction(inverse.labels(self._stream(case.image, settings), self.method.num_classes))
-            probs = self._model_space_probabilities(case.image, settings)
+            probs = self._model_space_probabilities(case.image, settings, spread)
         native = inverse.probabilities(probs) if probabilities or grid.model_shape != grid.cropped_shape else None
         labels = inverse.labels_from_probabilities(probs, native)
-        return Prediction(labels, inverse.probability_volume(native) if probabilities else None)
+        maps = None
+        if spread is not None:  # each map on its own: outside a crop it is 0, not a probability of 1
+            native_maps = torch.cat([to_native(m[None].cpu(), grid) for m in spread.maps()])
+            maps = inverse.probability_volume(native_maps)
+        return Prediction(labels, inverse.probability_volume(native) if probabilities else None, maps,
+                          spread.count if spread is not None else 1)
 
     def _must_stream(self, case: ModelCase, probabilities: bool, streaming: bool) -> bool:
         """True when the whole-volume maps would not fit the free host memory but the streaming
@@ -487,7 +526,8 @@ class Predictor:
         dtype = choose_precision(settings.precision, self.device)
         return autocast(self.device, dtype)
 
-    def _model_space_probabilities(self, image: torch.Tensor, settings: InferSettings) -> torch.Tensor:
+    def _model_space_probabilities(self, image: torch.Tensor, settings: InferSettings,
+                                   spread: Spread | None = None) -> torch.Tensor:
         """Class probabilities (K, X', Y', Z') of a model-space image, in fp32 on the host.
 
         On CUDA the windows go to the GPU and the whole-volume output stays on the host
@@ -502,7 +542,7 @@ class Predictor:
         with torch.inference_mode():
             for member in self.members:  # an ensemble: the sum of its members' maps (in place), then the mean
                 probs = predict_probabilities(member, image, window, settings.tta_flips, self.config.data.slices,
-                                              settings.tta_shifts)
+                                              settings.tta_shifts, spread)
                 total = probs.float() if total is None else total.add_(probs)
             return (total.div_(len(self.members)) if len(self.members) > 1 else total).cpu()
 

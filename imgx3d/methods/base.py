@@ -9,7 +9,7 @@ its own module and its configs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -158,6 +158,18 @@ class WindowSegmenter(Segmenter, Protocol):
 
     def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
         """Class probabilities of one batch of windows."""
+
+
+@runtime_checkable
+class Sampler(Segmenter, Protocol):
+    """A segmenter whose prediction combines several samples (ImgX's ``method.num_samples``): the
+    samples' spread is part of the prediction's uncertainty (:mod:`imgx3d.inference.uncertainty`)."""
+
+    def sample_probabilities(self, image: torch.Tensor, window: Window) -> Iterator[torch.Tensor]:
+        """Each sample's class probabilities ``(B, K, ...)``, one at a time."""
+
+    def combine_samples(self, samples: Iterable[torch.Tensor]) -> torch.Tensor:
+        """What :meth:`predict` returns for these samples."""
 
 
 @dataclass(frozen=True)

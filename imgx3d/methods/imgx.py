@@ -20,6 +20,7 @@ all windows share one noisy mask per step; the initial noise is drawn once per v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -186,6 +187,10 @@ class ImgXDiffSeg(Method):
 
     def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
         """K reverse steps over the whole volume; returns class probabilities (or vote fractions)."""
+        return self.combine_samples(self.sample_probabilities(image, window))
+
+    def sample_probabilities(self, image: torch.Tensor, window: Window) -> Iterator[torch.Tensor]:
+        """Each of the ``num_samples`` reverse chains' class probabilities (the :class:`Sampler` role)."""
         schedule, n_image = self.infer_schedule, image.shape[1]
         shape = (image.shape[0], self.num_classes, *image.shape[2:])
 
@@ -198,14 +203,19 @@ class ImgXDiffSeg(Method):
             # blending the probabilities p: one consistent x0 estimate for the whole volume per step
             return window(per_window, torch.cat([image, x_t], 1))
 
-        votes = torch.zeros(shape, device=image.device)
         for i in range(self.cfg.num_samples):
             generator = torch.Generator(device=image.device).manual_seed(self.cfg.seed + i)
             x_T = torch.randn(shape, generator=generator, device=image.device)
             probs = ((sample(schedule, predict_x0, x_T, self.cfg.sampler, self.cfg.ddim_eta, generator) + 1) / 2)
             probs = probs.clamp_min(0)
-            probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-8)  # exact already in x0 mode
-            if self.cfg.num_samples == 1:
-                return probs
-            votes += F.one_hot(probs.max(1).indices, self.num_classes).movedim(-1, 1).float()
-        return votes / self.cfg.num_samples
+            yield probs / probs.sum(1, keepdim=True).clamp_min(1e-8)  # exact already in x0 mode
+
+    def combine_samples(self, samples: Iterable[torch.Tensor]) -> torch.Tensor:
+        """One sample's probabilities; several: the fractions of their argmax votes (the paper's ensemble)."""
+        votes, count, only = None, 0, None
+        for probs in samples:
+            only = probs if count == 0 else None
+            vote = F.one_hot(probs.max(1).indices, self.num_classes).movedim(-1, 1).float()
+            votes = vote if votes is None else votes.add_(vote)
+            count += 1
+        return only if count == 1 else votes / count
