@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,9 +25,9 @@ from imgx3d.errors import ConfigError
 from imgx3d.files import atomic_write_text
 from imgx3d.registry import method_class
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # train.precision, infer.precision
+Axis = Literal[0, 1, 2]  # a model-space (RAS) axis
 DBT_CROP_AIR = 0.05  # the dbt preset's crop: air is below 5 % of a tomosynthesis volume's range
-INTENSITY_SCHEMES = ("light", "nnunet")  # data.intensity_scheme: the sets of imgx3d.data.transforms
 
 
 @dataclass
@@ -66,7 +66,7 @@ class SliceConfig:
         predict_batch: slices per forward call at inference.
     """
 
-    axis: int = 2
+    axis: Axis = 2
     size: list[int] = field(default_factory=lambda: [256, 256])
     keep_empty: float = 0.1
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
@@ -127,8 +127,8 @@ class DataConfig:
             their number.
     """
 
-    mode: str = "volume"
-    layout: str = "auto"
+    mode: Literal["volume", "image"] = "volume"
+    layout: Literal["auto", "msd", "nnunet", "btcv", "cases", "pairs"] = "auto"
     channels: list[str] = field(default_factory=list)
     label_pattern: str = ""
     image_dir: str = ""
@@ -136,25 +136,25 @@ class DataConfig:
     labels: dict[int, str] = field(default_factory=dict)
     mask_threshold: float | None = None
     label_map: dict[int, int] = field(default_factory=dict)
-    color: str = "grey"
-    preset: str = "mri"
+    color: Literal["grey", "rgb", "green"] = "grey"
+    preset: Literal["ct", "mri", "dbt", "none"] = "mri"
     crop_air: float | None = None
     crop_margin: int = 4
     ct_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
-    mri_norm: str = "zscore"
+    mri_norm: Literal["zscore", "percentile"] = "zscore"
     mri_nonzero: bool = False
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     spacing: list[float] | None = None
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
     batch_size: int = 2
     pos_fraction: float = 0.67
-    flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    flip_axes: list[Axis] = field(default_factory=lambda: [0, 1, 2])
     translate: int = 0
     affine_prob: float = 0.0
     rotate_deg: float = 15.0
     scale_range: float = 0.15
     intensity_aug: bool = True
-    intensity_scheme: str = "light"
+    intensity_scheme: Literal["light", "nnunet"] = "light"
     num_workers: int = 0
     cache_gib: float | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -213,22 +213,22 @@ class TrainConfig:
 
     max_steps: int = 1000
     max_minutes: float = 0.0
-    budget_clock: str = "wall"
-    optimizer: str = "adamw"
+    budget_clock: Literal["wall", "cpu"] = "wall"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    scheduler: str = "cosine"
+    scheduler: Literal["cosine", "poly", "constant", "plateau"] = "cosine"
     plateau_factor: float = 0.25
     plateau_patience: int = 4
-    schedule_over: str = "steps"
+    schedule_over: Literal["steps", "budget"] = "steps"
     warmup_steps: int = 0
     min_lr: float = 1e-6
     grad_clip: float = 1.0
     ema: float = 0.0
     ema_start: int = 0
-    precision: str = "auto"
-    amp: str = "auto"
+    precision: Precision = "auto"
+    amp: Literal["auto", "on", "off"] = "auto"
     val_every: int = 200
     val_cases: int = 0
     patience: int = 0
@@ -270,12 +270,12 @@ class InferConfig:
     roi_size: list[int] = field(default_factory=list)
     overlap: float = 0.5
     sw_batch_size: int = 4
-    blend: str = "gaussian"
-    tta_flips: list[int] = field(default_factory=list)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    tta_flips: list[Axis] = field(default_factory=list)
     tta_shifts: int = 1
-    streaming: str = "auto"
+    streaming: Literal["auto", "on", "off"] = "auto"
     streaming_above_gib: float = 1.0
-    precision: str = "auto"
+    precision: Precision = "auto"
     postprocess: bool = True
 
 
@@ -348,6 +348,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads `on` / `off` as booleans
+            value = "on" if value else "off"
         if value in args and not isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
@@ -524,21 +526,14 @@ def _check(cond: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, t, i = cfg.data, cfg.train, cfg.infer
-    _check(d.mode in ("volume", "image"), "data.mode", "must be volume or image")
-    _check(d.color in ("grey", "rgb", "green"), "data.color", "must be grey, rgb or green")
     _check(d.mode == "volume" or d.slices.axis == 2, "data.slices.axis", "must be 2 for 2D images (--image)")
     _check(len(set(d.label_map.values())) == len(d.label_map) and all(v >= 0 for v in d.label_map.values()),
            "data.label_map", "must map file values to distinct class values >= 0")
-    _check(d.layout in ("auto", "msd", "nnunet", "btcv", "cases", "pairs"), "data.layout",
-           "must be one of auto, msd, nnunet, btcv, cases, pairs")
-    _check(d.preset in ("ct", "mri", "dbt", "none"), "data.preset", "must be ct, mri, dbt or none")
     _check(d.crop_air is None or 0.0 <= d.crop_air < 1.0, "data.crop_air", "must be null or in [0, 1)")
     _check(d.crop_margin >= 0, "data.crop_margin", "must be >= 0")
-    _check(d.mri_norm in ("zscore", "percentile"), "data.mri_norm", "must be zscore or percentile")
     _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be [low, high] with low < high")
     _check(len(d.patch_size) == 3 and all(p > 0 for p in d.patch_size), "data.patch_size", "must be 3 positive integers")
     sl = d.slices
-    _check(sl.axis in (0, 1, 2), "data.slices.axis", "must be 0, 1 or 2")
     _check(len(sl.size) == 2 and all(v > 0 for v in sl.size), "data.slices.size", "must be 2 positive integers [H, W]")
     _check(0.0 <= sl.keep_empty <= 1.0, "data.slices.keep_empty", "must be in [0, 1]")
     _check(len(sl.percentiles) == 2 and 0 <= sl.percentiles[0] < sl.percentiles[1] <= 100, "data.slices.percentiles",
@@ -550,11 +545,8 @@ def validate(cfg: Config) -> None:
     _check(d.extra_fraction is None or 0.0 <= d.extra_fraction <= 1.0, "data.extra_fraction",
            "must be null or in [0, 1]")
     _check(0.0 <= d.pos_fraction <= 1.0, "data.pos_fraction", "must be in [0, 1]")
-    _check(all(a in (0, 1, 2) for a in d.flip_axes), "data.flip_axes", "must list axes among 0, 1, 2")
     _check(0.0 <= d.affine_prob <= 1.0, "data.affine_prob", "must be in [0, 1]")
     _check(d.translate >= 0, "data.translate", "must be >= 0 (voxels; 0: no random translation)")
-    _check(d.intensity_scheme in INTENSITY_SCHEMES, "data.intensity_scheme",
-           f"must be one of {', '.join(INTENSITY_SCHEMES)}")
     _check(0.0 <= d.scale_range < 1.0, "data.scale_range", "must be in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.cache_gib is None or d.cache_gib >= 0, "data.cache_gib", "must be null or >= 0")
@@ -566,17 +558,10 @@ def validate(cfg: Config) -> None:
     _check(s.max_train >= 0, "data.split.max_train", "must be >= 0 (0: every training case)")
     _check(t.max_steps >= 1, "train.max_steps", "must be >= 1")
     _check(t.max_minutes >= 0, "train.max_minutes", "must be >= 0")
-    _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", "must be adamw or sgd")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
     _check(t.lr > 0, "train.lr", "must be > 0")
-    _check(t.scheduler in ("cosine", "poly", "constant", "plateau"), "train.scheduler",
-           "must be cosine, poly, constant or plateau")
     _check(0.0 < t.plateau_factor < 1.0, "train.plateau_factor", "must be in (0, 1)")
     _check(t.plateau_patience >= 0, "train.plateau_patience", "must be >= 0")
-    _check(t.schedule_over in ("steps", "budget"), "train.schedule_over", "must be steps or budget")
-    _check(t.budget_clock in ("wall", "cpu"), "train.budget_clock", "must be wall or cpu")
-    _check(t.amp in ("auto", "on", "off"), "train.amp", "must be auto, on or off")
-    _check(t.precision in PRECISIONS, "train.precision", "must be auto, fp32, bf16 or fp16")
     _check(t.val_every >= 1, "train.val_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.patience >= 0, "train.patience", "must be >= 0")
@@ -591,11 +576,7 @@ def validate_infer(i: InferConfig) -> None:
     """Range checks of the ``infer:`` section (also of a predictor's overridden settings)."""
     _check(0.0 <= i.overlap < 1.0, "infer.overlap", "must be in [0, 1)")
     _check(i.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
-    _check(i.blend in ("gaussian", "constant"), "infer.blend", "must be gaussian or constant")
-    _check(i.streaming in ("auto", "on", "off"), "infer.streaming", "must be auto, on or off")
-    _check(i.precision in PRECISIONS, "infer.precision", "must be auto, fp32, bf16 or fp16")
     _check(not i.roi_size or len(i.roi_size) == 3, "infer.roi_size", "must be empty or 3 integers")
-    _check(all(a in (0, 1, 2) for a in i.tta_flips), "infer.tta_flips", "must list axes among 0, 1, 2")
     _check(i.tta_shifts >= 1, "infer.tta_shifts", "must be >= 1 (1: no shifted predictions)")
 
 
