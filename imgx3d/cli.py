@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imgx3d.config import TrackingConfig
+from imgx3d.config import TrackingConfig, infer_overrides
 from imgx3d.errors import Imgx3dError, InputError, Interrupted, resource_error
 from imgx3d.interrupts import stop_on_signals
 from imgx3d.planning import parse_budget, plan_folder
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision of the network (infer.precision; auto: bf16/fp16 on CUDA, bf16 on a CPU "
                    "with bf16 instructions, else fp32)")
     _add_tracking(p)
+    p.add_argument("overrides", nargs="*", metavar="infer.key=value", help="the run's infer: settings to change for "
+                   "this prediction (e.g. infer.tta_flips=[0,1] infer.streaming=on); the flags above win")
 
     p = sub.add_parser("synth", help="generate image/mask pairs with a generator run (pig, siamese) as a dataset")
     p.add_argument("--run", required=True, help="the generator's run folder or checkpoint")
@@ -276,11 +278,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:  # the checkpoint is read whole; the download can go
             source = load_checkpoint(checkpoint_of_model(args.model, tracking_uri(args.tracking_uri), Path(tmp)))
-    predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri),
-                               device=device, tta_flips=[0, 1, 2] if args.tta else None,
-                               tta_shifts=args.tta_shifts,
-                               sw_batch_size=args.sw_batch_size, overlap=args.overlap, precision=args.precision,
-                               postprocess=False if args.no_postprocess else None)
+    flags = {"tta_flips": [0, 1, 2] if args.tta else None, "tta_shifts": args.tta_shifts,
+             "sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "precision": args.precision,
+             "postprocess": False if args.no_postprocess else None}
+    settings = {**infer_overrides(args.overrides), **{k: v for k, v in flags.items() if v is not None}}
+    predictor = Predictor.load(source, tracking_uri=tracking_uri(args.tracking_uri), device=device, **settings)
     written = predict_to_folder(predictor, args.input, args.output, args.overwrite, args.probabilities, args.overlay,
                                 args.workers, part, args.uncertainty)
     share = f" (part {part[0]}/{part[1]})" if part[1] > 1 else ""

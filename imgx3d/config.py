@@ -463,6 +463,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def infer_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``infer.key=value`` strings (``imgx3d predict``'s) as checked values of :class:`InferConfig`'s
+    fields, by field name; any other key is a one-line error naming the ones it takes."""
+    hints = typing.get_type_hints(InferConfig)
+    values = {}
+    for key, value in parse_overrides(overrides):
+        name = key.removeprefix("infer.")
+        if not key.startswith("infer.") or name not in hints:
+            raise ConfigError(f"override '{key}': predict takes infer.* keys only ({', '.join(sorted(hints))})")
+        values[name] = coerce(value, hints[name], key)
+    return values
+
+
 def merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``child`` into ``base``; a ``method`` section naming another method replaces the base's
     whole (keys differ per method), one naming the same method (or none) merges key by key."""

@@ -103,3 +103,15 @@ def test_a_saved_config_is_complete_and_rebuilds_the_same_method(tmp_path):
     torch.manual_seed(0)
     again = build_method(load_config(tmp_path / "config.yaml").method, 3, 1).state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_predict_takes_checked_infer_overrides_only():
+    from imgx3d.config import infer_overrides
+
+    assert infer_overrides(["infer.tta_flips=[0,1]", "infer.overlap=0.25", "infer.streaming=on"]) == {
+        "tta_flips": [0, 1], "overlap": 0.25, "streaming": "on"}
+    assert infer_overrides(["infer.streaming=off"]) == {"streaming": "off"}  # YAML 1.1's boolean, read as the choice
+    with pytest.raises(ConfigError, match="predict takes infer.* keys only"):
+        infer_overrides(["train.max_steps=3"])
+    with pytest.raises(ConfigError, match="'infer.tta_flips\\[0\\]' must be one of 0, 1, 2"):
+        infer_overrides(["infer.tta_flips=[3]"])
