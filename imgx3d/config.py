@@ -476,6 +476,18 @@ def infer_overrides(overrides: list[str]) -> dict[str, Any]:
     return values
 
 
+def infer_with(infer: InferConfig, changes: dict[str, Any]) -> InferConfig:
+    """``infer`` with ``changes`` (field name → value), each checked as its config key ``infer.<name>``."""
+    hints = typing.get_type_hints(InferConfig)
+    unknown = sorted(set(changes) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown inference setting '{unknown[0]}'; settings: {', '.join(sorted(hints))}")
+    changed = dataclasses.replace(infer, **{k: coerce(list(v) if isinstance(v, tuple) else v, hints[k], f"infer.{k}")
+                                           for k, v in changes.items()})
+    validate_infer(changed)
+    return changed
+
+
 def merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``child`` into ``base``; a ``method`` section naming another method replaces the base's
     whole (keys differ per method), one naming the same method (or none) merges key by key."""

@@ -37,7 +37,7 @@ from imgx3d.config import (
     InferConfig,
     SliceConfig,
     TrackingConfig,
-    validate_infer,
+    infer_with,
 )
 from imgx3d.data.geometry import ModelCase, class_map, to_model, to_native
 from imgx3d.data.io import Volume, is_image_path
@@ -70,34 +70,30 @@ from imgx3d.resources import (
 )
 
 
-@dataclass(frozen=True)
-class InferSettings:
-    """How a predictor runs: the run's ``infer:`` config, overridden by the caller, plus the device.
+def _settings_from_config(cls: type, infer: InferConfig, device: str = "auto", **overrides: Any) -> Any:
+    """``infer`` with ``overrides`` (None values ignored; each checked as the config key ``infer.<name>``)."""
+    changed = infer_with(infer, {k: v for k, v in overrides.items() if v is not None})
+    values = dataclasses.asdict(changed)
+    return cls(device=device or "auto", **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
-    Immutable: a changed setting is a new object (``dataclasses.replace``), never an edit of the
-    run's config. Fields as :class:`~imgx3d.config.InferConfig`, and ``device`` (``auto``, ``cpu``,
-    ``cuda[:i]``).
-    """
 
-    device: str = "auto"
-    roi_size: tuple[int, ...] = ()
-    overlap: float = 0.5
-    sw_batch_size: int = 4
-    blend: str = "gaussian"
-    tta_flips: tuple[int, ...] = ()
-    tta_shifts: int = 1
-    streaming: str = "auto"
-    streaming_above_gib: float = 1.0
-    precision: str = "auto"
-    postprocess: bool = True
+def _settings_fields() -> list[tuple[str, Any, Any]]:
+    """``device``, then every :class:`~imgx3d.config.InferConfig` field with its default (lists as tuples)."""
+    fields: list[tuple[str, Any, Any]] = [("device", str, dataclasses.field(default="auto"))]
+    for f in dataclasses.fields(InferConfig):
+        default = f.default if f.default is not dataclasses.MISSING else tuple(f.default_factory())
+        fields.append((f.name, Any, dataclasses.field(default=default)))
+    return fields
 
-    @classmethod
-    def from_config(cls, infer: InferConfig, device: str = "auto", **overrides) -> "InferSettings":
-        """``infer`` with ``overrides`` (None values ignored), checked like the config itself."""
-        changed = dataclasses.replace(infer, **{k: v for k, v in overrides.items() if v is not None})
-        validate_infer(changed)
-        values = dataclasses.asdict(changed)
-        return cls(device=device or "auto", **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+# How a predictor runs: the run's ``infer:`` config, overridden by the caller, plus ``device``
+# (``auto``, ``cpu``, ``cuda[:i]``). Its fields are made from InferConfig's, so a setting has one
+# home (its default and its documentation there); immutable: a changed setting is a new object
+# (``dataclasses.replace``), never an edit of the run's config.
+InferSettings = dataclasses.make_dataclass(
+    "InferSettings", _settings_fields(), frozen=True,
+    namespace={"from_config": classmethod(_settings_from_config), "__module__": __name__,
+               "__doc__": "How a predictor runs: InferConfig's fields (lists as tuples) and ``device``."})
 
 
 @dataclass(frozen=True)
