@@ -73,6 +73,17 @@ class SliceConfig:
     predict_batch: int = 16
 
 
+# The data keys that say how a dataset is read (its files, classes and channels): a dataset's
+# fingerprint depends on them, and a plan never decides them.
+READING_KEYS = ("mode", "layout", "channels", "label_pattern", "image_dir", "label_dir", "labels", "mask_threshold",
+                "label_map", "color")
+# The data keys that define a run's model space (preprocessing, grid, patch, slices): runs ensemble
+# only when they agree, and an exported model records them.
+MODEL_SPACE_KEYS = ("mode", "channels", "labels", "mask_threshold", "label_map", "color", "preset", "crop_air",
+                    "crop_margin", "ct_window", "mri_norm", "mri_nonzero", "mri_percentiles", "spacing", "patch_size",
+                    "slices")
+
+
 @dataclass
 class DataConfig:
     """Dataset layout, preprocessing and training crops.

@@ -4,7 +4,8 @@ memory-bounded streaming window (``windows``); batch prediction over files and f
 locks, read-ahead and atomic writes (``folder``).
 
 May import: ``data``, ``methods``, ``evaluation.plots`` (contour overlays of predictions),
-``evaluation.metrics`` (the learned postprocessing scores candidates) and the top-level ``config``,
+``evaluation.metrics`` (the learned postprocessing scores candidates), ``evaluation.uncertainty`` (the
+per-case score of the uncertainty maps) and the top-level ``config``,
 ``checkpoint``, ``errors``, ``files``, ``tracking``, ``resources``, ``interrupts``, ``progress``.
 Never the trainer: training imports inference, not the other way round.
 """

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from imgx3d.checkpoint import Checkpoint
+from imgx3d.config import MODEL_SPACE_KEYS
 from imgx3d.errors import CheckpointError, InputError
 from imgx3d.files import atomic_write, atomic_write_text
-from imgx3d.inference.predictor import MODEL_SPACE_KEYS, ensemble_postprocessing, load_checkpoints
+from imgx3d.inference.predictor import ensemble_postprocessing, load_checkpoints
 from imgx3d.methods.base import WindowSegmenter, method_from_checkpoint
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}

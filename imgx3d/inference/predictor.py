@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from imgx3d.checkpoint import Checkpoint, load_checkpoint
 from imgx3d.config import (
+    MODEL_SPACE_KEYS,
     Config,
     DataConfig,
     InferConfig,
@@ -245,11 +246,6 @@ def _not_a_segmenter(method: Method, source: Path) -> CheckpointError:
 
 
 # The data settings that define a run's model space and window: runs ensembled together must agree on them.
-MODEL_SPACE_KEYS = ("mode", "channels", "labels", "mask_threshold", "label_map", "color", "preset", "crop_air",
-                    "crop_margin", "ct_window", "mri_norm", "mri_nonzero", "mri_percentiles", "spacing", "patch_size",
-                    "slices")
-
-
 def check_ensemble(checkpoints: list[Checkpoint]) -> None:
     """Refuse, in one line, runs that cannot be averaged: other classes, channels, dimensionality or
     data settings (the model space their probabilities live in)."""

@@ -34,10 +34,9 @@ def parse_budget(text: str) -> float:
 
 
 def reading_config(tree: dict[str, Any] | None = None, overrides: list[str] | None = None) -> DataConfig:
-    """How to read a dataset (:data:`~imgx3d.planning.fingerprint.READING_KEYS`: layout, channel files,
+    """How to read a dataset (:data:`~imgx3d.config.READING_KEYS`: layout, channel files,
     labels) as a config tree and ``key=value`` overrides say; every other key is left to the plan."""
-    from imgx3d.config import from_dict, parse_overrides, set_dotted
-    from imgx3d.planning.fingerprint import READING_KEYS
+    from imgx3d.config import READING_KEYS, from_dict, parse_overrides, set_dotted
 
     given = copy.deepcopy(tree or {})
     for key, value in parse_overrides(overrides or []):

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from imgx3d.config import DataConfig
+from imgx3d.config import READING_KEYS, DataConfig
 from imgx3d.data.catalog import Catalog, find_cases
 from imgx3d.data.geometry import grid_map, reorient
 from imgx3d.data.io import read_label
@@ -37,10 +37,6 @@ CT_NAMES = ("ct", "computed tomography")
 HU_AIR, HU_TISSUE = -500.0, 100.0  # a CT channel's foreground spans below the first and above the second
 # The data keys that say how to read a dataset (its layout, channel files, labels): the user's to set, never
 # planned; the fingerprint is measured with them and a plan carries them.
-READING_KEYS = ("mode", "layout", "channels", "label_pattern", "image_dir", "label_dir", "labels", "mask_threshold",
-                "label_map", "color")
-
-
 @dataclass
 class CaseStats:
     """One case in model space (RAS axis order)."""
@@ -88,7 +84,7 @@ class Fingerprint:
     classes: list[ClassStats]
     version: int = FINGERPRINT_VERSION
     files: dict[str, list[float]] = field(default_factory=dict)  # path → [size, mtime]: the cache key
-    reading: dict[str, Any] = field(default_factory=dict)  # how the dataset was read (READING_KEYS): in the key too
+    reading: dict[str, Any] = field(default_factory=dict)  # how the dataset was read (config.READING_KEYS): in the key too
 
     @property
     def spacings(self) -> np.ndarray:
