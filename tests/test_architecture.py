@@ -77,3 +77,27 @@ def test_packages_and_top_level_modules_import_one_another_without_a_loop():
     for unit in sorted(edges):
         visit(unit, [])
     assert {"config", "files", "registry", "checkpoint"} <= set(edges)  # the bottom layer is seen
+
+
+def test_every_discovered_method_keeps_the_registry_contract():
+    """Each method module is found without a list to edit, and each registered method is complete: its name
+    is its config's default name, its config is a MethodConfig, its plan a TrainingPlan, and a trained run
+    of it can do something (at least one role)."""
+    import dataclasses
+    import pkgutil
+
+    import imgx3d.methods
+    from imgx3d.config import MethodConfig
+    from imgx3d.methods.base import Codec, Generator, Method, Segmenter, SelfValidating, TrainingPlan
+    from imgx3d.registry import METHODS, discover, method_class
+
+    discover()
+    modules = {m.name for m in pkgutil.iter_modules(imgx3d.methods.__path__)} - {"base", "masks"}
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in METHODS.values()} == modules, "a module registers nothing"
+    for name, cls in METHODS.items():
+        assert method_class(name) is cls and issubclass(cls, Method)
+        assert issubclass(cls.Config, MethodConfig) and dataclasses.is_dataclass(cls.Config)
+        assert cls.Config().name == name, f"{name}: its config's default name is {cls.Config().name!r}"
+        assert cls.spatial_dims in (2, 3) and isinstance(cls.plan, TrainingPlan)
+        roles = [role for role in (Segmenter, Generator, Codec, SelfValidating) if issubclass(cls, role)]
+        assert roles, f"{name}: a trained run of it has no role"
