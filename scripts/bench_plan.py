@@ -54,7 +54,8 @@ def _plan(args: argparse.Namespace):
     fingerprint_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reading = [f"data.{k}={json.dumps(v)}" for k, v in fp.reading.items()]
-    result, _ = resolve_plan(args.data, "unet", args.budget, "cpu", overrides=reading,
+    clock = [o for o in args.overrides if o.startswith("train.budget_clock=")]  # --parallel: planned on CPU time
+    result, _ = resolve_plan(args.data, "unet", args.budget, "cpu", overrides=reading + clock,
                              cache_dir=plan_folder(args.data) / "bench")
     plan_s = time.perf_counter() - t0
     emit("plan.zero_config.planning_seconds", round(fingerprint_s + plan_s, 1), "s",

@@ -420,3 +420,35 @@ def test_the_step_timer_times_the_step_the_trainer_runs(monkeypatch, setting, au
                              "data.patch_size=[8,8,8]", "data.batch_size=1", f"train.precision={setting}"])
     assert measured_step_seconds("cpu")(cfg) > 0
     assert seen == [(autocast, True)] * 4
+
+
+def test_a_cpu_time_budget_is_planned_on_cpu_time(monkeypatch):
+    """train.budget_clock: cpu (runs sharing a machine) times the candidates on the process's CPU time, which
+    other processes do not inflate; wall time otherwise (and always on a GPU)."""
+    import time
+
+    from imgx3d.planning.planner import planning_clock
+
+    assert planning_clock("cpu", "cpu") is time.process_time
+    assert planning_clock("wall", "cpu") is time.perf_counter
+    monkeypatch.setattr("imgx3d.planning.planner.resolve_device", lambda device: torch.device("cuda"))
+    assert planning_clock("cpu", "cuda") is time.perf_counter
+
+
+def test_resolve_plans_on_the_budget_clock_the_overrides_set(tmp_path, monkeypatch):
+    from imgx3d.planning import planner
+    from imgx3d.planning.resolve import resolve_plan
+    from tests.conftest import write_msd_dataset
+
+    data = write_msd_dataset(tmp_path / "msd")
+    seen = []
+
+    def spy(fp, method, minutes, device, budget_clock="wall"):
+        seen.append(budget_clock)
+        raise KeyboardInterrupt  # stop before any measurement
+
+    monkeypatch.setattr(planner, "plan", spy)
+    for overrides, clock in ((["train.budget_clock=cpu"], "cpu"), ([], "wall")):
+        with pytest.raises(KeyboardInterrupt):
+            resolve_plan(data, "unet", "1m", "cpu", overrides=overrides, cache_dir=tmp_path / "plans")
+        assert seen[-1] == clock

@@ -234,8 +234,15 @@ def topology(patch: np.ndarray, spacing: np.ndarray) -> tuple[list[list[int]], l
     return strides, kernels, rounded
 
 
-def measured_step_seconds(device: str) -> StepTimer:
-    """A :data:`StepTimer` that trains the candidate for a few real steps on random tensors.
+def planning_clock(budget_clock: str, device: str) -> Callable[[], float]:
+    """The clock candidates are timed on: the run's budget clock (``train.budget_clock``: ``cpu`` is this
+    process's CPU time, the same whatever else runs on the machine), wall time on a GPU."""
+    return time.process_time if budget_clock == "cpu" and resolve_device(device).type != "cuda" else time.perf_counter
+
+
+def measured_step_seconds(device: str, clock: Callable[[], float] = time.perf_counter) -> StepTimer:
+    """A :data:`StepTimer` that trains the candidate for a few real steps on random tensors, timed by
+    ``clock`` (see :func:`planning_clock`).
 
     On CUDA the candidate's peak memory is measured too: one that needs more than
     :data:`GPU_MEMORY_SHARE` of the memory free when planning, or runs out of memory, raises
@@ -277,7 +284,7 @@ def measured_step_seconds(device: str) -> StepTimer:
         main_stage = sum(stage.steps or 0 for stage in method.plan.stages[:-1])  # after a codec-first stage
         seconds = []
         for step in range(main_stage, main_stage + 4):  # the first is a warm-up (allocations, cuDNN autotuning)
-            t0 = time.perf_counter()
+            t0 = clock()
             with autocast(dev, precision):
                 loss = sum(v for k, v in method.training_step(batch, step).items() if k.startswith("loss/"))
             loss.backward()
@@ -285,13 +292,13 @@ def measured_step_seconds(device: str) -> StepTimer:
             optimizer.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            seconds.append(time.perf_counter() - t0)
+            seconds.append(clock() - t0)
         return float(np.median(seconds[1:]))
 
     return timer
 
 
-def measured_pass_seconds(device: str) -> PassTimer:
+def measured_pass_seconds(device: str, clock: Callable[[], float] = time.perf_counter) -> PassTimer:
     """A :data:`PassTimer` that predicts a random model-space image with the candidate's untrained network by
     the rules ``imgx3d predict`` follows (windows, precision; no TTA) and times it: on a crop of two window
     batches (3D) or one slice batch (2D), the second of two runs, scaled to the batches of the whole image —
@@ -306,9 +313,9 @@ def measured_pass_seconds(device: str) -> PassTimer:
         image = torch.randn(1, *crop)
         seconds = []
         for _ in range(2):  # the first pays for allocations and kernel choices
-            t0 = time.perf_counter()
+            t0 = clock()
             predictor.model_space_classes(image)
-            seconds.append(time.perf_counter() - t0)
+            seconds.append(clock() - t0)
         return seconds[-1] * batches / crop_batches
 
     return timer
@@ -335,29 +342,34 @@ def _pass_crop(cfg: Config, shape: tuple[int, ...]) -> tuple[tuple[int, ...], in
 
 
 def plan(fp: Fingerprint, method: str = "unet", budget_minutes: float = 30.0, device: str = "auto",
-         step_timer: StepTimer | None = None, pass_timer: PassTimer | None = None) -> Plan:
+         step_timer: StepTimer | None = None, pass_timer: PassTimer | None = None,
+         budget_clock: str = "wall") -> Plan:
     """The plan of ``method`` for the dataset ``fp`` describes, fitted to ``budget_minutes`` of training.
 
     Args:
         step_timer: seconds per step of a candidate config (default: measured on ``device``).
         pass_timer: seconds of one prediction pass (default: measured on ``device``; with a ``step_timer``
             given and no ``pass_timer``, prediction is taken as free).
+        budget_clock: what the budget counts (``train.budget_clock``): the measurements and the planning
+            time subtracted from the budget are on that clock (:func:`planning_clock`).
     """
-    return plan_methods(fp, [method], budget_minutes, device, step_timer, pass_timer)[method]
+    return plan_methods(fp, [method], budget_minutes, device, step_timer, pass_timer, budget_clock)[method]
 
 
 def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30.0, device: str = "auto",
-                 step_timer: StepTimer | None = None, pass_timer: PassTimer | None = None) -> dict[str, Plan]:
+                 step_timer: StepTimer | None = None, pass_timer: PassTimer | None = None,
+                 budget_clock: str = "wall") -> dict[str, Plan]:
     """The plans of several methods from **one** U-Net plan and budget measurement, so that a
     comparison of them shares the split, data section, budget and (3D) topology by construction."""
-    started = time.perf_counter()
+    clock = planning_clock(budget_clock, device)
+    started = clock()
     if pass_timer is None:
-        pass_timer = measured_pass_seconds(device) if step_timer is None else (lambda cfg, shape: 0.0)
-    plans = _plan_methods(fp, methods, budget_minutes, device, step_timer)
+        pass_timer = measured_pass_seconds(device, clock) if step_timer is None else (lambda cfg, shape: 0.0)
+    plans = _plan_methods(fp, methods, budget_minutes, device, step_timer, clock)
     for result in plans.values():
         for candidate in [result, *result.rivals.values()]:
             _plan_prediction(candidate, fp, budget_minutes, pass_timer)
-    planning_minutes = (time.perf_counter() - started) / 60
+    planning_minutes = (clock() - started) / 60
     for result in plans.values():
         for candidate in [result, *result.rivals.values()]:
             _fit_whole_run(candidate, fp, budget_minutes, planning_minutes)
@@ -425,13 +437,13 @@ def _fit_whole_run(result: Plan, fp: Fingerprint, budget_minutes: float, plannin
 
 
 def _plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float, device: str,
-                  step_timer: StepTimer | None) -> dict[str, Plan]:
+                  step_timer: StepTimer | None, clock: Callable[[], float] = time.perf_counter) -> dict[str, Plan]:
     """The plans, before prediction is priced (see :func:`plan_methods`)."""
     base = Plan({"dataset": fp.dataset, "seed": 0, "method": {"name": "unet"}, "data": copy.deepcopy(fp.reading)})
     _plan_data(base, fp)
-    measured_on = (f"{resolve_device(device)}, {torch.get_num_threads()} threads" if step_timer is None
-                   else "a given step timer")
-    step_timer = step_timer or measured_step_seconds(device)
+    measured_on = (f"{resolve_device(device)}, {torch.get_num_threads()} threads"
+                   + (", CPU time" if clock is time.process_time else "") if step_timer is None else "a given step timer")
+    step_timer = step_timer or measured_step_seconds(device, clock)
     if fp.reading.get("mode") == "image":  # 2D images: one-slice volumes, planned as slices from the start
         _plan_training(base, budget_minutes)
         base = _slice_unet(base, fp, 2, "2D images", budget_minutes, step_timer)

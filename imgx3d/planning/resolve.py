@@ -48,7 +48,9 @@ def resolve_plan(data: str | Path, method: str | None = None, budget: str | floa
     method = method or (given.get("method") or {}).get("name") or "unet"
     minutes = parse_budget(budget) if isinstance(budget, str) else float(budget)
     fp = fingerprint(data, reading_config(given, overrides), cache_dir=cache_dir or plan_folder(data))
-    result = plan(fp, method, minutes, device)
+    # a CPU-time budget (train.budget_clock: cpu, for runs sharing a machine) is planned on CPU time too
+    clock = dict(parse_overrides(overrides)).get("train.budget_clock") or (given.get("train") or {}).get("budget_clock")
+    result = plan(fp, method, minutes, device, budget_clock=clock or "wall")
     if config_file:  # the file's own keys, not a plan it extends (made for another machine or budget)
         result.override(load_yaml(config_file, above_plans=True), f"set by {config_file}")
     if overrides:

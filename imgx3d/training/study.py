@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgx3d.config import load_config, load_yaml
+from imgx3d.config import load_config, load_yaml, parse_overrides
 from imgx3d.errors import ConfigError
 from imgx3d.evaluation.compare import write_comparison
 from imgx3d.evaluation.records import Comparison
@@ -114,7 +114,8 @@ def _plans(data: str | Path, methods: list[str], study_dir: Path, budget_minutes
     missing = [m for m, f in files.items() if not f.is_file()]
     if missing:
         fp = fingerprint(data, reading_config(None, overrides), cache_dir=folder)
-        for method, result in plan_methods(fp, missing, budget_minutes, device).items():
+        clock = dict(parse_overrides(overrides)).get("train.budget_clock") or "wall"
+        for method, result in plan_methods(fp, missing, budget_minutes, device, budget_clock=clock).items():
             print("\n".join([f"study: plan of {method}", *("  " + line for line in result.explain())]))
             for name, rival in result.rivals.items():  # written first: the method's own file marks the plans done
                 atomic_write_text(folder / f"{method}.{name}.yaml", rival.to_yaml())
