@@ -5,7 +5,7 @@ model-space windows ``(B, C, *roi)`` (batch size free). Everything around it —
 reorientation, resampling to the run's spacing, intensity normalisation, the sliding window,
 the way back to the native grid, the learned postprocessing — is described in
 ``imgx3d_export.json`` beside it, so that MONAI's ``sliding_window_inference`` (or any runtime)
-can reproduce :class:`~imgx3d.inference.predictor.Predictor` (README: "Models that leave imgx3d").
+can reproduce :class:`~imgx3d.inference.predictor.Predictor` (docs/user-guide.md: "Models that leave imgx3d").
 
 Only methods whose prediction is one network pass per window (:class:`WindowSegmenter`: the
 U-Net) can be exported; a diffusion method's prediction is a sampling loop around its network,
