@@ -53,7 +53,7 @@ def train_folds(cfg: Config, data_root: str | Path, folds: int, which: list[int]
     for k in which:
         folder = fold_dir(base, k)
         if (folder / RESULT_FILE).is_file():
-            print(f"cross-validation: fold {k} of {folds} finished earlier ({folder}), skipped", flush=True)
+            print(f"cross-validation: fold {k} finished earlier ({folder}), skipped ({folds} folds in all)", flush=True)
             continue
         resume = folder if (folder / "last.pt").is_file() else None
         print(f"cross-validation: {'resuming' if resume else 'training'} fold {k} of {folds} in {folder}", flush=True)
