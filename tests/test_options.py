@@ -124,7 +124,7 @@ def test_validation_predicts_without_shifts_and_streaming_warns_that_it_skips_th
     assert predictor.settings.tta_shifts == 2
     seen = []
     real = infer.predict_probabilities
-    monkeypatch.setattr(infer, "predict_probabilities", lambda *a, **k: seen.append(a[3:]) or real(*a, **k))
+    monkeypatch.setattr(infer, "predict_probabilities", lambda *a, **k: seen.append(a[3:6]) or real(*a, **k))
     predictor.model_space_classes(_ramp())
     assert seen == [((), cfg.data.slices, 1)], "validation during training: no mirrors, no shifts"
     with pytest.warns(UserWarning, match="infer.tta_shifts .2. is not applied by the streaming window"):
@@ -149,9 +149,9 @@ def test_predict_tta_flags_mirror_over_all_three_axes_and_shift(run, tmp_path, m
     seen, shifts = [], []
     real = infer.predict_probabilities
     monkeypatch.setattr(infer, "predict_probabilities",
-                        lambda method, image, window, tta_flips=(), slices=None, tta_shifts=1:
+                        lambda method, image, window, tta_flips=(), slices=None, tta_shifts=1, spread=None:
                         seen.append(list(tta_flips)) or shifts.append(tta_shifts)
-                        or real(method, image, window, tta_flips, slices, tta_shifts))
+                        or real(method, image, window, tta_flips, slices, tta_shifts, spread))
     folder, data = run
     image = data / "imagesTr" / "case_0.nii.gz"
     assert main(["predict", "--run", str(folder), "--input", str(image), "--output", str(tmp_path / "a")]) == 0
@@ -420,7 +420,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("override, key", BAD_VALUES, ids=[k for _, k in BAD_VALUES])
 def test_out_of_range_config_values_name_their_key(override, key):
-    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}(\\[\\d+\\])?'"):  # a list's item by index
         load_config(None, [override])
 
 
