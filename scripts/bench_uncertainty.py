@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=0, help="ImgX's method.num_samples (0: the run's own)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-uncertainty"))
+    parser.add_argument("--cases", type=int, default=0, help="the first N test cases only (0: all)")
     args = parser.parse_args()
     emit("uncertainty.setup", None, "", machine=machine(), sources=args.source, samples=args.samples)
     for source in args.source:
@@ -57,24 +58,25 @@ def main() -> int:
         checkpoints = [checkpoint_with_samples(r, args.samples) for r in run_dirs]
         predictor = Predictor.from_checkpoints(checkpoints, device=args.device)
         split = Split(**json.loads((run_dirs[0] / "split.json").read_text(encoding="utf-8")))
+        test = split.test[:args.cases] if args.cases else split.test
         catalog = find_cases(args.data, predictor.config.data)
         cases = catalog.by_id()
         out = args.out / name
         refs = out / "references"
         refs.mkdir(parents=True, exist_ok=True)
-        for case_id in split.test:  # the references under the predictions' names
+        for case_id in test:  # the references under the predictions' names
             link = refs / f"{case_id}.nii.gz"
             if not link.exists():
                 link.symlink_to(Path(cases[case_id].label).resolve())
         inputs = out / "images"
         inputs.mkdir(exist_ok=True)
-        for case_id in split.test:
+        for case_id in test:
             link = inputs / f"{case_id}.nii.gz"
             if not link.exists():
                 link.symlink_to(Path(cases[case_id].images[0]).resolve())
         t0 = time.perf_counter()
         predict_to_folder(predictor, [inputs], out / "predictions", probabilities=True, uncertainty=True)
-        seconds = (time.perf_counter() - t0) / len(split.test)
+        seconds = (time.perf_counter() - t0) / len(test)
         rows, summary = evaluate_folders(out / "predictions", refs, catalog.labels, out / "predictions",
                                          data_cfg=predictor.config.data)
         result = evaluate_uncertainty_folders(out / "predictions", refs, out / "predictions", rows,
