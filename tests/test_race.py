@@ -110,8 +110,8 @@ def _fixed_timer(monkeypatch):
     """Measured step times made deterministic, so two plans of the same inputs are equal."""
     from imgx3d.planning import planner
 
-    monkeypatch.setattr(planner, "measured_step_seconds", lambda device: (lambda cfg: 0.05))
-    monkeypatch.setattr(planner, "measured_pass_seconds", lambda device: (lambda cfg, shape: 0.01))
+    monkeypatch.setattr(planner, "measured_step_seconds", lambda device, clock=None: (lambda cfg: 0.05))
+    monkeypatch.setattr(planner, "measured_pass_seconds", lambda device, clock=None: (lambda cfg, shape: 0.01))
 
 
 def test_the_cli_and_the_python_api_resolve_the_same_config(tmp_path, monkeypatch):
