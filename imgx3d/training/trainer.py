@@ -201,6 +201,7 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; disabled (a no-op) for every other precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.state = TrainState()
+        self._bar: Any = None  # the progress bar while fit runs (validation lines print above it)
         # its state (weights and counters) is saved in last.pt, so a resume continues the average
         # bit for bit; one update after each optimisation step
         self.ema = WeightAverage(method, cfg.train.ema) if cfg.train.ema > 0 else None
@@ -488,7 +489,7 @@ class Trainer:
                 self.save("best.pt", weights_only=True)
             else:
                 self.state.bad_validations += 1
-            say(validation_line(self.state, metrics, labels, improved), getattr(self, "_bar", None))
+            say(validation_line(self.state, metrics, labels, improved), self._bar)
         elif self.dist.is_main:  # no validation cases: the latest weights are the ones to use
             self.state.best_step = self.state.step
             self.save("best.pt", weights_only=True)
