@@ -20,7 +20,7 @@ TotalSegmentator example, gets its plan and planning time only).
 
 Usage:
     python scripts/bench_plan.py --data ../shared/data/hippocampus --hand-config OLD.yaml [--budget 30]
-        [--parallel] [--plan-only] [key=value ...]
+        [--parallel] [--plan-only] [--only hand|plan] [key=value ...]
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def main() -> None:
                         "budgets (train.budget_clock=cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of each arm (0: torch's default)")
     parser.add_argument("--plan-only", action="store_true", help="plan (timed) without training either arm")
+    parser.add_argument("--only", choices=["hand", "plan"], help="train this arm alone (e.g. the plan again after a "
+                        "planner change, against the hand arm's earlier score on the same split)")
     parser.add_argument("--reading", nargs="*", default=[], help="data.* keys saying how to read the dataset when "
                         "no --hand-config gives them")
     parser.add_argument("--arm", choices=["hand", "plan"], help=argparse.SUPPRESS)
@@ -143,13 +145,13 @@ def main() -> None:
         args.threads, args.overrides = 1, ["train.budget_clock=cpu", *args.overrides]
     emit("plan.setup", None, "", machine=machine(), budget_minutes=args.budget, data=args.data,
          hand_config=args.hand_config, parallel=args.parallel, threads=args.threads, overrides=args.overrides)
-    arms = ["plan"] if args.plan_only or not args.hand_config else ["hand", "plan"]
+    arms = ["plan"] if args.plan_only or not args.hand_config else [args.only] if args.only else ["hand", "plan"]
     plan_file = Path(tempfile.mkdtemp(prefix="bench-plan-")) / "plan.yaml"
     common = ["--plan-file", str(plan_file), "--data", args.data, "--budget", str(args.budget),
               "--experiment", args.experiment, "--threads", str(args.threads), *(["--hand-config", args.hand_config] if args.hand_config else []),
               *(["--plan-only"] if args.plan_only else []), *(["--reading", *args.reading] if args.reading else [])]
     procs = []
-    if args.parallel and not args.plan_only:  # plan alone first: timed while no arm trains beside it
+    if args.parallel and not args.plan_only and "plan" in arms:  # plan alone first: timed while no arm trains beside it
         planning = subprocess.run([sys.executable, __file__, "--arm", "plan", "--plan-only", *common],
                                   stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
         print(planning.stdout, end="", flush=True)

@@ -164,9 +164,9 @@ def test_train_image_without_a_config_plans_and_trains_a_2d_unet(tmp_path, monke
 def test_tta_is_dropped_until_a_case_predicts_within_its_share_of_the_budget():
     """Shifts go first, then mirrors; the seconds per case and the whole run's minutes are planned from the
     measured pass, so planning, training and what follows keep to the budget."""
-    from imgx3d.planning.planner import PREDICT_SHARE, plan
+    from imgx3d.planning.planner import PREDICT_SHARE, PREDICT_TOTAL_SHARE, plan
 
-    fp = _fingerprint([35, 50, 36], [1.0] * 3, cases=40)
+    fp = _fingerprint([35, 50, 36], [1.0] * 3, cases=10)  # 2 test cases, 1 validation case
     cheap = plan(fp, "unet", 20.0, step_timer=lambda cfg: 0.05, pass_timer=lambda cfg, shape: 0.05)
     assert (cheap.config().infer.tta_flips, cheap.config().infer.tta_shifts) == ([0, 1, 2], 2)
     assert cheap.planned["predict_seconds_per_case"] == pytest.approx(0.05 * 8 * 2)
@@ -175,9 +175,19 @@ def test_tta_is_dropped_until_a_case_predicts_within_its_share_of_the_budget():
     cfg = costly.config()
     assert (cfg.infer.tta_flips, cfg.infer.tta_shifts) == ([0], 1), "2 passes of a third of the limit fit, 4 do not"
     assert costly.planned["predict_seconds_per_case"] == pytest.approx(2 * limit / 3)
-    # 40 cases: 8 test, 3 validation; after training: 3 passes + 11 cases x 2 passes of 4 s = 100 s
-    assert cfg.train.max_minutes == pytest.approx(20.0 - 100 / 60, abs=0.02)
+    # after training: 1 validation pass + 3 cases x 2 passes of 4 s = 28 s
+    assert cfg.train.max_minutes == pytest.approx(20.0 - 28 / 60, abs=0.02)
     assert any(d.key == "planned.predict_seconds_per_case" for d in costly.decisions)
+
+    # 40 cases (8 test, 3 validation): 11 cases of 2 passes and 3 of 1 would take 100 s, over 5 % of the budget
+    # (60 s), though each case is within its 12 s: one pass a case (3 x 4 + 11 x 4 = 56 s)
+    many = plan(_fingerprint([35, 50, 36], [1.0] * 3, cases=40), "unet", 20.0, step_timer=lambda cfg: 0.05,
+                pass_timer=lambda cfg, shape: limit / 3)
+    cfg = many.config()
+    assert (cfg.infer.tta_flips, cfg.infer.tta_shifts) == ([], 1)
+    assert cfg.train.max_minutes == pytest.approx(20.0 - 56 / 60, abs=0.02)
+    reason = next(d.reason for d in many.decisions if d.key == "planned.predict_seconds_per_case")
+    assert f"{PREDICT_TOTAL_SHARE:.0%} of the budget for the 3 validation and 8 test cases" in reason
 
 
 def test_axes_along_which_classes_keep_their_order_are_not_mirrored():
