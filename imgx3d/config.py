@@ -219,6 +219,9 @@ class TrainConfig:
         checkpoint_every: write ``last.pt`` every N steps (also at every validation).
         log_every: when the output is not a terminal, a progress line every N steps; 0 (default): one
             every ~30 s (on a terminal a progress bar shows instead).
+        test_uncertainty: score the test split's uncertainty beside its Dice (calibration error, error AUC,
+            Spearman correlation with Dice; :mod:`imgx3d.evaluation.uncertainty`), logged for ``imgx3d
+            compare``; cases that stream or whose whole-volume maps would not fit are left out.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
     """
 
@@ -245,6 +248,7 @@ class TrainConfig:
     patience: int = 0
     checkpoint_every: int = 200
     log_every: int = 0
+    test_uncertainty: bool = True
     device: str = "auto"
 
     def precision_setting(self) -> str:

@@ -76,6 +76,7 @@ def test_cli_train_predict_evaluate_with_mlflow(msd_dataset, tmp_path, capsys):
     run = MlflowClient("sqlite:///mlflow.db").get_run(run_id)
     assert run.data.tags["method"] == "unet" and run.info.status == "FINISHED"
     assert "val/dice_mean" in run.data.metrics and "test/dice_mean" in run.data.metrics
+    assert {"test/uncertainty/ece", "test/uncertainty/error_auc"} <= set(run.data.metrics), "what compare shows"
     artifacts = {a.path for a in MlflowClient("sqlite:///mlflow.db").list_artifacts(run_id)}
     assert {"config.yaml", "split.json", "checkpoint", "test_metrics"} <= artifacts
 

@@ -111,3 +111,37 @@ def test_overlay_montage_picks_slices_with_foreground(tmp_path):
     assert reds.sum() > 50, "the prediction's contour is drawn"
     flat = overlay_montage(image[..., :1], pred[..., 12:13], {1: "a"}, tmp_path / "flat.png")
     assert Image.open(flat).size[0] > 100
+
+
+def test_uncertainty_scores_are_compared_beside_dice():
+    """Runs that logged test/uncertainty/* get the three columns (calibration error and the Spearman
+    correlation best when lowest, error AUC when highest); a run without them shows n/a."""
+    base = list(np.linspace(0.7, 0.9, 10))
+    tta = record("unet_tta", "unet", base, 0.8)
+    tta.uncertainty = {"ece": 0.008, "error_auc": 0.9773, "spearman_dice": -0.11}
+    imgx = record("imgx", "imgx", base, 0.8)
+    imgx.uncertainty = {"ece": 0.0095, "error_auc": 0.9838, "spearman_dice": 0.14}
+    plain = record("old", "unet", base, 0.8)
+    result = compare([tta, imgx, plain])
+    assert result.columns.index("ece") < result.columns.index("seconds_per_volume")
+    assert [r["ece"] for r in result.rows][:2] == [0.008, 0.0095] and math.isnan(result.rows[2]["ece"])
+    lines = {line.split(" | ")[0].strip("| "): line for line in to_markdown(result).splitlines()[:5]}
+    assert "**0.0080**" in lines["unet_tta"] and "**-0.1100**" in lines["unet_tta"]
+    assert "**0.9838**" in lines["imgx"] and "n/a" in lines["old"]
+    assert "ece" not in compare([plain]).columns, "no run logged them: no columns"
+
+
+def test_overlay_montage_draws_the_uncertainty_below_the_contours(tmp_path):
+    image = np.zeros((32, 32, 20))
+    pred = np.zeros((32, 32, 20), np.int64)
+    pred[8:20, 8:20, 12:16] = 1
+    uncertainty = np.zeros((32, 32, 20))
+    uncertainty[7:21, 7:21, 12:16] = 1.0
+    uncertainty[9:19, 9:19, 12:16] = 0.0  # unsure on the boundary only
+    plain = Image.open(overlay_montage(image, pred, {1: "a"}, tmp_path / "p.png"))
+    both = Image.open(overlay_montage(image, pred, {1: "a"}, tmp_path / "u.png", uncertainty=uncertainty))
+    assert both.size[1] > 1.6 * plain.size[1], "a second row"
+    picture = np.asarray(both.convert("RGB")).astype(int)
+    lower = picture[picture.shape[0] // 2:]
+    bright = (lower[..., 0] > 200) & (lower[..., 1] > 150)  # inferno's top end: pale yellow
+    assert bright.sum() > 100

@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import numpy as np
@@ -74,6 +75,13 @@ def test_training_lowers_the_loss_and_scores_the_test_split(msd_dataset, tmp_pat
     assert result.test_summary["foreground_mean"]["dice"] > 0.3, result.test_summary
     assert result.best_val_dice > 0.3
     assert (tmp_path / "r" / "test_metrics" / "metrics.csv").is_file()
+    # train.test_uncertainty (default): the test split's uncertainty scored beside its Dice
+    scored = json.loads((tmp_path / "r" / "test_metrics" / "uncertainty.json").read_text())
+    assert scored["cases"] == 2 and [r["case"] for r in scored["per_case"]] == sorted(json.loads((tmp_path / "r" / "split.json").read_text())["test"])
+    assert 0.5 < scored["error_auc"] <= 1.0, "the entropy finds the errors better than chance"
+    assert 0.0 <= scored["ece"] < 0.5
+    assert result.test_summary["uncertainty"]["error_auc"] == scored["error_auc"]
+    assert "uncertainty (2 cases): calibration error" in (tmp_path / "r" / "test_metrics" / "table.txt").read_text()
 
 
 def test_lr_schedule_over_steps_or_budget():

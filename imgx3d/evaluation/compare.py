@@ -23,11 +23,13 @@ from scipy.stats import wilcoxon
 
 from imgx3d.errors import Imgx3dError
 from imgx3d.evaluation.records import Comparison, RunRecord
+from imgx3d.evaluation.uncertainty import UNCERTAINTY_METRICS
 from imgx3d.files import atomic_write_text, csv_text
 from imgx3d.tracking import resolve_uri
 
 COMPARISON_TAG = "imgx3d.kind"  # comparison runs carry it and are never compared themselves
-LOWER_IS_BETTER = {"hd95", "seconds_per_volume", "train_minutes", "n_parameters"}
+# the uncertainty's Spearman correlation with Dice is better the more negative: unsure where Dice is low
+LOWER_IS_BETTER = {"hd95", "seconds_per_volume", "train_minutes", "n_parameters", "ece", "spearman_dice"}
 
 
 def _parse_metrics_csv(text: str) -> dict[tuple[str, str], dict[str, float]]:
@@ -79,7 +81,9 @@ def load_runs(uri: str, experiment: str, runs: list[str] | None = None) -> list[
                 n_parameters=float(run.data.params.get("n_parameters", "nan")),
                 best_val_dice=metrics.get("val/best_dice_mean", math.nan),
                 cases=_parse_metrics_csv(Path(path).read_text(encoding="utf-8")),
-                val_curve=sorted((m.step, m.value) for m in history)))
+                val_curve=sorted((m.step, m.value) for m in history),
+                uncertainty={k: metrics[f"test/uncertainty/{k}"] for k in UNCERTAINTY_METRICS
+                             if f"test/uncertainty/{k}" in metrics}))
     if runs:
         missing = [r for r in runs if not any(r in (rec.run_id, rec.name) for rec in records)]
         if missing:
@@ -109,7 +113,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def compare(records: list[RunRecord], metric: str = "dice", reference: str | None = None) -> Comparison:
     """Per-class ``metric`` (mean ± std over test cases), foreground means of Dice / HD95 / NSD,
-    cost columns, and paired per-case tests of every run against ``reference`` (a run id or name;
+    the uncertainty's scores (where any run logged them: calibration error, error AUC, Spearman
+    correlation with Dice), cost columns, and paired per-case tests of every run against ``reference`` (a run id or name;
     default: the first ``unet`` run, else the first run).
 
     Seconds per volume are those the run logged for its own test prediction (on the machine and
@@ -121,8 +126,9 @@ def compare(records: list[RunRecord], metric: str = "dice", reference: str | Non
     if ref is None:
         raise Imgx3dError(f"--reference '{reference}' is not among the compared runs ({', '.join(r.name for r in records)})")
     records = [ref] + [r for r in records if r is not ref]  # the reference is the first row
-    columns = [f"{metric} {c}" for c in classes] + ["dice mean", "hd95 mean", "nsd mean", "seconds_per_volume",
-                                                    "train_minutes", "n_parameters"]
+    uncertainty = [k for k in UNCERTAINTY_METRICS if any(k in r.uncertainty for r in records)]
+    columns = [f"{metric} {c}" for c in classes] + ["dice mean", "hd95 mean", "nsd mean", *uncertainty,
+                                                    "seconds_per_volume", "train_minutes", "n_parameters"]
     rows = []
     for rec in records:
         row: dict[str, object] = {"run": rec.name, "method": rec.method, "run_id": rec.run_id}
@@ -130,6 +136,7 @@ def compare(records: list[RunRecord], metric: str = "dice", reference: str | Non
             row[f"{metric} {c}"] = _mean_std(list(rec.values(metric, c).values()))
         for m in ("dice", "hd95", "nsd"):
             row[f"{m} mean"] = _mean_std(list(rec.case_means(m).values()))
+        row.update({k: rec.uncertainty.get(k, math.nan) for k in uncertainty})
         row.update(seconds_per_volume=rec.seconds_per_volume, train_minutes=rec.train_minutes,
                    n_parameters=rec.n_parameters)
         rows.append(row)
@@ -163,6 +170,8 @@ def _cell(value: object, column: str) -> str:
         return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.3f}"
     if column == "n_parameters":
         return "n/a" if math.isnan(float(value)) else f"{float(value) / 1e6:.2f} M"
+    if column in UNCERTAINTY_METRICS:
+        return "n/a" if math.isnan(float(value)) else f"{float(value):.4f}"
     return "n/a" if math.isnan(float(value)) else f"{float(value):.3f}"
 
 

@@ -170,4 +170,9 @@ def format_table(summary: dict) -> str:
     for name, stats in summary["per_class"].items():
         lines.append(f"{name:<24}" + "".join(f"{stats[m]['mean']:>10.4f} +/- {stats[m]['std']:<5.3f}" for m in metrics))
     lines.append(f"{'foreground mean':<24}" + "".join(f"{summary['foreground_mean'][m]:>18.4f}" for m in metrics))
+    if summary.get("uncertainty"):
+        u = summary["uncertainty"]
+        ece = "n/a" if u.get("ece") is None else f"{u['ece']:.4f}"
+        lines.append(f"uncertainty ({u['cases']} cases): calibration error {ece}, error AUC {u['error_auc']:.4f}, "
+                     f"Spearman of foreground entropy with Dice {u['spearman_dice']:.3f}")
     return "\n".join(lines)

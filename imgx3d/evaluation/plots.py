@@ -87,34 +87,50 @@ def _slice_indices(masks: list[np.ndarray], depth: int, count: int) -> list[int]
 
 
 def overlay_montage(image: np.ndarray, prediction: np.ndarray, labels: dict[int, str], path: Path,
-                    reference: np.ndarray | None = None, count: int = 3, title: str = "") -> Path:
+                    reference: np.ndarray | None = None, count: int = 3, title: str = "",
+                    uncertainty: np.ndarray | None = None) -> Path:
     """A row of slices (last array axis) with the prediction's contours per class (solid) and the
-    reference's (dashed).
+    reference's (dashed); with ``uncertainty``, a second row of the same slices with it as a heat map.
 
     Args:
         image: ``(X, Y, Z)`` intensities on the prediction's grid; a 2D image is ``(rows, columns, 1)``.
         prediction, reference: label maps of the same shape, in class values.
+        uncertainty: the same shape, normalised entropy (0 … 1), e.g. ``predict --uncertainty``'s first map
+            divided by log K.
     """
     flat = image.shape[-1] == 1  # a 2D image: rows down, as the file shows it
     indices = _slice_indices([prediction] + ([reference] if reference is not None else []), image.shape[-1], count)
-    fig = Figure(figsize=(6.4, 6.8) if flat else (3.2 * len(indices), 3.6))
+    rows = 1 if uncertainty is None else 2
+    fig = Figure(figsize=(6.4, 6.8 * rows) if flat else (3.2 * len(indices), 3.6 * rows))
     low, high = np.percentile(image, [1, 99])
+    origin = "upper" if flat else "lower"
+    heat, lower_row = None, []
     for k, z in enumerate(indices):
-        ax = fig.add_subplot(1, len(indices), k + 1)
+        ax = fig.add_subplot(rows, len(indices), k + 1)
         view = (lambda a: a[..., z]) if flat else (lambda a: a[..., z].T)
-        ax.imshow(view(image), cmap="gray", vmin=low, vmax=high, origin="upper" if flat else "lower")
+        ax.imshow(view(image), cmap="gray", vmin=low, vmax=high, origin=origin)
         for i, (value, name) in enumerate((v, n) for v, n in sorted(labels.items()) if v != 0):
             colour = CLASS_COLOURS[i % len(CLASS_COLOURS)]
             for mask, style in ((prediction, "solid"), (reference, "dashed")):
                 if mask is not None and np.any(view(mask) == value):
                     ax.contour(view(mask) == value, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.0,
-                               origin="upper" if flat else "lower")
+                               origin=origin)
             ax.plot([], [], color=colour, label=name)
         ax.set_title(f"slice {z}" if not flat else "", fontsize=8)
         ax.axis("off")
+        if uncertainty is not None:
+            below = fig.add_subplot(rows, len(indices), len(indices) + k + 1)
+            below.imshow(view(image), cmap="gray", vmin=low, vmax=high, origin=origin)
+            shown = np.ma.masked_less(view(uncertainty), 0.02)  # certain voxels leave the image visible
+            heat = below.imshow(shown, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.8, origin=origin)
+            below.set_title("uncertainty" if not flat else "", fontsize=8)
+            below.axis("off")
+            lower_row.append(below)
     handles = fig.axes[0].get_legend_handles_labels()
     if handles[0]:
         fig.legend(*handles, loc="lower center", ncol=min(6, len(handles[0])), fontsize=8, frameon=False)
+    if heat is not None:
+        fig.colorbar(heat, ax=lower_row, shrink=0.7, label="entropy / log K")
     fig.suptitle(title + ("  (solid: prediction, dashed: reference)" if reference is not None else ""), fontsize=9)
     return _save(fig, path)
 

@@ -19,6 +19,8 @@ class RunRecord:
     Attributes:
         cases: per test case and class name, each metric (from ``test_metrics/metrics.csv``).
         val_curve: (step, validation Dice) history.
+        uncertainty: the test split's uncertainty scores the run logged (``ece``, ``error_auc``,
+            ``spearman_dice``; :mod:`imgx3d.evaluation.uncertainty`), empty for runs without them.
     """
 
     run_id: str
@@ -30,6 +32,7 @@ class RunRecord:
     best_val_dice: float
     cases: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    uncertainty: dict[str, float] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:

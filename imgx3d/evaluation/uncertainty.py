@@ -31,6 +31,7 @@ from imgx3d.evaluation.metrics import label_files
 UNCERTAIN = 0.5  # normalised entropy above which a voxel counts as uncertain
 MARGIN = 5  # voxels around the foreground's bounding box that the voxel scores cover
 BINS = 15  # confidence bins of the ECE
+UNCERTAINTY_METRICS = ("ece", "error_auc", "spearman_dice")  # what a run logs (test/uncertainty/...) and compare shows
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,49 @@ def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
 
 
+class UncertaintyScores:
+    """Case by case, what the scores of :func:`evaluate_uncertainty` pool; :meth:`result` computes them.
+
+    Only each case's region of interest is kept (the entropy, the errors and, with probabilities, the
+    confidence and whether it was right), so a test split's worth fits in memory.
+    """
+
+    def __init__(self, class_values: list[int]):
+        self.values = np.asarray(class_values)
+        self.scores: list[np.ndarray] = []
+        self.errors: list[np.ndarray] = []
+        self.confidences: list[np.ndarray] = []
+        self.corrects: list[np.ndarray] = []
+        self.case_entropy: dict[str, float] = {}
+
+    def add(self, case: str, pred: np.ndarray, ref: np.ndarray, entropy_map: np.ndarray,
+            probabilities: np.ndarray | None = None) -> None:
+        """One case: label maps in class values, its entropy map (nats) and, for the ECE, its ``(..., K)``
+        class probabilities (channels in ``class_values`` order)."""
+        roi = region_of_interest(pred, ref)
+        self.scores.append(entropy_map[roi].ravel())
+        self.errors.append((pred != ref)[roi].ravel())
+        if probabilities is not None:
+            probs = probabilities[roi]
+            self.confidences.append(probs.max(-1).ravel())
+            self.corrects.append((self.values[probs.argmax(-1)] == ref[roi]).ravel())
+        self.case_entropy[case] = case_uncertainty(entropy_map, pred != 0, len(self.values), 1.0, 0).foreground_entropy
+
+    def result(self, dice: dict[str, float]) -> dict[str, Any]:
+        """``ece`` (None without probabilities), ``error_auc``, ``spearman_dice`` (per-case foreground entropy
+        against ``dice``, case → mean foreground Dice) and its p value, the number of cases, per-case rows."""
+        rows = [{"case": case, "foreground_entropy": h, "dice": dice.get(case, float("nan"))}
+                for case, h in sorted(self.case_entropy.items())]
+        finite = [r for r in rows if math.isfinite(r["dice"])]
+        rho, p = spearmanr([r["foreground_entropy"] for r in finite], [r["dice"] for r in finite]) \
+            if len(finite) > 2 else (float("nan"), float("nan"))
+        ece = expected_calibration_error(np.concatenate(self.confidences), np.concatenate(self.corrects)) \
+            if self.confidences else None
+        return {"cases": len(rows), "ece": ece,
+                "error_auc": error_auc(np.concatenate(self.scores), np.concatenate(self.errors)),
+                "spearman_dice": float(rho), "spearman_p": float(p), "per_case": rows}
+
+
 def evaluate_uncertainty(cases: dict[str, tuple[np.ndarray, np.ndarray]], dice: dict[str, float], folder: Path,
                          class_values: list[int]) -> dict[str, Any]:
     """Score the uncertainty maps in ``folder`` against the references.
@@ -107,35 +151,20 @@ def evaluate_uncertainty(cases: dict[str, tuple[np.ndarray, np.ndarray]], dice: 
         class_values: the class values in probability-channel order (sorted, background first).
 
     Returns:
-        ``ece`` (None without probability maps), ``error_auc``, ``spearman_dice`` (and its p value),
-        the number of cases, and per-case rows.
+        :meth:`UncertaintyScores.result`.
     """
-    scores, errors, confidences, corrects, rows = [], [], [], [], []
-    values = np.asarray(class_values)
+    scores = UncertaintyScores(class_values)
     for case, (pred, ref) in sorted(cases.items()):
         path = folder / f"{case}_uncertainty.nii.gz"
         if not path.is_file():
             continue
         maps = _load(path)
-        entropy_map = maps[..., 0] if maps.ndim == pred.ndim + 1 else maps
-        roi = region_of_interest(pred, ref)
-        scores.append(entropy_map[roi].ravel())
-        errors.append((pred != ref)[roi].ravel())
         probabilities = folder / f"{case}_probabilities.nii.gz"
-        if probabilities.is_file():
-            probs = _load(probabilities)[roi]  # (..., K)
-            confidences.append(probs.max(-1).ravel())
-            corrects.append((values[probs.argmax(-1)] == ref[roi]).ravel())
-        score = case_uncertainty(entropy_map, pred != 0, len(class_values), 1.0, 0)
-        rows.append({"case": case, "foreground_entropy": score.foreground_entropy, "dice": dice.get(case, float("nan"))})
-    if not rows:
+        scores.add(case, pred, ref, maps[..., 0] if maps.ndim == pred.ndim + 1 else maps,
+                   _load(probabilities) if probabilities.is_file() else None)
+    if not scores.case_entropy:
         raise FileNotFoundError(f"{folder}: no <case>_uncertainty.nii.gz; predict with --uncertainty into it")
-    finite = [r for r in rows if math.isfinite(r["dice"])]
-    rho, p = spearmanr([r["foreground_entropy"] for r in finite], [r["dice"] for r in finite]) \
-        if len(finite) > 2 else (float("nan"), float("nan"))
-    ece = expected_calibration_error(np.concatenate(confidences), np.concatenate(corrects)) if confidences else None
-    return {"cases": len(rows), "ece": ece, "error_auc": error_auc(np.concatenate(scores), np.concatenate(errors)),
-            "spearman_dice": float(rho), "spearman_p": float(p), "per_case": rows}
+    return scores.result(dice)
 
 
 def evaluate_uncertainty_folders(pred_dir: str | Path, ref_dir: str | Path, uncertainty_dir: str | Path,

@@ -426,6 +426,16 @@ class Predictor:
         streaming = streaming or self._must_stream(case, whole_maps, streaming)
         return self._postprocessed(self._predict_with_retry(case, probabilities, streaming, uncertainty))
 
+    def whole_maps_fit(self, case: ModelCase) -> bool:
+        """Whether asking :meth:`predict_case` for probabilities or uncertainty leaves the prediction as it is:
+        the case would not stream, and its whole-volume maps fit the free host memory."""
+        if self._streams(case.image):
+            return False
+        try:
+            return not self._must_stream(case, True, False)
+        except ResourceError:
+            return False
+
     def _postprocessed(self, prediction: Prediction) -> Prediction:
         """The learned postprocessing applied to the label map (when the settings ask for it)."""
         if not (self.settings.postprocess and self.postprocessing):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,6 +35,7 @@ from imgx3d.data.transforms import (
 from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
+from imgx3d.evaluation.uncertainty import UNCERTAINTY_METRICS, UncertaintyScores
 from imgx3d.files import atomic_write_text
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.postprocess import case_candidates, learn_postprocessing
@@ -451,7 +453,8 @@ def learn_run_postprocessing(run_dir: Path, catalog: Catalog, val_ids: list[str]
 
 def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: Tracker | NullTracker,
                         step: int, device: str = "auto") -> dict[str, Any]:
-    """Predict the test cases from ``best.pt`` on their native grid (on the training's ``device``), score, and log."""
+    """Predict the test cases from ``best.pt`` on their native grid (on the training's ``device``), score, and log;
+    with ``train.test_uncertainty``, the uncertainty is scored too (``test_metrics/uncertainty.json``)."""
     predictor = Predictor.load(run_dir / "best.pt", device=device)
     cases = catalog.by_id()
     pred_dir, ref_dir = run_dir / "test_predictions", run_dir / "test_references"
@@ -459,16 +462,24 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     t0 = time.perf_counter()
     data_cfg = predictor.config.data
     overlays: list[Path] = []
+    scores = UncertaintyScores(sorted(catalog.labels)) if predictor.config.train.test_uncertainty else None
     for case_id in split.test:  # predict per case so case ids follow the catalog, not file names
         case = cases[case_id]
         model_case = predictor.read(case.images)
-        prediction = predictor.predict_case(model_case)
+        uncertain = scores is not None and predictor.whole_maps_fit(model_case)
+        prediction = predictor.predict_case(model_case, probabilities=uncertain, uncertainty=uncertain)
         write_prediction(prediction, prediction_path(pred_dir, case_id, data_cfg), predictor.codec)
+        reference = read_label(case.label, data_cfg).array
+        entropy = None
+        if uncertain:
+            entropy = prediction.uncertainty.array[0]
+            scores.add(case_id, prediction.labels.array, reference, entropy,
+                       np.moveaxis(prediction.probabilities.array, 0, -1))
         if len(overlays) < OVERLAY_CASES:
+            shown = None if entropy is None else entropy / math.log(max(len(catalog.labels), 2))
             overlays.append(overlay_montage(model_case.source.array[0], prediction.labels.array, catalog.labels,
-                                            run_dir / "test_overlays" /
-                                            f"{case_id}.png", reference=read_label(case.label, data_cfg).array,
-                                            title=case_id))
+                                            run_dir / "test_overlays" / f"{case_id}.png", reference=reference,
+                                            title=case_id, uncertainty=shown))
         link = ref_dir / (case_id + case.label.name[len(strip_suffix(case.label.name)):])
         if not link.exists():
             link.symlink_to(Path(case.label).resolve())
@@ -480,12 +491,27 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     for name, stats in summary["per_class"].items():
         metrics.update({f"test/{m}/{name}": s["mean"] for m, s in stats.items()})
     metrics.update({f"test/{m}_mean": v for m, v in summary["foreground_mean"].items()})
+    if scores is not None and scores.case_entropy:
+        summary["uncertainty"] = _score_uncertainty(scores, rows, run_dir / "test_metrics" / "uncertainty.json")
+        metrics.update({f"test/uncertainty/{k}": v for k, v in summary["uncertainty"].items()
+                        if k in UNCERTAINTY_METRICS and v is not None and math.isfinite(v)})
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(run_dir / "test_metrics", "test_metrics")
     if overlays:
         tracker.log_artifact(run_dir / "test_overlays", "test_overlays")
     atomic_write_text(run_dir / "test_metrics" / "table.txt", format_table(summary) + "\n")
     return summary
+
+
+def _score_uncertainty(scores: UncertaintyScores, rows: list[dict], path: Path) -> dict[str, Any]:
+    """The test split's uncertainty scores against each case's mean foreground Dice, written to ``path``
+    (with the per-case rows); returned without them."""
+    dice: dict[str, list[float]] = {}
+    for row in rows:
+        dice.setdefault(row["case"], []).append(row["dice"])
+    result = scores.result({case: float(np.nanmean(values)) for case, values in dice.items()})
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    return {k: v for k, v in result.items() if k != "per_case"}
 
 
 def run_demo(cfg: Config, workdir: Path, n_cases: int) -> None:
