@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", metavar="DIR", help="also score the uncertainty maps of predict --uncertainty in "
                    "DIR (usually --pred): ECE of <case>_probabilities.nii.gz, the AUC of the entropy for finding "
                    "errors, the Spearman correlation of per-case uncertainty with Dice")
-    p.add_argument("--config", help="a training config: its data.labels names the classes and its "
-                   "data.mask_threshold / data.label_map turn both folders' file values into classes")
+    p.add_argument("--config", help="a training config (a run's config.yaml): its data.labels names the classes, its "
+                   "data.mask_threshold / data.label_map turn both folders' file values into classes and its "
+                   "data.ignore_label leaves the reference's voxels not annotated out")
 
     p = sub.add_parser("compare", help="compare the runs of an mlflow experiment: table, paired tests, plots")
     p.add_argument("--experiment", required=True, help="mlflow experiment (the dataset name by default in train)")

@@ -76,7 +76,7 @@ class SliceConfig:
 # The data keys that say how a dataset is read (its files, classes and channels): a dataset's
 # fingerprint depends on them, and a plan never decides them.
 READING_KEYS = ("mode", "layout", "channels", "label_pattern", "image_dir", "label_dir", "labels", "mask_threshold",
-                "label_map", "color")
+                "label_map", "ignore_label", "color")
 # The data keys that define a run's model space (preprocessing, grid, patch, slices): runs ensemble
 # only when they agree, and an exported model records them.
 MODEL_SPACE_KEYS = ("mode", "channels", "labels", "mask_threshold", "label_map", "color", "preset", "crop_air",
@@ -101,6 +101,10 @@ class DataConfig:
             masks); null keeps the values.
         label_map: file value → class value, applied after ``mask_threshold`` (e.g. ``{0: 1, 255: 0}``
             makes black membranes class 1); predictions are written back in the file's values.
+        ignore_label: the label value of voxels that are not annotated (nnU-Net v2's ``ignore``: the highest
+            value; taken from a label named ``ignore`` in dataset.json / ``data.labels`` when null). They add
+            nothing to the loss or to any metric, so sparse annotation (some slices, scribbles) trains;
+            the ``unet`` method only.
         color: 2D images: ``grey`` (RGB converted to luminance), ``rgb`` (3 channels) or ``green``.
         preset: intensity preset: ``ct``, ``mri``, ``dbt`` or ``none``. ``dbt`` (tomosynthesis):
             percentiles ``mri_percentiles`` of the breast (the voxels above ``crop_air``)
@@ -147,6 +151,7 @@ class DataConfig:
     labels: dict[int, str] = field(default_factory=dict)
     mask_threshold: float | None = None
     label_map: dict[int, int] = field(default_factory=dict)
+    ignore_label: int | None = None
     color: Literal["grey", "rgb", "green"] = "grey"
     preset: Literal["ct", "mri", "dbt", "none"] = "mri"
     crop_air: float | None = None

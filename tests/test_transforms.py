@@ -83,7 +83,9 @@ def test_indices_computed_once_give_the_patches_of_a_rescan_and_labels_are_store
     scans = []
     real = croppad.map_binary_to_indices
     monkeypatch.setattr(croppad, "map_binary_to_indices", lambda *a, **k: scans.append(1) or real(*a, **k))
-    rescanned = list(PatchBatches(items, train_transforms(cfg), 2, seed=5, start_step=0, stop_step=5))
+    # MONAI's rescan on int64 labels: on uint8 ones it negates bitwise and every voxel is a background centre
+    wide = [{**item, "label": item["label"].long()} for item in items]
+    rescanned = list(PatchBatches(wide, train_transforms(cfg), 2, seed=5, start_step=0, stop_step=5))
     assert len(scans) == 10, "MONAI's own path scans the label for every patch"
     scans.clear()
     once = list(PatchBatches(items, train_transforms(cfg), 2, seed=5, start_step=0, stop_step=5, patch_size=[16] * 3))
@@ -94,6 +96,7 @@ def test_indices_computed_once_give_the_patches_of_a_rescan_and_labels_are_store
     indices = crop_indices(items[0]["label"], [16, 16, 16])
     assert indices["fg_indices"].dtype == torch.int32
     assert len(indices["fg_indices"]) == int((items[0]["label"] > 0).sum())
+    assert len(indices["bg_indices"]) == int((items[0]["label"] == 0).sum()), "the background is not every voxel"
 
 
 def test_cases_over_the_cache_bound_are_read_when_drawn_and_give_the_same_patches(msd_dataset, monkeypatch):

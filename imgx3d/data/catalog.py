@@ -59,6 +59,7 @@ class Catalog:
     labels: dict[int, str]
     channel_names: list[str] = field(default_factory=lambda: ["image"])
     four_d: bool = False  # MSD multi-modal: one 4D file holds all channels
+    ignore_label: int | None = None  # the value of voxels not annotated (not among ``labels``)
 
     @property
     def num_classes(self) -> int:
@@ -281,7 +282,25 @@ def find_cases(root: str | Path, cfg: DataConfig | None = None) -> Catalog:
         catalog.labels = {0: "background", **dict(sorted(cfg.labels.items()))}
     elif not catalog.labels:
         catalog.labels = _labels_from_files(catalog, cfg)
+    _take_ignore_label(catalog, cfg.ignore_label, json_path if meta is not None else root)
     return catalog
+
+
+def _take_ignore_label(catalog: Catalog, configured: int | None, source: Path) -> None:
+    """Move the ignore label (``data.ignore_label``, else a label named ``ignore``) out of the classes.
+
+    Raises:
+        InputError: it is not above every class value (nnU-Net v2's rule: the classes stay 0 … K−1).
+    """
+    named = [v for v, name in catalog.labels.items() if name.strip().lower() == "ignore"]
+    value = configured if configured is not None else (named[0] if named else None)
+    if value is None:
+        return
+    catalog.labels.pop(value, None)
+    if value <= max(catalog.labels):
+        raise InputError(f"{source}: the ignore label {value} must be above every class value "
+                         f"({sorted(catalog.labels)}); give the not-annotated voxels the highest value")
+    catalog.ignore_label = value
 
 
 def make_split(catalog: Catalog, cfg: SplitConfig) -> Split:

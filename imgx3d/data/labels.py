@@ -50,6 +50,9 @@ def label_storage_dtype(max_value: int) -> torch.dtype:
     return torch.uint8 if max_value < 256 else torch.int16 if max_value < 2**15 else torch.int32
 
 
+IGNORE_INDEX = -100  # what a training batch holds where data.ignore_label was (torch's cross-entropy default)
+
+
 @dataclass(frozen=True)
 class LabelCodec:
     """How a run's class indices become the values its label files hold, and back.

@@ -34,6 +34,7 @@ from imgx3d.config import DataConfig
 from imgx3d.data.catalog import Case
 from imgx3d.data.geometry import grid_map, image_to_model, label_to_model
 from imgx3d.data.io import Volume, read_grid, read_label, read_volume
+from imgx3d.data.labels import IGNORE_INDEX
 from imgx3d.errors import InputError
 
 AFFINE_TOLERANCE = 1e-3  # mm / direction-cosine tolerance for image-label agreement
@@ -78,7 +79,7 @@ class Preprocessor:
         if case.label is not None:
             label = read_label(case.label, self.cfg)
             _check_same_grid(ref, label, "label")
-            unknown = sorted(set(np.unique(label.array).tolist()) - set(labels))
+            unknown = sorted(set(np.unique(label.array).tolist()) - set(labels) - {self.cfg.ignore_label})
             if unknown:
                 raise InputError(
                     f"{case.label}: label values {unknown} are not among the dataset's labels {sorted(labels)}; "
@@ -114,13 +115,20 @@ def check_case_grids(cases: list[Case]) -> None:
             check_grids(case.images[0], shape, affine, other, *read_grid(other), what)
 
 
-def crop_indices(label: torch.Tensor, patch_size: list[int]) -> dict[str, torch.Tensor]:
+def crop_indices(label: torch.Tensor, patch_size: list[int],
+                 ignore_label: int | None = None) -> dict[str, torch.Tensor]:
     """Foreground / background voxel indices of a case's label as the patch sampler sees it (padded
     to ``patch_size``), computed once per case: MONAI's ``RandCropByPosNegLabeld`` would otherwise
     rescan the whole label for every patch. int32 where the volume allows: together they take
-    4 bytes per voxel, less than the int64 label map they replace."""
+    4 bytes per voxel, less than the int64 label map they replace. Voxels of ``ignore_label`` are
+    neither: patches are centred on annotated voxels."""
     padded = SpatialPad(patch_size, mode="constant")(label)
-    fg, bg = map_binary_to_indices(padded.as_tensor() if hasattr(padded, "as_tensor") else padded)
+    padded = padded.as_tensor() if hasattr(padded, "as_tensor") else padded
+    if ignore_label is None:  # a bool map: MONAI negates the label, and ~ of a uint8 map is never 0 (every
+        fg, bg = map_binary_to_indices(padded > 0)  # voxel was a background centre, the foreground included)
+    else:
+        annotated = (padded != ignore_label).to(torch.uint8)
+        fg, bg = map_binary_to_indices((padded > 0) & (annotated > 0), annotated, 0)  # bg: where annotated is 1
     dtype = torch.int32 if padded.numel() < 2**31 else torch.int64
     return {"fg_indices": torch.as_tensor(fg).to(dtype), "bg_indices": torch.as_tensor(bg).to(dtype)}
 
@@ -148,7 +156,7 @@ class DeferredCase:
     def load(self, patch_size: list[int]) -> dict[str, Any]:
         """The case as a cached item would hold it, crop indices included."""
         item = self.preprocessor.load_case(self.case, self.labels, self.in_channels)
-        return {**item, **crop_indices(item["label"], patch_size)}
+        return {**item, **crop_indices(item["label"], patch_size, self.preprocessor.cfg.ignore_label)}
 
 
 def train_transforms(cfg: DataConfig) -> Compose:
@@ -230,10 +238,11 @@ class PatchBatches(IterableDataset):
 
     def __init__(self, items: list[dict[str, Any]], transform: Compose | None, batch_size: int, seed: int,
                  start_step: int, stop_step: int, extra_fraction: float | None = None,
-                 patch_size: list[int] | None = None):
+                 patch_size: list[int] | None = None, ignore_label: int | None = None):
         if patch_size is not None:  # the sampler's indices, once per case (see crop_indices)
-            items = [item if isinstance(item, DeferredCase) else {**item, **crop_indices(item["label"], patch_size)}
-                     for item in items]
+            items = [item if isinstance(item, DeferredCase) else
+                     {**item, **crop_indices(item["label"], patch_size, ignore_label)} for item in items]
+        self.ignore_label = ignore_label  # its voxels become IGNORE_INDEX in the batches
         self.items, self.transform, self.batch_size, self.patch_size = items, transform, batch_size, patch_size
         self.seed, self.start_step, self.stop_step = seed, start_step, stop_step
         self.extra_fraction = extra_fraction  # items with "extra": True are generated data (data.extra)
@@ -251,8 +260,10 @@ class PatchBatches(IterableDataset):
             out = self.transform({k: item[k] for k in ("image", "label", "fg_indices", "bg_indices") if k in item})
             out = out[0] if isinstance(out, list) else out
             samples.append(out)
-        return {"image": torch.stack([_plain(s["image"]) for s in samples]),
-                "label": torch.stack([_plain(s["label"]) for s in samples]).long()}
+        label = torch.stack([_plain(s["label"]) for s in samples]).long()
+        if self.ignore_label is not None:
+            label[label == self.ignore_label] = IGNORE_INDEX
+        return {"image": torch.stack([_plain(s["image"]) for s in samples]), "label": label}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

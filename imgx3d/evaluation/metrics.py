@@ -41,7 +41,8 @@ def _crop_to_objects(pred: np.ndarray, ref: np.ndarray, margin: int = 2) -> tupl
 
 
 def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
-               metrics: tuple[str, ...] = ALL_METRICS, nsd_tolerance_mm: float = 1.0) -> dict[int, dict[str, float]]:
+               metrics: tuple[str, ...] = ALL_METRICS, nsd_tolerance_mm: float = 1.0,
+               ignore_label: int | None = None) -> dict[int, dict[str, float]]:
     """Metrics per foreground class of one case.
 
     Axes of size 1 are dropped first, so a 2D image (or a one-slice volume) is scored in 2D:
@@ -53,8 +54,13 @@ def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: t
         spacing: voxel size in mm, for HD95 and NSD.
         metrics: any of ``dice``, ``iou``, ``hd95``, ``nsd``.
         nsd_tolerance_mm: surface tolerance of the normalised surface Dice.
+        ignore_label: the reference's value for voxels not annotated (``data.ignore_label``): scored as
+            neither class, whatever the prediction there.
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
+    if ignore_label is not None:
+        annotated = ref != ignore_label
+        pred, ref = np.where(annotated, pred, 0), np.where(annotated, ref, 0)
     axes = [a for a, n in enumerate(pred.shape) if n > 1] or [0]
     spacing = tuple(spacing[a] for a in axes)
     pred, ref = _crop_to_objects(pred.reshape([pred.shape[a] for a in axes]), ref.reshape([ref.shape[a] for a in axes]))
@@ -123,7 +129,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int
 
     Label maps are volumes or 2D images (scored in 2D). With ``data_cfg``, both folders' values
     pass through its ``mask_threshold`` / ``label_map`` first (files in the dataset's own values,
-    as ``imgx3d predict`` writes them). Writes ``metrics.csv`` (per case, per class) and
+    as ``imgx3d predict`` writes them), and reference voxels of its ``ignore_label`` are not scored. Writes ``metrics.csv`` (per case, per class) and
     ``summary.json`` into ``output_dir``.
 
     Raises:
@@ -144,12 +150,14 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int
                              "predict on the original image")
         loaded[case] = (pred, ref)
     if labels is None:
-        values = sorted({int(v) for p, r in loaded.values() for v in np.union1d(np.unique(p.array), np.unique(r.array))})
+        values = sorted({int(v) for p, r in loaded.values() for v in np.union1d(np.unique(p.array), np.unique(r.array))}
+                        - {data_cfg.ignore_label if data_cfg else None})
         labels = {v: ("background" if v == 0 else f"label_{v}") for v in values} | {0: "background"}
     classes = [c for c in sorted(labels) if c != 0]
     rows = []
     for case, (pred, ref) in loaded.items():
-        scores = score_case(pred.array, ref.array, classes, ref.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
+        scores = score_case(pred.array, ref.array, classes, ref.spacing, nsd_tolerance_mm=nsd_tolerance_mm,
+                            ignore_label=data_cfg.ignore_label if data_cfg else None)
         rows += [{"case": case, "class": c, "name": labels[c], **scores[c]} for c in classes]
     summary = summarize(rows, labels)
     if output_dir is not None:

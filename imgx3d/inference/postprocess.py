@@ -97,17 +97,19 @@ class CaseCandidates:
         return cls(ints(data["raw"]), ints(data["foreground"]), {k: ints(v) for k, v in data["per_class"].items()})
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
-    return {c: row["dice"] for c, row in score_case(pred, ref, classes, metrics=("dice",)).items()}
+def case_candidates(pred: np.ndarray, ref: np.ndarray, classes: list[int],
+                    ignore_label: int | None = None) -> CaseCandidates:
+    """Score one validation case's prediction raw and under every candidate step (the reference's
+    ``ignore_label`` voxels not scored)."""
+    def dice(labels: np.ndarray, which: list[int]) -> dict[int, float]:
+        return {c: row["dice"] for c, row in score_case(labels, ref, which, metrics=("dice",),
+                                                         ignore_label=ignore_label).items()}
 
-
-def case_candidates(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> CaseCandidates:
-    """Score one validation case's prediction raw and under every candidate step."""
     fg_map = keep_largest(pred, classes, together=True)
     per_class: dict[str, dict[int, float]] = {}
     for base_name, base in (("raw", pred), ("foreground", fg_map)):
-        per_class[base_name] = {c: _dice(keep_largest(base, [c], together=False), ref, [c])[c] for c in classes}
-    return CaseCandidates(_dice(pred, ref, classes), _dice(fg_map, ref, classes), per_class)
+        per_class[base_name] = {c: dice(keep_largest(base, [c], together=False), [c])[c] for c in classes}
+    return CaseCandidates(dice(pred, classes), dice(fg_map, classes), per_class)
 
 
 def _mean(cases: list[CaseCandidates], pick) -> float:

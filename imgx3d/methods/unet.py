@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import MaskedDiceLoss
 from torch import nn
 
 from imgx3d.config import MethodConfig
+from imgx3d.data.labels import IGNORE_INDEX
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, Window
 from imgx3d.nets.boundary import float32_outputs
@@ -64,6 +66,28 @@ class UNetConfig(MethodConfig):
     deep_supervision: int = 0
 
 
+class DiceCEIgnoring(nn.Module):
+    """MONAI's Dice + cross-entropy (``DiceCELoss``: foreground Dice of the softmax, CE averaged over voxels)
+    with the voxels a batch labels :data:`~imgx3d.data.labels.IGNORE_INDEX` (``data.ignore_label``) left out
+    of both terms, as nnU-Net v2 does. Hand-combined because ``DiceCELoss`` takes no mask; MONAI's
+    ``MaskedDiceLoss`` masks after the softmax and torch's cross-entropy skips ``ignore_index``. Without
+    ignored voxels the mask is all ones and the value is ``DiceCELoss``'s.
+    """
+
+    def __init__(self, batch: bool, lambda_dice: float, lambda_ce: float):
+        super().__init__()
+        self.dice = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch)
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, K, ...), ``label`` (B, 1, ...) class indices or IGNORE_INDEX."""
+        annotated = label != IGNORE_INDEX
+        dice = self.dice(logits, label.masked_fill(~annotated, 0), mask=annotated)
+        # a batch with no annotated voxel gives 0/0: no loss from it rather than NaN (no host sync to check)
+        ce = torch.nan_to_num(F.cross_entropy(logits, label[:, 0].long(), ignore_index=IGNORE_INDEX), nan=0.0)
+        return self.lambda_dice * dice + self.lambda_ce * ce
+
+
 @register
 class UNetMethod(Method):
     """Patch-trained U-Net with Dice + CE; one sliding-window pass at inference."""
@@ -81,8 +105,7 @@ class UNetMethod(Method):
         self.net = float32_outputs(self.net)
         halving = [0.5 ** i for i in range(1 + cfg.deep_supervision)]
         self.head_weights = [w / sum(halving) for w in halving]
-        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
-                               lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
+        self.loss = DiceCEIgnoring(cfg.batch_dice, cfg.lambda_dice, cfg.lambda_ce)
 
     def size_multiple(self) -> int:
         """The product of the strides (the largest over the axes when they differ)."""

@@ -192,7 +192,7 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
         stats = CaseStats(case.case_id, list(grid.ras_shape), [float(s) for s in spacing], axcodes,
                           float(np.count_nonzero(array[0]) / array[0].size))
         cases.append(stats)
-        foreground = np.flatnonzero(label.reshape(-1) > 0)
+        foreground = np.flatnonzero((label.reshape(-1) > 0) & (label.reshape(-1) != catalog.ignore_label))
         if foreground.size:
             picked = rng.choice(foreground, size=min(SAMPLES_PER_CASE, foreground.size), replace=False)
             for c in range(array.shape[0]):

@@ -333,7 +333,8 @@ class Trainer:
         for case in cases[self.dist.rank::self.dist.world_size]:
             predictor = Predictor(self.method, self.cfg, labels, self.infer_settings)
             pred = predictor.model_space_classes(case["image"]).numpy()
-            scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",))
+            scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",),
+                                ignore_label=self.cfg.data.ignore_label)
             for c in classes:
                 mine[c].append(scores[c]["dice"])
         per_class = {c: [d for part in self.dist.gather(mine) for d in part[c]] for c in classes}

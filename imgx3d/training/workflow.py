@@ -146,7 +146,8 @@ def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_
                                cfg.train.max_steps, cfg.data.extra_fraction)
     else:
         dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, seed, start_step,
-                               cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size)
+                               cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size,
+                               ignore_label=cfg.data.ignore_label)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if cfg.data.num_workers else None, pin_memory=pin_memory)
     return iter(loader)
@@ -249,6 +250,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     seed_everything(cfg.seed)
 
     catalog = find_cases(data_root, cfg.data)
+    _take_ignore_label(cfg, catalog)
     split = make_split(catalog, cfg.data.split)
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
     _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
@@ -257,6 +259,23 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
             _print_plan(records)
         return _train_in_folder(cfg, catalog, split, method, run_dir, resume_ckpt, test_at_end, ctx, dist_device,
                                 records, pause_after_minutes)
+
+
+def _take_ignore_label(cfg: Config, catalog: Catalog) -> None:
+    """Record the dataset's ignore label in the run's config (``data.ignore_label``: the checkpoint, the
+    validation and ``evaluate --run`` read it there); only the U-Net's loss leaves its voxels out.
+
+    Raises:
+        ConfigError: another method with an ignore label.
+    """
+    if catalog.ignore_label is None:
+        return
+    dims = getattr(cfg.method, "spatial_dims", 3)
+    if cfg.method.name != "unet" or dims != 3:
+        raise ConfigError(f"{catalog.root}: the labels mark voxels not annotated (ignore label {catalog.ignore_label}),"
+                          f" which method '{cfg.method.name}' ({dims}D) cannot train on; use the 3D unet or label "
+                          "every voxel")
+    cfg.data.ignore_label = catalog.ignore_label
 
 
 def _train_in_folder(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
@@ -439,7 +458,8 @@ def learn_run_postprocessing(run_dir: Path, catalog: Catalog, val_ids: list[str]
     for case_id in val_ids:
         prediction = predictor.predict_case(predictor.read(cases[case_id].images))
         reference = read_label(cases[case_id].label, predictor.config.data).array
-        records.append(case_candidates(prediction.labels.array, reference, classes))
+        records.append(case_candidates(prediction.labels.array, reference, classes,
+                                       predictor.config.data.ignore_label))
     decision, dice = learn_postprocessing(records, classes)
     add_to_checkpoint(run_dir / "best.pt", postprocessing=decision.to_json(),
                       postprocessing_validation=[r.to_json() for r in records])
