@@ -324,6 +324,29 @@ class TrackingConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A diffusion method's noise chain (``method.schedule``; as a diffusers scheduler owns its own config):
+    ``beta_schedule`` over ``base_steps`` steps from ``beta_start`` to ``beta_end``; the method resamples it
+    to its training and sampling step counts (:func:`imgx3d.diffusion.schedule.schedule_of`).
+
+    Attributes:
+        beta_schedule: ``linear``, ``scaled_linear`` (linear in sqrt(beta): Stable Diffusion, LDM) or ``cosine``.
+        base_steps: T, the length of the base chain.
+        beta_start, beta_end: the first and last beta.
+    """
+
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    base_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+def schedule_field(beta_schedule: str, base_steps: int, beta_start: float, beta_end: float) -> Any:
+    """A method config's ``schedule`` field with that method's published chain as its default."""
+    return field(default_factory=lambda: ScheduleConfig(beta_schedule, base_steps, beta_start, beta_end))
+
+
+@dataclass
 class MethodConfig:
     """Base of every method's config dataclass: ``name`` picks the method (default ``unet``); the
     subclass (``Config`` of the method's class) adds its hyperparameters."""
@@ -339,6 +362,9 @@ def method_config(values: dict[str, Any] | None, key: str = "method") -> MethodC
     """The ``method:`` section as the named method's complete config dataclass."""
     values = dict(values or {})
     cls = method_class(values.setdefault("name", MethodConfig.name)).Config
+    flat = [k for k in ScheduleConfig.__dataclass_fields__ if k in values]
+    if flat and "schedule" in cls.__dataclass_fields__:  # configs and checkpoints before the nested schedule
+        values["schedule"] = {**(values.get("schedule") or {}), **{k: values.pop(k) for k in flat}}
     return from_dict(cls, values, prefix=key)
 
 
@@ -448,7 +474,15 @@ def from_dict(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any
         raise ConfigError(
             f"unknown config key {where}; valid keys here: {', '.join(sorted(names))}"
         )
-    kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    kwargs = {}
+    for field_ in dataclasses.fields(cls):
+        if field_.name not in values:
+            continue
+        value = values[field_.name]
+        default = field_.default_factory() if field_.default_factory is not dataclasses.MISSING else field_.default
+        if isinstance(value, dict) and dataclasses.is_dataclass(default) and hints[field_.name] is not MethodConfig:
+            value = {**dataclasses.asdict(default), **value}  # a partial section keeps this field's own defaults
+        kwargs[field_.name] = coerce(value, hints[field_.name], f"{prefix}.{field_.name}" if prefix else field_.name)
     return cls(**kwargs)
 
 

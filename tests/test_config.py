@@ -96,7 +96,7 @@ def test_a_saved_config_is_complete_and_rebuilds_the_same_method(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert list(saved["method"]) == [f.name for f in dataclasses.fields(ImgXConfig)], "every ImgXConfig field, in order"
-    assert saved["method"]["sampler"] == "ddpm" and saved["method"]["beta_schedule"] == "linear"
+    assert saved["method"]["sampler"] == "ddpm" and saved["method"]["schedule"]["beta_schedule"] == "linear"
     assert load_config(tmp_path / "config.yaml") == cfg
     torch.manual_seed(0)
     first = build_method(cfg.method, 3, 1).state_dict()
@@ -115,3 +115,22 @@ def test_predict_takes_checked_infer_overrides_only():
         infer_overrides(["train.max_steps=3"])
     with pytest.raises(ConfigError, match="'infer.tta_flips\\[0\\]' must be one of 0, 1, 2"):
         infer_overrides(["infer.tta_flips=[3]"])
+
+
+def test_the_diffusion_schedule_is_one_nested_section_and_older_flat_keys_still_load():
+    """Each diffusion method owns ``method.schedule`` with its published chain as the default; a partial
+    section or override keeps the rest of that chain; configs and checkpoints written with the flat
+    ``method.base_steps`` / ``beta_*`` keys load into it; a method without a chain refuses them."""
+    from imgx3d.config import ScheduleConfig, method_config
+
+    assert method_config({"name": "sdseg"}).schedule == ScheduleConfig("scaled_linear", 1000, 0.0015, 0.0155)
+    assert method_config({"name": "darl"}).schedule == ScheduleConfig("linear", 2000, 1e-6, 1e-2)
+    assert method_config({"name": "sdseg", "schedule": {"base_steps": 500}}).schedule == \
+        ScheduleConfig("scaled_linear", 500, 0.0015, 0.0155), "the method's chain, not ScheduleConfig's defaults"
+    legacy = method_config({"name": "siamese", "base_steps": 700, "beta_schedule": "linear"})
+    assert legacy.schedule == ScheduleConfig("linear", 700, 0.00085, 0.012)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "hippocampus" / "sdseg.yaml",
+                      ["method.beta_end=0.02"])
+    assert cfg.method.schedule.beta_end == 0.02 and cfg.method.schedule.beta_start == 0.0015
+    with pytest.raises(ConfigError, match="unknown config key 'method.base_steps'"):
+        method_config({"name": "unet", "base_steps": 3})

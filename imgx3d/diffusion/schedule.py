@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from imgx3d.config import ScheduleConfig
 from imgx3d.errors import ConfigError
 
 
@@ -142,6 +143,11 @@ class DiffusionSchedule:
     def embed_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Network time-embedding values for chain indices ``t``."""
         return self.on_device("timesteps", t.device)[t]
+
+
+def schedule_of(cfg: ScheduleConfig, num_steps: int | None = None) -> DiffusionSchedule:
+    """The chain a method's ``method.schedule`` describes, resampled to ``num_steps`` (K) when given."""
+    return make_schedule(cfg.beta_schedule, cfg.base_steps, cfg.beta_start, cfg.beta_end, num_steps)
 
 
 def make_schedule(kind: str = "linear", base_steps: int = 1001, beta_start: float = 1e-4, beta_end: float = 0.02,

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
-from imgx3d.config import MethodConfig
+from imgx3d.config import MethodConfig, ScheduleConfig, schedule_field
 from imgx3d.data.geometry import to_slice_range, volume_to_slices
 from imgx3d.data.io import IMAGE_SUFFIXES, read_volume
 from imgx3d.data.vessels import fractal_vessels, remove_vessels
-from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
+from imgx3d.diffusion.schedule import DiffusionSchedule, schedule_of
 from imgx3d.errors import ConfigError, InputError
 from imgx3d.methods.base import Method, TrainingPlan, Window
 from imgx3d.nets.boundary import float32_outputs
@@ -54,7 +54,7 @@ class DARLConfig(MethodConfig):
         diffusion_channels, diffusion_attention, num_res_blocks, norm_groups: eps_theta.
         generator_channels, generator_blocks, generator_downsamples, spade_hidden: G.
         discriminator_channels, discriminator_layers: each PatchGAN.
-        base_steps, beta_start, beta_end: the chain (T = 2000, linear 1e-6 → 1e-2).
+        schedule: the chain (T = 2000, linear 1e-6 → 1e-2).
         t_a_max: path A noise levels ``t_a ∈ [0, t_a_max)``.
         adv_weight, cycle_weight: alpha = 0.2 and beta = 5 of ``L_G``.
         pool_size: fakes remembered for the discriminators (CycleGAN image pool).
@@ -79,9 +79,7 @@ class DARLConfig(MethodConfig):
     spade_hidden: int = 64
     discriminator_channels: int = 32
     discriminator_layers: int = 3
-    base_steps: int = 2000
-    beta_start: float = 1e-6
-    beta_end: float = 1e-2
+    schedule: ScheduleConfig = schedule_field("linear", 2000, 1e-6, 1e-2)
     t_a_max: int = 200
     adv_weight: float = 0.2
     cycle_weight: float = 5.0
@@ -181,7 +179,7 @@ class DARLMethod(Method):
         for net in (self.eps_theta, self.generator, self.d_image, self.d_mask):
             float32_outputs(net)
         self.pool_image, self.pool_mask = ImagePool(cfg.pool_size), ImagePool(cfg.pool_size)
-        self.schedule: DiffusionSchedule = make_schedule("linear", cfg.base_steps, cfg.beta_start, cfg.beta_end)
+        self.schedule: DiffusionSchedule = schedule_of(cfg.schedule)
         self._fractals: torch.Tensor | None = None  # drawn on the first batch, at its size
         self._backgrounds: torch.Tensor | None = None
 

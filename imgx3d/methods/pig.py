@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from imgx3d.config import MethodConfig, SliceConfig
+from imgx3d.config import MethodConfig, ScheduleConfig, SliceConfig, schedule_field
 from imgx3d.data.slices import foreground_slices
 from imgx3d.diffusion.sampler import ddim_sample, ddim_step, ddim_timesteps
-from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
+from imgx3d.diffusion.schedule import DiffusionSchedule, schedule_of
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import (
     GenerateSettings,
@@ -65,7 +65,7 @@ class PIGConfig(MethodConfig):
     Attributes:
         channels, attention_levels, num_res_blocks, norm_groups, num_head_channels: both
             denoisers (paper: base 32, mult [1,1,2,2,4,4], 2 res blocks, attention at 16², GroupNorm 32).
-        base_steps, beta_start, beta_end: the chain (T = 1024, linear 1e-4 → 0.02).
+        schedule: the chain (T = 1024, linear 1e-4 → 0.02).
         stage1_steps: training steps of model_x; model_y trains after them.
         sample_steps: DDIM steps when sampling (paper 256).
         val_steps: DDIM steps of the guided mask chain scored at validation.
@@ -80,9 +80,7 @@ class PIGConfig(MethodConfig):
     num_res_blocks: int = 2
     norm_groups: int = 16
     num_head_channels: int = 32
-    base_steps: int = 1024
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    schedule: ScheduleConfig = schedule_field("linear", 1024, 1e-4, 0.02)
     stage1_steps: int = 2000
     sample_steps: int = 256
     val_steps: int = 20
@@ -194,7 +192,7 @@ class PIGMethod(Method):
 
         self.model_x = float32_outputs(denoiser(self.mask_channels, image_channels))
         self.model_y = float32_outputs(denoiser(image_channels, self.mask_channels))
-        self.schedule: DiffusionSchedule = make_schedule("linear", cfg.base_steps, cfg.beta_start, cfg.beta_end)
+        self.schedule: DiffusionSchedule = schedule_of(cfg.schedule)
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         codec = self.codec_group(self.space.codec) if self.cfg.space == "latent" else {}

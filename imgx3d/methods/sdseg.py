@@ -25,16 +25,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from imgx3d.config import MethodConfig
+from imgx3d.config import MethodConfig, ScheduleConfig, schedule_field
 from imgx3d.diffusion.sampler import ddim_sample
-from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
+from imgx3d.diffusion.schedule import DiffusionSchedule, schedule_of
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import (
     Method,
@@ -66,7 +65,7 @@ class SDSegConfig(MethodConfig):
             trained from scratch takes a larger one than the denoiser).
         channels, attention_levels, num_res_blocks, norm_groups, num_head_channels: the 2D
             denoiser (MONAI ``DiffusionModelUNet``; the code's is 192 · [1, 2, 2, 4, 4]).
-        beta_schedule, base_steps, beta_start, beta_end: the chain (code: T = 1000, LDM
+        schedule: the chain (code: T = 1000, LDM
             "linear", which is linear in sqrt(beta): ``scaled_linear`` here, 0.0015 → 0.0155).
         latent_weight: lambda of the latent-estimation loss.
         infer_steps: 1 = SDSeg's single step from t = T − 1; n > 1 = DDIM over n strided steps.
@@ -84,10 +83,7 @@ class SDSegConfig(MethodConfig):
     num_res_blocks: int = 2
     norm_groups: int = 32
     num_head_channels: int = 32
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
-    base_steps: int = 1000
-    beta_start: float = 0.0015
-    beta_end: float = 0.0155
+    schedule: ScheduleConfig = schedule_field("scaled_linear", 1000, 0.0015, 0.0155)
     latent_weight: float = 1.0
     infer_steps: int = 1
     seed: int = 0
@@ -160,8 +156,8 @@ class SDSeg(Method):
 
     def __init__(self, cfg: SDSegConfig, num_classes: int, in_channels: int):
         super().__init__(cfg, num_classes, in_channels)
-        if cfg.infer_steps < 1 or cfg.infer_steps > cfg.base_steps:
-            raise ConfigError(f"config key 'method.infer_steps' must be in 1 … {cfg.base_steps}")
+        if cfg.infer_steps < 1 or cfg.infer_steps > cfg.schedule.base_steps:
+            raise ConfigError(f"config key 'method.infer_steps' must be in 1 … {cfg.schedule.base_steps}")
         self.codec = LatentCodec.build(cfg.codec)
         self.train_codec_first = not cfg.codec.path
         self.plan = TrainingPlan(codec_first(self.train_codec_first, cfg.codec_steps, cfg.codec_lr_scale, Stage("model")))
@@ -179,8 +175,7 @@ class SDSeg(Method):
             num_class_embeds=num_classes - 1 if self.multi_class else None))
         if cfg.denoiser_init:
             load_with_zero_extra_inputs(self.denoiser, cfg.denoiser_init)
-        self.schedule: DiffusionSchedule = make_schedule(cfg.beta_schedule, cfg.base_steps, cfg.beta_start,
-                                                         cfg.beta_end)
+        self.schedule: DiffusionSchedule = schedule_of(cfg.schedule)
         self.codec.requires_grad_(self.train_codec_first)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from imgx3d.config import MethodConfig, SliceConfig, TrainConfig
+from imgx3d.config import MethodConfig, ScheduleConfig, SliceConfig, TrainConfig, schedule_field
 from imgx3d.data.slices import foreground_slices
 from imgx3d.diffusion.sampler import ddim_sample
-from imgx3d.diffusion.schedule import DiffusionSchedule, make_schedule
+from imgx3d.diffusion.schedule import DiffusionSchedule, schedule_of
 from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.methods.base import (
     GenerateSettings,
@@ -71,7 +71,7 @@ class SiameseConfig(MethodConfig):
         sd_path: local SD-1.x diffusers folder (``unet/``, ``vae/``); empty: the small denoiser.
         channels, layers_per_block, norm_groups, attention_head_dim, context_dim: the small denoiser.
         hint_widths: the DHI widths (paper: 16 → 256).
-        beta_schedule, base_steps, beta_start, beta_end: SD's chain (scaled linear, 1000).
+        schedule: SD's chain (scaled linear, 1000, 0.00085 → 0.012).
         ramp_steps: N_iter of ``w_i = k / N_iter``; 0 (default): the diffusion phase's length,
             ``train.max_steps`` less the codec phase when the codec is trained first (the paper
             ramps over the whole fine-tuning of SD).
@@ -97,10 +97,7 @@ class SiameseConfig(MethodConfig):
     attention_head_dim: int = 8
     context_dim: int = 64
     hint_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
-    base_steps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    schedule: ScheduleConfig = schedule_field("scaled_linear", 1000, 0.00085, 0.012)
     ramp_steps: int = 0
     consistency_weight: float = 1.0
     online_augmentation: bool = True
@@ -183,8 +180,7 @@ class SiameseDiffusion(Method):
         self.hint = DenseHintEncoder(self.hint_channels, width, factor, tuple(cfg.hint_widths))
         self.null_control = nn.Parameter(torch.zeros(1, width, 1, 1))
         self.context = nn.Parameter(torch.randn(1, 1, self.unet.config.cross_attention_dim) * 0.02)
-        self.schedule: DiffusionSchedule = make_schedule(cfg.beta_schedule, cfg.base_steps, cfg.beta_start,
-                                                         cfg.beta_end)
+        self.schedule: DiffusionSchedule = schedule_of(cfg.schedule)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
         if any(key.startswith("control_mask.") for key in state_dict):
