@@ -452,3 +452,4 @@ def test_resolve_plans_on_the_budget_clock_the_overrides_set(tmp_path, monkeypat
         with pytest.raises(KeyboardInterrupt):
             resolve_plan(data, "unet", "1m", "cpu", overrides=overrides, cache_dir=tmp_path / "plans")
         assert seen[-1] == clock
+

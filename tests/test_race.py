@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,24 @@ def test_axes_along_which_classes_keep_their_order_are_not_mirrored():
     assert cfg.data.flip_axes == [1, 2] and cfg.infer.tta_flips == [1, 2]
     fp.cases[0].centroids["1"][0] = 90.0  # one case in twelve the other way round: 92 % < 95 %, mirrored again
     assert ordered_axes(fp)[0] == []
+
+
+def test_every_rule_quotes_its_measurement_from_the_evidence_table():
+    """The planner's figures live in evidence.yaml: every entry complete and quoted somewhere in the planner,
+    every quoted key in the table, no test-Dice figure left in the planner's code, and a plan's reason
+    carries the entry's finding as written there."""
+    import re
+
+    from imgx3d.planning import planner
+    from imgx3d.planning.evidence import FIELDS, evidence, table
+    from imgx3d.planning.planner import plan
+
+    source = Path(planner.__file__).read_text(encoding="utf-8")
+    quoted = set(re.findall(r"quote_evidence\('(\w+)'\)", source)) | set(re.findall(r"\(evidence: (\w+)\)", source))
+    assert quoted == set(table()), "an entry no rule quotes, or a rule quoting a missing entry"
+    assert all(all(entry.get(f) for f in FIELDS) for entry in table().values())
+    assert not re.search(r"\d\.\d{3,4} test Dice|test Dice [+-]?\d", source), "a figure in the planner's code"
+    assert evidence("tta_shifts").startswith("on the hippocampus at 30 CPU-minutes (3 seeds): +0.0045 test Dice")
+    fp = _fingerprint([35, 50, 36], [1.0] * 3, cases=40)
+    reasons = {d.key: d.reason for d in plan(fp, "unet", 20.0, step_timer=lambda cfg: 0.05).decisions}
+    assert table()["translate"]["finding"] in reasons["data.translate"]

@@ -29,6 +29,7 @@ import yaml
 from imgx3d.config import Config, load_config, to_dict
 from imgx3d.errors import ResourceError
 from imgx3d.methods.base import build_method
+from imgx3d.planning.evidence import evidence as quote_evidence
 from imgx3d.planning.fingerprint import Fingerprint
 from imgx3d.registry import method_class
 from imgx3d.resources import resolve_device
@@ -38,26 +39,20 @@ MIN_FEATURE_MAP = 4  # nnU-Net: no pooling below 4 voxels along an axis
 MAX_LEVELS = 5  # levels of the U-Net (pooling steps + 1); nnU-Net allows more on large patches
 MAX_WIDTH = 320  # nnU-Net's cap on feature maps per level
 NONZERO_BACKGROUND = 0.75  # nnU-Net: normalise inside the non-zero mask when it covers < 75 % of the volume
-# "Enough steps" for a 3D U-Net within the budget, read off the hippocampus bench's hand-tuned
-# run (batch 4, 30 minutes, 6 152 steps on 2 CPU cores): validation Dice 0.863 at step 500, 0.881
-# at 1 000, its best 0.884 at 2 500, then flat (0.877-0.880). A plan that cannot reach 2 000 steps
-# is too large for its budget.
+# "Enough steps" for a 3D U-Net within the budget (evidence: enough_steps); a plan that cannot reach them is too
+# large for its budget. The measured figures behind every rule are in evidence.yaml, quoted by the reasons.
 ENOUGH_STEPS = 2000
 # Context over steps: when no width and batch reach ENOUGH_STEPS, the patch stays the whole median case while the
 # smallest reaches CONTEXT_STEPS, and shrinks only to reach it. A smaller patch buys more optimiser steps for about
-# the same voxels seen, and loses context: on SmartTarget prostate MRI (15 CPU-minutes, 1 thread, same split) the
-# whole 72 x 72 x 64 case in 124 steps scored 0.694 test Dice, a 32^3 patch in 1 000 steps 0.595.
+# the same voxels seen, and loses context (evidence: context_over_steps).
 CONTEXT_STEPS = 250
-CONTEXT_EVIDENCE = ("on prostate MRI at 15 CPU-minutes the whole case in 124 steps scored 0.694 test Dice, a 32^3 "
-                    "patch in 1 000 steps 0.595")
 TIMING_SECONDS = 60.0  # the whole budget measurement
 MIN_PATCH_SIDE = 32  # a shrunk patch keeps at least this many voxels along an axis (or the median extent)
 PROBE_VOXELS = 64**3  # the calibration step's patch at most: cheap to time on any device
 WIDTHS = (32, 24, 16)  # first-level feature maps tried, largest first (nnU-Net: 32)
 # Features of the full-resolution level on top of MONAI's UNet (``method.full_res_features``): nnU-Net's
-# first stage is at full resolution, MONAI's UNet convolves its input with stride 2 at once. Measured on
-# the hippocampus bench split (30 CPU-minutes, 2 seeds, scripts/bench_recipe.py): 16 features 0.8735 test Dice,
-# 8 features 0.8713, none 0.8684 (each fewer steps: 2 000-2 700, 2 700-3 700, 4 800-7 200).
+# first stage is at full resolution, MONAI's UNet convolves its input with stride 2 at once (evidence:
+# full_res_features).
 FULL_RES_FEATURES = 16
 TRANSLATE = 4  # voxels of random patch shift planned where the patch covers the median case (data.translate)
 TTA_SHIFTS = 2  # phase shifts averaged at inference by 3D methods (imgx3d.inference.predictor.predict_probabilities)
@@ -95,9 +90,7 @@ PassTimer = Callable[[Config, tuple[int, ...]], float]  # seconds of one predict
 # budget (at least MIN_PREDICT_SECONDS): shifts go first, then mirrors, until it fits (issue: TTA passes have a price).
 PREDICT_SHARE = 0.01
 # ... and all that is predicted after training (the last validation, the postprocessing decision's validation cases
-# and the test split, TTA included) within this share of the budget: on prostate at 15 CPU-minutes (31 cases, 16
-# passes) the per-case rule alone reserved 3.2 minutes, 21 % of the budget, and the plan trained 333 steps against
-# the hand-written config's 479 (-0.030 test Dice on that split)
+# and the test split, TTA included) within this share of the budget (evidence: prediction_share)
 PREDICT_TOTAL_SHARE = 0.05
 MIN_PREDICT_SECONDS = 2.0
 
@@ -598,8 +591,7 @@ def mirror_axes(class_names: list[str]) -> tuple[list[int], str]:
         return axes, "every axis (nnU-Net's default): no class is named by its position"
     named = " and ".join(w for w, hit in (("side", sided), ("position", placed)) if hit)
     return axes, (f"{f'axes {axes} only' if axes else 'no mirroring'}: classes named by {named} would swap under "
-                  "the other mirrors (nnU-Net mirrors every axis; on the hippocampus at 30 CPU-minutes that and its "
-                  "8-mirror TTA scored -0.0025 test Dice, 2 seeds)")
+                  f"the other mirrors (nnU-Net mirrors every axis; {quote_evidence('mirror_every_axis')})")
 
 
 def ordered_axes(fp: Fingerprint) -> tuple[list[int], str]:
@@ -653,21 +645,18 @@ def _plan_data(result: Plan, fp: Fingerprint) -> None:
     result.decide("infer.tta_flips", axes, "the training's mirrors, averaged at inference")
     result.decide("infer.tta_shifts", TTA_SHIFTS,
                   "the volume also predicted shifted by 1 voxel along every axis (another phase of the network's "
-                  "pooling grid) and the maps averaged, at each mirroring, for twice the inference time: on the "
-                  "hippocampus at 30 CPU-minutes (3 seeds) +0.0045 test Dice with centred training patches (0.8756 vs "
-                  "0.8711), +0.0012 with data.translate's shifted ones (0.8797 vs 0.8785), and ImgX-DiffSeg +0.0014 "
-                  "(2 seeds); 4 shifts no better than 2 on validation")
+                  f"pooling grid) and the maps averaged, at each mirroring, for twice the inference time: "
+                  f"{quote_evidence('tta_shifts')}")
     result.decide("data.affine_prob", 0.2, "random rotation (±15°) and scaling (±15 %) with probability 0.2 "
                                            "(nnU-Net: p 0.2, ±30°, 0.7-1.4; milder here for minute-long budgets: "
-                                           "nnU-Net's spatial, intensity and mirror set scored -0.0096 test Dice on "
-                                           "the hippocampus at 30 CPU-minutes)")
+                                           f"{quote_evidence('augmentation')})")
     result.decide("data.pos_fraction", 0.67, "two thirds of the patches centred on foreground (nnU-Net forces 1/3; "
                                              "more here: short runs see fewer patches)")
     result.decide("data.num_workers", 1, "one loader process prepares batches while the model trains")
     result.decide("data.split", {"seed": 0, "test_fraction": 0.2, "val_fraction": 0.1},
                   "a held-out 20 % test split, 10 % of the rest to validate (seeded: the same split for every method; "
-                  "training on the validation cases too scored +0.0013 test Dice on the hippocampus at 30 CPU-minutes, "
-                  "within the 2 seeds' spread, at the price of the best checkpoint and the learned postprocessing)")
+                  f"{quote_evidence('train_on_validation')}, at the price of the best checkpoint and the learned "
+                  "postprocessing)")
 
 
 def thin_slab_axis(fp: Fingerprint) -> tuple[int | None, str]:
@@ -732,9 +721,7 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
         result.decide("data.translate", TRANSLATE,
                       f"each patch shifted by a random -{TRANSLATE} … {TRANSLATE} voxels per axis (every phase of the "
                       "8-voxel grid of 3 poolings, the hippocampus's): a case smaller than the patch is otherwise "
-                      "always centred in it, at one phase; on the hippocampus at 30 CPU-minutes +0.0073 test Dice "
-                      "(3 seeds: 0.8785 vs 0.8711; -2 … 2, 2 seeds: +0.0047; validation alike for both ranges), and "
-                      "ImgX-DiffSeg +0.0122 (2 seeds: 0.8744 vs 0.8622)")
+                      f"always centred in it, at one phase; {quote_evidence('translate')}")
     else:
         result.decide("data.translate", 0, "the patch is smaller than the median case: its random crops already place "
                                            "cases at every phase of the network's pooling grid")
@@ -746,9 +733,7 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
                                                                  f">= {2 * MIN_FEATURE_MAP} voxels")
         result.decide("method.full_res_features", FULL_RES_FEATURES,
                       f"a level of {FULL_RES_FEATURES} features at full resolution on top (nnU-Net's first stage is "
-                      "at full resolution; MONAI's UNet pools its input at once): +0.005 test Dice on the hippocampus "
-                      "bench split at 30 CPU-minutes (2 seeds: 0.8735 vs 0.8684; 8 features: 0.8713) for ~2.5x the "
-                      "step time")
+                      f"at full resolution; MONAI's UNet pools its input at once): {quote_evidence('full_res_features')}")
     else:
         result.forget("method.full_res_features")  # DynUNet's first level is at full resolution already
         result.decide("method.arch", "dynunet", "per-axis kernels or strides: MONAI's DynUNet (nnU-Net's network)")
@@ -872,12 +857,12 @@ def _keep(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarr
     """Record the chosen candidate (and, if the patch shrank, its topology) with the measurements."""
     reach = (f"reaching {ENOUGH_STEPS} steps in {budget_minutes:g} minutes" if steps >= ENOUGH_STEPS
              else f"none reached {ENOUGH_STEPS} steps in {budget_minutes:g} minutes; the whole patch is kept while the "
-                  f"smallest reaches {CONTEXT_STEPS} (context over steps: {CONTEXT_EVIDENCE})")
+                  f"smallest reaches {CONTEXT_STEPS} (context over steps: {quote_evidence('context_over_steps')})")
     if patch is not None:
         _plan_network(result, fp, patch, "the median shape did not fit the budget: shrunk by nnU-Net's rule (the "
                                          "axis largest relative to the median shape first) until the smallest width "
                                          f"and batch measured {steps} steps in {budget_minutes:g} minutes (at least "
-                                         f"{CONTEXT_STEPS}: context over steps, {CONTEXT_EVIDENCE})")
+                                         f"{CONTEXT_STEPS}: context over steps, {quote_evidence('context_over_steps')})")
     chosen = _candidate(result, fp, width, batch)
     which = "the largest candidate" if patch is None else "the smallest width and batch on the shrunk patch"
     result.decide("method.channels", chosen.tree["method"]["channels"], f"{which} {reach} (measured: {measured})")
@@ -888,9 +873,7 @@ def _plan_training(result: Plan, budget_minutes: float) -> None:
     result.decide("train.max_minutes", budget_minutes, "the budget")
     result.decide("train.max_steps", 100_000, "a ceiling: the budget ends the run first")
     result.decide("train.schedule_over", "budget", "the cosine anneals over the budget, whatever the machine's speed")
-    result.decide("train.lr", 0.002, "AdamW 2e-3 with cosine decay (the hippocampus baseline's; on the hippocampus at "
-                                     "30 CPU-minutes, 2 seeds, a 1e-3 peak scored -0.0035 test Dice and nnU-Net's SGD, "
-                                     "Nesterov 0.99 at 1e-2 with poly decay, -0.0052)")
+    result.decide("train.lr", 0.002, f"AdamW 2e-3 with cosine decay (the hippocampus baseline's; {quote_evidence('learning_rate')})")
     result.decide("train.min_lr", 1e-5, "the cosine's floor, 1/200 of the peak (the hippocampus baseline's)")
     result.decide("train.warmup_steps", 100, "a short linear warm-up")
     result.decide("train.val_every", 500, "validation every 500 steps")
