@@ -119,3 +119,24 @@ def test_sparse_labels_train_predict_and_score(tmp_path):
         for p in predictions]) for mask in (3, None)}
     assert summary["per_class"]["label_1"]["dice"]["mean"] == pytest.approx(by_hand[3])
     assert by_hand[3] != pytest.approx(by_hand[None]), "the not-annotated slices would have counted"
+
+
+def test_the_uncertainty_scores_leave_ignored_voxels_out():
+    """An ignored reference voxel is neither an error nor a wrong confident voxel: a perfect, sure prediction
+    of the annotated slices scores ECE 0 with the ignore label, and badly without it."""
+    from imgx3d.evaluation.uncertainty import UncertaintyScores
+
+    ref = np.zeros((10, 10, 6), np.uint8)
+    ref[3:7, 3:7, :] = 1
+    ref[..., 3:] = 5  # three slices not annotated
+    pred = np.where(ref == 5, 0, ref).astype(np.uint8)
+    probs = np.stack([pred == 0, pred == 1], -1).astype(np.float32) * 0.98 + 0.01
+    entropy = np.zeros(ref.shape, np.float32)
+    entropy[2:8, 2:8, :] = 0.3  # unsure around the object
+    scored = {}
+    for ignore in (5, None):
+        scores = UncertaintyScores([0, 1], ignore)
+        scores.add("a", pred, ref, entropy, probs)
+        scored[ignore] = scores.result({"a": 1.0})
+    assert scored[5]["ece"] == pytest.approx(0.01, abs=1e-6) and np.isnan(scored[5]["error_auc"])
+    assert scored[None]["ece"] > 0.1

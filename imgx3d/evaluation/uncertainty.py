@@ -104,8 +104,9 @@ class UncertaintyScores:
     confidence and whether it was right), so a test split's worth fits in memory.
     """
 
-    def __init__(self, class_values: list[int]):
+    def __init__(self, class_values: list[int], ignore_label: int | None = None):
         self.values = np.asarray(class_values)
+        self.ignore_label = ignore_label  # the reference's not-annotated voxels: neither right nor wrong
         self.scores: list[np.ndarray] = []
         self.errors: list[np.ndarray] = []
         self.confidences: list[np.ndarray] = []
@@ -115,14 +116,17 @@ class UncertaintyScores:
     def add(self, case: str, pred: np.ndarray, ref: np.ndarray, entropy_map: np.ndarray,
             probabilities: np.ndarray | None = None) -> None:
         """One case: label maps in class values, its entropy map (nats) and, for the ECE, its ``(..., K)``
-        class probabilities (channels in ``class_values`` order)."""
-        roi = region_of_interest(pred, ref)
-        self.scores.append(entropy_map[roi].ravel())
-        self.errors.append((pred != ref)[roi].ravel())
+        class probabilities (channels in ``class_values`` order). Reference voxels of the ignore label are
+        left out of the voxel scores."""
+        annotated = np.ones(ref.shape, bool) if self.ignore_label is None else ref != self.ignore_label
+        roi = region_of_interest(pred, np.where(annotated, ref, 0))
+        keep = annotated[roi]
+        self.scores.append(entropy_map[roi][keep])
+        self.errors.append((pred != ref)[roi][keep])
         if probabilities is not None:
-            probs = probabilities[roi]
-            self.confidences.append(probs.max(-1).ravel())
-            self.corrects.append((self.values[probs.argmax(-1)] == ref[roi]).ravel())
+            probs = probabilities[roi][keep]
+            self.confidences.append(probs.max(-1))
+            self.corrects.append(self.values[probs.argmax(-1)] == ref[roi][keep])
         self.case_entropy[case] = case_uncertainty(entropy_map, pred != 0, len(self.values), 1.0, 0).foreground_entropy
 
     def result(self, dice: dict[str, float]) -> dict[str, Any]:
@@ -141,8 +145,8 @@ class UncertaintyScores:
 
 
 def evaluate_uncertainty(cases: dict[str, tuple[np.ndarray, np.ndarray]], dice: dict[str, float], folder: Path,
-                         class_values: list[int]) -> dict[str, Any]:
-    """Score the uncertainty maps in ``folder`` against the references.
+                         class_values: list[int], ignore_label: int | None = None) -> dict[str, Any]:
+    """Score the uncertainty maps in ``folder`` against the references (their ``ignore_label`` voxels left out).
 
     Args:
         cases: case → (predicted, reference) label maps in class values.
@@ -153,7 +157,7 @@ def evaluate_uncertainty(cases: dict[str, tuple[np.ndarray, np.ndarray]], dice: 
     Returns:
         :meth:`UncertaintyScores.result`.
     """
-    scores = UncertaintyScores(class_values)
+    scores = UncertaintyScores(class_values, ignore_label)
     for case, (pred, ref) in sorted(cases.items()):
         path = folder / f"{case}_uncertainty.nii.gz"
         if not path.is_file():
@@ -178,4 +182,4 @@ def evaluate_uncertainty_folders(pred_dir: str | Path, ref_dir: str | Path, unce
     cases = {case: (read_label(preds[case], data_cfg).array, read_label(refs[case], data_cfg).array) for case in preds}
     values = sorted({0, *(int(row["class"]) for row in rows)})
     return evaluate_uncertainty(cases, {c: float(np.nanmean(v)) for c, v in dice.items()}, Path(uncertainty_dir),
-                                values)
+                                values, data_cfg.ignore_label if data_cfg is not None else None)

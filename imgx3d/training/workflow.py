@@ -482,7 +482,8 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     t0 = time.perf_counter()
     data_cfg = predictor.config.data
     overlays: list[Path] = []
-    scores = UncertaintyScores(sorted(catalog.labels)) if predictor.config.train.test_uncertainty else None
+    scores = UncertaintyScores(sorted(catalog.labels), data_cfg.ignore_label) \
+        if predictor.config.train.test_uncertainty else None
     for case_id in split.test:  # predict per case so case ids follow the catalog, not file names
         case = cases[case_id]
         model_case = predictor.read(case.images)
