@@ -49,9 +49,19 @@ distributed.teardown(ctx)
 """
 
 
+# A rank that has done its work and left the process group sometimes aborts in the C++ runtime as the
+# interpreter exits (gloo on torch 2.13, ~1 run in 7 of the DARL script here, after both ranks wrote their
+# results): such a run is tried once more; any other failure, or that one twice, fails the test.
+EXIT_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(*argv: str, nproc: int = 2, cwd: Path | None = None) -> str:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *argv], env=ENV, capture_output=True, text=True, timeout=600, cwd=cwd)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={nproc}", *argv], env=ENV, capture_output=True, text=True,
+                              timeout=600, cwd=cwd)
+        if proc.returncode == 0 or EXIT_ABORT not in proc.stdout + proc.stderr:
+            break
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout + proc.stderr
 
