@@ -479,9 +479,11 @@ def from_dict(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any
         if field_.name not in values:
             continue
         value = values[field_.name]
-        default = field_.default_factory() if field_.default_factory is not dataclasses.MISSING else field_.default
-        if isinstance(value, dict) and dataclasses.is_dataclass(default) and hints[field_.name] is not MethodConfig:
-            value = {**dataclasses.asdict(default), **value}  # a partial section keeps this field's own defaults
+        if isinstance(value, dict) and field_.default_factory is not dataclasses.MISSING \
+                and hints[field_.name] is not MethodConfig:  # the method's own defaults come with its name
+            default = field_.default_factory()
+            if dataclasses.is_dataclass(default):
+                value = {**dataclasses.asdict(default), **value}  # a partial section keeps this field's defaults
         kwargs[field_.name] = coerce(value, hints[field_.name], f"{prefix}.{field_.name}" if prefix else field_.name)
     return cls(**kwargs)
 

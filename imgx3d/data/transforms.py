@@ -124,11 +124,14 @@ def crop_indices(label: torch.Tensor, patch_size: list[int],
     neither: patches are centred on annotated voxels."""
     padded = SpatialPad(patch_size, mode="constant")(label)
     padded = padded.as_tensor() if hasattr(padded, "as_tensor") else padded
-    if ignore_label is None:  # a bool map: MONAI negates the label, and ~ of a uint8 map is never 0 (every
-        fg, bg = map_binary_to_indices(padded > 0)  # voxel was a background centre, the foreground included)
+    # bool maps: MONAI negates the label, and ~ of a uint8 map is never 0 (every voxel, the foreground
+    # included, was a background centre); its image argument limits the background to annotated voxels
+    foreground = padded > 0
+    if ignore_label is None:
+        fg, bg = map_binary_to_indices(foreground)
     else:
-        annotated = (padded != ignore_label).to(torch.uint8)
-        fg, bg = map_binary_to_indices((padded > 0) & (annotated > 0), annotated, 0)  # bg: where annotated is 1
+        annotated = padded != ignore_label
+        fg, bg = map_binary_to_indices(foreground & annotated, annotated, 0)
     dtype = torch.int32 if padded.numel() < 2**31 else torch.int64
     return {"fg_indices": torch.as_tensor(fg).to(dtype), "bg_indices": torch.as_tensor(bg).to(dtype)}
 

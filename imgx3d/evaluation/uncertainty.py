@@ -23,6 +23,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.metrics.calibration import calibration_binning
 from scipy.stats import rankdata, spearmanr
 
 from imgx3d.data.io import read_label
@@ -82,15 +84,21 @@ def error_auc(uncertainty: np.ndarray, error: np.ndarray) -> float:
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> float:
-    """``Σ_b (n_b / n) |accuracy_b − confidence_b|`` over equal-width confidence bins."""
-    confidence, correct = confidence.ravel(), correct.astype(float).ravel()
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total / max(len(confidence), 1))
+    """``Σ_b (n_b / n) |accuracy_b − confidence_b|`` over equal-width confidence bins (MONAI's
+    ``calibration_binning`` of the top-label confidence: its ``CalibrationErrorMetric`` scores each class's
+    channel instead)."""
+    as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64).ravel())[None, None]  # noqa: E731
+    mean_p, mean_correct, counts = calibration_binning(as_tensor(confidence), as_tensor(correct), num_bins=bins)
+    filled = counts > 0
+    return float((counts[filled] * (mean_correct[filled] - mean_p[filled]).abs()).sum() / counts.sum().clamp_min(1))
+
+
+def case_dice(rows: list[dict]) -> dict[str, float]:
+    """case → mean foreground Dice, from :func:`~imgx3d.evaluation.metrics.evaluate_folders`' per-class rows."""
+    dice: dict[str, list[float]] = {}
+    for row in rows:
+        dice.setdefault(row["case"], []).append(row["dice"])
+    return {case: float(np.nanmean(values)) for case, values in dice.items()}
 
 
 def _load(path: Path) -> np.ndarray:
@@ -176,10 +184,7 @@ def evaluate_uncertainty_folders(pred_dir: str | Path, ref_dir: str | Path, unce
     """:func:`evaluate_uncertainty` of the predictions in ``pred_dir`` (scored as ``rows`` by
     :func:`~imgx3d.evaluation.metrics.evaluate_folders`) against ``ref_dir``, with the maps in ``uncertainty_dir``."""
     preds, refs = label_files(Path(pred_dir)), label_files(Path(ref_dir))
-    dice: dict[str, list[float]] = {}
-    for row in rows:
-        dice.setdefault(row["case"], []).append(row["dice"])
     cases = {case: (read_label(preds[case], data_cfg).array, read_label(refs[case], data_cfg).array) for case in preds}
     values = sorted({0, *(int(row["class"]) for row in rows)})
-    return evaluate_uncertainty(cases, {c: float(np.nanmean(v)) for c, v in dice.items()}, Path(uncertainty_dir),
+    return evaluate_uncertainty(cases, case_dice(rows), Path(uncertainty_dir),
                                 values, data_cfg.ignore_label if data_cfg is not None else None)

@@ -110,6 +110,9 @@ class Method(nn.Module):
     spatial_dims: int  # 3: volumetric; 2: runs per slice (a method may set it per instance, e.g. unet)
     Config: ClassVar[type[MethodConfig]]
     plan: TrainingPlan = TrainingPlan()
+    # whether training leaves voxels labelled IGNORE_INDEX (data.ignore_label: not annotated) out of the loss;
+    # the workflow refuses a dataset with an ignore label for a method that does not
+    partial_labels: bool = False
 
     def __init__(self, cfg: Any, num_classes: int, in_channels: int):
         super().__init__()

@@ -106,6 +106,7 @@ class UNetMethod(Method):
         halving = [0.5 ** i for i in range(1 + cfg.deep_supervision)]
         self.head_weights = [w / sum(halving) for w in halving]
         self.loss = DiceCEIgnoring(cfg.batch_dice, cfg.lambda_dice, cfg.lambda_ce)
+        self.partial_labels = self.spatial_dims == 3  # 3D patches map the ignore label to IGNORE_INDEX; slices do not
 
     def size_multiple(self) -> int:
         """The product of the strides (the largest over the axes when they differ)."""

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imgx3d.config import Config, load_config, load_yaml, parse_overrides
 from imgx3d.planning import parse_budget, plan_folder, reading_config
@@ -35,6 +35,14 @@ class Resolved:
     name: str = ""  # the candidate's name in a race
 
 
+def budget_clock_of(overrides: list[str], given: dict[str, Any] | None = None) -> str:
+    """The ``train.budget_clock`` the overrides (else the config tree ``given``) set: a CPU-time budget, for runs
+    sharing a machine, is planned on CPU time too (:func:`~imgx3d.planning.planner.planning_clock`)."""
+    clock = dict(parse_overrides(overrides)).get("train.budget_clock") or ((given or {}).get("train") or {}).get(
+        "budget_clock")
+    return clock or "wall"
+
+
 def resolve_plan(data: str | Path, method: str | None = None, budget: str | float = "30m", device: str = "auto",
                  config_file: str | Path | None = None, overrides: list[str] | None = None,
                  cache_dir: str | Path | None = None) -> tuple["Plan", "Fingerprint"]:
@@ -48,9 +56,7 @@ def resolve_plan(data: str | Path, method: str | None = None, budget: str | floa
     method = method or (given.get("method") or {}).get("name") or "unet"
     minutes = parse_budget(budget) if isinstance(budget, str) else float(budget)
     fp = fingerprint(data, reading_config(given, overrides), cache_dir=cache_dir or plan_folder(data))
-    # a CPU-time budget (train.budget_clock: cpu, for runs sharing a machine) is planned on CPU time too
-    clock = dict(parse_overrides(overrides)).get("train.budget_clock") or (given.get("train") or {}).get("budget_clock")
-    result = plan(fp, method, minutes, device, budget_clock=clock or "wall")
+    result = plan(fp, method, minutes, device, budget_clock=budget_clock_of(overrides, given))
     if config_file:  # the file's own keys, not a plan it extends (made for another machine or budget)
         result.override(load_yaml(config_file, above_plans=True), f"set by {config_file}")
     if overrides:

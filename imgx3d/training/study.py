@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgx3d.config import load_config, load_yaml, parse_overrides
+from imgx3d.config import load_config, load_yaml
 from imgx3d.errors import ConfigError
 from imgx3d.evaluation.compare import write_comparison
 from imgx3d.evaluation.records import Comparison
@@ -29,6 +29,7 @@ from imgx3d.methods.base import Segmenter
 from imgx3d.planning import reading_config
 from imgx3d.planning.fingerprint import fingerprint
 from imgx3d.planning.planner import RACE_SHARE, plan_methods
+from imgx3d.planning.resolve import budget_clock_of
 from imgx3d.registry import method_class
 from imgx3d.training.race import race_run
 from imgx3d.training.workflow import RESULT_FILE, train_run
@@ -114,7 +115,7 @@ def _plans(data: str | Path, methods: list[str], study_dir: Path, budget_minutes
     missing = [m for m, f in files.items() if not f.is_file()]
     if missing:
         fp = fingerprint(data, reading_config(None, overrides), cache_dir=folder)
-        clock = dict(parse_overrides(overrides)).get("train.budget_clock") or "wall"
+        clock = budget_clock_of(overrides)
         for method, result in plan_methods(fp, missing, budget_minutes, device, budget_clock=clock).items():
             print("\n".join([f"study: plan of {method}", *("  " + line for line in result.explain())]))
             for name, rival in result.rivals.items():  # written first: the method's own file marks the plans done

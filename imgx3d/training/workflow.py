@@ -35,7 +35,7 @@ from imgx3d.data.transforms import (
 from imgx3d.errors import CheckpointError, ConfigError, InputError
 from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
-from imgx3d.evaluation.uncertainty import UNCERTAINTY_METRICS, UncertaintyScores
+from imgx3d.evaluation.uncertainty import UNCERTAINTY_METRICS, UncertaintyScores, case_dice
 from imgx3d.files import atomic_write_text
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.postprocess import case_candidates, learn_postprocessing
@@ -250,9 +250,9 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     seed_everything(cfg.seed)
 
     catalog = find_cases(data_root, cfg.data)
-    _take_ignore_label(cfg, catalog)
     split = make_split(catalog, cfg.data.split)
     method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
+    _record_ignore_label(cfg, catalog, method)
     _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
     with tee_to_file(run_dir / LOG_FILE, ctx.is_main):  # train.log: everything printed from here on
         if ctx.is_main:
@@ -261,20 +261,19 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
                                 records, pause_after_minutes)
 
 
-def _take_ignore_label(cfg: Config, catalog: Catalog) -> None:
+def _record_ignore_label(cfg: Config, catalog: Catalog, method: Method) -> None:
     """Record the dataset's ignore label in the run's config (``data.ignore_label``: the checkpoint, the
-    validation and ``evaluate --run`` read it there); only the U-Net's loss leaves its voxels out.
+    validation and ``evaluate --config`` read it there).
 
     Raises:
-        ConfigError: another method with an ignore label.
+        ConfigError: the method does not train on partial labels (``Method.partial_labels``).
     """
     if catalog.ignore_label is None:
         return
-    dims = getattr(cfg.method, "spatial_dims", 3)
-    if cfg.method.name != "unet" or dims != 3:
+    if not method.partial_labels:
         raise ConfigError(f"{catalog.root}: the labels mark voxels not annotated (ignore label {catalog.ignore_label}),"
-                          f" which method '{cfg.method.name}' ({dims}D) cannot train on; use the 3D unet or label "
-                          "every voxel")
+                          f" which method '{cfg.method.name}' ({method.spatial_dims}D) cannot train on; use the 3D "
+                          "unet or label every voxel")
     cfg.data.ignore_label = catalog.ignore_label
 
 
@@ -527,10 +526,7 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
 def _score_uncertainty(scores: UncertaintyScores, rows: list[dict], path: Path) -> dict[str, Any]:
     """The test split's uncertainty scores against each case's mean foreground Dice, written to ``path``
     (with the per-case rows); returned without them."""
-    dice: dict[str, list[float]] = {}
-    for row in rows:
-        dice.setdefault(row["case"], []).append(row["dice"])
-    result = scores.result({case: float(np.nanmean(values)) for case, values in dice.items()})
+    result = scores.result(case_dice(rows))
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return {k: v for k, v in result.items() if k != "per_case"}
 
