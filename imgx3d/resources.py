@@ -67,8 +67,8 @@ def choose_precision(setting: str, device: torch.device, capability: tuple[int, 
     also answers yes on V100 / T4 / RTX 20xx, where bf16 is emulated and cuDNN has no bf16
     convolutions. On the CPU: bf16 where it has bf16 instructions (:func:`cpu_computes_bf16`;
     oneDNN's bf16 convolutions, measured 1.7x a training step and 2.3x a window pass of the
-    hippocampus U-Net on one thread of this project's AMX CPU, ``scripts/bench_training_loop.py``,
-    ``scripts/bench_inference.py``), fp32 elsewhere.
+    hippocampus U-Net on one thread of this project's AMX CPU, ``benchmarks/training_loop.py``,
+    ``benchmarks/inference.py``), fp32 elsewhere.
 
     Args:
         capability: the CUDA compute capability (default: asked of ``device``).
@@ -122,7 +122,7 @@ class OneDNNConv3d(torch.nn.Conv3d):
     20 480 ("for some case, native is faster", a threshold tuned on 2D convolutions). In 3D that
     is every window of a U-Net's deeper levels: on a 2-core AMD EPYC (AVX2) the im2col kernel took
     2-6x oneDNN's time for those layers, and a batch-1 hippocampus U-Net window pass ran 1.9-2.7x faster
-    with every convolution on oneDNN (``scripts/bench_imgx_inference.py``). The values are the
+    with every convolution on oneDNN (``benchmarks/imgx_inference.py``). The values are the
     same convolution up to fp32 rounding. Training (autograd), autocast, other dtypes and devices
     take PyTorch's own path, as do string paddings and non-zero padding modes.
     """
@@ -149,7 +149,7 @@ class ChannelsLastInstanceNorm3d(torch.nn.InstanceNorm3d):
     next channels-last convolution converts back. A group norm with C groups normalises over the same
     voxels per sample and channel, with the same biased variance, eps and affine parameters (the
     same values up to rounding), and its CPU kernel keeps the channels-last order. Measured there
-    (``scripts/bench_memory_format.py``, idle, medians of 7): a fp32 hippocampus training step 1.08x and
+    (``benchmarks/memory_format.py``, idle, medians of 7): a fp32 hippocampus training step 1.08x and
     4 × 64³ window passes 1.15-1.35x faster than with channels-last weights alone. The group-norm kernel is slower
     than the instance norm on maps of few voxels (under ``GROUP_NORM_MIN_VOXELS`` per channel, e.g.
     192 × 5 × 7 × 5) and in bf16 (a bf16 hippocampus training step took 0.82 s against 0.50 s), so
@@ -187,7 +187,7 @@ def _swap_class(module: torch.nn.Module, stock: type, replacement: type) -> None
 def channels_last_pays_in_inference() -> bool:
     """Whether channels-last weights (:func:`use_fast_cpu_layout`) speed up CPU window passes on this CPU:
     measured 1.02-1.26x for 4 x 64³ windows of two U-Nets on an AVX-512 AMD EPYC, ~10 % on an Intel
-    CPU with AMX, and 0.87-0.89x (slower) on an AVX2-only AMD EPYC (``scripts/bench_memory_format.py``;
+    CPU with AMX, and 0.87-0.89x (slower) on an AVX2-only AMD EPYC (``benchmarks/memory_format.py``;
     there a training step still gained 1.06-1.26x). Yes where PyTorch's kernels run AVX-512."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
@@ -208,7 +208,7 @@ def use_fast_cpu_layout(module: torch.nn.Module, device: torch.device) -> None:
     in place. oneDNN then runs the convolutions channels-last, measured ~10 % faster for a training
     step and a window pass of the hippocampus U-Net on an Intel CPU with AMX, and on a quiet 2-core AMD
     EPYC with AVX-512 1.03x for a training step and 1.02-1.26x for 4 x 64³ window passes of two U-Nets
-    in fp32 and bf16 (``scripts/bench_memory_format.py``; an AVX2-only EPYC: see
+    in fp32 and bf16 (``benchmarks/memory_format.py``; an AVX2-only EPYC: see
     :func:`channels_last_pays_in_inference`); the values do not change, only their order in memory
     (a tuner that timed both layouts on a prediction's first windows and kept the faster measured
     slower end to end there, and was dropped). On AVX-512 CPUs the instance norms become

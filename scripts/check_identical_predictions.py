@@ -4,7 +4,7 @@ Drives only the command line (``python -m imgx3d``), so the same script runs on 
 before and after a refactor:
 
 1. ``--record DIR`` (on the old code): trains short, seeded U-Net and ImgX runs on the
-   hippocampus split of ``scripts/bench_hippocampus.py`` (the shipped configs, a few
+   hippocampus split of ``benchmarks/hippocampus.py`` (the shipped configs, a few
    hundred steps: the weights need not be good, only fixed), predicts their 40 test cases
    with ``imgx3d predict`` (probabilities too) and records each output file's SHA-256.
 2. ``--check DIR`` (on the new code): predicts again from the same run folders (their

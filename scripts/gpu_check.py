@@ -40,9 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import emit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file on a bare GPU machine: the benchmarks package beside it
+from benchmarks.common import emit  # noqa: E402
 CONFIGS = ROOT / "configs"
 METHODS = ("unet", "imgx", "sdseg", "pig", "siamese", "vae", "darl")
 

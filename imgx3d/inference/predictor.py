@@ -177,7 +177,7 @@ def predict_probabilities(method: Method, image: torch.Tensor, window: Window,
 
     Why shifts: a U-Net's strided poolings see a volume at one phase of their grid, and the output
     carries that grid's aliasing; averaging phases is an ensemble of the same weights at no training
-    cost. On the hippocampus bench split (30 CPU-minutes, 2 seeds, 40 test cases; ``scripts/bench_tta.py``)
+    cost. On the hippocampus bench split (30 CPU-minutes, 2 seeds, 40 test cases; ``benchmarks/tta.py``)
     2 shifts with the axis-0 mirror raised test Dice 0.8723 → 0.8767 (+0.0050 / +0.0039 per seed;
     validation +0.0013), 4 shifts to 0.8780; a second trained model averaged in instead: +0.0007. A
     network trained on shifted patches (``data.translate``) is less tied to one phase and gains less:
@@ -573,7 +573,7 @@ class Predictor:
             return (sum(fn(x.flip(d)).flip(d) if d else fn(x) for d in combos) / len(combos)).float()
 
         # On CPU, windows go one per call: batching them measured no faster (1.08x vs 1.12x of
-        # MONAI's time on 512x512x300x14) and held 0.66 GiB more (scripts/bench_sliding_window.py);
+        # MONAI's time on 512x512x300x14) and held 0.66 GiB more (benchmarks/sliding_window.py);
         # two such calls run at once (ConcurrentBatches).
         chunk = settings.sw_batch_size if self.device.type == "cuda" else 1
         with torch.inference_mode(), ConcurrentBatches(mirrored, chunk, window_streams(self.device)) as batches:

@@ -65,7 +65,7 @@ class ConcurrentBatches:
     (AVX2, fp32) a batch of 4 windows took 100 ms per window on 1 thread and 60 ms on 2 (1.67x),
     while two threads of 1 intra-op thread each, one batch each, took 51 ms per window; a
     256 x 256 x 128 MONAI sliding window ran 1.13x faster so, with outputs equal to the bit there
-    (each window is the same computation; ``scripts/bench_inference.py`` times it). The blending stays
+    (each window is the same computation; ``benchmarks/inference.py`` times it). The blending stays
     the caller's: MONAI's loop (or :func:`streaming_argmax`) is given ``batch_size`` =
     ``chunk x streams`` windows per call, and gets their outputs back in order.
 
@@ -153,7 +153,7 @@ def predict_by_slices(method: Segmenter, image: torch.Tensor, cfg: SliceConfig) 
 # whole volume. MONAI divides the weighted sums by the per-voxel total of the weights; that total
 # is the same for every class, so the arg-max of the sums is taken directly (no weight map, no
 # division). Results equal MONAI's up to the order of floating-point operations (voxels whose two
-# best classes tie within rounding; ``scripts/bench_sliding_window.py`` reports the fraction).
+# best classes tie within rounding; ``benchmarks/sliding_window.py`` reports the fraction).
 FINALIZE_ROWS = 16  # rows (first axis) of the slab finalised per step: bounds the temporaries
 
 

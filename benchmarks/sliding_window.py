@@ -11,7 +11,7 @@ oneDNN), MONAI's is the stock module a MONAI user calls. Each variant runs in it
 process, so its peak resident memory (``ru_maxrss``) is its own; the parent prints JSON lines
 with seconds, peak RSS and the fraction of voxels whose labels differ (float summation order).
 
-    python scripts/bench_sliding_window.py            # --shape 512 512 300 --classes 14
+    python -m benchmarks.sliding_window            # --shape 512 512 300 --classes 14
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import emit, machine
+
+from benchmarks.children import Child, last_json, module, run_children
+from benchmarks.common import emit, machine
 
 
 VARIANTS = ("monai", "streaming", "streaming_serial", "streaming_batch4", "streaming_fp16")
@@ -90,11 +90,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ["monai", *[v for v in args.variants if v != "monai"]]:
             out = Path(tmp) / f"{variant}.npy"
-            proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--out", str(out),
-                                   "--shape", *map(str, args.shape), "--classes", str(args.classes),
-                                   "--roi", str(args.roi), "--overlap", str(args.overlap)],
-                                  capture_output=True, text=True, check=True)
-            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            ran = run_children([Child(variant, module(__spec__.name, "--variant", variant, "--out", str(out), "--shape",
+                                                      *map(str, args.shape), "--classes", str(args.classes), "--roi",
+                                                      str(args.roi), "--overlap", str(args.overlap)))])
+            results[variant] = last_json(ran[variant])
             results[variant]["labels"] = np.load(out)
     base = results["monai"]
     emit("sliding_window.monai.peak_rss", round(base["peak_rss_gib"], 2), "GiB", seconds=round(base["seconds"], 1))

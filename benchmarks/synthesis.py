@@ -1,4 +1,4 @@
-"""Shared pieces of the synthesis → augmentation benchmarks (bench_augment.py, bench_siamese.py).
+"""Shared pieces of the synthesis → augmentation benchmarks (benchmarks/augment.py, benchmarks/siamese.py).
 
 A benchmark runs ``imgx3d`` CLI jobs (train a generator, synth, train segmenters) as
 subprocesses, then scores what they wrote: downstream test Dice, mask–image agreement, and
@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import emit
+
+from benchmarks.children import REPO, Child, Finished, imgx3d, run_children
+from benchmarks.common import emit
 
 from imgx3d.config import load_config
 from imgx3d.data.catalog import find_cases
@@ -31,6 +30,8 @@ from imgx3d.synthesis.quality import (
     kernel_distance,
     segmenter_features,
 )
+
+CONFIGS = REPO / "configs" / "hippocampus"
 
 
 def low_data_parser(doc: str, name: str) -> argparse.ArgumentParser:
@@ -49,59 +50,23 @@ def low_data_parser(doc: str, name: str) -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class Job:
-    """One ``imgx3d`` CLI call, started once the jobs named in ``after`` have finished."""
-
-    name: str
-    argv: list[str]
-    threads: int = 1
-    after: list[str] = field(default_factory=list)
-
-
-def cli(*argv: str, log: Path, threads: int) -> subprocess.Popen:
-    """``python -m imgx3d ARGV`` with ``threads`` CPU threads, output to ``log``."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "GIT_PYTHON_REFRESH": "quiet"}
-    return subprocess.Popen([sys.executable, "-m", "imgx3d", *argv], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env)
-
-
-def run_jobs(jobs: list[Job], out: Path, parallel: int) -> list[str]:
-    """Run ``jobs`` ``parallel`` at a time, each after the jobs it names in ``after``.
+def run_jobs(jobs: list[Child], out: Path, parallel: int) -> dict[str, Finished]:
+    """Run ``imgx3d`` CLI jobs ``parallel`` at a time, each after the jobs it names in ``after``.
 
     A finished job leaves ``out/NAME.done``; a later invocation skips it (benchmarks resume).
 
     Returns:
-        The names of the jobs this call ran.
+        The jobs this call ran.
 
     Raises:
         SystemExit: a job failed (its log is ``out/NAME.log``).
     """
-    pending = [j for j in jobs if not (out / f"{j.name}.done").exists()]
-    ran = [j.name for j in pending]
-    finished = {j.name for j in jobs} - {j.name for j in pending}
-    running: dict[str, subprocess.Popen] = {}
-    while pending or running:
-        for job in [j for j in pending if set(j.after) <= finished]:
-            if len(running) >= parallel:
-                break
-            pending.remove(job)
-            running[job.name] = cli(*job.argv, log=out / f"{job.name}.log", threads=job.threads)
-        time.sleep(5)
-        for name, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            if proc.returncode:
-                for other in running.values():
-                    other.terminate()
-                raise SystemExit(f"{name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
-            finished.add(name)
-            (out / f"{name}.done").touch()
-        if pending and not running and not any(set(j.after) <= finished for j in pending):
-            raise SystemExit(f"jobs wait on jobs that never run: {[j.name for j in pending]}")
-    return ran
+    return run_children(jobs, parallel=parallel, logs=out, resume=True)
+
+
+def job(name: str, argv: list[str], threads: int = 1, after: list[str] | None = None) -> Child:
+    """One ``imgx3d`` CLI call of ``threads`` CPU threads, started once the jobs named in ``after`` have finished."""
+    return Child(name, imgx3d(*argv), threads=threads, after=after or [])
 
 
 def split_ids(run_dir: Path, part: str) -> list[str]:

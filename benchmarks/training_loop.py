@@ -17,13 +17,12 @@ after a warm-up:
 
 Prints JSON lines with each arm's steps/s and imgx3d's ratio to both bare loops.
 
-    python scripts/bench_training_loop.py [--steps 60] [--config configs/hippocampus/unet.yaml]
+    python -m benchmarks.training_loop [--steps 60] [--config configs/hippocampus/unet.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,17 +33,15 @@ from monai.data import CacheDataset, DataLoader
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import add_hippocampus_args, emit, machine  # noqa: E402
+from benchmarks.common import add_hippocampus_args, emit, machine
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.data.catalog import find_cases, make_split  # noqa: E402
-from imgx3d.data.transforms import Preprocessor, train_transforms  # noqa: E402
-from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_kernels  # noqa: E402
-from imgx3d.training.trainer import Trainer  # noqa: E402
-from imgx3d.training.workflow import _batches, _load_items  # noqa: E402
-
+from imgx3d.config import load_config
+from imgx3d.data.catalog import find_cases, make_split
+from imgx3d.data.transforms import Preprocessor, train_transforms
+from imgx3d.methods.base import build_method
+from imgx3d.resources import autocast, choose_precision, precision_name, use_fast_cpu_kernels
+from imgx3d.training.trainer import Trainer
+from imgx3d.training.workflow import _batches, _load_items
 
 
 def monai_batches(cfg, cases: list) -> Iterator[dict[str, torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 METHODS.md §4 claims (1) noise consistency improves synthesis fidelity over mask-only
 training and (2) images from the mask branch raise downstream Dice. On MSD Hippocampus, in the
-low-data regime of bench_augment.py (``--max-train`` real training volumes):
+low-data regime of benchmarks/augment.py (``--max-train`` real training volumes):
 
 1. A codec run (configs/hippocampus/siamese.yaml, codec phase only) gives every variant the same
    latent space; a real-only 2D U-Net (configs/hippocampus/unet2d.yaml) per seed.
@@ -20,36 +20,23 @@ low-data regime of bench_augment.py (``--max-train`` real training volumes):
 
 Every run logs to one mlflow experiment; JSON lines on stdout, then the two tables.
 
-    python scripts/bench_siamese.py --steps 1000 --parallel 2
+    python -m benchmarks.siamese --steps 1000 --parallel 2
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _augment import (  # noqa: E402
-    FeatureSpace,
-    Job,
-    emit_mean_dice,
-    first_pairs,
-    low_data_parser,
-    mask_image_agreement,
-    print_dice_table,
-    real_slice_count,
-    run_jobs,
-    test_dice,
-    training_cases,
-)
-from _bench import emit, machine  # noqa: E402
+from benchmarks.children import Child
+from benchmarks.common import emit, machine
+from benchmarks.synthesis import (CONFIGS, FeatureSpace, emit_mean_dice, first_pairs, job, low_data_parser,
+                                  mask_image_agreement, print_dice_table, real_slice_count, run_jobs, test_dice,
+                                  training_cases)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "hippocampus"
 ABLATIONS = {"full": [], "no_consistency": ["method.consistency_weight=0"],
              "no_online": ["method.online_augmentation=false"]}
 
@@ -68,13 +55,13 @@ def main() -> None:
          codec_steps=args.codec_steps, steps=args.steps, seg_cpu_minutes=args.seg_minutes,
          sample_steps=args.sample_steps)
 
-    def segmenter(name: str, seed: int, extra: list[str], after: list[str]) -> Job:
-        return Job(name, ["train", "--config", str(CONFIGS / "unet2d.yaml"), "--run-dir", str(out / name),
+    def segmenter(name: str, seed: int, extra: list[str], after: list[str]) -> Child:
+        return job(name, ["train", "--config", str(CONFIGS / "unet2d.yaml"), "--run-dir", str(out / name),
                           "--seed", str(seed), *low_data, *extra, f"train.max_minutes={args.seg_minutes}",
                           "train.budget_clock=cpu"], after=after)
 
     codec = out / "codec"
-    run_jobs([Job("codec", ["train", "--config", str(CONFIGS / "siamese.yaml"), "--run-dir", str(codec), *low_data,
+    run_jobs([job("codec", ["train", "--config", str(CONFIGS / "siamese.yaml"), "--run-dir", str(codec), *low_data,
                             f"method.codec_steps={args.codec_steps}", f"train.max_steps={args.codec_steps}"]),
               segmenter(f"real-seed{args.seeds[0]}", args.seeds[0], [], [])], out, args.parallel)
     n_real = real_slice_count(codec, args.data)
@@ -86,11 +73,11 @@ def main() -> None:
     # the long generator runs first, so the queue keeps every core busy
     same = [f"method.codec.path={codec}", f"train.max_steps={args.steps}", f"method.ramp_steps={args.steps}",
             "train.val_every=250"]
-    jobs = [Job(variant, ["train", "--config", str(CONFIGS / "siamese.yaml"), "--run-dir", str(out / variant),
+    jobs = [job(variant, ["train", "--config", str(CONFIGS / "siamese.yaml"), "--run-dir", str(out / variant),
                           *low_data, *same, *overrides]) for variant, overrides in ABLATIONS.items()]
     jobs += [segmenter(f"real-seed{s}", s, [], []) for s in args.seeds[1:]]
     for variant, pairs in synth_sets.items():
-        jobs.append(Job(f"synth-{variant}", ["synth", "--run", str(out / variant), "--masks", str(masks), "--n",
+        jobs.append(job(f"synth-{variant}", ["synth", "--run", str(out / variant), "--masks", str(masks), "--n",
                                              str(n_real), "--output", str(pairs), "--batch", "32", "--steps",
                                              str(args.sample_steps)], after=[variant]))
         seeds = args.seeds if variant == "full" else args.seeds[:1]

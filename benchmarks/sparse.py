@@ -8,14 +8,13 @@ and both are scored on the **full** labels of the same test cases. Prints JSON l
 steps and per-class test Dice, the annotated share of the voxels, and the difference.
 
 Usage:
-    python scripts/bench_sparse.py [--data ../shared/data/hippocampus] [--minutes 10] [--every 5]
+    python -m benchmarks.sparse [--data ../shared/data/hippocampus] [--minutes 10] [--every 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,11 +22,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
+from benchmarks.common import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.evaluation.metrics import evaluate_folders  # noqa: E402
+from imgx3d.config import load_config
+from imgx3d.evaluation.metrics import evaluate_folders
 
 RUNS = ("full", "sparse")
 
@@ -91,7 +89,7 @@ def main() -> None:
          axis=args.axis, annotated_voxel_share=round(share, 4), config=args.config, overrides=args.set)
     forwarded = [f"--{k}={getattr(args, k)}" for k in ("data", "config", "minutes", "clock", "work", "out",
                                                       "experiment")] + [f"--set={s}" for s in args.set]
-    results = train_in_children(__file__, list(RUNS), forwarded, Path(args.out), 2, args.threads)
+    results = train_in_children(__spec__.name, list(RUNS), forwarded, Path(args.out), 2, args.threads)
     # both scored on the full labels (the sparse run's own test metrics see only its annotated slices)
     dice = {}
     for name, result in results.items():

@@ -9,7 +9,7 @@ DDIM speed, seed stability, codec Dice, and where the Dice is lost.
    The fair baseline of a per-slice method, the **2D U-Net on exactly the same slices** (axis,
    size, empty-slice fraction), split and budget, is trained here (``--unet2d``); the 3D U-Net
    under the same budget is trained here (``--train-unet``) or read from a ``bench_result.json``
-   of scripts/bench_imgx_ablation.py (``--unet-result``).
+   of benchmarks/imgx_ablation.py (``--unet-result``).
 2. Codec: mask reconstruction Dice (3D, per class) of the trained codec on the test volumes —
    the ceiling of any latent method on this codec.
 3. Speed: one-step and DDIM-``--ddim-steps`` seconds per volume and their Dice on the first
@@ -17,7 +17,7 @@ DDIM speed, seed stability, codec Dice, and where the Dice is lost.
 4. Stability: one-step predictions with 5 seeds; PSNR / SSIM between the foreground
    probability volumes of every pair of seeds (the paper's instance-level stability).
 
-Usage: python scripts/bench_sdseg.py [--minutes 30] [--clock cpu --threads 1] [--unet2d] [--ema 0.999]
+Usage: python -m benchmarks.sdseg [--minutes 30] [--clock cpu --threads 1] [--unet2d] [--ema 0.999]
                                      [--unet-result runs/bench-imgx-ablation/unet/bench_result.json]
        [--device cuda --size 256 256 --skip-speed]   (the GPU run at the paper's 256 x 256 slices)
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -35,18 +34,17 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, emit_test_summary, machine  # noqa: E402
+from benchmarks.common import emit, emit_test_summary, machine
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.data.catalog import find_cases  # noqa: E402
-from imgx3d.data.io import read_label  # noqa: E402
-from imgx3d.evaluation.metrics import score_case  # noqa: E402
-from imgx3d.inference.predictor import Predictor  # noqa: E402
-from imgx3d.methods.vae import codec_validation  # noqa: E402
-from imgx3d.methods.base import method_from_checkpoint  # noqa: E402
-from imgx3d.training.ema import averaged_state_dict  # noqa: E402
-from imgx3d.training.workflow import train_run  # noqa: E402
+from imgx3d.config import load_config
+from imgx3d.data.catalog import find_cases
+from imgx3d.data.io import read_label
+from imgx3d.evaluation.metrics import score_case
+from imgx3d.inference.predictor import Predictor
+from imgx3d.methods.vae import codec_validation
+from imgx3d.methods.base import method_from_checkpoint
+from imgx3d.training.ema import averaged_state_dict
+from imgx3d.training.workflow import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -60,9 +60,9 @@ Arms:
            ImgX-DiffSeg (``configs/hippocampus/imgx.yaml``: the U-Net config's data, split and budget, K = 5 over
            the baseline's topology with FiLM time conditioning) in bf16, centred, and with ``data.translate: 4``:
            whether the phase shifts the U-Net's plan ships pay for the diffusion method too (score its shifted
-           predictions with ``scripts/bench_tta.py``); compare it with the U-Net arms for ImgX against the baseline
+           predictions with ``benchmarks/tta.py``); compare it with the U-Net arms for ImgX against the baseline
 
-Usage: python scripts/bench_recipe.py [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
+Usage: python -m benchmarks.recipe [--arms bf16 fullres8] [--seeds 0 1] [--minutes 30] [--parallel 2]
 
 More runs at once than the machine has cores make each CPU-second buy fewer steps (4 runs on 2 cores:
 ~1.1 CPU-s per DynUNet-16 step against 0.51 s idle), so compare arms only across equal ``--parallel``.
@@ -73,16 +73,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
+from benchmarks.common import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.training.workflow import train_run  # noqa: E402
+from imgx3d.config import load_config
+from imgx3d.training.workflow import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "hippocampus" / "unet.yaml"
@@ -91,7 +89,7 @@ BF16 = ["train.precision=bf16", "infer.precision=bf16"]
 FULLRES16 = [*BF16, "method.full_res_features=16"]
 # every arm starts from the recipe as it was before the phase changes of issue 21 (patches centred, no shifted
 # predictions), so arms measured in different rounds stay comparable; the arms that test them set them, and
-# scripts/bench_tta.py scores trained runs with infer.tta_shifts
+# benchmarks/tta.py scores trained runs with infer.tta_shifts
 CENTRED = ["data.translate=0", "infer.tta_shifts=1"]
 DYNUNET16 = [*BF16, "method.arch=dynunet", "method.full_res_features=0", "method.channels=[16,32,64,128]"]
 MIRROR3 = ["data.flip_axes=[0,1,2]", "infer.tta_flips=[0,1,2]"]
@@ -162,7 +160,7 @@ def main() -> None:
          seeds=args.seeds, split="hippocampus seed0: 144 train / 16 val / 40 test",
          reused=sorted(set(names) - set(todo)))
     forwarded = [f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]
-    train_in_children(__file__, todo, forwarded, out, args.parallel, args.threads)
+    train_in_children(__spec__.name, todo, forwarded, out, args.parallel, args.threads)
     results = {n: json.loads((out / n / "bench_result.json").read_text(encoding="utf-8")) for n in names}
     for name, r in results.items():
         emit_test_summary(f"recipe.{name}", r["test_summary"], steps=r["steps"], stop_reason=r["stop_reason"],

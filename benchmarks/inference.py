@@ -15,7 +15,7 @@ at a time), so its seconds per volume are what a folder of scans costs. Each
 variant runs in its own subprocess (so peak RSS is its own), alternating, ``--repeats`` times;
 medians are reported.
 
-Usage: python scripts/bench_inference.py [--repeats 3] [--shape 256 256 128] [--files 4]
+Usage: python -m benchmarks.inference [--repeats 3] [--shape 256 256 128] [--files 4]
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.children import Child, last_json, module, run_children
+from benchmarks.common import emit, machine
 
 ROI, OVERLAP, SW_BATCH = [64, 64, 64], 0.5, 4
 VARIANTS = ("monai_fp32", "monai_auto", "imgx3d", "imgx3d_folder")
@@ -131,9 +129,8 @@ def main() -> None:
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for _ in range(args.repeats):
             for variant in VARIANTS:
-                out = subprocess.run([sys.executable, __file__, "--child", variant, "--folder", tmp],
-                                     capture_output=True, text=True, check=True)
-                results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                ran = run_children([Child(variant, module(__spec__.name, "--child", variant, "--folder", tmp))])
+                results[variant].append(last_json(ran[variant]))
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for v, rs in results.items()}
     shape = "x".join(map(str, args.shape))
     common = {"volume": shape, "roi": ROI, "overlap": OVERLAP, "sw_batch_size": SW_BATCH, "repeats": args.repeats,

@@ -9,7 +9,7 @@ precision on the native grid, and every precision is compared with fp32:
   0.005), and seconds per volume.
 
 Usage:
-    python scripts/bench_precision.py --data ../shared/data/hippocampus runs/hippocampus/sdseg-... \\
+    python -m benchmarks.precision --data ../shared/data/hippocampus runs/hippocampus/sdseg-... \\
         [--precisions fp32 bf16 fp16] [--device cpu] [--cases 40]
 
 On a CPU without bf16 instructions (AVX2 only) bf16 and fp16 run emulated: slow, and the figures
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.common import emit, machine
 
-from imgx3d.data.catalog import Split, find_cases  # noqa: E402
-from imgx3d.data.io import read_label  # noqa: E402
-from imgx3d.evaluation.metrics import score_case  # noqa: E402
-from imgx3d.inference.predictor import Predictor  # noqa: E402
+from imgx3d.data.catalog import Split, find_cases
+from imgx3d.data.io import read_label
+from imgx3d.evaluation.metrics import score_case
+from imgx3d.inference.predictor import Predictor
 
 
 def predict_split(run_dir: Path, data: Path, precision: str, device: str, cases: int) -> dict:

@@ -23,29 +23,27 @@ that). Afterwards, in this one process, each best checkpoint predicts the prepro
 volumes without TTA and its seconds per volume are divided by the U-Net's (one
 sliding-window pass). Prints JSON lines.
 
-Usage: python scripts/bench_imgx_ablation.py [--minutes 30] [--runs unet imgx_k5_max ...]
-       python scripts/bench_imgx_ablation.py --parallel 2 --threads 1 --clock cpu
+Usage: python -m benchmarks.imgx_ablation [--minutes 30] [--runs unet imgx_k5_max ...]
+       python -m benchmarks.imgx_ablation --parallel 2 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children  # noqa: E402
+from benchmarks.common import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.data.catalog import find_cases  # noqa: E402
-from imgx3d.data.transforms import Preprocessor  # noqa: E402
+from imgx3d.config import load_config
+from imgx3d.data.catalog import find_cases
+from imgx3d.data.transforms import Preprocessor
 from imgx3d.inference.predictor import Predictor, predict_probabilities
-from imgx3d.inference.windows import make_window  # noqa: E402
-from imgx3d.training.workflow import train_run  # noqa: E402
+from imgx3d.inference.windows import make_window
+from imgx3d.training.workflow import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "hippocampus"
@@ -92,7 +90,7 @@ def train_parallel(args: argparse.Namespace) -> dict[str, dict]:
     """Train the runs ``--parallel`` at a time, each in a child process of ``--threads`` threads."""
     forwarded = [f"--{k}={getattr(args, k)}" for k in ("data", "minutes", "clock", "out", "experiment")]
     forwarded += [f"--set={item}" for item in args.set]
-    return train_in_children(__file__, args.runs, forwarded, Path(args.out), args.parallel, args.threads)
+    return train_in_children(__spec__.name, args.runs, forwarded, Path(args.out), args.parallel, args.threads)
 
 
 def main() -> None:

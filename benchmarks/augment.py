@@ -17,35 +17,20 @@ The low-data regime of METHODS.md §3 (paper Table 2) on MSD Hippocampus:
 
 Every run logs to one mlflow experiment; JSON lines on stdout, then the table.
 
-    python scripts/bench_augment.py --seg-minutes 5 --parallel 2
+    python -m benchmarks.augment --seg-minutes 5 --parallel 2
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _augment import (  # noqa: E402
-    FeatureSpace,
-    Job,
-    emit_mean_dice,
-    first_pairs,
-    low_data_parser,
-    mask_image_agreement,
-    print_dice_table,
-    real_slice_count,
-    run_jobs,
-    test_dice,
-)
-from _bench import emit, machine  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "hippocampus"
+from benchmarks.common import emit, machine
+from benchmarks.synthesis import (CONFIGS, FeatureSpace, emit_mean_dice, first_pairs, job, low_data_parser,
+                                  mask_image_agreement, print_dice_table, real_slice_count, run_jobs, test_dice)
 
 
 def main() -> None:
@@ -62,7 +47,7 @@ def main() -> None:
 
     pig, synth2x = out / "pig", out / "synth2x"
     t0 = time.perf_counter()
-    if run_jobs([Job("pig", ["train", "--config", str(CONFIGS / "pig.yaml"), "--data", args.data, "--run-dir",
+    if run_jobs([job("pig", ["train", "--config", str(CONFIGS / "pig.yaml"), "--data", args.data, "--run-dir",
                              str(pig), *track, *low_data,
                              *([f"train.max_steps={args.pig_steps}", f"method.stage1_steps={args.pig_steps // 2}"]
                                if args.pig_steps else [])], threads=cores)], out, 1):
@@ -71,7 +56,7 @@ def main() -> None:
     emit("augment.real_foreground_slices", n_real, "slices", volumes=args.max_train)
 
     t0 = time.perf_counter()
-    if run_jobs([Job("synth", ["synth", "--run", str(pig), "--n", str(2 * n_real), "--output", str(synth2x),
+    if run_jobs([job("synth", ["synth", "--run", str(pig), "--n", str(2 * n_real), "--output", str(synth2x),
                                "--batch", "32", "--steps", str(args.sample_steps)], threads=cores)], out, 1):
         emit("augment.synth.seconds_per_pair", round((time.perf_counter() - t0) / (2 * n_real), 3), "s",
              pairs=2 * n_real, steps=args.sample_steps)
@@ -79,7 +64,7 @@ def main() -> None:
 
     variants = {"real": [], "pig1x": [f"data.extra=[{out / 'synth1x'}]"], "pig2x": [f"data.extra=[{out / 'synth2x'}]"]}
     runs = [(f"{v}-seed{s}", s, extra) for s in args.seeds for v, extra in variants.items()]
-    run_jobs([Job(name, ["train", "--config", str(CONFIGS / "unet2d.yaml"), "--data", args.data, "--run-dir",
+    run_jobs([job(name, ["train", "--config", str(CONFIGS / "unet2d.yaml"), "--data", args.data, "--run-dir",
                          str(out / name), "--seed", str(seed), *track, *low_data, *extra,
                          f"train.max_minutes={args.seg_minutes}", "train.budget_clock=cpu"])
               for name, seed, extra in runs], out, args.parallel)

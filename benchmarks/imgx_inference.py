@@ -13,7 +13,7 @@ pass on the window-sized input each (``net_ratio``: ImgX's network on [image, x_
 conditioning against the U-Net's): K times it is the ratio a sampler and window costing nothing
 would reach, the floor of ``ratio_to_unet`` for a K-step chain of whole-network passes. JSON lines.
 
-    python scripts/bench_imgx_inference.py [--repeats 5] [--rounds 5]
+    python -m benchmarks.imgx_inference [--repeats 5] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.common import emit, machine
 
-from imgx3d.config import load_config  # noqa: E402
+from imgx3d.config import load_config
 from imgx3d.inference.predictor import predict_probabilities
-from imgx3d.inference.windows import make_window  # noqa: E402
-from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import (  # noqa: E402
+from imgx3d.inference.windows import make_window
+from imgx3d.methods.base import build_method
+from imgx3d.resources import (
     autocast,
     channels_last_pays_in_inference,
     choose_precision,

@@ -2,7 +2,7 @@
 
 The hippocampus U-Net (``configs/hippocampus/unet.yaml``: its full-resolution level and widths
 24-192, batch 4 of 40 x 56 x 40 patches) with its loss and AdamW, and window passes of 4 x 64³
-(as ``bench_inference.py``) of that network and of ``bench_inference.py``'s (widths 16-128, no
+(as ``benchmarks/inference.py``) of that network and of ``benchmarks/inference.py``'s (widths 16-128, no
 full-resolution level), each in fp32 and in the precision ``auto`` picks on this machine. Copies
 with the same weights, all with their convolutions on oneDNN
 (``imgx3d.resources.use_onednn_convolutions``, as the trainer and the predictor run them on the
@@ -12,7 +12,7 @@ the layout before the norms kept it; each norm then returns the default layout a
 convolution converts back), timed alternately in this one process, so load from elsewhere hits
 them alike; medians are reported, with the largest output difference from the default layout.
 
-Usage: python scripts/bench_memory_format.py [--repeats 7] [--threads 1]
+Usage: python -m benchmarks.memory_format [--repeats 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.common import emit, machine
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.methods.base import build_method  # noqa: E402
-from imgx3d.resources import (  # noqa: E402
+from imgx3d.config import load_config
+from imgx3d.methods.base import build_method
+from imgx3d.resources import (
     ChannelsLastInstanceNorm3d,
     autocast,
     choose_precision,

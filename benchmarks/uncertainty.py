@@ -8,7 +8,7 @@ for finding errors, the Spearman correlation of per-case foreground uncertainty 
 the mean foreground Dice. ``--samples N`` sets ImgX's ``method.num_samples`` for its sources.
 
 Usage:
-    python scripts/bench_uncertainty.py --data ../shared/data/hippocampus \\
+    python -m benchmarks.uncertainty --data ../shared/data/hippocampus \\
         --source unet_tta=runs/hippocampus/unet-A --source ensemble=runs/A,runs/B \\
         --source imgx4=runs/hippocampus/imgx-C --samples 4 [--out runs/bench-uncertainty]
 """
@@ -22,15 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.common import emit, machine
 
-from imgx3d.checkpoint import load_checkpoint  # noqa: E402
-from imgx3d.data.catalog import Split, find_cases  # noqa: E402
-from imgx3d.evaluation.metrics import evaluate_folders  # noqa: E402
-from imgx3d.evaluation.uncertainty import evaluate_uncertainty_folders  # noqa: E402
-from imgx3d.inference.folder import predict_to_folder  # noqa: E402
-from imgx3d.inference.predictor import Predictor  # noqa: E402
+from imgx3d.checkpoint import load_checkpoint
+from imgx3d.data.catalog import Split, find_cases
+from imgx3d.evaluation.metrics import evaluate_folders
+from imgx3d.evaluation.uncertainty import evaluate_uncertainty_folders
+from imgx3d.inference.folder import predict_to_folder
+from imgx3d.inference.predictor import Predictor
 
 
 def checkpoint_with_samples(run: Path, samples: int):

@@ -6,7 +6,7 @@ trainer's own step (DDP gradient averaging when N > 1) and rank 0 reports traini
 second over all ranks, after a few warm-up steps. The machine's cores are split among the
 processes (OMP_NUM_THREADS = cores // N), so the comparison is at equal hardware. JSON lines.
 
-    python scripts/bench_ddp.py --steps 40 --procs 1 2
+    python -m benchmarks.ddp --steps 40 --procs 1 2
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.children import Child, last_json, module, run_children
+from benchmarks.common import emit, machine
+
 WARMUP_STEPS = 3
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: time ``args.steps`` trainer steps after the warm-up."""
     import torch
-    from _bench import machine
 
     from imgx3d.config import load_config
     from imgx3d.data.catalog import find_cases, make_split
@@ -74,20 +73,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from _bench import emit
-
     cores = os.cpu_count() or 1
     rates = {}
     for n in args.procs:
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n)), "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "scripts"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                               __file__, "--worker", "--data", args.data, "--config", args.config,
-                               "--steps", str(args.steps), "--out", args.out],
-                              env=env, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{n} process(es) failed:\n{proc.stderr[-3000:]}")
-        result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        ran = run_children([Child(f"processes{n}", module("torch.distributed.run", "--standalone",
+                                                          f"--nproc_per_node={n}", "-m", __spec__.name, "--worker",
+                                                          "--data", args.data, "--config", args.config, "--steps",
+                                                          str(args.steps), "--out", args.out),
+                                  threads=max(1, cores // n))])
+        result = last_json(ran[f"processes{n}"])
         rates[n] = result["samples_per_second"]
         emit(f"ddp.processes{n}.samples_per_second", round(rates[n], 3), "samples/s",
              speedup_vs_1_process=round(rates[n] / rates[args.procs[0]], 2), **result)

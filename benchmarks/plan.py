@@ -19,7 +19,7 @@ decision, steps, per-class test Dice and HD95, and the difference of the foregro
 TotalSegmentator example, gets its plan and planning time only).
 
 Usage:
-    python scripts/bench_plan.py --data ../shared/data/hippocampus --hand-config OLD.yaml [--budget 30]
+    python -m benchmarks.plan --data ../shared/data/hippocampus --hand-config OLD.yaml [--budget 30]
         [--parallel] [--plan-only] [--only hand|plan] [key=value ...]
 """
 
@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, emit_test_summary, machine  # noqa: E402
+from benchmarks.children import Child, module, run_children
+from benchmarks.common import emit, emit_test_summary, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = {"hippocampus": 0.865}  # the plans issue's target for the zero-config run
@@ -150,29 +148,15 @@ def main() -> None:
     common = ["--plan-file", str(plan_file), "--data", args.data, "--budget", str(args.budget),
               "--experiment", args.experiment, "--threads", str(args.threads), *(["--hand-config", args.hand_config] if args.hand_config else []),
               *(["--plan-only"] if args.plan_only else []), *(["--reading", *args.reading] if args.reading else [])]
-    procs = []
     if args.parallel and not args.plan_only and "plan" in arms:  # plan alone first: timed while no arm trains beside it
-        planning = subprocess.run([sys.executable, __file__, "--arm", "plan", "--plan-only", *common],
-                                  stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
-        print(planning.stdout, end="", flush=True)
-        if planning.returncode:
-            sys.exit(f"planning failed (exit {planning.returncode})")
-    for arm in arms:
-        cmd = [sys.executable, __file__, "--arm", arm, *common, "--", *args.overrides]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path.cwd()))
-        if not args.parallel:
-            procs[-1].wait()
+        run_children([Child("planning", module(__spec__.name, "--arm", "plan", "--plan-only", *common))], echo=True)
+    arms_run = run_children([Child(arm, module(__spec__.name, "--arm", arm, *common, "--", *args.overrides))
+                             for arm in arms], parallel=len(arms) if args.parallel else 1, echo=True)
     scores = {}
-    for arm, proc in zip(arms, procs):
-        out, _ = proc.communicate()
-        for line in out.splitlines():
-            if line.startswith("{"):
-                print(line, flush=True)
-                record = json.loads(line)
-                if record["name"].endswith(".test.dice.foreground_mean"):
-                    scores[arm] = record["value"]
-        if proc.returncode:
-            sys.exit(f"the {arm} arm failed (exit {proc.returncode}); its log is above")
+    for arm in arms:
+        for line in arms_run[arm].output.splitlines():
+            if line.startswith("{") and json.loads(line)["name"].endswith(".test.dice.foreground_mean"):
+                scores[arm] = json.loads(line)["value"]
     if len(scores) == 2:
         emit("plan.zero_config_vs_hand_tuned", round(scores["plan"] - scores["hand"], 4), "dice",
              zero_config=scores["plan"], hand_tuned=scores["hand"],

@@ -1,6 +1,6 @@
 """Test-time augmentation of trained runs: the same checkpoints, scored under each inference variant.
 
-Training is untouched, so one set of trained runs (e.g. ``scripts/bench_recipe.py``'s
+Training is untouched, so one set of trained runs (e.g. ``benchmarks/recipe.py``'s
 ``runs/bench-recipe/fullres16.seed0`` and ``.seed1``) serves every variant, and the differences
 are the variants' alone. Each run's ``best.pt`` predicts its validation and test cases (its own
 ``split.json``; its learned postprocessing applied, as ``imgx3d predict`` does) under:
@@ -14,7 +14,7 @@ the same time, the other way of spending more inference passes) under ``flips``.
 foreground-mean Dice per run, variant and split, each variant's mean over the runs, and its
 difference from ``flips`` with the per-run differences.
 
-Usage: python scripts/bench_tta.py runs/bench-recipe/fullres16.seed0 runs/bench-recipe/fullres16.seed1
+Usage: python -m benchmarks.tta runs/bench-recipe/fullres16.seed0 runs/bench-recipe/fullres16.seed1
        [--variants shifts2]
 """
 
@@ -29,13 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import HIPPOCAMPUS, emit, machine  # noqa: E402
+from benchmarks.common import HIPPOCAMPUS, emit, machine
 
-from imgx3d.data.catalog import find_cases  # noqa: E402
-from imgx3d.data.io import read_label  # noqa: E402
-from imgx3d.evaluation.metrics import score_case  # noqa: E402
-from imgx3d.inference.predictor import Predictor  # noqa: E402
+from imgx3d.data.catalog import find_cases
+from imgx3d.data.io import read_label
+from imgx3d.evaluation.metrics import score_case
+from imgx3d.inference.predictor import Predictor
 
 SHIFTS = {"flips": 1, "shifts2": 2, "shifts4": 4}
 
@@ -65,7 +64,7 @@ def main() -> None:
     variants = {name: shifts for name, shifts in SHIFTS.items() if name == "flips" or name in args.variants}
     splits = [json.loads((run / "split.json").read_text(encoding="utf-8")) for run in args.runs]
     if any(s["test"] != splits[0]["test"] or s["val"] != splits[0]["val"] for s in splits):
-        sys.exit("bench_tta.py: the runs were trained on different splits; pass runs of one split")
+        sys.exit("benchmarks/tta.py: the runs were trained on different splits; pass runs of one split")
     emit("tta.setup", None, "", machine=machine(), runs=[str(r) for r in args.runs], variants=variants,
          val_cases=len(splits[0]["val"]), test_cases=len(splits[0]["test"]))
     dice: dict[tuple[str, str, str], float] = {}

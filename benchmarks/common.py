@@ -1,21 +1,46 @@
-"""Shared helpers of the benchmark scripts: JSON lines on stdout."""
+"""What every benchmark shares: the JSON-lines writer, the machine it ran on, training runs in children.
+
+Every figure is one JSON line on stdout (:func:`emit`), stamped with the date, the commit and the
+machine, so ``python -m benchmarks.NAME ... >> benchmarks/results/NAME.jsonl`` keeps a record
+``python -m benchmarks.tables`` renders into ``docs/benchmark-results.md``.
+"""
 
 from __future__ import annotations
 
 import json
+import datetime
+import functools
 import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.children import REPO, Child, module, run_children
+
+
+@functools.cache
+def stamp() -> dict[str, str]:
+    """When, on which code and on what the figures of this process are measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+changes" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"date": datetime.date.today().isoformat(), "commit": commit,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
+                       f"torch {torch.__version__}"}
+
 
 def emit(name: str, value: float | int | str | None, unit: str, **extra) -> None:
-    """Print one benchmark figure as a JSON line."""
-    print(json.dumps({"name": name, "value": value, "unit": unit, **extra}), flush=True)
+    """Print one benchmark figure as a JSON line, stamped with :func:`stamp`."""
+    print(json.dumps({"name": name, "value": value, "unit": unit, **extra, **stamp()}), flush=True)
 
 
 def machine() -> dict[str, str | int]:
@@ -32,31 +57,19 @@ def emit_test_summary(prefix: str, summary: dict, **extra) -> None:
     emit(f"{prefix}.test.dice.foreground_mean", round(summary["foreground_mean"]["dice"], 4), "dice", **extra)
 
 
-def train_in_children(script: str, names: list[str], forwarded: list[str], out: Path, parallel: int,
+def train_in_children(module_name: str, names: list[str], forwarded: list[str], out: Path, parallel: int,
                       threads: int) -> dict[str, dict]:
-    """Train named runs ``parallel`` at a time, each a child ``script --train-one NAME`` of ``threads`` threads.
+    """Train named runs ``parallel`` at a time, each a child ``python -m MODULE --train-one NAME`` of ``threads`` threads.
 
     Each child writes ``<out>/<name>/bench_result.json`` (:func:`save_train_result`) and logs to
     ``<out>/<name>.log``; a failed child stops the benchmark with its log's path.
 
     Args:
+        module_name: the benchmark's module (its ``__spec__.name``).
         forwarded: the child's other arguments (data, budget, clock, ...).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    pending, running = list(names), []
-    out.mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while pending and len(running) < parallel:
-            name = pending.pop(0)
-            log = open(out / f"{name}.log", "w", encoding="utf-8")
-            cmd = [sys.executable, script, "--train-one", name, "--threads", str(threads), *forwarded]
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(5)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode:
-                raise SystemExit(f"run {item[0]} failed (exit {item[1].returncode}); see {out}/{item[0]}.log")
+    run_children([Child(name, module(module_name, "--train-one", name, "--threads", str(threads), *forwarded),
+                        threads=threads) for name in names], parallel=parallel, logs=out)
     return {name: json.loads((out / name / "bench_result.json").read_text(encoding="utf-8")) for name in names}
 
 
@@ -69,7 +82,6 @@ def save_train_result(result, **extra) -> dict:
     return record
 
 
-REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
 HIPPOCAMPUS_UNET = REPO / "configs" / "hippocampus" / "unet.yaml"
 

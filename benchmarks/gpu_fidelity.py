@@ -3,7 +3,7 @@
 CPU budgets cannot test the papers' claims at their sizes; this runs them at the papers' slice
 sizes on MSD Hippocampus (the bench split), under one GPU budget per model:
 
-1. ``sdseg_bench.*``: scripts/bench_sdseg.py on CUDA at SDSeg's 256 x 256 slices — SDSeg with an
+1. ``sdseg_bench.*``: benchmarks/sdseg.py on CUDA at SDSeg's 256 x 256 slices — SDSeg with an
    EMA of its weights (test Dice from the final weights and from their EMA, the validation curve,
    the codec's mask reconstruction ceiling) against the 2D U-Net on exactly the same slices,
    split and budget.
@@ -15,23 +15,22 @@ sizes on MSD Hippocampus (the bench split), under one GPU budget per model:
 
 No mlflow is needed (runs are not tracked). Usage on a GPU machine:
 
-    python scripts/gpu_fidelity.py --hippocampus DIR [--minutes 1] [--out DIR]
+    python -m benchmarks.gpu_fidelity --hippocampus DIR [--minutes 1] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _augment import mask_image_agreement, training_cases  # noqa: E402
-from _bench import emit  # noqa: E402
+from benchmarks.children import REPO as ROOT
+from benchmarks.children import Child, module, run_children
+from benchmarks.common import emit
+from benchmarks.synthesis import mask_image_agreement, training_cases
 
-ROOT = Path(__file__).resolve().parents[1]
 SIAMESE_384 = ["data.slices.size=[384,384]", "method.codec.widths=[32,64,128,128]", "method.codec_steps=300",
                "method.ramp_steps=700", "train.max_steps=1000", "data.batch_size=8", "train.val_every=500",
                "train.checkpoint_every=500", "tracking.enabled=false"]
@@ -46,9 +45,10 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script at toy budgets")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="gpu_fidelity_"))
-    sdseg = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_sdseg.py"), "--data", str(args.hippocampus),
-                            "--device", args.device, "--size", "256", "256", "--minutes", str(args.minutes), "--unet2d",
-                            "--skip-speed", "--no-track", "--codec-steps", "400", "--out", str(work / "sdseg")], text=True)
+    sdseg = run_children([Child("sdseg", module("benchmarks.sdseg", "--data", str(args.hippocampus), "--device",
+                                                args.device, "--size", "256", "256", "--minutes", str(args.minutes),
+                                                "--unet2d", "--skip-speed", "--no-track", "--codec-steps", "400",
+                                                "--out", str(work / "sdseg")))], check=False, echo=True)["sdseg"]
     siamese_ok = siamese(args, work)
     return 0 if sdseg.returncode == 0 and siamese_ok else 1
 

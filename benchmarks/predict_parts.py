@@ -5,7 +5,7 @@ outputs: byte-identical, checked here), with ``torch`` threads split evenly betw
 (``--threads`` in all), and is timed wall-clock from the first process's start to the last's end.
 
 Usage:
-    python scripts/bench_predict_parts.py --run runs/hippocampus/unet-A --input FOLDER [--processes 1 2] \\
+    python -m benchmarks.predict_parts --run runs/hippocampus/unet-A --input FOLDER [--processes 1 2] \\
         [--threads 2] [--out runs/bench-predict-parts]
 """
 
@@ -14,29 +14,22 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.children import Child, imgx3d, run_children
+from benchmarks.common import emit, machine
 
 
 def run_parts(run: str, inputs: Path, out: Path, processes: int, threads: int) -> float:
     """Wall seconds for ``processes`` processes predicting ``inputs`` into ``out`` (part k of n each)."""
     shutil.rmtree(out, ignore_errors=True)
     each = max(1, threads // processes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(each), "MKL_NUM_THREADS": str(each), "GIT_PYTHON_REFRESH": "quiet"}
     t0 = time.perf_counter()
-    jobs = [subprocess.Popen([sys.executable, "-m", "imgx3d", "predict", "--run", run, "--input", str(inputs),
-                              "--output", str(out), *(["--part", f"{k}/{processes}"] if processes > 1 else [])],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for k in range(processes)]
-    for job in jobs:
-        _, err = job.communicate()
-        if job.returncode:
-            raise SystemExit(f"predict failed: {err[-2000:]}")
+    run_children([Child(f"part{k}", imgx3d("predict", "--run", run, "--input", str(inputs), "--output", str(out),
+                                           *(["--part", f"{k}/{processes}"] if processes > 1 else [])), threads=each)
+                  for k in range(processes)], parallel=processes)
     return time.perf_counter() - t0
 
 

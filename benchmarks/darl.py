@@ -7,16 +7,13 @@ with an Otsu threshold. Both are scored against the manual annotations (1st_manu
 field-of-view masks, on the same 20 images: Dice, sensitivity, specificity (DARL thresholded at
 0.5), AUC of the continuous maps; and seconds per image. JSON lines.
 
-    python scripts/bench_darl.py --minutes 30
+    python -m benchmarks.darl --minutes 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,13 +22,11 @@ import torch
 from monai.metrics import compute_roc_auc
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import emit, machine  # noqa: E402
+from benchmarks.children import REPO, Child, imgx3d, run_children
+from benchmarks.common import emit, machine
 
-from imgx3d.data.vessels import frangi_segmentation  # noqa: E402
-from imgx3d.inference.predictor import Predictor  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from imgx3d.data.vessels import frangi_segmentation
+from imgx3d.inference.predictor import Predictor
 
 
 def scores(probability: np.ndarray, binary: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> dict[str, float]:
@@ -45,7 +40,7 @@ def scores(probability: np.ndarray, binary: np.ndarray, truth: np.ndarray, fov: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "drive" / "training"))
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "drive" / "training"))
     parser.add_argument("--minutes", type=float, default=30.0, help="DARL's CPU-time training budget")
     parser.add_argument("--out", default="runs/bench-darl")
     parser.add_argument("--experiment", default="bench-drive-darl")
@@ -58,15 +53,11 @@ def main() -> None:
     run = out / "darl"
     if not (run / "last.pt").exists():
         t0 = time.perf_counter()
-        with open(out / "darl.log", "w", encoding="utf-8") as log:
-            proc = subprocess.run(
-                [sys.executable, "-m", "imgx3d", "train", "--image", "--config", str(ROOT / "configs/drive/darl.yaml"),
-                 "--data", str(data), "--run-dir", str(run), "--experiment", args.experiment, "--tracking-uri",
-                 args.tracking_uri, f"train.max_minutes={args.minutes}", "train.budget_clock=cpu",
-                 "data.split.val_fraction=0.0", "data.split.test_fraction=0.0"],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GIT_PYTHON_REFRESH": "quiet"})
-        if proc.returncode:
-            raise SystemExit(f"DARL training failed; see {out / 'darl.log'}")
+        run_children([Child("darl", imgx3d(
+            "train", "--image", "--config", str(REPO / "configs/drive/darl.yaml"), "--data", str(data), "--run-dir",
+            str(run), "--experiment", args.experiment, "--tracking-uri", args.tracking_uri,
+            f"train.max_minutes={args.minutes}", "train.budget_clock=cpu", "data.split.val_fraction=0.0",
+            "data.split.test_fraction=0.0"))], logs=out)
         emit("darl.train_wall_minutes", round((time.perf_counter() - t0) / 60, 1), "min")
     steps = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"]
     predictor = Predictor.load(run / "best.pt", device="cpu")

@@ -6,7 +6,7 @@ one model; checks the outputs are byte-identical and prints volumes per minute a
 The model is the hippocampus U-Net config trained for a few steps (its weights do not change
 the cost); pass ``--checkpoint`` to time a trained one.
 
-    python scripts/bench_predict_folder.py --data ../shared/data/hippocampus --cases 20
+    python -m benchmarks.predict_folder --data ../shared/data/hippocampus --cases 20
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import add_hippocampus_args, emit, machine
+from benchmarks.common import add_hippocampus_args, emit, machine
 
 from imgx3d.config import load_config
 from imgx3d.inference.folder import predict_to_folder
 from imgx3d.inference.predictor import Predictor
 from imgx3d.training.workflow import train_run
-
 
 
 def main() -> None:

@@ -6,22 +6,18 @@ best checkpoint predicts the 40 test volumes on their native grid and they are s
 class (Dice, HD95). Prints JSON lines; logs the run to mlflow.
 
 Usage:
-    python scripts/bench_hippocampus.py [--data ../shared/data/hippocampus] [--config ...] [key=value ...]
+    python -m benchmarks.hippocampus [--data ../shared/data/hippocampus] [--config ...] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import add_hippocampus_args, emit, machine  # noqa: E402
+from benchmarks.common import add_hippocampus_args, emit, machine
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.training.workflow import train_run  # noqa: E402
-
+from imgx3d.config import load_config
+from imgx3d.training.workflow import train_run
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ loader processes. The baseline re-reads and re-preprocesses the cases of each ba
 in the training process (no caching, 0 workers). Steps per second are measured over the same
 batches (a pure function of seed and step) with the hippocampus U-Net config; JSON lines.
 
-    python scripts/bench_training_throughput.py --steps 60
+    python -m benchmarks.training_throughput --steps 60
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import time
 
 import numpy as np
 import torch
-from _bench import add_hippocampus_args, emit, machine
 from torch.utils.data import DataLoader
+
+from benchmarks.common import add_hippocampus_args, emit, machine
 
 from imgx3d.config import load_config
 from imgx3d.data.catalog import find_cases, make_split
 from imgx3d.data.transforms import PatchBatches, Preprocessor, train_transforms
 from imgx3d.methods.base import build_method
 from imgx3d.training.workflow import _load_items, _worker_init
-
 
 
 class UncachedBatches(PatchBatches):

@@ -10,7 +10,7 @@ test cases with and without their learned postprocessing; the table and the pair
 tests are ``imgx3d compare``'s. Rerun with the same ``--out`` to reuse finished runs.
 
 Usage:
-    python scripts/bench_crossval.py [--data DIR] [--folds 5] [--fold-minutes 6] [--single-minutes 30]
+    python -m benchmarks.crossval [--data DIR] [--folds 5] [--fold-minutes 6] [--single-minutes 30]
                                      [--clock cpu --threads 1] [--out runs/bench-cv]
 """
 
@@ -18,26 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _bench import add_hippocampus_args, emit, machine  # noqa: E402
+from benchmarks.common import add_hippocampus_args, emit, machine
 
-from imgx3d.config import load_config  # noqa: E402
-from imgx3d.data.catalog import find_cases  # noqa: E402
-from imgx3d.evaluation.compare import compare, to_markdown  # noqa: E402
-from imgx3d.evaluation.cv import records_from_folder, summarise  # noqa: E402
-from imgx3d.evaluation.metrics import evaluate_folders  # noqa: E402
-from imgx3d.evaluation.records import RunRecord  # noqa: E402
-from imgx3d.inference.folder import prediction_path, write_prediction  # noqa: E402
-from imgx3d.inference.predictor import Predictor  # noqa: E402
-from imgx3d.training.folds import train_folds  # noqa: E402
-from imgx3d.training.workflow import RESULT_FILE, train_run  # noqa: E402
-
+from imgx3d.config import load_config
+from imgx3d.data.catalog import find_cases
+from imgx3d.evaluation.compare import compare, to_markdown
+from imgx3d.evaluation.cv import records_from_folder, summarise
+from imgx3d.evaluation.metrics import evaluate_folders
+from imgx3d.evaluation.records import RunRecord
+from imgx3d.inference.folder import prediction_path, write_prediction
+from imgx3d.inference.predictor import Predictor
+from imgx3d.training.folds import train_folds
+from imgx3d.training.workflow import RESULT_FILE, train_run
 
 
 def _timed(fn) -> tuple[object, float, float]:
