@@ -76,12 +76,12 @@ class SliceConfig:
 # The data keys that say how a dataset is read (its files, classes and channels): a dataset's
 # fingerprint depends on them, and a plan never decides them.
 READING_KEYS = ("mode", "layout", "channels", "label_pattern", "image_dir", "label_dir", "labels", "mask_threshold",
-                "label_map", "ignore_label", "color")
+                "label_map", "ignore_label", "regions", "region_labels", "color")
 # The data keys that define a run's model space (preprocessing, grid, patch, slices): runs ensemble
 # only when they agree, and an exported model records them.
-MODEL_SPACE_KEYS = ("mode", "channels", "labels", "mask_threshold", "label_map", "color", "preset", "crop_air",
-                    "crop_margin", "ct_window", "mri_norm", "mri_nonzero", "mri_percentiles", "spacing", "patch_size",
-                    "slices")
+MODEL_SPACE_KEYS = ("mode", "channels", "labels", "mask_threshold", "label_map", "regions", "region_labels", "color",
+                    "preset", "crop_air", "crop_margin", "ct_window", "mri_norm", "mri_nonzero", "mri_percentiles",
+                    "spacing", "patch_size", "slices")
 
 
 @dataclass
@@ -105,6 +105,15 @@ class DataConfig:
             value; taken from a label named ``ignore`` in dataset.json / ``data.labels`` when null). They add
             nothing to the loss or to any metric, so sparse annotation (some slices, scribbles) trains;
             the ``unet`` method only.
+        regions: region-based training (nnU-Net's regions, the BraTS convention): region name → the
+            label values it unites, e.g. ``{whole tumour: [1, 2, 3, 4], tumour core: [1, 3, 4], enhancing: [4]}``.
+            The network has one sigmoid output per region (Dice + binary cross-entropy each); Dice
+            is scored per region; a prediction is turned back into labels region by region in this
+            order, each later region written over the earlier ones. Taken from a ``dataset.json`` whose
+            labels are lists (nnU-Net v2) when empty; the 3D ``unet`` method only.
+        region_labels: the label value each region writes when a prediction is turned back into
+            labels (nnU-Net's ``regions_class_order``), in the order of ``regions``; empty: each
+            region's smallest value that no later region holds.
         color: 2D images: ``grey`` (RGB converted to luminance), ``rgb`` (3 channels) or ``green``.
         preset: intensity preset: ``ct``, ``mri``, ``dbt`` or ``none``. ``dbt`` (tomosynthesis):
             percentiles ``mri_percentiles`` of the breast (the voxels above ``crop_air``)
@@ -152,6 +161,8 @@ class DataConfig:
     mask_threshold: float | None = None
     label_map: dict[int, int] = field(default_factory=dict)
     ignore_label: int | None = None
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    region_labels: list[int] = field(default_factory=list)
     color: Literal["grey", "rgb", "green"] = "grey"
     preset: Literal["ct", "mri", "dbt", "none"] = "mri"
     crop_air: float | None = None
@@ -610,6 +621,11 @@ def validate(cfg: Config) -> None:
     _check(d.mode == "volume" or d.slices.axis == 2, "data.slices.axis", "must be 2 for 2D images (--image)")
     _check(len(set(d.label_map.values())) == len(d.label_map) and all(v >= 0 for v in d.label_map.values()),
            "data.label_map", "must map file values to distinct class values >= 0")
+    _check(all(d.regions.values()), "data.regions", "must give each region at least one label value")
+    _check(not d.region_labels or len(d.region_labels) == len(d.regions), "data.region_labels",
+           "must give one label value per region of data.regions, in their order")
+    _check(not d.regions or d.ignore_label is None, "data.regions",
+           "cannot be combined with data.ignore_label yet; train on the labels or on the regions of fully labelled cases")
     _check(d.crop_air is None or 0.0 <= d.crop_air < 1.0, "data.crop_air", "must be null or in [0, 1)")
     _check(d.crop_margin >= 0, "data.crop_margin", "must be >= 0")
     _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be [low, high] with low < high")

@@ -60,6 +60,9 @@ class Catalog:
     channel_names: list[str] = field(default_factory=lambda: ["image"])
     four_d: bool = False  # MSD multi-modal: one 4D file holds all channels
     ignore_label: int | None = None  # the value of voxels not annotated (not among ``labels``)
+    # nnU-Net v2 region labels of dataset.json (name → values; their regions_class_order): data.regions' default
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    region_labels: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -99,8 +102,27 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _region_labels(meta: dict, source: Path) -> tuple[dict[str, list[int]], list[int]]:
+    """nnU-Net v2's region-based dataset.json: ``labels`` maps a region name to a list of values (a single
+    value is a one-value region) and ``regions_class_order`` names what each writes. ``({}, [])`` otherwise."""
+    labels = meta.get("labels", {})
+    if "regions_class_order" not in meta and not any(isinstance(v, list) for v in labels.values()):
+        return {}, []
+    try:
+        regions = {str(name): [int(x) for x in (v if isinstance(v, list) else [v])] for name, v in labels.items()
+                   if (v if isinstance(v, list) else [v]) != [0]}
+        order = [int(x) for x in meta.get("regions_class_order", [])]
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: region 'labels' must map names to label values or lists of them") from None
+    return regions, order
+
+
 def _int_labels(labels: dict, source: Path) -> dict[int, str]:
-    """MSD maps value→name ({"0": "background"}); nnU-Net v2 maps name→value."""
+    """MSD maps value→name ({"0": "background"}); nnU-Net v2 maps name→value, or name→[values] for a region
+    (then the classes are the values the regions name: ``label_<value>``)."""
+    if any(isinstance(v, list) for v in labels.values()):
+        values = sorted({int(x) for v in labels.values() for x in (v if isinstance(v, list) else [v])} | {0})
+        return {v: "background" if v == 0 else f"label_{v}" for v in values}
     out: dict[int, str] = {}
     try:
         for key, value in labels.items():
@@ -109,7 +131,7 @@ def _int_labels(labels: dict, source: Path) -> dict[int, str]:
             else:
                 out[int(key)] = str(value)
     except (TypeError, ValueError):
-        raise InputError(f"{source}: 'labels' must map label values to names (region lists are not supported)") from None
+        raise InputError(f"{source}: 'labels' must map label values to names") from None
     if 0 not in out:
         out[0] = "background"
     return dict(sorted(out.items()))
@@ -154,7 +176,9 @@ def _nnunet(root: Path, meta: dict, json_path: Path) -> Catalog:
         images = [_must_exist(images_dir / f"{case_id}_{c:04d}{ending}", json_path) for c in range(len(channels))]
         label = root / "labelsTr" / f"{case_id}{ending}"
         cases.append(Case(case_id, images, label if label.exists() else None))
-    return Catalog(root, "nnunet", cases, _int_labels(meta["labels"], json_path), channels)
+    regions, order = _region_labels(meta, json_path)
+    return Catalog(root, "nnunet", cases, _int_labels(meta["labels"], json_path), channels, regions=regions,
+                   region_labels=order)
 
 
 def _btcv(root: Path) -> Catalog:

@@ -19,7 +19,7 @@ restack exact for labels; to a finer grid it interpolates bilinearly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import nibabel as nib
@@ -176,11 +176,13 @@ class Inverse:
             labels = F.interpolate(labels[None].float(), size=self.grid.cropped_shape, mode="nearest-exact")[0].long()
         return self.values(to_native(labels, self.grid)[0].numpy(), n_classes)
 
-    def labels_from_probabilities(self, probs: torch.Tensor, native: torch.Tensor | None) -> Volume:
+    def labels_from_probabilities(self, probs: torch.Tensor, native: torch.Tensor | None,
+                                  decode: Callable[..., torch.Tensor] | None = None) -> Volume:
         """The native label map of model-space probabilities: the argmax of their native-grid map
         ``native`` when there is one (resampled grids, or asked for), else the model-space argmax moved
-        back (same grid up to axis order: only the label map moves)."""
-        indices = class_map(probs if native is None else native, keepdim=True)
+        back (same grid up to axis order: only the label map moves). ``decode(maps, keepdim=True)``
+        replaces the argmax (region outputs: :meth:`~imgx3d.data.labels.Regions.decode`)."""
+        indices = (decode or class_map)(probs if native is None else native, keepdim=True)
         if probs.shape[0] <= 256:  # uint8 where the classes fit: an eighth of int64's memory traffic
             indices = indices.to(torch.uint8)
         if native is None:

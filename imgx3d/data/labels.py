@@ -20,6 +20,7 @@ import torch
 from monai.transforms import MapLabelValue
 
 from imgx3d.config import DataConfig
+from imgx3d.errors import ConfigError
 
 
 def file_to_class(array: np.ndarray, cfg: DataConfig) -> np.ndarray:
@@ -84,3 +85,81 @@ class LabelCodec:
     def file_dtype(self) -> type:
         """The dtype of a written label map: the smallest that holds the largest file value."""
         return label_dtype(int(self.to_file(np.array(sorted(self.labels))).max()))
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Region-based training (nnU-Net's ``regions_class_order``; the BraTS convention), in one place.
+
+    A region unites label values (whole tumour = edema ∪ necrosis ∪ non-enhancing ∪ enhancing);
+    regions may overlap. The network has one sigmoid output per region; a prediction becomes a
+    label map region by region in order, each region writing its label where its probability
+    exceeds 0.5, over what earlier regions wrote (nnU-Net's conversion).
+
+    Attributes:
+        names: the regions' names, in order.
+        members: per region, the label values it unites.
+        writes: per region, the label value it writes into a label map.
+        class_values: every class value of the dataset, ascending (index i ⇄ value ``class_values[i]``).
+    """
+
+    names: tuple[str, ...]
+    members: tuple[tuple[int, ...], ...]
+    writes: tuple[int, ...]
+    class_values: tuple[int, ...]
+
+    @classmethod
+    def of(cls, data: DataConfig, labels: dict[int, str]) -> Regions | None:
+        """The regions of ``data.regions`` over a dataset's ``labels`` (None: label-based training).
+
+        Raises:
+            ConfigError: a region names a value that is not a foreground label, or a region's label
+                value cannot be derived (two regions alike): set ``data.region_labels``.
+        """
+        if not data.regions:
+            return None
+        values = tuple(sorted(labels))
+        names, members = tuple(data.regions), tuple(tuple(sorted(set(v))) for v in data.regions.values())
+        for name, member in zip(names, members):
+            unknown = sorted(set(member) - set(values) | ({0} & set(member)))
+            if unknown:
+                raise ConfigError(f"data.regions: region '{name}' names label value(s) {unknown}, not among the "
+                                  f"foreground labels {[v for v in values if v != 0]}; fix data.regions")
+        writes = tuple(data.region_labels)
+        if not writes:
+            derived = []
+            for r, (name, member) in enumerate(zip(names, members)):
+                own = sorted(set(member) - {v for later in members[r + 1:] for v in later})
+                if not own:
+                    raise ConfigError(f"data.regions: every value of region '{name}' is in a later region, so "
+                                      "which label it writes is not clear; set data.region_labels (one value per region)")
+                derived.append(own[0])
+            writes = tuple(derived)
+        for name, member, value in zip(names, members, writes):
+            if value not in member:
+                raise ConfigError(f"data.region_labels: region '{name}' writes {value}, which it does not hold "
+                                  f"({list(member)}); give each region one of its own values")
+        return cls(names, members, writes, values)
+
+    @property
+    def scored(self) -> dict[int, str]:
+        """The scored structures as a labels mapping: 0 background, then region ``r`` as key ``r + 1``."""
+        return {0: "background", **{r + 1: name for r, name in enumerate(self.names)}}
+
+    def targets(self, label: torch.Tensor) -> torch.Tensor:
+        """Class values ``(B, 1, ...)`` → region memberships ``(B, R, ...)`` as float 0/1 (the sigmoid targets)."""
+        return torch.cat([torch.isin(label, torch.tensor(m, device=label.device)) for m in self.members],
+                         dim=1).float()
+
+    def masks(self, values: np.ndarray) -> list[np.ndarray]:
+        """A label map of class values → one boolean mask per region (what region Dice compares)."""
+        return [np.isin(values, m) for m in self.members]
+
+    def decode(self, probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+        """Region probabilities ``(R, ...)`` → class indices (of ``class_values``), region by region in order."""
+        index = {v: i for i, v in enumerate(self.class_values)}
+        out = torch.zeros(probs.shape[1:], dtype=torch.uint8 if len(self.class_values) <= 256 else torch.int64,
+                          device=probs.device)
+        for r, value in enumerate(self.writes):
+            out[probs[r] > 0.5] = index[value]
+        return out[None] if keepdim else out

@@ -22,6 +22,7 @@ from monai.metrics import (
 
 from imgx3d.config import DataConfig
 from imgx3d.data.io import is_image_path, is_volume_path, read_label, strip_suffix
+from imgx3d.data.labels import Regions
 from imgx3d.errors import InputError
 from imgx3d.files import atomic_write_text, csv_text
 
@@ -42,8 +43,8 @@ def _crop_to_objects(pred: np.ndarray, ref: np.ndarray, margin: int = 2) -> tupl
 
 def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
                metrics: tuple[str, ...] = ALL_METRICS, nsd_tolerance_mm: float = 1.0,
-               ignore_label: int | None = None) -> dict[int, dict[str, float]]:
-    """Metrics per foreground class of one case.
+               ignore_label: int | None = None, regions: Regions | None = None) -> dict[int, dict[str, float]]:
+    """Metrics per foreground class (or per region) of one case.
 
     Axes of size 1 are dropped first, so a 2D image (or a one-slice volume) is scored in 2D:
     its surfaces are contours, not the whole slice.
@@ -56,6 +57,8 @@ def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: t
         nsd_tolerance_mm: surface tolerance of the normalised surface Dice.
         ignore_label: the reference's value for voxels not annotated (``data.ignore_label``): scored as
             neither class, whatever the prediction there.
+        regions: score regions instead (the BraTS way): ``classes`` are then region keys (``r + 1`` for
+            region ``r``, as in :attr:`Regions.scored`), each a union of label values in both maps.
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if ignore_label is not None:
@@ -64,8 +67,12 @@ def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: t
     axes = [a for a, n in enumerate(pred.shape) if n > 1] or [0]
     spacing = tuple(spacing[a] for a in axes)
     pred, ref = _crop_to_objects(pred.reshape([pred.shape[a] for a in axes]), ref.reshape([ref.shape[a] for a in axes]))
-    p = torch.from_numpy(np.stack([pred == c for c in classes])[None].astype(np.float32))
-    r = torch.from_numpy(np.stack([ref == c for c in classes])[None].astype(np.float32))
+    if regions is None:
+        p = torch.from_numpy(np.stack([pred == c for c in classes])[None].astype(np.float32))
+        r = torch.from_numpy(np.stack([ref == c for c in classes])[None].astype(np.float32))
+    else:
+        p = torch.from_numpy(np.stack([regions.masks(pred)[c - 1] for c in classes])[None].astype(np.float32))
+        r = torch.from_numpy(np.stack([regions.masks(ref)[c - 1] for c in classes])[None].astype(np.float32))
     out: dict[str, torch.Tensor] = {}
     if "dice" in metrics:
         out["dice"] = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
@@ -129,8 +136,9 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int
 
     Label maps are volumes or 2D images (scored in 2D). With ``data_cfg``, both folders' values
     pass through its ``mask_threshold`` / ``label_map`` first (files in the dataset's own values,
-    as ``imgx3d predict`` writes them), and reference voxels of its ``ignore_label`` are not scored. Writes ``metrics.csv`` (per case, per class) and
-    ``summary.json`` into ``output_dir``.
+    as ``imgx3d predict`` writes them), reference voxels of its ``ignore_label`` are not scored, and with
+    its ``regions`` the scores are per region (whole tumour, tumour core, ...), not per label. Writes
+    ``metrics.csv`` (per case, per class or region) and ``summary.json`` into ``output_dir``.
 
     Raises:
         InputError: missing folders/files, or a prediction not on its reference's grid.
@@ -153,11 +161,14 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: dict[int
         values = sorted({int(v) for p, r in loaded.values() for v in np.union1d(np.unique(p.array), np.unique(r.array))}
                         - {data_cfg.ignore_label if data_cfg else None})
         labels = {v: ("background" if v == 0 else f"label_{v}") for v in values} | {0: "background"}
+    regions = Regions.of(data_cfg, labels) if data_cfg is not None else None
+    if regions is not None:
+        labels = regions.scored
     classes = [c for c in sorted(labels) if c != 0]
     rows = []
     for case, (pred, ref) in loaded.items():
         scores = score_case(pred.array, ref.array, classes, ref.spacing, nsd_tolerance_mm=nsd_tolerance_mm,
-                            ignore_label=data_cfg.ignore_label if data_cfg else None)
+                            ignore_label=data_cfg.ignore_label if data_cfg else None, regions=regions)
         rows += [{"case": case, "class": c, "name": labels[c], **scores[c]} for c in classes]
     summary = summarize(rows, labels)
     if output_dir is not None:

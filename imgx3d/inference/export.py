@@ -28,6 +28,7 @@ from torch import nn
 
 from imgx3d.checkpoint import Checkpoint
 from imgx3d.config import MODEL_SPACE_KEYS
+from imgx3d.data.labels import Regions
 from imgx3d.errors import CheckpointError, InputError
 from imgx3d.files import atomic_write, atomic_write_text
 from imgx3d.inference.predictor import ensemble_postprocessing, load_checkpoints
@@ -74,13 +75,25 @@ def export_settings(checkpoint: Checkpoint, fmt: str, spatial_dims: int) -> dict
                   "dtype": "float32", "channels": checkpoint.get("channel_names") or [],
                   "space": "model space: the image reoriented to RAS (canonical axes), resampled to "
                            "preprocessing.spacing (when set), normalised by preprocessing.preset"},
-        "output": {"name": "probabilities", "shape": ["batch", checkpoint.num_classes, *size],
-                   "meaning": "softmax class probabilities; class index i is label value labels[i]"},
+        "output": _output(checkpoint, size),
         "labels": {str(value): name for value, name in checkpoint.labels.items()},
         "preprocessing": {key: data[key] for key in MODEL_SPACE_KEYS if key not in ("labels", "patch_size", "slices")},
         "window": window,
         "postprocessing": ensemble_postprocessing([checkpoint]).to_json() if cfg.infer.postprocess else None,
     }
+
+
+def _output(checkpoint: Checkpoint, size: list[int]) -> dict:
+    """What the exported network's output holds: class probabilities, or (``data.regions``) region probabilities
+    and how they become labels."""
+    regions = Regions.of(checkpoint.config.data, checkpoint.labels)
+    if regions is None:
+        return {"name": "probabilities", "shape": ["batch", checkpoint.num_classes, *size],
+                "meaning": "softmax class probabilities; class index i is label value labels[i]"}
+    return {"name": "probabilities", "shape": ["batch", len(regions.names), *size],
+            "meaning": "sigmoid region probabilities, channel r is region regions[r]; labels: start from 0 and, "
+                       "region by region in order, write region_labels[r] where channel r > 0.5",
+            "regions": dict(zip(regions.names, map(list, regions.members))), "region_labels": list(regions.writes)}
 
 
 def _check_torchscript(path: Path, network: nn.Module, windows: torch.Tensor) -> float:

@@ -44,7 +44,7 @@ from imgx3d.data.geometry import ModelCase, class_map, to_model, to_native
 from imgx3d.data.io import Volume, is_image_path
 from imgx3d.data.labels import LabelCodec
 from imgx3d.data.transforms import Preprocessor
-from imgx3d.errors import CheckpointError, InputError, ResourceError
+from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
 from imgx3d.inference.images import ImageObject, like, to_volume
 from imgx3d.inference.postprocess import CaseCandidates, Postprocessing, learn_postprocessing
 from imgx3d.inference.uncertainty import Spread
@@ -59,6 +59,7 @@ from imgx3d.methods.base import (
     Window,
     WindowSegmenter,
     method_from_checkpoint,
+    regions_of,
 )
 from imgx3d.resources import (
     available_host_bytes,
@@ -421,6 +422,10 @@ class Predictor:
         Raises:
             ResourceError: the volume cannot be predicted within this machine's memory.
         """
+        if uncertainty and regions_of(self.method) is not None:
+            raise ConfigError(f"{case.source.path or 'the volume'}: uncertainty maps are entropies of class "
+                              "probabilities; a region-based run (data.regions) predicts overlapping regions: "
+                              "predict without --uncertainty")
         whole_maps = probabilities or uncertainty
         streaming = self._streams(case.image) and not whole_maps
         streaming = streaming or self._must_stream(case, whole_maps, streaming)
@@ -473,7 +478,7 @@ class Predictor:
         with self._autocast(settings):
             if self._streams(image):
                 return self._stream(image, settings).reshape(image.shape[1:])
-            return class_map(self._model_space_probabilities(image, settings))
+            return self._classes_of(self._model_space_probabilities(image, settings))
 
     # -- internals ---------------------------------------------------------------------------
     def _predict(self, case: ModelCase, probabilities: bool, streaming: bool, settings: InferSettings,
@@ -486,7 +491,7 @@ class Predictor:
                 return Prediction(inverse.labels(self._stream(case.image, settings), self.method.num_classes))
             probs = self._model_space_probabilities(case.image, settings, spread)
         native = inverse.probabilities(probs) if probabilities or grid.model_shape != grid.cropped_shape else None
-        labels = inverse.labels_from_probabilities(probs, native)
+        labels = inverse.labels_from_probabilities(probs, native, self._classes_of)
         maps = None
         if spread is not None:  # each map on its own: outside a crop it is 0, not a probability of 1
             native_maps = torch.cat([to_native(m[None].cpu(), grid) for m in spread.maps()])
@@ -518,10 +523,18 @@ class Predictor:
             + ("" if streaming or can_stream else ", use infer.streaming: on with a single-pass 3D method")
             + ", or lower infer.sw_batch_size and free memory")
 
+    def _classes_of(self, probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+        """Class indices of averaged output maps ``(K, ...)``: their argmax, or with regions (``data.regions``)
+        the regions' labels written in order (:meth:`~imgx3d.data.labels.Regions.decode`)."""
+        regions = regions_of(self.method)
+        return class_map(probs, keepdim) if regions is None else regions.decode(probs, keepdim)
+
     @property
     def _single_pass(self) -> bool:
-        """3D methods whose prediction is one network pass per window: they can stream."""
-        return all(m.spatial_dims == 3 and isinstance(m, WindowSegmenter) for m in self.members)
+        """3D methods whose prediction is one network pass per window: they can stream (region outputs
+        are turned into labels from whole maps, so they do not)."""
+        return all(m.spatial_dims == 3 and isinstance(m, WindowSegmenter) and regions_of(m) is None
+                   for m in self.members)
 
     def _autocast(self, settings: InferSettings) -> torch.autocast:
         """The networks' precision at inference (``infer.precision``; fp32: autocast off)."""

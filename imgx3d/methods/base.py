@@ -18,7 +18,8 @@ from torch import nn
 
 from imgx3d.checkpoint import Checkpoint
 from imgx3d.config import MethodConfig, SliceConfig, method_config
-from imgx3d.errors import CheckpointError
+from imgx3d.data.labels import Regions
+from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.registry import method_class
 
 # window(fn, x): run fn over windows of x and blend the outputs (3D: sliding windows of a
@@ -113,10 +114,21 @@ class Method(nn.Module):
     # whether training leaves voxels labelled IGNORE_INDEX (data.ignore_label: not annotated) out of the loss;
     # the workflow refuses a dataset with an ignore label for a method that does not
     partial_labels: bool = False
+    # region-based training (data.regions): one sigmoid output per region; set by build_method through use_regions
+    regions: Regions | None = None
 
     def __init__(self, cfg: Any, num_classes: int, in_channels: int):
         super().__init__()
         self.cfg, self.num_classes, self.in_channels = cfg, num_classes, in_channels
+
+    def use_regions(self, regions: Regions) -> None:
+        """Train and predict ``regions`` (one sigmoid output each, ``num_classes`` of them) instead of classes.
+
+        Raises:
+            ConfigError: the method trains on labels only (every method but the 3D ``unet``).
+        """
+        raise ConfigError(f"data.regions: method '{self.name}' trains on label maps only; region-based training "
+                          "needs the 3D unet method (method.name: unet)")
 
     def size_multiple(self) -> int:
         """What the sides of a window (or slice) must be a multiple of for the method's networks: their
@@ -225,17 +237,29 @@ class FeatureExtractor(Protocol):
         """``(N, F)`` features of ``(N, C, H, W)`` slices."""
 
 
-def build_method(method_cfg: MethodConfig | Mapping[str, Any], num_classes: int, in_channels: int) -> Method:
+def regions_of(method: Any) -> Regions | None:
+    """The regions a method predicts (``data.regions``), None for label outputs (and for any segmenter that is not a
+    :class:`Method`, such as a wrapped network)."""
+    return getattr(method, "regions", None)
+
+
+def build_method(method_cfg: MethodConfig | Mapping[str, Any], num_classes: int, in_channels: int,
+                 regions: Regions | None = None) -> Method:
     """Instantiate the method ``method_cfg`` names: a method's config dataclass, or a ``method:``
-    mapping (checked and completed with the defaults first)."""
+    mapping (checked and completed with the defaults first). With ``regions`` it has one output
+    per region instead of one per class (:meth:`Method.use_regions`)."""
     if not isinstance(method_cfg, MethodConfig):
         method_cfg = method_config(dict(method_cfg))
-    return method_class(method_cfg.name)(method_cfg, num_classes, in_channels)
+    method = method_class(method_cfg.name)(method_cfg, len(regions.names) if regions else num_classes, in_channels)
+    if regions is not None:
+        method.use_regions(regions)
+    return method
 
 
 def method_from_checkpoint(checkpoint: Checkpoint) -> Method:
     """The method a checkpoint's config describes, with its weights (on the CPU, in training mode)."""
-    method = build_method(checkpoint.config.method, checkpoint.num_classes, checkpoint.in_channels)
+    method = build_method(checkpoint.config.method, checkpoint.num_classes, checkpoint.in_channels,
+                          Regions.of(checkpoint.config.data, checkpoint.labels))
     load_method_state(method, checkpoint.weights, str(checkpoint.path))
     return method
 

@@ -13,11 +13,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import MaskedDiceLoss
+from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import nn
 
 from imgx3d.config import MethodConfig
-from imgx3d.data.labels import IGNORE_INDEX
+from imgx3d.data.labels import IGNORE_INDEX, Regions
 from imgx3d.errors import ConfigError
 from imgx3d.methods.base import Method, Window
 from imgx3d.nets.boundary import float32_outputs
@@ -88,6 +88,25 @@ class DiceCEIgnoring(nn.Module):
         return self.lambda_dice * dice + self.lambda_ce * ce
 
 
+class RegionDiceBCE(nn.Module):
+    """nnU-Net's region loss: soft Dice of each region's sigmoid (MONAI ``DiceLoss``) + binary cross-entropy
+    (torch's ``BCEWithLogits``) against the region memberships. Hand-combined because MONAI's
+    ``DiceCELoss`` takes the multi-class cross-entropy whenever there is more than one channel.
+    """
+
+    def __init__(self, regions: Regions, batch: bool, lambda_dice: float, lambda_ce: float):
+        super().__init__()
+        self.regions = regions
+        self.dice = DiceLoss(sigmoid=True, batch=batch)
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, R, ...), ``label`` (B, 1, ...) class values."""
+        target = self.regions.targets(label)
+        return (self.lambda_dice * self.dice(logits, target)
+                + self.lambda_ce * F.binary_cross_entropy_with_logits(logits, target))
+
+
 @register
 class UNetMethod(Method):
     """Patch-trained U-Net with Dice + CE; one sliding-window pass at inference."""
@@ -108,6 +127,13 @@ class UNetMethod(Method):
         self.loss = DiceCEIgnoring(cfg.batch_dice, cfg.lambda_dice, cfg.lambda_ce)
         self.partial_labels = self.spatial_dims == 3  # 3D patches map the ignore label to IGNORE_INDEX; slices do not
 
+    def use_regions(self, regions: Regions) -> None:
+        """One sigmoid output per region, trained with :class:`RegionDiceBCE` (3D only)."""
+        if self.spatial_dims != 3:
+            super().use_regions(regions)
+        self.regions = regions
+        self.loss = RegionDiceBCE(regions, self.cfg.batch_dice, self.cfg.lambda_dice, self.cfg.lambda_ce)
+
     def size_multiple(self) -> int:
         """The product of the strides (the largest over the axes when they differ)."""
         per_axis = [s if isinstance(s, list) else [s] * self.spatial_dims for s in self.cfg.strides]
@@ -121,8 +147,10 @@ class UNetMethod(Method):
         return {"loss/model": sum(w * self.loss(head, batch["label"]) for w, head in zip(self.head_weights, heads))}
 
     def window_probabilities(self, window: torch.Tensor) -> torch.Tensor:
-        """Softmax of one network pass (the :class:`~imgx3d.methods.base.WindowSegmenter` role)."""
-        return torch.softmax(self.net(window), dim=1)
+        """Softmax of one network pass, or with regions each region's sigmoid (the
+        :class:`~imgx3d.methods.base.WindowSegmenter` role)."""
+        logits = self.net(window)
+        return torch.softmax(logits, dim=1) if self.regions is None else torch.sigmoid(logits)
 
     def predict(self, image: torch.Tensor, window: Window) -> torch.Tensor:
         return window(self.window_probabilities, image)

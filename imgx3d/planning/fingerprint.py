@@ -119,6 +119,9 @@ class Fingerprint:
         for cl in self.classes:
             lines.append(f"class {cl.value} {cl.name}: in {cl.cases} case(s), median {cl.voxels_median:.0f} voxels, "
                          f"box {_fmt(cl.bbox_median, 0)}")
+        if self.reading.get("regions"):
+            lines.append("regions (region-based training, nnU-Net's convention): " + "; ".join(
+                f"{name} = {values}" for name, values in self.reading["regions"].items()))
         return lines
 
 
@@ -169,6 +172,9 @@ def fingerprint(root: str | Path, data_cfg: DataConfig | None = None, cache_dir:
     data_cfg = data_cfg or DataConfig()
     catalog = find_cases(root, data_cfg)
     keys, reading = _file_keys(catalog), reading_of(data_cfg)
+    if catalog.regions and "regions" not in reading:  # nnU-Net v2 region labels: the plan trains on them
+        reading.update(regions=catalog.regions, **({"region_labels": catalog.region_labels}
+                                                   if catalog.region_labels else {}))
     cache = Path(cache_dir) / "fingerprint.json" if cache_dir else None
     if cache is not None and cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))

@@ -30,7 +30,7 @@ from imgx3d.errors import ConfigError, Interrupted, ResourceError
 from imgx3d.evaluation.metrics import score_case
 from imgx3d.inference.predictor import InferSettings, Predictor
 from imgx3d.interrupts import requested, signal_name
-from imgx3d.methods.base import Method, SelfValidating, load_method_state
+from imgx3d.methods.base import Method, SelfValidating, load_method_state, regions_of
 from imgx3d.progress import PROGRESS_SECONDS, duration, on_terminal, say
 from imgx3d.resources import autocast, choose_precision, gib, use_fast_cpu_kernels, use_fast_cuda_kernels
 from imgx3d.tracking import NullTracker, Tracker
@@ -328,17 +328,19 @@ class Trainer:
         self.method.eval()
         if isinstance(self.method, SelfValidating):  # rank 0 alone
             return self.method.validation_metrics(cases, labels, self.cfg.data.slices) if self.dist.is_main else {}
-        classes = [c for c in sorted(labels) if c != 0]
+        regions = regions_of(self.method)
+        scored = regions.scored if regions is not None else labels  # regions: Dice per region (whole tumour, ...)
+        classes = [c for c in sorted(scored) if c != 0]
         mine: dict[int, list[float]] = {c: [] for c in classes}
         for case in cases[self.dist.rank::self.dist.world_size]:
             predictor = Predictor(self.method, self.cfg, labels, self.infer_settings)
             pred = predictor.model_space_classes(case["image"]).numpy()
             scores = score_case(pred, case["label"][0].numpy(), classes, metrics=("dice",),
-                                ignore_label=self.cfg.data.ignore_label)
+                                ignore_label=self.cfg.data.ignore_label, regions=regions)
             for c in classes:
                 mine[c].append(scores[c]["dice"])
         per_class = {c: [d for part in self.dist.gather(mine) for d in part[c]] for c in classes}
-        metrics = {f"val/dice/{labels[c]}": float(np.mean(v)) for c, v in per_class.items()}
+        metrics = {f"val/dice/{scored[c]}": float(np.mean(v)) for c, v in per_class.items()}
         metrics["val/dice_mean"] = float(np.mean(list(metrics.values())))
         return metrics
 

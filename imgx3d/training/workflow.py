@@ -23,6 +23,7 @@ from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
 from imgx3d.data.io import read_grid, read_label, strip_suffix
+from imgx3d.data.labels import Regions
 from imgx3d.data.slices import SliceBatches, slice_spacing
 from imgx3d.data.transforms import (
     DeferredCase,
@@ -46,6 +47,7 @@ from imgx3d.methods.base import (
     SelfValidating,
     build_method,
     load_method_state,
+    regions_of,
 )
 from imgx3d.progress import tee_to_file
 from imgx3d.resources import device_tags, resolve_device
@@ -251,7 +253,7 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
 
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
-    method = build_method(cfg.method, catalog.num_classes, catalog.in_channels)
+    method = build_method(cfg.method, catalog.num_classes, catalog.in_channels, _regions(cfg, catalog))
     _record_ignore_label(cfg, catalog, method)
     _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
     with tee_to_file(run_dir / LOG_FILE, ctx.is_main):  # train.log: everything printed from here on
@@ -259,6 +261,14 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
             _print_plan(records)
         return _train_in_folder(cfg, catalog, split, method, run_dir, resume_ckpt, test_at_end, ctx, dist_device,
                                 records, pause_after_minutes)
+
+
+def _regions(cfg: Config, catalog: Catalog) -> Regions | None:
+    """The run's regions: ``data.regions``, else the region labels of the dataset's dataset.json, recorded in the
+    run's config (the checkpoint, ``predict`` and ``evaluate --config`` read them there). None: label-based."""
+    if not cfg.data.regions and catalog.regions:
+        cfg.data.regions, cfg.data.region_labels = dict(catalog.regions), list(catalog.region_labels)
+    return Regions.of(cfg.data, catalog.labels)
 
 
 def _record_ignore_label(cfg: Config, catalog: Catalog, method: Method) -> None:
@@ -411,7 +421,8 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
         totals["val/best_dice_mean"] = state.best_metric
     tracker.log_metrics(totals, state.step)
     tracker.set_tags({"stop_reason": state.stop_reason})
-    if isinstance(method, Segmenter) and cfg.infer.postprocess and split.val:
+    # region runs keep their raw labels: the candidate steps are per label, their Dice per region (not learned yet)
+    if isinstance(method, Segmenter) and cfg.infer.postprocess and split.val and regions_of(method) is None:
         learn_run_postprocessing(run_dir, catalog, split.val, tracker, state.step, str(device))
     tracker.log_artifact(run_dir / "best.pt", "checkpoint")
     if isinstance(method, Segmenter) and isinstance(tracker, Tracker) and cfg.tracking.log_model:
@@ -482,7 +493,7 @@ def evaluate_test_split(run_dir: Path, catalog: Catalog, split: Split, tracker: 
     data_cfg = predictor.config.data
     overlays: list[Path] = []
     scores = UncertaintyScores(sorted(catalog.labels), data_cfg.ignore_label) \
-        if predictor.config.train.test_uncertainty else None
+        if predictor.config.train.test_uncertainty and regions_of(predictor.method) is None else None
     for case_id in split.test:  # predict per case so case ids follow the catalog, not file names
         case = cases[case_id]
         model_case = predictor.read(case.images)
