@@ -40,6 +40,8 @@ def stamp() -> dict[str, str]:
 
 def emit(name: str, value: float | int | str | None, unit: str, **extra) -> None:
     """Print one benchmark figure as a JSON line, stamped with :func:`stamp`."""
+    if isinstance(extra.get("machine"), dict):  # a setup line's machine() keeps its details beside the stamp's
+        extra["machine_details"] = extra.pop("machine")
     print(json.dumps({"name": name, "value": value, "unit": unit, **extra, **stamp()}), flush=True)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the benchmarks package lives beside imgx3d, not inside the installed package
@@ -46,6 +47,9 @@ def test_emit_stamps_every_line(capsys):
     assert line["name"] == "demo.figure" and line["value"] == 0.5 and line["cases"] == 3
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", line["date"])
     assert line["commit"] and line["machine"]
+    common.emit("demo.setup", None, "", machine=common.machine())
+    setup = json.loads(capsys.readouterr().out)
+    assert setup["machine_details"]["torch"] == torch.__version__ and isinstance(setup["machine"], str)
 
 
 def _python(code: str) -> list[str]:
