@@ -104,7 +104,7 @@ def overlay_montage(image: np.ndarray, prediction: np.ndarray, labels: dict[int,
     fig = Figure(figsize=(6.4, 6.8 * rows) if flat else (3.2 * len(indices), 3.6 * rows))
     low, high = np.percentile(image, [1, 99])
     origin = "upper" if flat else "lower"
-    heat, lower_row = None, []
+    heat = None
     for k, z in enumerate(indices):
         ax = fig.add_subplot(rows, len(indices), k + 1)
         view = (lambda a: a[..., z]) if flat else (lambda a: a[..., z].T)
@@ -125,12 +125,12 @@ def overlay_montage(image: np.ndarray, prediction: np.ndarray, labels: dict[int,
             heat = below.imshow(shown, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.8, origin=origin)
             below.set_title("uncertainty" if not flat else "", fontsize=8)
             below.axis("off")
-            lower_row.append(below)
     handles = fig.axes[0].get_legend_handles_labels()
     if handles[0]:
         fig.legend(*handles, loc="lower center", ncol=min(6, len(handles[0])), fontsize=8, frameon=False)
     if heat is not None:
-        fig.colorbar(heat, ax=lower_row, shrink=0.7, label="entropy / log K")
+        # the bar takes its room from both rows alike, so the heat maps stay the size of the slices above them
+        fig.colorbar(heat, ax=fig.axes, shrink=0.35, label="entropy / log K")
     fig.suptitle(title + ("  (solid: prediction, dashed: reference)" if reference is not None else ""), fontsize=9)
     return _save(fig, path)
 
