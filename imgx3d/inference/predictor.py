@@ -538,8 +538,17 @@ class Predictor:
 
     def _autocast(self, settings: InferSettings) -> torch.autocast:
         """The networks' precision at inference (``infer.precision``; fp32: autocast off)."""
+        return autocast(self.device, self.precision(settings))
+
+    def precision(self, settings: InferSettings | None = None) -> torch.dtype | None:
+        """The autocast dtype the networks predict in (None: fp32). ``auto`` does not pick bf16 for a method whose
+        labels it changes (``Method.bf16_labels``): fp16 on a GPU, fp32 on a CPU instead."""
+        settings = settings or self.settings
         dtype = choose_precision(settings.precision, self.device)
-        return autocast(self.device, dtype)
+        if settings.precision == "auto" and dtype == torch.bfloat16 and not all(
+                getattr(m, "bf16_labels", True) for m in self.members):
+            dtype = torch.float16 if self.device.type == "cuda" else None
+        return dtype
 
     def _model_space_probabilities(self, image: torch.Tensor, settings: InferSettings,
                                    spread: Spread | None = None) -> torch.Tensor:

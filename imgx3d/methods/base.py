@@ -114,6 +114,9 @@ class Method(nn.Module):
     # whether training leaves voxels labelled IGNORE_INDEX (data.ignore_label: not annotated) out of the loss;
     # the workflow refuses a dataset with an ignore label for a method that does not
     partial_labels: bool = False
+    # whether bf16 autocast predicts the labels fp32 does (benchmarks/precision.py); False: ``infer.precision: auto``
+    # predicts in fp16 on a GPU and fp32 on a CPU instead of bf16 (an explicit ``bf16`` is still obeyed)
+    bf16_labels: bool = True
     # region-based training (data.regions): one sigmoid output per region; set by build_method through use_regions
     regions: Regions | None = None
 
