@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="pairs generated per forward pass")
     p.add_argument("--steps", type=int, help="sampling steps (default: the method's sample_steps)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision of the generator (default fp32; see docs/scaling.md for bf16's pairs)")
 
     p = sub.add_parser("evaluate", help="score predictions against references (Dice, IoU, HD95, NSD)")
     p.add_argument("--pred", required=True, help="folder of predicted label maps")
@@ -441,7 +443,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from imgx3d.synthesis.synth import synthesize
 
     out = synthesize(args.run, args.n, args.output, args.seed, args.batch, args.steps, args.device, args.masks,
-                     args.random_masks)
+                     args.random_masks, args.precision)
     print(f"{args.n} pair(s) in {out} (train on them with data.extra=[{out}])")
     return 0
 

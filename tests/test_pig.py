@@ -307,3 +307,15 @@ def test_stage_one_guides_the_mask_denoiser_with_the_noised_image():
     torch.testing.assert_close(inputs[:, :2], pig.schedule.q_sample(x0, t, noise_x).float())
     torch.testing.assert_close(inputs[:, 2:], pig.schedule.q_sample(y0, t, noise_y).float())
     assert not torch.allclose(inputs[:, 2:], y0)
+
+
+def test_synth_under_bf16_writes_finite_pairs_and_a_folder_holds_one_precision(pig_run, tmp_path):
+    from imgx3d.errors import InputError
+    from imgx3d.synthesis.synth import synthesize
+
+    synthesize(str(pig_run), 4, tmp_path / "bf16", batch=4, steps=5, device="cpu", precision="bf16")
+    image = nib.load(str(tmp_path / "bf16" / "imagesTr" / "synth_00000.nii.gz")).get_fdata()
+    assert np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
+    assert json.loads((tmp_path / "bf16" / "synth.json").read_text())["precision"] == "bf16"
+    with pytest.raises(InputError, match="different precision"):
+        synthesize(str(pig_run), 8, tmp_path / "bf16", batch=4, steps=5, device="cpu", precision="fp32")

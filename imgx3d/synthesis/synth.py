@@ -36,7 +36,7 @@ from imgx3d.files import atomic_write, atomic_write_text
 from imgx3d.interrupts import raise_if_requested
 from imgx3d.methods.base import GenerateSettings, Generator, method_from_checkpoint
 from imgx3d.progress import CaseProgress, on_terminal
-from imgx3d.resources import resolve_device
+from imgx3d.resources import autocast, choose_precision, resolve_device
 
 SETTINGS_FILE = "synth.json"
 
@@ -59,6 +59,7 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
     if file.exists():
         previous = json.loads(file.read_text(encoding="utf-8"))
         differ = sorted(k for k in ("checkpoint", "seed", "steps", "batch") if previous.get(k) != settings[k])
+        differ += ["precision"] if previous.get("precision", "fp32") != settings["precision"] else []
         if differ:
             raise InputError(f"{output}: holds pairs of another synthesis (different {', '.join(differ)}); "
                              "choose a new --output, or rerun with the same settings to resume")
@@ -111,7 +112,8 @@ def held_out_cases(checkpoint: Path) -> set[str]:
 
 
 def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int = 8, steps: int | None = None,
-               device: str = "auto", masks: str | Path | None = None, random_masks: bool = False) -> Path:
+               device: str = "auto", masks: str | Path | None = None, random_masks: bool = False,
+               precision: str = "fp32") -> Path:
     """Generate ``n`` pairs with the generator of ``run`` (a checkpoint or run folder) into ``output``; resumable.
 
     Args:
@@ -120,6 +122,8 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
             (pair i takes mask i mod M). Cases of the run's validation and test split
             (``split.json`` beside the checkpoint) are left out.
         random_masks: scale / rotate / shift each mask first (seeded by pair).
+        precision: the generator's autocast precision (``fp32``, ``bf16``, ``fp16`` or ``auto``, as
+            ``infer.precision``); one folder holds pairs of one precision.
     """
     if n < 1 or batch < 1:
         raise ConfigError(f"--n {n} and --batch {batch} must be >= 1")
@@ -129,13 +133,14 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
     if not isinstance(method, Generator):
         raise CheckpointError(f"{checkpoint}: method '{method.name}' does not generate image/mask pairs; synth needs "
                               "a generator run (pig, siamese)")
-    method.to(resolve_device(device)).eval()
+    dev = resolve_device(device)
+    method.to(dev).eval()
     output = Path(output)
     settings = GenerateSettings(seed=seed, steps=steps or method.cfg.sample_steps)
     bank = mask_slices(masks, meta, held_out_cases(checkpoint)) if masks else None
     _check_settings(output, {"checkpoint": str(checkpoint.resolve()), "seed": seed, "steps": settings.steps,
                              "batch": batch, "n": n, "masks": str(Path(masks).resolve()) if masks else None,
-                             "random_masks": random_masks})
+                             "random_masks": random_masks, "precision": precision})
     size = list(meta.config.data.slices.size)
     axis = meta.config.data.slices.axis  # slices lie across this RAS axis, as the method saw them
     spacing = np.empty(3)
@@ -157,7 +162,8 @@ def synthesize(run: str, n: int, output: str | Path, seed: int = 0, batch: int =
                            "write the rest")
         indices = list(range(block * batch, (block + 1) * batch))  # whole blocks: the same numbers as a fresh run
         block_masks = torch.stack([mask_of(i) for i in indices]) if bank is not None else None
-        images, labels = method.generate(indices, size, block_masks, settings)
+        with autocast(dev, choose_precision(precision, dev)):
+            images, labels = method.generate(indices, size, block_masks, settings)
         for i, image, label in zip(indices, images.cpu().numpy(), labels.cpu().numpy()):
             if i >= n or i not in missing:
                 continue
