@@ -126,7 +126,9 @@ def test_a_region_dataset_trains_region_based_predicts_labels_and_scores_regions
     assert recorded["regions"] == {"lesion": [1, 2], "core": [1]} and recorded["region_labels"] == [2, 1]
     summary = json.loads((run / "test_metrics" / "summary.json").read_text())
     assert set(summary["per_class"]) == {"lesion", "core"}, "test Dice per region"
-    assert not (run / "test_metrics" / "uncertainty.json").exists() and not (run / "postprocessing.json").exists()
+    assert not (run / "test_metrics" / "uncertainty.json").exists()
+    decided = json.loads((run / "postprocessing.json").read_text())
+    assert set(decided["classes"]) <= {1, 2}, "steps per region key"
     out = tmp_path / "pred"
     images = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
     assert main(["predict", "--run", str(run), "--input", *map(str, images), "--output", str(out),
@@ -167,3 +169,24 @@ def test_the_plan_proposes_the_regions_dataset_json_names(tmp_path):
     assert config.data.regions == {"lesion": [1, 2], "core": [1]} and config.data.region_labels == [2, 1]
     assert fingerprint(data, DataConfig(regions={"lesion": [1, 2]})).reading["regions"] == {"lesion": [1, 2]}, \
         "a configured data.regions wins over dataset.json's"
+
+
+def test_region_postprocessing_keeps_each_regions_largest_component_of_its_union():
+    from imgx3d.inference.postprocess import Postprocessing, case_candidates, learn_postprocessing
+
+    regions = Regions.of(DataConfig(regions={"lesion": [1, 2], "core": [1]}), {0: "bg", 1: "core", 2: "edge"})
+    ref = np.zeros((12, 12, 4), np.uint8)
+    ref[2:8, 2:8] = 2
+    ref[4:6, 4:6] = 1
+    pred = ref.copy()
+    pred[10, 10] = 1  # a stray core voxel: its own component of both regions
+    pred[0, 11] = 2   # a stray lesion voxel
+    kept = Postprocessing(classes=(1,)).apply(pred, [1, 2], regions)
+    assert kept[10, 10, 0] == 0 and kept[0, 11, 0] == 0 and np.array_equal(kept, ref), "the union's largest"
+    only_core = Postprocessing(classes=(2,)).apply(pred, [1, 2], regions)
+    assert only_core[10, 10, 0] == 0 and only_core[0, 11, 0] == 2, "region 2 (core) touches only label 1"
+    record = case_candidates(pred, ref, [1, 2], regions=regions)
+    assert record.raw[1] < 1.0 and record.per_class["raw"][1] == 1.0
+    decision, dice = learn_postprocessing([record], [1, 2])
+    assert decision.foreground or set(decision.classes) == {1, 2}
+    assert dice["postprocessed"] == 1.0 and dice["raw"] < 1.0

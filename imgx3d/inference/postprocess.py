@@ -7,6 +7,9 @@ class alone; keep it for the classes whose Dice it raises. Only what helped is a
 prediction. With cross-validation the decision is taken on every fold's validation cases
 together (:func:`learn_postprocessing` over pooled :class:`CaseCandidates`), as nnU-Net does.
 
+A region-based run (``data.regions``) decides per region, as nnU-Net does: a region's step keeps the
+largest component of the union of its labels and sets the rest of that union to background.
+
 The components come from MONAI's ``KeepLargestConnectedComponent`` (full connectivity).
 """
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent
 
+from imgx3d.data.labels import Regions
 from imgx3d.evaluation.metrics import score_case
 
 MIN_GAIN = 1e-4  # a step must raise the mean Dice by more than this (ties and noise keep the raw map)
@@ -30,7 +34,8 @@ class Postprocessing:
 
     Attributes:
         foreground: keep the largest connected component of all foreground classes together.
-        classes: then keep the largest component of each of these classes.
+        classes: then keep the largest component of each of these classes (region keys ``r + 1`` of a
+            region-based run: the largest component of each region's union).
     """
 
     foreground: bool = False
@@ -47,16 +52,17 @@ class Postprocessing:
         data = data or {}
         return cls(bool(data.get("foreground", False)), tuple(int(c) for c in data.get("classes", [])))
 
-    def apply(self, labels: np.ndarray, foreground: Sequence[int]) -> np.ndarray:
+    def apply(self, labels: np.ndarray, foreground: Sequence[int], regions: Regions | None = None) -> np.ndarray:
         """``labels`` with the kept steps applied (a new array; the input is not modified).
 
         Args:
             labels: a label map ``(X, Y, Z)`` (or 2D) of dataset label values.
             foreground: the label values that are foreground (every class but background).
+            regions: the run's regions, when ``classes`` are region keys.
         """
         out = keep_largest(labels, list(foreground), together=True) if self.foreground else labels.copy()
         for c in self.classes:
-            out = keep_largest(out, [c], together=False)
+            out = keep_largest_of(out, c, regions)
         return out
 
 
@@ -69,6 +75,13 @@ def keep_largest(labels: np.ndarray, classes: list[int], together: bool) -> np.n
     transform = KeepLargestConnectedComponent(applied_labels=classes, is_onehot=False, independent=not together)
     kept = transform(torch.from_numpy(labels.copy())[None])[0]  # MONAI edits its input in place
     return np.asarray(kept).astype(labels.dtype, copy=False)
+
+
+def keep_largest_of(labels: np.ndarray, key: int, regions: Regions | None = None) -> np.ndarray:
+    """One postprocessing step: the largest component of class ``key``, or of region ``key``'s union of labels."""
+    if regions is None:
+        return keep_largest(labels, [key], together=False)
+    return keep_largest(labels, list(regions.members[key - 1]), together=True)
 
 
 @dataclass
@@ -98,17 +111,18 @@ class CaseCandidates:
 
 
 def case_candidates(pred: np.ndarray, ref: np.ndarray, classes: list[int],
-                    ignore_label: int | None = None) -> CaseCandidates:
+                    ignore_label: int | None = None, regions: Regions | None = None) -> CaseCandidates:
     """Score one validation case's prediction raw and under every candidate step (the reference's
-    ``ignore_label`` voxels not scored)."""
+    ``ignore_label`` voxels not scored). With ``regions``, ``classes`` are region keys and Dice is per region."""
     def dice(labels: np.ndarray, which: list[int]) -> dict[int, float]:
         return {c: row["dice"] for c, row in score_case(labels, ref, which, metrics=("dice",),
-                                                         ignore_label=ignore_label).items()}
+                                                         ignore_label=ignore_label, regions=regions).items()}
 
-    fg_map = keep_largest(pred, classes, together=True)
+    values = classes if regions is None else sorted({v for m in regions.members for v in m})
+    fg_map = keep_largest(pred, values, together=True)
     per_class: dict[str, dict[int, float]] = {}
     for base_name, base in (("raw", pred), ("foreground", fg_map)):
-        per_class[base_name] = {c: dice(keep_largest(base, [c], together=False), [c])[c] for c in classes}
+        per_class[base_name] = {c: dice(keep_largest_of(base, c, regions), [c])[c] for c in classes}
     return CaseCandidates(dice(pred, classes), dice(fg_map, classes), per_class)
 
 

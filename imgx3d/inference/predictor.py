@@ -42,7 +42,7 @@ from imgx3d.config import (
 )
 from imgx3d.data.geometry import ModelCase, class_map, to_model, to_native
 from imgx3d.data.io import Volume, is_image_path
-from imgx3d.data.labels import LabelCodec
+from imgx3d.data.labels import LabelCodec, Regions
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
 from imgx3d.inference.images import ImageObject, like, to_volume
@@ -299,7 +299,8 @@ def ensemble_postprocessing(checkpoints: list[Checkpoint]) -> Postprocessing:
     records = [checkpoint.get("postprocessing_validation") for checkpoint in checkpoints]
     if any(r is None for r in records):
         return Postprocessing()  # a member without validation records: nothing is known to help
-    classes = [c for c in checkpoints[0].labels if c != 0]
+    regions = Regions.of(checkpoints[0].config.data, checkpoints[0].labels)
+    classes = [c for c in (regions.scored if regions else checkpoints[0].labels) if c != 0]
     return learn_postprocessing([CaseCandidates.from_json(case) for r in records for case in r], classes)[0]
 
 
@@ -447,7 +448,7 @@ class Predictor:
             return prediction
         labels = prediction.labels
         foreground = [c for c in self.labels if c != 0]
-        kept = self.postprocessing.apply(labels.array, foreground)
+        kept = self.postprocessing.apply(labels.array, foreground, regions_of(self.method))
         return dataclasses.replace(prediction, labels=dataclasses.replace(labels, array=kept))
 
     def _predict_with_retry(self, case: ModelCase, probabilities: bool, streaming: bool,

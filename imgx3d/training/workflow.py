@@ -421,8 +421,7 @@ def _finish_run(cfg: Config, run_dir: Path, catalog: Catalog, split: Split, meth
         totals["val/best_dice_mean"] = state.best_metric
     tracker.log_metrics(totals, state.step)
     tracker.set_tags({"stop_reason": state.stop_reason})
-    # region runs keep their raw labels: the candidate steps are per label, their Dice per region (not learned yet)
-    if isinstance(method, Segmenter) and cfg.infer.postprocess and split.val and regions_of(method) is None:
+    if isinstance(method, Segmenter) and cfg.infer.postprocess and split.val:
         learn_run_postprocessing(run_dir, catalog, split.val, tracker, state.step, str(device))
     tracker.log_artifact(run_dir / "best.pt", "checkpoint")
     if isinstance(method, Segmenter) and isinstance(tracker, Tracker) and cfg.tracking.log_model:
@@ -462,14 +461,15 @@ def learn_run_postprocessing(run_dir: Path, catalog: Catalog, val_ids: list[str]
     native grid) and store the decision and the per-case scores it came from in ``best.pt``
     (ensembles pool the scores) and ``postprocessing.json``."""
     predictor = Predictor.load(run_dir / "best.pt", device=device, postprocess=False)
-    classes = [c for c in catalog.labels if c != 0]
+    regions = regions_of(predictor.method)  # a region run decides per region (nnU-Net's rule)
+    classes = [c for c in (regions.scored if regions else catalog.labels) if c != 0]
     cases = catalog.by_id()
     records = []
     for case_id in val_ids:
         prediction = predictor.predict_case(predictor.read(cases[case_id].images))
         reference = read_label(cases[case_id].label, predictor.config.data).array
         records.append(case_candidates(prediction.labels.array, reference, classes,
-                                       predictor.config.data.ignore_label))
+                                       predictor.config.data.ignore_label, regions))
     decision, dice = learn_postprocessing(records, classes)
     add_to_checkpoint(run_dir / "best.pt", postprocessing=decision.to_json(),
                       postprocessing_validation=[r.to_json() for r in records])
