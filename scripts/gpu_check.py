@@ -139,6 +139,8 @@ def _train(cfg, data: Path, run_dir: Path):
 
 @section("method")
 def check_method(method: str, device: torch.device, data: Path, work: Path, dry: bool) -> None:
+    import nibabel as nib
+
     from imgx3d.checkpoint import load_checkpoint
     from imgx3d.data.transforms import Preprocessor
     from imgx3d.inference.predictor import Predictor
@@ -153,11 +155,19 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
     trained = method_from_checkpoint(run)
     volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
     t0 = time.perf_counter()
-    if isinstance(trained, Generator):  # a generator: two pairs through imgx3d synth
-        out = synthesize(str(work / method), 2, work / f"{method}_pairs", batch=2, steps=2 if dry else None,
-                         device=str(device), masks=data if method == "siamese" else None)
-        assert len(list(out.glob("imagesTr/*.nii.gz"))) == 2
-        what = "2 pairs"
+    extra = {}
+    if isinstance(trained, Generator):  # a generator: two pairs through imgx3d synth, in fp32 and at auto precision
+        pairs = {}
+        for precision in ("fp32", "auto"):
+            out = synthesize(str(work / method), 2, work / f"{method}_pairs_{precision}", batch=2,
+                             steps=2 if dry else None, device=str(device), masks=data if method == "siamese" else None,
+                             precision=precision)
+            pairs[precision] = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32)
+                                         for p in sorted(out.glob("imagesTr/*.nii.gz"))])
+            assert len(pairs[precision]) == 2 and np.isfinite(pairs[precision]).all(), precision
+        extra = {"synth_auto_precision": _precision_name("auto", device),
+                 "synth_auto_vs_fp32_image_mad": round(float(np.abs(pairs["auto"] - pairs["fp32"]).mean()), 5)}
+        what = "2 pairs, fp32 and auto precision"
     elif isinstance(trained, Segmenter):
         predictor = Predictor.load(run, device=str(device))
         prediction = predictor.predict_files([volume])
@@ -171,7 +181,23 @@ def check_method(method: str, device: torch.device, data: Path, work: Path, dry:
         what = "codec reconstruction"
     emit(f"method.{method}", round(result.steps / seconds, 3), "steps/s", ok=True, steps=result.steps,
          train_seconds=round(seconds, 1), predicted=what, predict_seconds=round(time.perf_counter() - t0, 2),
-         peak_gpu_gib=_peak_gpu_gib(device), precision=_precision_name(cfg.train.precision, device))
+         peak_gpu_gib=_peak_gpu_gib(device), precision=_precision_name(cfg.train.precision, device), **extra)
+
+
+@section("regions")
+def check_regions(device: torch.device, data: Path, work: Path, dry: bool) -> None:
+    """Region-based training (data.regions: sigmoid outputs) trains and predicts labels on the device."""
+    from imgx3d.inference.predictor import Predictor
+
+    regions = 'data.regions={"all": [1, 2, 3], "upper": [2, 3], "top": [3]}'
+    cfg = _config("unet", 3 if dry else 30, dry, [f"train.device={device}", regions])
+    result, seconds = _train(cfg, data, work / "regions")
+    predictor = Predictor.load(work / "regions" / "best.pt", device=str(device))
+    volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
+    labels = predictor.predict_files([volume]).labels.array
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3} and predictor.method.num_classes == 3
+    emit("regions.unet", round(result.steps / seconds, 3), "steps/s", ok=True, steps=result.steps,
+         predicted_values=sorted(np.unique(labels).tolist()), precision=_precision_name(cfg.train.precision, device))
 
 
 def _precision_name(setting: str, device: torch.device) -> str:
@@ -419,7 +445,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="the hippocampus training's minutes")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--only", nargs="*", choices=["env", "methods", "syncs", "torchrun", "large_volume",
-                                                      "hippocampus", "imgx_inference", "plan"],
+                                                      "hippocampus", "imgx_inference", "plan", "regions"],
                         help="run only these sections")
     args = parser.parse_args()
     device = torch.device("cpu") if args.dry_run else _device()
@@ -432,12 +458,14 @@ def main() -> int:
 
     data = write_demo_dataset(work / "demo", 10)
     wanted = set(args.only or ["env", "methods", "syncs", "torchrun", "large_volume", "hippocampus", "imgx_inference",
-                               "plan"])
+                               "plan", "regions"])
     results = []
     if "env" in wanted:
         results.append(check_env(device))
     if "methods" in wanted:
         results += [check_method(m, device, data, work, args.dry_run) for m in args.methods]
+    if "regions" in wanted:
+        results.append(check_regions(device, data, work, args.dry_run))
     if "syncs" in wanted:
         results += [check_syncs(m, device, work, args.dry_run) for m in args.methods]
     if "torchrun" in wanted:
