@@ -32,9 +32,12 @@ def stamp() -> dict[str, str]:
         commit += "+changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    from imgx3d.resources import choose_precision, precision_name
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    auto = precision_name(choose_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     return {"date": datetime.date.today().isoformat(), "commit": commit,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device} (auto: {auto}), "
                        f"torch {torch.__version__}"}
 
 
