@@ -147,9 +147,9 @@ class Regions:
         return {0: "background", **{r + 1: name for r, name in enumerate(self.names)}}
 
     def targets(self, label: torch.Tensor) -> torch.Tensor:
-        """Class values ``(B, 1, ...)`` → region memberships ``(B, R, ...)`` as float 0/1 (the sigmoid targets)."""
-        return torch.cat([torch.isin(label, torch.tensor(m, device=label.device)) for m in self.members],
-                         dim=1).float()
+        """Class values ``(B, 1, ...)`` → region memberships ``(B, R, ...)`` as float 0/1 (the sigmoid targets).
+        Compared with Python numbers, so no tensor is copied to the device per step."""
+        return torch.cat([sum((label == v).float() for v in m) for m in self.members], dim=1).clamp_(max=1.0)
 
     def masks(self, values: np.ndarray) -> list[np.ndarray]:
         """A label map of class values → one boolean mask per region (what region Dice compares)."""
@@ -160,6 +160,6 @@ class Regions:
         index = {v: i for i, v in enumerate(self.class_values)}
         out = torch.zeros(probs.shape[1:], dtype=torch.uint8 if len(self.class_values) <= 256 else torch.int64,
                           device=probs.device)
-        for r, value in enumerate(self.writes):
-            out[probs[r] > 0.5] = index[value]
+        for r, value in enumerate(self.writes):  # torch.where, not a boolean index: no host sync on a GPU
+            out = torch.where(probs[r] > 0.5, index[value], out)
         return out[None] if keepdim else out

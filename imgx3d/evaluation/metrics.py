@@ -71,8 +71,9 @@ def score_case(pred: np.ndarray, ref: np.ndarray, classes: list[int], spacing: t
         p = torch.from_numpy(np.stack([pred == c for c in classes])[None].astype(np.float32))
         r = torch.from_numpy(np.stack([ref == c for c in classes])[None].astype(np.float32))
     else:
-        p = torch.from_numpy(np.stack([regions.masks(pred)[c - 1] for c in classes])[None].astype(np.float32))
-        r = torch.from_numpy(np.stack([regions.masks(ref)[c - 1] for c in classes])[None].astype(np.float32))
+        pred_masks, ref_masks = regions.masks(pred), regions.masks(ref)
+        p = torch.from_numpy(np.stack([pred_masks[c - 1] for c in classes])[None].astype(np.float32))
+        r = torch.from_numpy(np.stack([ref_masks[c - 1] for c in classes])[None].astype(np.float32))
     out: dict[str, torch.Tensor] = {}
     if "dice" in metrics:
         out["dice"] = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
