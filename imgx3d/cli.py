@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a training config (a run's config.yaml): its data.labels names the classes, its "
                    "data.mask_threshold / data.label_map turn both folders' file values into classes and its "
                    "data.ignore_label leaves the reference's voxels not annotated out")
+    p.add_argument("--regions", help="score regions, the BraTS way (data.regions): name → label values, e.g. "
+                   "'{whole: [1, 2, 3, 4], core: [1, 3, 4], enhancing: [4]}'")
 
     p = sub.add_parser("compare", help="compare the runs of an mlflow experiment: table, paired tests, plots")
     p.add_argument("--experiment", required=True, help="mlflow experiment (the dataset name by default in train)")
@@ -331,6 +333,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         labels = {0: "background", **data_cfg.labels} if data_cfg.labels else None
     if args.labels:
         labels = {0: "background", **{v: (labels or {}).get(v, f"label_{v}") for v in args.labels if v != 0}}
+    if args.regions:  # checked as the config key is, then over the --config's data settings (or the defaults)
+        import dataclasses
+
+        from imgx3d.config import DataConfig, load_config
+
+        regions = load_config(None, [f"data.regions={args.regions}"]).data.regions
+        data_cfg = dataclasses.replace(data_cfg or DataConfig(), regions=regions, region_labels=[])
     rows, summary = evaluate_folders(args.pred, args.ref, labels, args.output or args.pred, args.nsd_tolerance,
                                      data_cfg)
     if args.overlay:

@@ -190,3 +190,20 @@ def test_region_postprocessing_keeps_each_regions_largest_component_of_its_union
     decision, dice = learn_postprocessing([record], [1, 2])
     assert decision.foreground or set(decision.classes) == {1, 2}
     assert dice["postprocessed"] == 1.0 and dice["raw"] < 1.0
+
+
+def test_evaluate_scores_any_label_maps_as_regions(tmp_path, capsys):
+    ref = np.zeros((10, 10, 4), np.uint8)
+    ref[1:9, 1:9] = 2
+    ref[3:7, 3:7] = 1
+    pred = ref.copy()
+    pred[ref == 1] = 3  # another label of the same region
+    for folder, array in (("pred", pred), ("ref", ref)):
+        save_nifti(tmp_path / folder / "case.nii.gz", array)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                 "--regions", "{tumour: [1, 2, 3], core: [1, 3]}"]) == 0
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["per_class"]["tumour"]["dice"]["mean"] == 1.0 and summary["per_class"]["core"]["dice"]["mean"] == 1.0
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref")]) == 0
+    by_label = json.loads((tmp_path / "pred" / "summary.json").read_text())["per_class"]
+    assert by_label["label_1"]["dice"]["mean"] == 0.0, "label by label, the same maps disagree"
