@@ -4,6 +4,7 @@ region, labels back region by region in order."""
 from __future__ import annotations
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -126,6 +127,7 @@ def test_a_region_dataset_trains_region_based_predicts_labels_and_scores_regions
     assert recorded["regions"] == {"lesion": [1, 2], "core": [1]} and recorded["region_labels"] == [2, 1]
     summary = json.loads((run / "test_metrics" / "summary.json").read_text())
     assert set(summary["per_class"]) == {"lesion", "core"}, "test Dice per region"
+    assert re.search(r"validation at step \d+: lesion [\d.]+, core [\d.]+, mean", (run / "train.log").read_text())
     assert not (run / "test_metrics" / "uncertainty.json").exists()
     decided = json.loads((run / "postprocessing.json").read_text())
     assert set(decided["classes"]) <= {1, 2}, "steps per region key"

@@ -118,11 +118,10 @@ def peak_memory(device: torch.device) -> str:
     return f"peak RSS {gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
 
 
-def validation_line(state: TrainState, metrics: dict[str, float], labels: dict[int, str], improved: bool) -> str:
+def validation_line(state: TrainState, metrics: dict[str, float], improved: bool) -> str:
     """``validation at step 1500: Anterior 0.8123, Posterior 0.7921, mean 0.8022 (best 0.8022 at step 1500,
-    best.pt written)``; a generator's own metrics as they are named."""
-    per_class = [f"{name} {metrics[f'val/dice/{name}']:.4f}" for name in labels.values()
-                 if f"val/dice/{name}" in metrics]
+    best.pt written)`` (per class, or per region of a region-based run); a generator's own metrics as they are named."""
+    per_class = [f"{k.removeprefix('val/dice/')} {v:.4f}" for k, v in metrics.items() if k.startswith("val/dice/")]
     others = [f"{k.removeprefix('val/')} {v:.4g}" for k, v in metrics.items()
               if not k.startswith("val/dice") and isinstance(v, float)]
     parts = per_class + ([f"mean {metrics['val/dice_mean']:.4f}"] if "val/dice_mean" in metrics else []) + others
@@ -492,7 +491,7 @@ class Trainer:
                 self.save("best.pt", weights_only=True)
             else:
                 self.state.bad_validations += 1
-            say(validation_line(self.state, metrics, labels, improved), self._bar)
+            say(validation_line(self.state, metrics, improved), self._bar)
         elif self.dist.is_main:  # no validation cases: the latest weights are the ones to use
             self.state.best_step = self.state.step
             self.save("best.pt", weights_only=True)
