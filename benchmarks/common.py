@@ -96,3 +96,24 @@ def add_hippocampus_args(parser, config: bool = True) -> None:
     parser.add_argument("--data", default=str(HIPPOCAMPUS))
     if config:
         parser.add_argument("--config", default=str(HIPPOCAMPUS_UNET))
+
+
+def add_arm_args(parser, name: str, runs: tuple[str, ...]) -> None:
+    """The arguments of a benchmark whose arms train as children (:func:`train_in_children`): ``--clock``,
+    ``--out`` / ``--experiment`` (``bench-NAME``), ``--set KEY=VALUE`` for every arm, and the child's own
+    ``--train-one ARM`` / ``--threads``."""
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
+    parser.add_argument("--out", default=f"runs/bench-{name}")
+    parser.add_argument("--experiment", default=f"bench-{name}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--train-one", choices=runs, help="(internal) train one arm in this process")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def train_arm_if_child(args, train_one) -> bool:
+    """In a child (``--train-one ARM``): train that arm with ``train_one(arm, args)`` on ``--threads`` and say so."""
+    if not args.train_one:
+        return False
+    torch.set_num_threads(args.threads)
+    train_one(args.train_one, args)
+    return True

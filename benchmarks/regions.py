@@ -18,10 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 from benchmarks.children import REPO
-from benchmarks.common import emit, emit_test_summary, machine, save_train_result, train_in_children
+from benchmarks.common import add_arm_args, train_arm_if_child, emit, emit_test_summary, machine, save_train_result, train_in_children
 
 from imgx3d.config import load_config
 from imgx3d.evaluation.metrics import evaluate_folders
@@ -48,16 +47,9 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "brats2015"))
     parser.add_argument("--config", default=str(REPO / "configs" / "brats" / "plan.yaml"))
     parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
-    parser.add_argument("--out", default="runs/bench-regions")
-    parser.add_argument("--experiment", default="bench-regions")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--train-one", choices=RUNS, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1)
+    add_arm_args(parser, "regions", RUNS)
     args = parser.parse_args()
-    if args.train_one:
-        torch.set_num_threads(args.threads)
-        train_one(args.train_one, args)
+    if train_arm_if_child(args, train_one):
         return
     emit("regions.setup", None, "", machine=machine(), minutes=args.minutes, clock=args.clock, config=args.config,
          regions=BRATS_REGIONS, overrides=[*SAME, *args.set])

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
-from benchmarks.common import add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children
+from benchmarks.common import add_arm_args, train_arm_if_child, add_hippocampus_args, emit, emit_test_summary, machine, save_train_result, train_in_children
 
 from imgx3d.config import load_config
 from imgx3d.evaluation.metrics import evaluate_folders
@@ -69,19 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_hippocampus_args(parser)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     parser.add_argument("--every", type=int, default=5, help="keep the label of every N-th slice")
     parser.add_argument("--axis", type=int, default=2, help="the slice axis (of the label files' arrays)")
     parser.add_argument("--work", default="", help="where the sparse copy goes (default: a temporary folder)")
-    parser.add_argument("--out", default="runs/bench-sparse")
-    parser.add_argument("--experiment", default="bench-sparse")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--train-one", choices=RUNS, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1)
+    add_arm_args(parser, "sparse", RUNS)
     args = parser.parse_args()
-    if args.train_one:
-        torch.set_num_threads(args.threads)
-        train_one(args.train_one, args)
+    if train_arm_if_child(args, train_one):
         return
     args.work = args.work or tempfile.mkdtemp(prefix="bench-sparse-")
     share = write_sparse_copy(Path(args.data), Path(args.work) / "sparse", args.every, args.axis)
