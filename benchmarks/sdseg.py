@@ -17,7 +17,7 @@ DDIM speed, seed stability, codec Dice, and where the Dice is lost.
 4. Stability: one-step predictions with 5 seeds; PSNR / SSIM between the foreground
    probability volumes of every pair of seeds (the paper's instance-level stability).
 
-Usage: python -m benchmarks.sdseg [--minutes 30] [--clock cpu --threads 1] [--unet2d] [--ema 0.999]
+Usage: python -m benchmarks.sdseg [--minutes 30] [--clock cpu --threads 1] [--unet2d] [--ema 0.999] [--reuse]
                                      [--unet-result runs/bench-imgx-ablation/unet/bench_result.json]
        [--device cuda --size 256 256 --skip-speed]   (the GPU run at the paper's 256 x 256 slices)
 """
@@ -50,6 +50,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(config: str, args: argparse.Namespace, name: str, extra: list[str] = ()) -> dict:
+    finished = Path(args.out) / name / "result.json"
+    if args.reuse and finished.exists():  # a run an earlier call of this benchmark finished
+        result = json.loads(finished.read_text(encoding="utf-8"))
+        summary = finished.parent / "test_metrics" / "summary.json"
+        return {"run_dir": str(finished.parent), "run_id": result["run_id"], "steps": result["steps"],
+                "stop_reason": result["stop_reason"],
+                "test_summary": json.loads(summary.read_text(encoding="utf-8"))}
     overrides = [f"train.max_minutes={args.minutes}", f"train.budget_clock={args.clock}",
                  f"tracking.experiment={args.experiment}", f"train.device={args.device}", *extra]
     if args.clock == "cpu":
@@ -133,6 +140,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="training and prediction device")
     parser.add_argument("--size", type=int, nargs=2, help="slice size (default: the config's; paper: 256 256)")
     parser.add_argument("--skip-speed", action="store_true", help="skip the speed and seed-stability parts")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the arms that an earlier call finished under --out instead of training them again")
     parser.add_argument("--codec-steps", type=int, help="codec phase steps (default: the config's)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--no-track", action="store_true", help="no mlflow (a machine without it)")
