@@ -30,6 +30,7 @@ from imgx3d.errors import CheckpointError, ConfigError
 from imgx3d.files import atomic_write
 
 CHECKPOINT_FORMAT = "imgx3d-checkpoint-v2"
+PREVIOUS_STAGE = "previous_stage"  # a cascade's low-resolution stage: its whole best.pt state
 READABLE_FORMATS = ("imgx3d-checkpoint-v1", CHECKPOINT_FORMAT)
 
 
@@ -61,6 +62,20 @@ class Checkpoint:
         return int(self.state["in_channels"])
 
     @property
+    def network_in_channels(self) -> int:
+        """Channels the network takes: the image's, and a cascade's one per label of its previous stage."""
+        previous = self.previous_stage
+        return self.in_channels + (len(previous_stage_classes(previous)) if previous is not None else 0)
+
+    @property
+    def previous_stage(self) -> "Checkpoint | None":
+        """A cascade's low-resolution stage (``data.cascade``), stored in this file; None for other runs."""
+        state = self.state.get(PREVIOUS_STAGE)
+        if state is None:
+            return None
+        return Checkpoint(self.path, from_dict(Config, state["config"]), state)
+
+    @property
     def labels(self) -> dict[int, str]:
         """Class value → name, as the dataset declared them."""
         return {int(k): v for k, v in self.state["labels"].items()}
@@ -72,6 +87,11 @@ class Checkpoint:
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata field (``mlflow_run_id``, ``slice_spacing``, ``channel_names``, ``step``, ...)."""
         return self.state.get(key, default)
+
+
+def previous_stage_classes(stage: Checkpoint) -> list[int]:
+    """The label values a cascade's previous stage predicts, one input channel each (not 0, not ignore)."""
+    return [value for value in sorted(stage.labels) if value not in (0, stage.config.data.ignore_label)]
 
 
 def checkpoint_state(config: Config, weights: dict[str, torch.Tensor], **fields: Any) -> dict[str, Any]:

@@ -114,6 +114,12 @@ class DataConfig:
         region_labels: the label value each region writes when a prediction is turned back into
             labels (nnU-Net's ``regions_class_order``), in the order of ``regions``; empty: each
             region's smallest value that no later region holds.
+        cascade: the run folder (or checkpoint) of a low-resolution stage (nnU-Net's ``3d_lowres`` →
+            ``3d_cascade_fullres``): its prediction of each case, on this run's model grid, is one more
+            input channel per foreground label (after intensity normalisation, which never sees it).
+            Its split must hold none of this run's validation or test cases among its training cases;
+            the stage is stored in this run's checkpoints, so prediction needs only this run. The 3D
+            ``unet`` method only. Empty: no cascade.
         color: 2D images: ``grey`` (RGB converted to luminance), ``rgb`` (3 channels) or ``green``.
         preset: intensity preset: ``ct``, ``mri``, ``dbt`` or ``none``. ``dbt`` (tomosynthesis):
             percentiles ``mri_percentiles`` of the breast (the voxels above ``crop_air``)
@@ -163,6 +169,7 @@ class DataConfig:
     ignore_label: int | None = None
     regions: dict[str, list[int]] = field(default_factory=dict)
     region_labels: list[int] = field(default_factory=list)
+    cascade: str = ""
     color: Literal["grey", "rgb", "green"] = "grey"
     preset: Literal["ct", "mri", "dbt", "none"] = "mri"
     crop_air: float | None = None

@@ -216,10 +216,17 @@ class ModelCase:
         return self.inverse.reference
 
 
-def to_model(volume: Volume, cfg: DataConfig, codec: LabelCodec) -> ModelCase:
-    """A read input (``array`` ``(C, X, Y, Z)``) in model space, with its :class:`Inverse`."""
+def to_model(volume: Volume, cfg: DataConfig, codec: LabelCodec,
+             model_image: Callable[[Volume, GridMap], torch.Tensor] | None = None) -> ModelCase:
+    """A read input (``array`` ``(C, X, Y, Z)``) in model space, with its :class:`Inverse`.
+
+    Args:
+        model_image: how the image reaches its model grid (default :func:`image_to_model`; a cascade's
+            preprocessor appends its previous stage's channels).
+    """
     grid = grid_map(volume, cfg)
-    return ModelCase(image_to_model(volume.array, grid, cfg), Inverse(grid, volume, codec))
+    image = model_image(volume, grid) if model_image is not None else image_to_model(volume.array, grid, cfg)
+    return ModelCase(image, Inverse(grid, volume, codec))
 
 
 def class_map(probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:

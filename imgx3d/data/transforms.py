@@ -7,10 +7,12 @@ case's files, checks them, and applies it (:class:`Preprocessor`), then draws au
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
+from scipy import ndimage
 import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -27,12 +29,13 @@ from monai.transforms import (
     SpatialPad,
     SpatialPadd,
 )
+from monai.transforms import RandomizableTransform
 from monai.transforms.utils import map_binary_to_indices
 from torch.utils.data import IterableDataset, get_worker_info
 
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import Case
-from imgx3d.data.geometry import grid_map, image_to_model, label_to_model
+from imgx3d.data.geometry import GridMap, grid_map, image_to_model, label_to_model
 from imgx3d.data.io import Volume, read_grid, read_label, read_volume
 from imgx3d.data.labels import IGNORE_INDEX
 from imgx3d.errors import InputError
@@ -41,10 +44,24 @@ AFFINE_TOLERANCE = 1e-3  # mm / direction-cosine tolerance for image-label agree
 
 
 class Preprocessor:
-    """Reads cases and maps them between the native grid and model space."""
+    """Reads cases and maps them between the native grid and model space.
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    Args:
+        cfg: the run's data settings.
+        previous_stage: a cascade's low-resolution stage (``data.cascade``;
+            :class:`~imgx3d.inference.cascade.PreviousStage`): called with the image volume and its
+            model grid, it returns the channels appended to the normalised image.
+    """
+
+    def __init__(self, cfg: DataConfig, previous_stage: Callable[[Volume, GridMap], torch.Tensor] | None = None):
+        self.cfg, self.previous_stage = cfg, previous_stage
+
+    def model_image(self, volume: Volume, grid: GridMap) -> torch.Tensor:
+        """An image volume (``array`` ``(C, X, Y, Z)``) normalised on its model grid, with a cascade's channels."""
+        image = image_to_model(volume.array, grid, self.cfg)
+        if self.previous_stage is None:
+            return image
+        return torch.cat([image, self.previous_stage(volume, grid)])
 
     def read_image(self, paths: list, expected_channels: int | None = None) -> tuple[np.ndarray, Volume]:
         """Read channel files into a (C, X, Y, Z) array; returns it and the first channel's volume."""
@@ -73,12 +90,12 @@ class Preprocessor:
 
     def load_case(self, case: Case, labels: dict[int, str], in_channels: int | None = None) -> dict[str, Any]:
         """Read and preprocess a labelled case into model space, validating the label."""
-        array, ref = self.read_image(case.images, in_channels)
-        grid = grid_map(ref, self.cfg)
-        item: dict[str, Any] = {"case_id": case.case_id, "image": image_to_model(array, grid, self.cfg)}
+        _, volume = self.read_image(case.images, in_channels)
+        grid = grid_map(volume, self.cfg)
+        item: dict[str, Any] = {"case_id": case.case_id}
         if case.label is not None:
             label = read_label(case.label, self.cfg)
-            _check_same_grid(ref, label, "label")
+            _check_same_grid(volume, label, "label")
             unknown = sorted(set(np.unique(label.array).tolist()) - set(labels) - {self.cfg.ignore_label})
             if unknown:
                 raise InputError(
@@ -86,7 +103,7 @@ class Preprocessor:
                     "fix the label map or the 'labels' of dataset.json / data.labels"
                 )
             item["label"] = label_to_model(label.array, grid)
-        return item
+        return {**item, "image": self.model_image(volume, grid)}  # after the label's checks: a cascade's stage predicts here
 
 
 def _check_same_grid(ref: Volume, other: Volume, what: str) -> None:
@@ -162,11 +179,19 @@ class DeferredCase:
         return {**item, **crop_indices(item["label"], patch_size, self.preprocessor.cfg.ignore_label)}
 
 
-def train_transforms(cfg: DataConfig) -> Compose:
+def train_transforms(cfg: DataConfig, previous_channels: int = 0) -> Compose:
     """Random patch sampling and augmentation (MONAI) on model-space {image, label} dicts; the
-    precomputed ``fg_indices`` / ``bg_indices`` of :func:`crop_indices` are used when present."""
-    keys = ["image", "label"]
-    transforms: list = [
+    precomputed ``fg_indices`` / ``bg_indices`` of :func:`crop_indices` are used when present.
+
+    Args:
+        previous_channels: a cascade's (``data.cascade``): the image's last channels are the previous
+            stage's prediction. They move with the patch as a label does (nearest neighbour), are
+            degraded as nnU-Net does (:class:`DegradePreviousStage`) and never see the intensity
+            augmentation.
+    """
+    keys = ["image", "label"] + (["previous"] if previous_channels else [])
+    transforms: list = [SplitPreviousStage(previous_channels)] if previous_channels else []
+    transforms += [
         SpatialPadd(keys, spatial_size=cfg.patch_size, mode="constant"),
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size,
                                pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, num_samples=1,
@@ -179,12 +204,86 @@ def train_transforms(cfg: DataConfig) -> Compose:
     if cfg.affine_prob > 0:
         angle = float(np.deg2rad(cfg.rotate_deg))
         transforms.append(RandAffined(keys, prob=cfg.affine_prob, rotate_range=[angle] * 3,
-                                      scale_range=[cfg.scale_range] * 3, mode=("bilinear", "nearest"),
-                                      padding_mode="zeros"))
+                                      scale_range=[cfg.scale_range] * 3,
+                                      mode=("bilinear", *["nearest"] * (len(keys) - 1)), padding_mode="zeros"))
     transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in cfg.flip_axes]
     if cfg.intensity_aug:
         transforms += intensity_transforms(cfg.intensity_scheme)
+    if previous_channels:
+        transforms += [DegradePreviousStage(), join_previous_stage]
     return Compose(transforms)
+
+
+class SplitPreviousStage:
+    """Moves a cascade's last ``channels`` image channels (the previous stage's) to the key ``previous``."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        image = data["image"]
+        return {**data, "image": image[:-self.channels], "previous": image[-self.channels:]}
+
+
+def join_previous_stage(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :class:`SplitPreviousStage`: the ``previous`` channels back after the image's."""
+    data = dict(data)
+    previous = _plain(data.pop("previous"))
+    return {**data, "image": torch.cat([_plain(data["image"]), previous.to(_plain(data["image"]).dtype)])}
+
+
+class DegradePreviousStage(RandomizableTransform):
+    """nnU-Net's augmentation of a cascade's previous-stage channels: the stage predicted its own
+    training cases better than it will predict new ones, so the next stage must not learn to copy it.
+
+    Per patch, with probability ``morphology_prob``, each channel is dilated, eroded, opened or closed
+    (one at random) by a cube of half-width 1 to ``max_radius`` voxels (nnU-Net: a ball; a cube is a
+    max-pool here); then with probability ``remove_prob`` one connected component of a channel, smaller
+    than ``max_removed`` of the patch, is removed. (No MONAI transform does either: hand-written.)
+    """
+
+    def __init__(self, morphology_prob: float = 0.4, remove_prob: float = 0.2, max_radius: int = 8,
+                 max_removed: float = 0.15):
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.morphology_prob, self.remove_prob = morphology_prob, remove_prob
+        self.max_radius, self.max_removed = max_radius, max_removed
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        previous = _plain(data["previous"]).clone()
+        if self.R.random() < self.morphology_prob:
+            for c in range(previous.shape[0]):
+                operator = self.R.choice(["dilate", "erode", "open", "close"])
+                previous[c] = binary_morphology(previous[c], operator, int(self.R.randint(1, self.max_radius + 1)))
+        if self.R.random() < self.remove_prob:
+            for c in range(previous.shape[0]):
+                previous[c] = self._remove_a_component(previous[c])
+        return {**data, "previous": previous}
+
+    def _remove_a_component(self, channel: torch.Tensor) -> torch.Tensor:
+        components, count = ndimage.label(channel.numpy() > 0.5)
+        if count == 0:
+            return channel
+        sizes = np.bincount(components.ravel())[1:]
+        small = np.flatnonzero(sizes < self.max_removed * channel.numel()) + 1
+        if len(small) == 0:
+            return channel
+        return channel * torch.from_numpy(components != small[self.R.randint(len(small))]).to(channel.dtype)
+
+
+def binary_morphology(mask: torch.Tensor, operator: str, radius: int) -> torch.Tensor:
+    """A 0/1 map (X, Y, Z) dilated, eroded, opened or closed by a cube of half-width ``radius``
+    (max-pooling; what lies outside the patch is unknown, so it neither grows nor erodes the map)."""
+    def dilate(x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool3d(x[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+
+    def erode(x: torch.Tensor) -> torch.Tensor:
+        return 1 - dilate(1 - x)
+
+    steps = {"dilate": (dilate,), "erode": (erode,), "open": (erode, dilate), "close": (dilate, erode)}[operator]
+    x = mask.float()
+    for step in steps:
+        x = step(x)
+    return x.to(mask.dtype)
 
 
 def intensity_transforms(scheme: str) -> list:

@@ -152,6 +152,10 @@ def export_run(source: str | Path, fmt: str, output: str | Path, tracking_uri: s
     if len(checkpoints) != 1:
         raise CheckpointError(f"{source}: holds {len(checkpoints)} runs; export one run (e.g. {source}/fold_0)")
     checkpoint = checkpoints[0]
+    if checkpoint.previous_stage is not None:
+        raise CheckpointError(f"{checkpoint.path}: is a cascade's second stage (data.cascade), whose input is the "
+                              "first stage's prediction; its export is not built: export the low-resolution run, or "
+                              "serve this one with imgx3d predict / the mlflow model")
     method = method_from_checkpoint(checkpoint).eval()
     if not isinstance(method, WindowSegmenter):
         raise CheckpointError(f"{checkpoint.path}: method '{method.name}' predicts by a sampling loop, not one network "

@@ -45,6 +45,7 @@ from imgx3d.data.io import Volume, is_image_path
 from imgx3d.data.labels import LabelCodec, Regions
 from imgx3d.data.transforms import Preprocessor
 from imgx3d.errors import CheckpointError, ConfigError, InputError, ResourceError
+from imgx3d.inference.cascade import PreviousStage
 from imgx3d.inference.images import ImageObject, like, to_volume
 from imgx3d.inference.postprocess import CaseCandidates, Postprocessing, learn_postprocessing
 from imgx3d.inference.uncertainty import Spread
@@ -251,6 +252,10 @@ def check_ensemble(checkpoints: list[Checkpoint]) -> None:
     """Refuse, in one line, runs that cannot be averaged: other classes, channels, dimensionality or
     data settings (the model space their probabilities live in)."""
     first = checkpoints[0]
+    if len(checkpoints) > 1 and any(c.previous_stage is not None for c in checkpoints):
+        cascade = next(c for c in checkpoints if c.previous_stage is not None)
+        raise CheckpointError(f"{cascade.path}: a cascade's stage (data.cascade) cannot be ensembled yet (each member "
+                              "would need its own low-resolution input); predict with one run at a time")
     for other in checkpoints[1:]:
         pairs = {"labels": (first.labels, other.labels), "input channels": (first.in_channels, other.in_channels)}
         pairs.update({f"data.{k}": (getattr(first.config.data, k), getattr(other.config.data, k))
@@ -321,12 +326,15 @@ class Predictor:
     """
 
     def __init__(self, method: Method | list[Method], config: Config, labels: dict[int, str],
-                 settings: InferSettings | None = None, postprocessing: Postprocessing = Postprocessing()):
+                 settings: InferSettings | None = None, postprocessing: Postprocessing = Postprocessing(),
+                 previous_stage: PreviousStage | None = None):
         self.members = list(method) if isinstance(method, (list, tuple)) else [method]
         self.method = self.members[0]
         self.config, self.labels, self.postprocessing = config, labels, postprocessing
         self.settings = settings or InferSettings.from_config(config.infer)
         self.device = resolve_device(self.settings.device)
+        self.previous_stage = previous_stage
+        self.preprocessor = Preprocessor(config.data, previous_stage)
         self.codec = LabelCodec(labels, config.data)
         for member in self.members:
             member.to(self.device).eval()
@@ -365,24 +373,26 @@ class Predictor:
                                       "runs that see the volume alike (all per slice, or all 3D)")
         first = checkpoints[0]
         settings = settings or InferSettings.from_config(first.config.infer, **overrides)
-        return cls(methods, first.config, first.labels, settings, ensemble_postprocessing(checkpoints))
+        stage = first.previous_stage
+        previous = PreviousStage.from_checkpoint(stage, settings.device) if stage is not None else None
+        return cls(methods, first.config, first.labels, settings, ensemble_postprocessing(checkpoints), previous)
 
     @property
     def in_channels(self) -> int:
-        """Image channels the method takes."""
-        return self.method.in_channels
+        """Image channels the method takes (a cascade's previous stage adds its own to them)."""
+        return self.method.in_channels - (self.previous_stage.channels if self.previous_stage is not None else 0)
 
     def read(self, paths: list[Path]) -> ModelCase:
         """Read one case's channel files and bring them to model space (no model work: safe to run
         in a reader thread while another case is predicted)."""
         check_input_kind(paths[0], self.config.data)
-        _, volume = Preprocessor(self.config.data).read_image(paths, self.in_channels)
-        return to_model(volume, self.config.data, self.codec)
+        _, volume = self.preprocessor.read_image(paths, self.in_channels)
+        return to_model(volume, self.config.data, self.codec, self.preprocessor.model_image)
 
     def from_volume(self, volume: Volume) -> ModelCase:
         """An in-memory image (checked as a file is) in model space: what :meth:`read` does for files."""
-        _, volume = Preprocessor(self.config.data).checked_image(volume, self.in_channels)
-        return to_model(volume, self.config.data, self.codec)
+        _, volume = self.preprocessor.checked_image(volume, self.in_channels)
+        return to_model(volume, self.config.data, self.codec, self.preprocessor.model_image)
 
     def predict_files(self, paths: list[Path], probabilities: bool = False) -> Prediction:
         """Predict one case from its channel files."""

@@ -261,7 +261,7 @@ def build_method(method_cfg: MethodConfig | Mapping[str, Any], num_classes: int,
 
 def method_from_checkpoint(checkpoint: Checkpoint) -> Method:
     """The method a checkpoint's config describes, with its weights (on the CPU, in training mode)."""
-    method = build_method(checkpoint.config.method, checkpoint.num_classes, checkpoint.in_channels,
+    method = build_method(checkpoint.config.method, checkpoint.num_classes, checkpoint.network_in_channels,
                           Regions.of(checkpoint.config.data, checkpoint.labels))
     load_method_state(method, checkpoint.weights, str(checkpoint.path))
     return method

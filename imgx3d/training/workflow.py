@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from imgx3d.checkpoint import Checkpoint, add_to_checkpoint, load_checkpoint
+from imgx3d.checkpoint import PREVIOUS_STAGE, Checkpoint, add_to_checkpoint, load_checkpoint, previous_stage_classes
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
@@ -38,6 +38,7 @@ from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
 from imgx3d.evaluation.uncertainty import UNCERTAINTY_METRICS, UncertaintyScores, case_dice
 from imgx3d.files import atomic_write_text
+from imgx3d.inference.cascade import PreviousStage, load_previous_stage
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.postprocess import case_candidates, learn_postprocessing
 from imgx3d.inference.predictor import Predictor
@@ -123,7 +124,8 @@ def _extra_items(cfg: Config, catalog: Catalog, pre: Preprocessor, ctx: distribu
             raise InputError(f"{Path(root) / 'dataset.json'}: labels {extra.labels} differ from the dataset's "
                              f"{catalog.labels}; generate the pairs with a run trained on this dataset")
         ids = [c.case_id for c in extra.cases if c.label is not None][ctx.rank::ctx.world_size]
-        items += [{**item, "extra": True} for item in _load_items(Preprocessor(extra_cfg), extra, ids)]
+        extra_pre = Preprocessor(extra_cfg, pre.previous_stage)
+        items += [{**item, "extra": True} for item in _load_items(extra_pre, extra, ids)]
     return items
 
 
@@ -136,8 +138,9 @@ def _worker_init(_: int) -> None:
 
 
 def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_dims: int, rank: int = 0,
-             pin_memory: bool = False):
-    """Training batches: 3D patches, or 2D slices through the slice adapter for 2D methods.
+             pin_memory: bool = False, previous_channels: int = 0):
+    """Training batches: 3D patches (the last ``previous_channels`` of the image a cascade's previous
+    stage), or 2D slices through the slice adapter for 2D methods.
 
     Rank ``r`` of a torchrun job draws its own stream (seed offset by rank; rank 0 keeps the
     one-process stream) from its own shard of the training cases.
@@ -147,7 +150,7 @@ def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_
         dataset = SliceBatches(items, cfg.data.slices, cfg.data.flip_axes, cfg.data.batch_size, seed, start_step,
                                cfg.train.max_steps, cfg.data.extra_fraction)
     else:
-        dataset = PatchBatches(items, train_transforms(cfg.data), cfg.data.batch_size, seed, start_step,
+        dataset = PatchBatches(items, train_transforms(cfg.data, previous_channels), cfg.data.batch_size, seed, start_step,
                                cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size,
                                ignore_label=cfg.data.ignore_label)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
@@ -253,14 +256,30 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
 
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
-    method = build_method(cfg.method, catalog.num_classes, catalog.in_channels, _regions(cfg, catalog))
+    previous = _previous_stage(cfg, split, resume_ckpt)
+    method = build_method(cfg.method, catalog.num_classes,
+                          catalog.in_channels + (len(previous_stage_classes(previous)) if previous else 0),
+                          _regions(cfg, catalog))
     _record_ignore_label(cfg, catalog, method)
     _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
     with tee_to_file(run_dir / LOG_FILE, ctx.is_main):  # train.log: everything printed from here on
         if ctx.is_main:
             _print_plan(records)
         return _train_in_folder(cfg, catalog, split, method, run_dir, resume_ckpt, test_at_end, ctx, dist_device,
-                                records, pause_after_minutes)
+                                records, pause_after_minutes, previous)
+
+
+def _previous_stage(cfg: Config, split: Split, resume_ckpt: Checkpoint | None) -> Checkpoint | None:
+    """A cascade's low-resolution stage (``data.cascade``): the one a resumed run stored, else the named run's
+    checkpoint (checked: a 3D unet that trained on none of this run's validation and test cases)."""
+    if not cfg.data.cascade:
+        return None
+    if cfg.method.name != "unet" or cfg.method.spatial_dims != 3:
+        raise ConfigError(f"data.cascade ({cfg.data.cascade}): the cascade's next stage must be the 3D unet, not "
+                          f"'{cfg.method.name}' ({cfg.method.spatial_dims}D)")
+    if resume_ckpt is not None and resume_ckpt.previous_stage is not None:
+        return resume_ckpt.previous_stage
+    return load_previous_stage(cfg.data.cascade, {"train": split.train, "val": split.val, "test": split.test})
 
 
 def _regions(cfg: Config, catalog: Catalog) -> Regions | None:
@@ -290,17 +309,21 @@ def _record_ignore_label(cfg: Config, catalog: Catalog, method: Method) -> None:
 def _train_in_folder(cfg: Config, catalog: Catalog, split: Split, method: Method, run_dir: Path,
                      resume_ckpt: Checkpoint | None, test_at_end: bool, ctx: distributed.DistContext,
                      dist_device: torch.device | None, records: dict[str, str],
-                     pause_after_minutes: float | None) -> TrainResult:
+                     pause_after_minutes: float | None, previous: Checkpoint | None = None) -> TrainResult:
     """Load the cases, train, score: the part of :func:`train_run` whose output ``train.log`` keeps."""
-    pre = Preprocessor(cfg.data)
+    device = dist_device or resolve_device(cfg.train.device, "train.device")
+    stage = PreviousStage.from_checkpoint(previous, str(device)) if previous is not None else None
+    pre = Preprocessor(cfg.data, stage)
+    loading = time.perf_counter()
     # each rank holds only its shard of the training cases; validation cases are predicted by all ranks in turn
     train_items = _load_items(pre, catalog, split.train[ctx.rank::ctx.world_size], labels=method.plan.uses_labels,
                               cache_gib=cfg.data.cache_gib if method.spatial_dims == 3 else None)
     train_items += _extra_items(cfg, catalog, pre, ctx)
     val_ids = split.val[:cfg.train.val_cases] if cfg.train.val_cases else split.val  # the split's first N
     val_items = _load_items(pre, catalog, val_ids)  # every rank: each predicts its share of them
-
-    device = dist_device or resolve_device(cfg.train.device, "train.device")
+    if stage is not None and ctx.is_main:  # outside the training budget: say what it cost
+        print(f"cascade: the low-resolution stage predicted {len(train_items) + len(val_items)} cases in "
+              f"{time.perf_counter() - loading:.0f} s (before the budget's clock starts)")
     tracker: Tracker | NullTracker = NullTracker()
     if cfg.tracking.enabled and ctx.is_main:
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset,
@@ -311,6 +334,8 @@ def _train_in_folder(cfg: Config, catalog: Catalog, split: Split, method: Method
         if cfg.tracking.system_metrics:
             tracker.monitor_system(cfg.tracking.system_metrics_seconds, resume=resume_ckpt is not None)
     meta = _checkpoint_meta(cfg, catalog, split, method, train_items, ctx, tracker.run_id)
+    if previous is not None:
+        meta[PREVIOUS_STAGE] = previous.state
     trainer = Trainer(cfg, method, run_dir, meta, tracker, device, ctx)
     tracker.set_tags(device_tags(device, trainer.autocast_dtype))
     if resume_ckpt is not None:
@@ -327,7 +352,8 @@ def _train_in_folder(cfg: Config, catalog: Catalog, split: Split, method: Method
             tracker.log_artifact(run_dir / name)
 
     try:
-        batches = _batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank, device.type == "cuda")
+        batches = _batches(train_items, cfg, trainer.state.step, method.spatial_dims, ctx.rank, device.type == "cuda",
+                           stage.channels if stage is not None else 0)
         pause_s = None if pause_after_minutes is None else 60 * pause_after_minutes
         state = trainer.fit(batches, val_items, catalog.labels, pause_s)
         summary = None
