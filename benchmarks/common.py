@@ -63,7 +63,8 @@ def emit_test_summary(prefix: str, summary: dict, **extra) -> None:
 
 
 def train_in_children(module_name: str, names: list[str], forwarded: list[str], out: Path, parallel: int,
-                      threads: int) -> dict[str, dict]:
+                      threads: int, after: dict[str, list[str]] | None = None, resume: bool = False
+                      ) -> dict[str, dict]:
     """Train named runs ``parallel`` at a time, each a child ``python -m MODULE --train-one NAME`` of ``threads`` threads.
 
     Each child writes ``<out>/<name>/bench_result.json`` (:func:`save_train_result`) and logs to
@@ -72,9 +73,12 @@ def train_in_children(module_name: str, names: list[str], forwarded: list[str], 
     Args:
         module_name: the benchmark's module (its ``__spec__.name``).
         forwarded: the child's other arguments (data, budget, clock, ...).
+        after: name → the runs that must finish before it starts (e.g. a cascade's first stage).
+        resume: skip the runs an earlier call finished (their ``.done`` marks in ``out``).
     """
     run_children([Child(name, module(module_name, "--train-one", name, "--threads", str(threads), *forwarded),
-                        threads=threads) for name in names], parallel=parallel, logs=out)
+                        threads=threads, after=(after or {}).get(name, [])) for name in names],
+                 parallel=parallel, logs=out, resume=resume)
     return {name: json.loads((out / name / "bench_result.json").read_text(encoding="utf-8")) for name in names}
 
 

@@ -95,6 +95,15 @@ PREDICT_TOTAL_SHARE = 0.05
 MIN_PREDICT_SECONDS = 2.0
 
 
+# The cascade (nnU-Net's 3d_lowres -> 3d_cascade_fullres, data.cascade): proposed when the patch covers less
+# than this share of the median case; the low-resolution stage's spacing grows by LOWRES_SPACING_STEP
+# (its finest axes first while others are over twice as coarse) until the patch covers this share of the
+# median case at it (nnU-Net's lowres_creation_threshold and spacing_increase_factor)
+LOWRES_COVERAGE = 0.25
+LOWRES_SPACING_STEP = 1.03
+LOWRES_SHARE = 1 / 3  # the share of a budget the low-resolution stage trains (the rest: the full-resolution stage)
+
+
 class CandidateTooLarge(Exception):
     """Raised by a :data:`StepTimer` when a candidate does not fit the device's memory."""
 
@@ -743,6 +752,53 @@ def _plan_network(result: Plan, fp: Fingerprint, patch: np.ndarray | None = None
                                                      "(nnU-Net's rule)")
     result.decide("method.num_res_units", 2, "two residual units per block (the baseline's)")
     result.decide("method.norm", "instance", "instance norm (nnU-Net's)")
+
+
+def patch_coverage(result: Plan, fp: Fingerprint) -> float:
+    """The share of the median case (at the planned spacing) one training patch covers (at most 1)."""
+    _, median_shape = _target_grid(result, fp)
+    patch = np.asarray(result.tree["data"]["patch_size"], dtype=float)
+    return float(np.prod(np.minimum(patch, median_shape)) / np.prod(median_shape))
+
+
+def lowres_stage(result: Plan, fp: Fingerprint, threshold: float = LOWRES_COVERAGE) -> Plan | None:
+    """A cascade's low-resolution stage for a 3D plan whose patch covers under ``threshold`` (default
+    :data:`LOWRES_COVERAGE`) of the median case (nnU-Net's ``3d_lowres``), or None when the patch covers enough.
+
+    Its spacing grows as nnU-Net's does until the plan's patch covers ``threshold`` of the median case
+    at it; its patch is the median case there (rounded to what its strides divide), shrunk by nnU-Net's rule to
+    at most the full-resolution patch's voxels, so a step costs no more than one of the full-resolution stage;
+    width and batch are the plan's. Its training minutes are :data:`LOWRES_SHARE` of the plan's; the
+    full-resolution stage then trains the rest with ``data.cascade`` naming the stage's run.
+    """
+    coverage = patch_coverage(result, fp)
+    if result.tree["method"].get("spatial_dims", 3) != 3 or coverage >= threshold:
+        return None
+    spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
+    _, median_shape = _target_grid(result, fp)
+    extent = median_shape * spacing  # mm
+    patch = np.asarray(result.tree["data"]["patch_size"], dtype=float)
+    low = spacing.copy()
+    while np.prod(np.minimum(patch, extent / low)) / np.prod(extent / low) < threshold:
+        finer = low.max() / low > 2
+        low = np.where(finer, low * LOWRES_SPACING_STEP, low) if finer.any() else low * LOWRES_SPACING_STEP
+    stage = Plan(copy.deepcopy(result.tree), copy.deepcopy(result.decisions), dict(result.planned), name="lowres")
+    stage.decide("data.spacing", [round(float(v), 3) for v in low],
+                 f"the cascade's low-resolution stage: the patch covers {coverage:.0%} of the median case at "
+                 f"{spacing.round(3).tolist()} mm, under {threshold:.0%}: the spacing grown by "
+                 f"{LOWRES_SPACING_STEP:g}x steps (nnU-Net's rule) until it covers {threshold:.0%}")
+    topology_spacing, low_median = _target_grid(stage, fp)
+    whole = topology(np.ceil(low_median), topology_spacing)[2]
+    shrunk = shrink_patch(whole, low_median, topology_spacing, float(np.prod(patch)))
+    _plan_network(stage, fp, shrunk, f"the median case at the low-resolution spacing "
+                                     f"({np.ceil(low_median).astype(int).tolist()}), rounded to what the strides divide"
+                                     + ("" if (shrunk == whole).all() else ", shrunk by nnU-Net's rule to at most the "
+                                        "full-resolution patch's voxels (a step costs no more)"))
+    stage = _candidate(stage, fp, int(result.tree["method"]["channels"][0]), int(result.tree["data"]["batch_size"]))
+    minutes = round(float(result.tree["train"]["max_minutes"]) * LOWRES_SHARE, 2)
+    stage.decide("train.max_minutes", minutes, f"{LOWRES_SHARE:.0%} of the plan's training minutes; the "
+                                               "full-resolution stage (data.cascade) trains the rest")
+    return stage
 
 
 def _candidate(result: Plan, fp: Fingerprint, width: int, batch: int, patch: np.ndarray | None = None) -> Plan:
