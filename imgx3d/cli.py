@@ -387,6 +387,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     output = Path(args.output or plan_folder(args.data) / f"{args.method}.yaml")
     atomic_write_text(output, result.to_yaml())
     print(f"plan written to {output}; train on it with: imgx3d train --config {output} --data {args.data}")
+    if result.cascade is not None:
+        stage_file = output.with_name(f"{output.stem}.lowres{output.suffix}")
+        atomic_write_text(stage_file, result.cascade.to_yaml())
+        stage_run = Path("runs") / result.tree["dataset"] / "lowres"
+        rest = round(float(result.tree["train"]["max_minutes"]) - float(result.cascade.tree["train"]["max_minutes"]), 2)
+        print(f"cascade proposed (the patch covers {result.planned['cascade']['coverage']:.1%} of the median case): "
+              f"its low-resolution stage is written to {stage_file}; train the two stages in the same budget with:\n"
+              f"  imgx3d train --config {stage_file} --data {args.data} --run-dir {stage_run}\n"
+              f"  imgx3d train --config {output} --data {args.data} data.cascade={stage_run} train.max_minutes={rest:g}")
     for name, rival in result.rivals.items():
         other = output.with_name(f"{output.stem}.{name}{output.suffix}")
         atomic_write_text(other, rival.to_yaml())

@@ -152,3 +152,84 @@ def test_intensity_augmentation_never_touches_the_first_stages_channels():
         out = out[0] if isinstance(out, list) else out
         assert out["image"].shape == (2, 8, 8, 8) and "previous" not in out
         assert set(torch.unique(out["image"][1]).tolist()) <= {0.0, 1.0}, "moved as a label, never intensity-changed"
+
+
+# -- the planner's proposal ------------------------------------------------------------------------------------
+
+def _fingerprint(shape, spacing, cases=3):
+    from imgx3d.planning.fingerprint import CaseStats, ChannelStats, ClassStats, Fingerprint
+
+    stats = [CaseStats(f"c{i}", list(shape), list(spacing), "RAS", 1.0) for i in range(cases)]
+    return Fingerprint("large", "MRI", stats, [ChannelStats("ch", 0.0, 1.0, 0.0, 1.0, 0, 1)],
+                       [ClassStats(1, "a", cases, 100.0, [5.0, 5.0, 5.0])])
+
+
+def _slow_timer(cfg):
+    """A step costs 1e-6 s per sample and voxel times the squared width: large patches miss a short budget."""
+    return 1e-9 * cfg.method.channels[0] ** 2 * cfg.data.batch_size * np.prod(cfg.data.patch_size)
+
+
+def test_a_patch_covering_little_of_the_median_case_gets_a_low_resolution_stage_by_nnunets_rule():
+    from imgx3d.methods.base import build_method
+    from imgx3d.planning.planner import LOWRES_COVERAGE, LOWRES_SHARE, LOWRES_SPACING_STEP, patch_coverage, plan
+
+    fp = _fingerprint((192, 192, 160), (1.0, 1.0, 1.0))
+    result = plan(fp, "unet", budget_minutes=0.5, step_timer=_slow_timer, pass_timer=lambda cfg, shape: 0.0)
+    coverage = patch_coverage(result, fp)
+    assert coverage < LOWRES_COVERAGE and result.cascade is not None
+    stage = result.cascade.config()
+    patch, low = np.array(result.tree["data"]["patch_size"]), np.array(stage.data.spacing)
+    covered = np.prod(patch) / np.prod(np.array([192, 192, 160]) / low)
+    before = np.prod(patch) / np.prod(np.array([192, 192, 160]) / (low / LOWRES_SPACING_STEP))
+    assert covered >= LOWRES_COVERAGE > before, "the first spacing on nnU-Net's 3 % ladder that covers a quarter"
+    assert np.prod(stage.data.patch_size) <= np.prod(patch), "a stage step costs no more than a full-resolution one"
+    assert stage.method.channels[0] == result.tree["method"]["channels"][0]
+    assert stage.train.max_minutes == pytest.approx(result.tree["train"]["max_minutes"] * LOWRES_SHARE, abs=0.01)
+    net = build_method(stage.method, 2, 1 + 0).net
+    assert net(torch.zeros(1, 1, *stage.data.patch_size)).shape[2:] == tuple(stage.data.patch_size)
+    assert "planned.cascade" in {d.key for d in result.decisions} and result.planned["cascade"]["spacing"] == list(low)
+    small = plan(_fingerprint((40, 48, 40), (1.0, 1.0, 1.0)), "unet", budget_minutes=0.5, step_timer=_slow_timer,
+                 pass_timer=lambda cfg, shape: 0.0)
+    assert small.cascade is None, "a patch that covers the median case needs no cascade"
+
+
+def test_the_stage_coarsens_the_fine_axes_first_on_thick_slices():
+    from imgx3d.planning.planner import Plan, lowres_stage
+
+    fp = _fingerprint((320, 320, 40), (0.8, 0.8, 3.0))
+    tree = {"dataset": "large", "seed": 0, "method": {"name": "unet", "channels": [16, 32], "strides": [[2, 2, 1]]},
+            "data": {"spacing": [0.8, 0.8, 3.0], "patch_size": [64, 64, 16], "batch_size": 2},
+            "train": {"max_minutes": 9.0}}
+    stage = lowres_stage(Plan(tree), fp)
+    spacing = stage.tree["data"]["spacing"]
+    assert spacing[2] == 3.0 and spacing[0] == spacing[1] > 0.8, "z waits while it is over twice as coarse"
+    assert lowres_stage(Plan(tree), fp, threshold=0.01) is None, "a patch over the threshold: no stage"
+
+
+def test_the_plan_command_writes_the_stage_and_the_two_commands(tmp_path, capsys, monkeypatch):
+    from imgx3d.config import load_config
+    from imgx3d.planning import planner
+    from tests.conftest import save_nifti
+
+    root = tmp_path / "large"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(3):
+        label = np.zeros((96, 96, 96), np.uint8)
+        label[30:60, 30:60, 30:60] = 1
+        save_nifti(root / "imagesTr" / f"c{i}.nii.gz", rng.normal(size=label.shape).astype(np.float32) + label)
+        save_nifti(root / "labelsTr" / f"c{i}.nii.gz", label)
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a"}, "modality": {"0": "MRI"},
+                                                   "training": training}))
+    monkeypatch.setattr(planner, "measured_step_seconds", lambda device, clock=None: _slow_timer)
+    monkeypatch.setattr(planner, "measured_pass_seconds", lambda device, clock=None: lambda cfg, shape: 0.0)
+    output = tmp_path / "unet.yaml"
+    assert main(["plan", "--data", str(root), "--budget", "0.5", "--device", "cpu", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    stage_file = tmp_path / "unet.lowres.yaml"
+    assert "cascade proposed" in out and f"--config {stage_file}" in out and "data.cascade=runs/large/lowres" in out
+    stage, full = load_config(stage_file), load_config(output)
+    assert stage.data.spacing != full.data.spacing and not stage.data.cascade

@@ -127,6 +127,7 @@ class Plan:
     # other candidate plans a planned training races against this one (name → plan; see RACE_SHARE)
     rivals: dict[str, "Plan"] = field(default_factory=dict)
     name: str = "3d"  # this candidate's name in a race
+    cascade: "Plan | None" = None  # a proposed low-resolution stage (lowres_stage), trained before this plan
 
     def decide(self, key: str, value: Any, reason: str) -> Any:
         """Set ``key`` (dotted) in the tree and record why."""
@@ -151,8 +152,12 @@ class Plan:
             changes = list(_leaves(changes))
         if any(key.startswith(("method.", "data.patch_size", "data.slices")) for key, _ in changes):
             self.rivals = {}  # the network or window is set by hand: the plan the user shaped trains, unraced
+            self.cascade = None  # and its coverage of the median case is no longer the planner's
         for rival in self.rivals.values():
             rival.override(changes, reason)
+        if self.cascade is not None:  # the stage keeps its own spacing, minutes and (no) cascade
+            self.cascade.override([(k, v) for k, v in changes if k not in ("data.spacing", "train.max_minutes",
+                                                                         "data.cascade")], reason)
         for key, value in changes:
             node = self.tree
             for part in key.split("."):
@@ -380,7 +385,26 @@ def plan_methods(fp: Fingerprint, methods: list[str], budget_minutes: float = 30
     for result in plans.values():
         for candidate in [result, *result.rivals.values()]:
             _fit_whole_run(candidate, fp, budget_minutes, planning_minutes)
+    if "unet" in plans:
+        _propose_cascade(plans["unet"], fp)
     return plans
+
+
+def _propose_cascade(result: Plan, fp: Fingerprint) -> None:
+    """Attach :func:`lowres_stage` to a 3D U-Net plan whose patch covers little of the median case, and say so."""
+    stage = lowres_stage(result, fp)
+    if stage is None:
+        return
+    result.cascade = stage
+    data = stage.tree["data"]
+    result.planned["cascade"] = {"coverage": round(patch_coverage(result, fp), 4), "spacing": data["spacing"],
+                                 "patch_size": data["patch_size"], "minutes": stage.tree["train"]["max_minutes"]}
+    result.decisions.append(Decision(
+        "planned.cascade", data["spacing"],
+        f"the patch covers {patch_coverage(result, fp):.1%} of the median case, under nnU-Net's "
+        f"{LOWRES_COVERAGE:.0%} for a cascade: a low-resolution stage at {data['spacing']} mm (patch "
+        f"{data['patch_size']}, {stage.tree['train']['max_minutes']:g} minutes) is proposed, whose prediction "
+        f"becomes this plan's extra input (data.cascade); not trained unless asked ({quote_evidence('cascade')})"))
 
 
 def _split_sizes(cases: int, data: dict[str, Any]) -> tuple[int, int]:
