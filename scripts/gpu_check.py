@@ -200,6 +200,26 @@ def check_regions(device: torch.device, data: Path, work: Path, dry: bool) -> No
          predicted_values=sorted(np.unique(labels).tolist()), precision=_precision_name(cfg.train.precision, device))
 
 
+@section("cascade")
+def check_cascade(device: torch.device, data: Path, work: Path, dry: bool) -> None:
+    """A cascade (data.cascade): a low-resolution stage, then the next stage with its prediction as input, both on
+    the device; the next stage predicts from its own checkpoint alone."""
+    from imgx3d.inference.predictor import Predictor
+
+    steps = 3 if dry else 30
+    low = _config("unet", steps, dry, [f"train.device={device}", "data.spacing=[2.0,2.0,2.0]"])
+    _train(low, data, work / "cascade_lowres")
+    cfg = _config("unet", steps, dry, [f"train.device={device}", f"data.cascade={work / 'cascade_lowres'}"])
+    result, seconds = _train(cfg, data, work / "cascade")
+    predictor = Predictor.load(work / "cascade" / "best.pt", device=str(device))
+    volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
+    case = predictor.read([volume])
+    labels = predictor.predict_case(case).labels.array
+    assert case.image.shape[0] == 1 + predictor.previous_stage.channels and labels.shape == case.source.spatial_shape
+    emit("cascade.unet", round(result.steps / seconds, 3), "steps/s", ok=True, steps=result.steps,
+         input_channels=int(case.image.shape[0]), precision=_precision_name(cfg.train.precision, device))
+
+
 def _precision_name(setting: str, device: torch.device) -> str:
     """What ``setting`` (``auto`` …) resolves to on ``device``: fp32, bf16 or fp16."""
     from imgx3d.resources import choose_precision, precision_name
@@ -445,7 +465,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="the hippocampus training's minutes")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--only", nargs="*", choices=["env", "methods", "syncs", "torchrun", "large_volume",
-                                                      "hippocampus", "imgx_inference", "plan", "regions"],
+                                                      "hippocampus", "imgx_inference", "plan", "regions", "cascade"],
                         help="run only these sections")
     args = parser.parse_args()
     device = torch.device("cpu") if args.dry_run else _device()
@@ -458,7 +478,7 @@ def main() -> int:
 
     data = write_demo_dataset(work / "demo", 10)
     wanted = set(args.only or ["env", "methods", "syncs", "torchrun", "large_volume", "hippocampus", "imgx_inference",
-                               "plan", "regions"])
+                               "plan", "regions", "cascade"])
     results = []
     if "env" in wanted:
         results.append(check_env(device))
@@ -466,6 +486,8 @@ def main() -> int:
         results += [check_method(m, device, data, work, args.dry_run) for m in args.methods]
     if "regions" in wanted:
         results.append(check_regions(device, data, work, args.dry_run))
+    if "cascade" in wanted:
+        results.append(check_cascade(device, data, work, args.dry_run))
     if "syncs" in wanted:
         results += [check_syncs(m, device, work, args.dry_run) for m in args.methods]
     if "torchrun" in wanted:
