@@ -395,7 +395,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"cascade proposed (the patch covers {result.planned['cascade']['coverage']:.1%} of the median case): "
               f"its low-resolution stage is written to {stage_file}; train the two stages in the same budget with:\n"
               f"  imgx3d train --config {stage_file} --data {args.data} --run-dir {stage_run}\n"
-              f"  imgx3d train --config {output} --data {args.data} data.cascade={stage_run} train.max_minutes={rest:g}")
+              f"  imgx3d train --config {output} --data {args.data} data.cascade={stage_run} "
+              f"train.max_minutes={rest:g}")
     for name, rival in result.rivals.items():
         other = output.with_name(f"{output.stem}.{name}{output.suffix}")
         atomic_write_text(other, rival.to_yaml())

@@ -103,7 +103,8 @@ class Preprocessor:
                     "fix the label map or the 'labels' of dataset.json / data.labels"
                 )
             item["label"] = label_to_model(label.array, grid)
-        return {**item, "image": self.model_image(volume, grid)}  # after the label's checks: a cascade's stage predicts here
+        # after the label's checks: a cascade's previous stage predicts the case here
+        return {**item, "image": self.model_image(volume, grid)}
 
 
 def _check_same_grid(ref: Volume, other: Volume, what: str) -> None:

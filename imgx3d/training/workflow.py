@@ -150,8 +150,8 @@ def _batches(items: list[dict[str, Any]], cfg: Config, start_step: int, spatial_
         dataset = SliceBatches(items, cfg.data.slices, cfg.data.flip_axes, cfg.data.batch_size, seed, start_step,
                                cfg.train.max_steps, cfg.data.extra_fraction)
     else:
-        dataset = PatchBatches(items, train_transforms(cfg.data, previous_channels), cfg.data.batch_size, seed, start_step,
-                               cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size,
+        dataset = PatchBatches(items, train_transforms(cfg.data, previous_channels), cfg.data.batch_size, seed,
+                               start_step, cfg.train.max_steps, cfg.data.extra_fraction, patch_size=cfg.data.patch_size,
                                ignore_label=cfg.data.ignore_label)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if cfg.data.num_workers else None, pin_memory=pin_memory)
