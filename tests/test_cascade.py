@@ -200,9 +200,11 @@ def test_the_stage_coarsens_the_fine_axes_first_on_thick_slices():
     tree = {"dataset": "large", "seed": 0, "method": {"name": "unet", "channels": [16, 32], "strides": [[2, 2, 1]]},
             "data": {"spacing": [0.8, 0.8, 3.0], "patch_size": [64, 64, 16], "batch_size": 2},
             "train": {"max_minutes": 9.0}}
-    stage = lowres_stage(Plan(tree), fp)
-    spacing = stage.tree["data"]["spacing"]
+    near = Plan({**tree, "data": {**tree["data"], "patch_size": [160, 128, 40]}})  # 20 % of the median case
+    spacing = lowres_stage(near, fp).tree["data"]["spacing"]
     assert spacing[2] == 3.0 and spacing[0] == spacing[1] > 0.8, "z waits while it is over twice as coarse"
+    far = lowres_stage(Plan(tree), fp).tree["data"]["spacing"]  # 1.6 %: the fine axes catch up, then all grow
+    assert far[0] == far[1] and far[2] / far[0] <= 2.0 and far[2] > 3.0 and far[0] / 0.8 > far[2] / 3.0
     assert lowres_stage(Plan(tree), fp, threshold=0.01) is None, "a patch over the threshold: no stage"
 
 

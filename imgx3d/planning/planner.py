@@ -795,8 +795,10 @@ def lowres_stage(result: Plan, fp: Fingerprint, threshold: float = LOWRES_COVERA
     width and batch are the plan's. Its training minutes are :data:`LOWRES_SHARE` of the plan's; the
     full-resolution stage then trains the rest with ``data.cascade`` naming the stage's run.
     """
+    if result.tree["method"].get("spatial_dims", 3) != 3 or fp.reading.get("mode") == "image":
+        return None  # slices and 2D images: no patch of a volume to cover
     coverage = patch_coverage(result, fp)
-    if result.tree["method"].get("spatial_dims", 3) != 3 or coverage >= threshold:
+    if coverage >= threshold:
         return None
     spacing = np.asarray(result.tree["data"]["spacing"] or np.median(fp.spacings, axis=0), dtype=float)
     _, median_shape = _target_grid(result, fp)
