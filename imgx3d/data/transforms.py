@@ -25,11 +25,11 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
+    RandomizableTransform,
     RandSpatialCropd,
     SpatialPad,
     SpatialPadd,
 )
-from monai.transforms import RandomizableTransform
 from monai.transforms.utils import map_binary_to_indices
 from torch.utils.data import IterableDataset, get_worker_info
 
