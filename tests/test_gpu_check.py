@@ -26,9 +26,10 @@ def test_gpu_check_dry_run_passes_every_section(tmp_path):
     assert {f"{section}.{m}" for m in ("unet", "imgx", "sdseg", "pig", "siamese", "vae", "darl")
             for section in ("method", "syncs")} <= names
     assert {"env", "torchrun", "large_volume.monai", "large_volume.imgx3d", "large_volume.ratio",
-            "hippocampus.test.dice.foreground_mean", "imgx_inference.ratio", "plan.budget_fit", "regions.unet", "gpu_check"} <= names
+            "hippocampus.test.dice.foreground_mean", "imgx_inference.ratio", "plan.budget_fit", "regions.unet",
+            "cascade.unet", "gpu_check"} <= names
     summary = next(line for line in lines if line["name"] == "gpu_check")
-    assert summary["value"] == 21 and summary["failed"] == 0
+    assert summary["value"] == 22 and summary["failed"] == 0
     pig = next(line for line in lines if line["name"] == "method.pig")
     auto = precision_name(choose_precision("auto", torch.device("cpu")))
     assert pig["synth_auto_precision"] == auto, "synth's auto is this CPU's"
