@@ -120,7 +120,8 @@ def main() -> None:
     for run, result in results.items():
         validation = json.loads((Path(result["run_dir"]) / "result.json").read_text(encoding="utf-8"))["best_val_dice"]
         emit_test_summary(f"cascade.{name}.{run}", result["test_summary"], steps=result["steps"],
-                          minutes=result["minutes"], stop_reason=result["stop_reason"], best_val_dice=round(validation, 4),
+                          minutes=result["minutes"], stop_reason=result["stop_reason"],
+                          best_val_dice=round(validation, 4),
                           cases=result["test_summary"]["cases"], first_stage_seconds=result["first_stage_seconds"])
         dice[run] = result["test_summary"]["foreground_mean"]["dice"]
     emit(f"cascade.{name}.cascade_minus_fullres", round(dice["cascade"] - dice["fullres"], 4), "dice",

@@ -127,7 +127,8 @@ class Plan:
     # other candidate plans a planned training races against this one (name → plan; see RACE_SHARE)
     rivals: dict[str, "Plan"] = field(default_factory=dict)
     name: str = "3d"  # this candidate's name in a race
-    cascade: "Plan | None" = None  # a proposed low-resolution stage (lowres_stage): imgx3d plan writes it beside this plan
+    # a proposed low-resolution stage (lowres_stage): imgx3d plan writes it beside this plan
+    cascade: "Plan | None" = None
 
     def decide(self, key: str, value: Any, reason: str) -> Any:
         """Set ``key`` (dotted) in the tree and record why."""
