@@ -235,3 +235,28 @@ def test_the_plan_command_writes_the_stage_and_the_two_commands(tmp_path, capsys
     assert "cascade proposed" in out and f"--config {stage_file}" in out and "data.cascade=runs/large/lowres" in out
     stage, full = load_config(stage_file), load_config(output)
     assert stage.data.spacing != full.data.spacing and not stage.data.cascade
+
+
+def test_the_cascade_predicts_the_fp32_labels_under_bf16_and_fp16(cascade_runs):
+    """Both stages' networks stubbed to confident logits in the autocast dtype (the first reads the image, the
+    second the first stage's channels): the labels are fp32's at every precision, the maps finite float32."""
+    from tests.test_precision import _as_network_output, _confident_logits
+
+    _, cascade, data = cascade_runs
+    images = find_cases(data, load_checkpoint(cascade).config.data).cases[0].images
+
+    def second_stage(x: torch.Tensor) -> torch.Tensor:
+        cls = torch.cat([torch.full_like(x[:, :1], 0.5), x[:, 1:]], 1).argmax(1)  # the first stage's label
+        return _as_network_output(40 * torch.nn.functional.one_hot(cls, 3).movedim(-1, 1).float() - 20)
+
+    results = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        predictor = Predictor.load(cascade, device="cpu", precision=precision)
+        predictor.method.net.forward = second_stage
+        predictor.previous_stage.predictor.method.net.forward = lambda x: _as_network_output(_confident_logits(x, 3))
+        results[precision] = predictor.predict_files(images, probabilities=True)
+        probabilities = results[precision].probabilities.array
+        assert probabilities.dtype == np.float32 and np.isfinite(probabilities).all(), precision
+    assert set(np.unique(results["fp32"].labels.array)) >= {1, 2}, "both labels reach the second stage"
+    for precision in ("bf16", "fp16"):
+        np.testing.assert_array_equal(results[precision].labels.array, results["fp32"].labels.array)
