@@ -64,8 +64,7 @@ class Checkpoint:
     @property
     def network_in_channels(self) -> int:
         """Channels the network takes: the image's, and a cascade's one per label of its previous stage."""
-        previous = self.previous_stage
-        return self.in_channels + (len(previous_stage_classes(previous)) if previous is not None else 0)
+        return self.in_channels + cascade_channels(self.previous_stage)
 
     @property
     def previous_stage(self) -> "Checkpoint | None":
@@ -92,6 +91,11 @@ class Checkpoint:
 def previous_stage_classes(stage: Checkpoint) -> list[int]:
     """The label values a cascade's previous stage predicts, one input channel each (not 0, not ignore)."""
     return [value for value in sorted(stage.labels) if value not in (0, stage.config.data.ignore_label)]
+
+
+def cascade_channels(stage: Checkpoint | None) -> int:
+    """Input channels a cascade's previous stage adds (0 without one)."""
+    return 0 if stage is None else len(previous_stage_classes(stage))
 
 
 def checkpoint_state(config: Config, weights: dict[str, torch.Tensor], **fields: Any) -> dict[str, Any]:

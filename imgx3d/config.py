@@ -118,8 +118,8 @@ class DataConfig:
             ``3d_cascade_fullres``): its prediction of each case, on this run's model grid, is one more
             input channel per foreground label (after intensity normalisation, which never sees it).
             Its split must hold none of this run's validation or test cases among its training cases;
-            the stage is stored in this run's checkpoints, so prediction needs only this run. The 3D
-            ``unet`` method only. Empty: no cascade.
+            the stage (any segmenting run) is stored in this run's checkpoints, so prediction needs only
+            this run. A 3D method only (tested with ``unet`` and ``imgx``). Empty: no cascade.
         color: 2D images: ``grey`` (RGB converted to luminance), ``rgb`` (3 channels) or ``green``.
         preset: intensity preset: ``ct``, ``mri``, ``dbt`` or ``none``. ``dbt`` (tomosynthesis):
             percentiles ``mri_percentiles`` of the breast (the voxels above ``crop_air``)

@@ -260,3 +260,21 @@ def test_the_cascade_predicts_the_fp32_labels_under_bf16_and_fp16(cascade_runs):
     assert set(np.unique(results["fp32"].labels.array)) >= {1, 2}, "both labels reach the second stage"
     for precision in ("bf16", "fp16"):
         np.testing.assert_array_equal(results[precision].labels.array, results["fp32"].labels.array)
+
+
+def test_any_3d_segmenter_can_be_the_next_stage_and_a_slice_method_cannot(cascade_runs, tmp_path, capsys):
+    lowres, _, data = cascade_runs
+    config = tmp_path / "imgx.yaml"
+    config.write_text("method: {name: imgx, channels: [8, 16], strides: [2], num_samples: 1}\n")
+    assert main(["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir",
+                 str(tmp_path / "imgx"), *TINY_OVERRIDES, "method.channels=[8,16]", "method.strides=[2]",
+                 f"data.cascade={lowres}"]) == 0
+    predictor = Predictor.load(tmp_path / "imgx", device="cpu")
+    assert predictor.method.in_channels == 3 and predictor.in_channels == 1
+    case = find_cases(data, predictor.config.data).cases[0]
+    assert predictor.predict_files(case.images).labels.array.shape == read_volume(case.images[0]).spatial_shape
+    config.write_text("method: {name: unet, spatial_dims: 2}\n")
+    code = main(["train", "--no-track", "--config", str(config), "--data", str(data), "--run-dir",
+                 str(tmp_path / "slices"), *TINY_OVERRIDES, "method.channels=[4,8]", "method.strides=[2]",
+                 f"data.cascade={lowres}"])
+    assert code != 0 and "must be a 3D method" in capsys.readouterr().err

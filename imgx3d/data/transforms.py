@@ -12,9 +12,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from scipy import ndimage
 import torch
-import torch.nn.functional as F
 from monai.transforms import (
     Compose,
+    ConcatItemsd,
+    DeleteItemsd,
+    EnsureTyped,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -31,6 +33,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.transforms.utils import map_binary_to_indices
+from monai.transforms.utils_morphological_ops import dilate, erode
 from torch.utils.data import IterableDataset, get_worker_info
 
 from imgx3d.config import DataConfig
@@ -211,12 +214,14 @@ def train_transforms(cfg: DataConfig, previous_channels: int = 0) -> Compose:
     if cfg.intensity_aug:
         transforms += intensity_transforms(cfg.intensity_scheme)
     if previous_channels:
-        transforms += [DegradePreviousStage(), join_previous_stage]
+        transforms += [DegradePreviousStage(), EnsureTyped(["image", "previous"], track_meta=False),
+                       ConcatItemsd(["image", "previous"], "image"), DeleteItemsd("previous")]
     return Compose(transforms)
 
 
 class SplitPreviousStage:
-    """Moves a cascade's last ``channels`` image channels (the previous stage's) to the key ``previous``."""
+    """Moves a cascade's last ``channels`` image channels (the previous stage's) to the key ``previous`` (MONAI's
+    ``SplitDimd`` makes one key per channel; ``ConcatItemsd`` joins them back at the end)."""
 
     def __init__(self, channels: int):
         self.channels = channels
@@ -226,21 +231,15 @@ class SplitPreviousStage:
         return {**data, "image": image[:-self.channels], "previous": image[-self.channels:]}
 
 
-def join_previous_stage(data: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :class:`SplitPreviousStage`: the ``previous`` channels back after the image's."""
-    data = dict(data)
-    previous = _plain(data.pop("previous"))
-    return {**data, "image": torch.cat([_plain(data["image"]), previous.to(_plain(data["image"]).dtype)])}
-
-
 class DegradePreviousStage(RandomizableTransform):
     """nnU-Net's augmentation of a cascade's previous-stage channels: the stage predicted its own
     training cases better than it will predict new ones, so the next stage must not learn to copy it.
 
     Per patch, with probability ``morphology_prob``, each channel is dilated, eroded, opened or closed
-    (one at random) by a cube of half-width 1 to ``max_radius`` voxels (nnU-Net: a ball; a cube is a
-    max-pool here); then with probability ``remove_prob`` one connected component of a channel, smaller
-    than ``max_removed`` of the patch, is removed. (No MONAI transform does either: hand-written.)
+    (one at random) by a cube of half-width 1 to ``max_radius`` voxels (nnU-Net: a ball; MONAI's morphology
+    takes cubes); then with probability ``remove_prob`` one connected component of a channel, smaller
+    than ``max_removed`` of the patch, is removed. (No MONAI transform draws these at random: hand-written
+    around MONAI's ``dilate`` / ``erode`` and SciPy's component labelling.)
     """
 
     def __init__(self, morphology_prob: float = 0.4, remove_prob: float = 0.2, max_radius: int = 8,
@@ -272,19 +271,14 @@ class DegradePreviousStage(RandomizableTransform):
 
 
 def binary_morphology(mask: torch.Tensor, operator: str, radius: int) -> torch.Tensor:
-    """A 0/1 map (X, Y, Z) dilated, eroded, opened or closed by a cube of half-width ``radius``
-    (max-pooling; what lies outside the patch is unknown, so it neither grows nor erodes the map)."""
-    def dilate(x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool3d(x[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
-
-    def erode(x: torch.Tensor) -> torch.Tensor:
-        return 1 - dilate(1 - x)
-
+    """A 0/1 map (X, Y, Z) dilated, eroded, opened or closed by a cube of half-width ``radius`` (MONAI's
+    ``dilate`` / ``erode``: what lies outside the patch is unknown, so it neither grows nor erodes the map)."""
+    size = 2 * radius + 1
     steps = {"dilate": (dilate,), "erode": (erode,), "open": (erode, dilate), "close": (dilate, erode)}[operator]
-    x = mask.float()
+    x = mask.float()[None, None]
     for step in steps:
-        x = step(x)
-    return x.to(mask.dtype)
+        x = step(x, size)
+    return x[0, 0].to(mask.dtype)
 
 
 def intensity_transforms(scheme: str) -> list:

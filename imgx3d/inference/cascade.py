@@ -20,6 +20,7 @@ from imgx3d.checkpoint import Checkpoint, load_checkpoint, previous_stage_classe
 from imgx3d.data.geometry import GridMap, label_to_model
 from imgx3d.data.io import Volume
 from imgx3d.errors import ConfigError
+from imgx3d.methods.base import Segmenter, method_from_checkpoint
 
 if TYPE_CHECKING:  # the predictor imports this module; this one only calls it
     from imgx3d.inference.predictor import Predictor
@@ -64,13 +65,13 @@ def load_previous_stage(source: str | Path, split: dict[str, list[str]]) -> Chec
         split: this run's split (``train`` / ``val`` / ``test`` case ids).
 
     Raises:
-        ConfigError: not a 3D segmenter, itself a cascade, or trained on a case this run validates or tests
+        ConfigError: not a segmenter, itself a cascade, or trained on a case this run validates or tests
             on (its predictions of those cases would be better than of unseen ones).
     """
     stage = load_checkpoint(source)
-    if stage.config.method.spatial_dims != 3 or stage.config.method.name != "unet":
-        raise ConfigError(f"{stage.path}: data.cascade needs a 3D unet run as the low-resolution stage, not "
-                          f"'{stage.config.method.name}' ({stage.config.method.spatial_dims}D)")
+    if not isinstance(method_from_checkpoint(stage), Segmenter):
+        raise ConfigError(f"{stage.path}: data.cascade needs a segmenting run as the first stage, not "
+                          f"'{stage.config.method.name}', which does not predict labels")
     if stage.previous_stage is not None:
         raise ConfigError(f"{stage.path}: is itself a cascade's second stage; name its low-resolution run in "
                           "data.cascade (one stage before this one)")

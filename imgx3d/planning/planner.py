@@ -397,12 +397,12 @@ def _propose_cascade(result: Plan, fp: Fingerprint) -> None:
     if stage is None:
         return
     result.cascade = stage
-    data = stage.tree["data"]
-    result.planned["cascade"] = {"coverage": round(patch_coverage(result, fp), 4), "spacing": data["spacing"],
+    data, coverage = stage.tree["data"], patch_coverage(result, fp)
+    result.planned["cascade"] = {"coverage": round(coverage, 4), "spacing": data["spacing"],
                                  "patch_size": data["patch_size"], "minutes": stage.tree["train"]["max_minutes"]}
     result.decisions.append(Decision(
         "planned.cascade", data["spacing"],
-        f"the patch covers {patch_coverage(result, fp):.1%} of the median case, under nnU-Net's "
+        f"the patch covers {coverage:.1%} of the median case, under nnU-Net's "
         f"{LOWRES_COVERAGE:.0%} for a cascade: a low-resolution stage at {data['spacing']} mm (patch "
         f"{data['patch_size']}, {stage.tree['train']['max_minutes']:g} minutes) is proposed, whose prediction "
         f"becomes this plan's extra input (data.cascade); not trained unless asked ({quote_evidence('cascade')})"))

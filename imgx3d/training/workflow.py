@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from imgx3d.checkpoint import PREVIOUS_STAGE, Checkpoint, add_to_checkpoint, load_checkpoint, previous_stage_classes
+from imgx3d.checkpoint import PREVIOUS_STAGE, Checkpoint, add_to_checkpoint, cascade_channels, load_checkpoint
 from imgx3d.config import Config, save_config, to_dict
 from imgx3d.data.catalog import Catalog, Split, find_cases, make_split
 from imgx3d.data.demo import DEMO_LABELS, write_demo_dataset
@@ -257,9 +257,11 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
     catalog = find_cases(data_root, cfg.data)
     split = make_split(catalog, cfg.data.split)
     previous = _previous_stage(cfg, split, resume_ckpt)
-    method = build_method(cfg.method, catalog.num_classes,
-                          catalog.in_channels + (len(previous_stage_classes(previous)) if previous else 0),
+    method = build_method(cfg.method, catalog.num_classes, catalog.in_channels + cascade_channels(previous),
                           _regions(cfg, catalog))
+    if previous is not None and method.spatial_dims != 3:
+        raise ConfigError(f"data.cascade ({cfg.data.cascade}): method '{cfg.method.name}' sees slices, which have no "
+                          "room for the first stage's channels; the cascade's next stage must be a 3D method")
     _record_ignore_label(cfg, catalog, method)
     _check_and_record(cfg, catalog, split, method, run_dir, ctx, records)
     with tee_to_file(run_dir / LOG_FILE, ctx.is_main):  # train.log: everything printed from here on
@@ -271,12 +273,9 @@ def _train_run(cfg: Config, data_root: str | Path, run_dir: str | Path | None, r
 
 def _previous_stage(cfg: Config, split: Split, resume_ckpt: Checkpoint | None) -> Checkpoint | None:
     """A cascade's low-resolution stage (``data.cascade``): the one a resumed run stored, else the named run's
-    checkpoint (checked: a 3D unet that trained on none of this run's validation and test cases)."""
+    checkpoint (checked: a segmenter that trained on none of this run's validation and test cases)."""
     if not cfg.data.cascade:
         return None
-    if cfg.method.name != "unet" or cfg.method.spatial_dims != 3:
-        raise ConfigError(f"data.cascade ({cfg.data.cascade}): the cascade's next stage must be the 3D unet, not "
-                          f"'{cfg.method.name}' ({cfg.method.spatial_dims}D)")
     if resume_ckpt is not None and resume_ckpt.previous_stage is not None:
         return resume_ckpt.previous_stage
     return load_previous_stage(cfg.data.cascade, {"train": split.train, "val": split.val, "test": split.test})
