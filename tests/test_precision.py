@@ -6,6 +6,7 @@ the network (logit, clamp, softmax, x0 from eps, thresholds) is what is under te
 one boundary (``imgx3d.nets.boundary``) that hands every network output on as float32.
 """
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -150,5 +151,13 @@ def test_auto_does_not_pick_bf16_for_a_method_whose_labels_it_moves(monkeypatch,
         predictor = Predictor(method, cfg, {0: "background", 1: "a", 2: "b"})
         predictor.device = torch.device(device_type)
         for setting, expected in (("auto", auto), ("bf16", torch.bfloat16)):
-            assert predictor.precision(InferSettings.from_config(cfg.infer, precision=setting)) == expected, \
-                (method.name, setting)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = predictor.precision(InferSettings.from_config(cfg.infer, precision=setting))
+            assert got == expected, (method.name, setting)
+            # an explicit bf16 is obeyed, and the user is told what it costs the labels of such a method
+            said = [str(w.message) for w in caught]
+            if method is sdseg and setting == "bf16":
+                assert len(said) == 1 and "sdseg" in said[0] and "fp32" in said[0], said
+            else:
+                assert not said, (method.name, setting, said)

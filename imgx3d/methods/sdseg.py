@@ -153,10 +153,14 @@ class SDSeg(Method):
     name = "sdseg"
     spatial_dims = 2
     Config = SDSegConfig
-    # bf16 moves its mask boundary: on the hippocampus (4 test cases, benchmarks/precision.py) 97.0 % of the
+    # bf16 moves its mask boundary: on the hippocampus (8 test cases, benchmarks/precision.py) 97.0 % of the
     # either-foreground voxels agree with fp32 (Dice -0.0005); the vision encoder and the denoiser share the
-    # difference (either alone in fp32: 97.3 % / 98.9 %; both: 99.85 %; the denoiser's output block: 97.8 %),
-    # while fp16 agrees on 99.7 %. So `auto` predicts it in fp16 on a GPU, fp32 on a CPU.
+    # difference (either alone in fp32: 97.3 % / 98.9 %; both: 99.85 %; the denoiser's output block: 97.8 %;
+    # GroupNorm upcast to fp32 as CUDA's autocast does: 97.2 %), while fp16 agrees on 99.7 %. The cause is the
+    # single step itself: z0 = (z_T - sqrt(1 - abar) eps) / sqrt(abar) at t = T - 1 multiplies every error in
+    # eps by sqrt((1 - abar) / abar) = 38.7 (scaled-linear 0.0015 ... 0.0155), and bf16 keeps 8 bits of eps,
+    # a unit-scale tensor whose difference from z_T carries the mask. fp16 keeps 11. So `auto` predicts it in
+    # fp16 on a GPU, fp32 on a CPU, and an explicit bf16 warns.
     bf16_labels = False
 
     def __init__(self, cfg: SDSegConfig, num_classes: int, in_channels: int):
