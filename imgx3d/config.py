@@ -149,7 +149,8 @@ class DataConfig:
         cache_gib: host memory (GiB) for the preprocessed training cases of 3D methods (image
             float32, label uint8, crop indices int32: about 4·C + 5 bytes a voxel); the cases beyond
             it are read and preprocessed again each time they are drawn — slower, but a dataset
-            larger than the machine's memory trains. null: every training case stays in memory.
+            larger than the machine's memory trains (a cascade's first stage predicts them once: its
+            channels stay in memory, a byte a voxel and label). null: every training case stays in memory.
         slices: the slice adapter of 2D methods (ignored by 3D methods).
         extra: dataset folders of generated pairs (``imgx3d synth``) added to the training cases
             only; validation and test stay real.

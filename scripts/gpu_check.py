@@ -203,13 +203,15 @@ def check_regions(device: torch.device, data: Path, work: Path, dry: bool) -> No
 @section("cascade")
 def check_cascade(device: torch.device, data: Path, work: Path, dry: bool) -> None:
     """A cascade (data.cascade): a low-resolution stage, then the next stage with its prediction as input, both on
-    the device; the next stage predicts from its own checkpoint alone."""
+    the device (the next stage's training cases left on disk and drawn by a loader worker, which must not run the
+    GPU stage); the next stage predicts from its own checkpoint alone."""
     from imgx3d.inference.predictor import Predictor
 
     steps = 3 if dry else 30
     low = _config("unet", steps, dry, [f"train.device={device}", "data.spacing=[2.0,2.0,2.0]"])
     _train(low, data, work / "cascade_lowres")
-    cfg = _config("unet", steps, dry, [f"train.device={device}", f"data.cascade={work / 'cascade_lowres'}"])
+    cfg = _config("unet", steps, dry, [f"train.device={device}", f"data.cascade={work / 'cascade_lowres'}",
+                                       "data.cache_gib=0", "data.num_workers=1"])
     result, seconds = _train(cfg, data, work / "cascade")
     predictor = Predictor.load(work / "cascade" / "best.pt", device=str(device))
     volume = sorted((data / "imagesTr").glob("*.nii.gz"))[0]

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from imgx3d.config import DataConfig
 from imgx3d.data.catalog import find_cases
-from imgx3d.data.geometry import RAS, grid_map, label_to_model, reorient, to_native
+from imgx3d.data.geometry import RAS, grid_map, image_to_model, label_to_model, reorient, to_native
 from imgx3d.data.io import Volume
 from imgx3d.data.transforms import PatchBatches, Preprocessor, train_transforms
 
@@ -121,3 +121,35 @@ def test_cases_over_the_cache_bound_are_read_when_drawn_and_give_the_same_patche
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
     assert all(isinstance(i, DeferredCase) for i in workflow._load_items(pre, catalog, ids, cache_gib=0.0))
+
+
+def test_a_cascades_cases_over_the_cache_bound_are_predicted_once_not_at_every_draw(msd_dataset):
+    """A case left on disk is read again at each draw (in a loader worker, where a GPU stage cannot run):
+    the first stage predicts it once, when the cases are loaded, and the draws read its kept channels."""
+    import pickle
+
+    from imgx3d.config import load_config
+    from imgx3d.data.transforms import DeferredCase
+    from imgx3d.training import workflow
+
+    predicted = []
+
+    def stage(volume, grid):  # a stand-in first stage: a map that depends on the image, counted per call
+        predicted.append(volume.path)
+        image = image_to_model(volume.array, grid, cfg)
+        return torch.stack([image[0] > 0, image[0] > 1]).float()
+
+    stage.channels = 2
+    cfg = load_config(None, ["data.patch_size=[16,16,16]"]).data
+    catalog = find_cases(msd_dataset)
+    pre = Preprocessor(cfg, stage)
+    ids = [c.case_id for c in catalog.cases[:3]]
+    cached = workflow._load_items(pre, catalog, ids)
+    predicted.clear()
+    bounded = workflow._load_items(pre, catalog, ids, cache_gib=0.0)
+    assert all(isinstance(i, DeferredCase) for i in bounded) and len(predicted) == 3, "each case predicted once"
+    for item, deferred in zip(cached, bounded, strict=True):
+        for _ in range(3):  # drawn three times, in a worker: a pickled copy, which must not hold the stage
+            drawn = pickle.loads(pickle.dumps(deferred)).load([16, 16, 16])
+            assert torch.equal(drawn["image"], item["image"]) and torch.equal(drawn["label"], item["label"])
+    assert len(predicted) == 3, "drawing a case again does not run the stage again"

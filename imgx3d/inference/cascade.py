@@ -57,6 +57,22 @@ class PreviousStage:
         return torch.stack([model == value for value in self.classes]).float()
 
 
+class RecordedStage:
+    """A previous stage's channels of one case, predicted once and kept (uint8: a byte a voxel and label).
+
+    A training case left on disk (over ``data.cache_gib``) is read again each time it is drawn,
+    in a loader worker when ``data.num_workers`` > 0; with this as its preprocessor's stage it is
+    not predicted again, and a worker never runs the stage (a forked worker cannot use the GPU).
+    """
+
+    def __init__(self, channels: torch.Tensor):
+        self.maps = channels.to(torch.uint8)
+
+    def __call__(self, volume: Volume, grid: GridMap) -> torch.Tensor:
+        """The kept channels as float32 (the case's own; ``volume`` and ``grid`` are the same each time)."""
+        return self.maps.float()
+
+
 def load_previous_stage(source: str | Path, split: dict[str, list[str]]) -> Checkpoint:
     """The checkpoint a run's ``data.cascade`` names, refused in one line when it cannot be a previous stage.
 

@@ -38,7 +38,7 @@ from imgx3d.evaluation.metrics import evaluate_folders, format_table
 from imgx3d.evaluation.plots import overlay_montage
 from imgx3d.evaluation.uncertainty import UNCERTAINTY_METRICS, UncertaintyScores, case_dice
 from imgx3d.files import atomic_write_text
-from imgx3d.inference.cascade import PreviousStage, load_previous_stage
+from imgx3d.inference.cascade import PreviousStage, RecordedStage, load_previous_stage
 from imgx3d.inference.folder import predict_to_folder, prediction_path, write_prediction
 from imgx3d.inference.postprocess import case_candidates, learn_postprocessing
 from imgx3d.inference.predictor import Predictor
@@ -88,7 +88,8 @@ def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str], labels: boo
     """Preprocessed cases; ``labels=False`` never opens their label files (self-supervised training).
 
     With ``cache_gib`` the cases are loaded in order until they fill it; the rest stay on disk
-    as :class:`DeferredCase` items, loaded when drawn.
+    as :class:`DeferredCase` items, loaded when drawn (a cascade's with its stage's channels kept:
+    :class:`~imgx3d.inference.cascade.RecordedStage`).
     """
     cases = catalog.by_id()
     if not labels:
@@ -99,13 +100,18 @@ def _load_items(pre: Preprocessor, catalog: Catalog, ids: list[str], labels: boo
     items: list[dict[str, Any] | DeferredCase] = []
     room = cache_gib * 2**30
     for case_id in ids:
+        cascade = pre.previous_stage is not None  # its stage predicts every case now, kept in memory or not
+        item = pre.load_case(cases[case_id], catalog.labels, catalog.in_channels) if room > 0 or cascade else None
         if room > 0:
-            item = pre.load_case(cases[case_id], catalog.labels, catalog.in_channels)
             room -= item_bytes(item)
             if room >= 0:
                 items.append(item)
                 continue
-        items.append(DeferredCase(cases[case_id], pre, catalog.labels, catalog.in_channels))
+        deferred_pre = pre
+        if cascade:  # left on disk, the case keeps the stage's channels: drawn again (in a loader worker too,
+            # which could not run the stage on a GPU), it is read, not predicted again
+            deferred_pre = Preprocessor(pre.cfg, RecordedStage(item["image"][catalog.in_channels:]))
+        items.append(DeferredCase(cases[case_id], deferred_pre, catalog.labels, catalog.in_channels))
     return items
 
 
