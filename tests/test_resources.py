@@ -273,6 +273,11 @@ def test_a_volume_too_large_for_free_memory_streams_or_is_refused_in_one_line(tr
                                    str(tmp_path / "r")]))
     assert f"{image}: predicting it needs about" in line and "of host memory (3 classes on a 20x24x16 model grid)" in line
     assert "data.spacing" in line and not (tmp_path / "r" / "case_2.nii.gz").exists()
+    # only the fixes that apply: streaming was tried already, no probability maps were asked for
+    assert "infer.streaming" not in line and "--probabilities" not in line, line
+    line = _one_line(capsys, main(["predict", "--run", str(run), "--input", str(image), "--output",
+                                   str(tmp_path / "p"), "--probabilities"]))
+    assert "predict without --probabilities (the streaming window then applies)" in line, line
 
 
 def test_a_full_disk_while_writing_synthetic_pairs_is_one_line_and_a_rerun_completes(msd_dataset, tmp_path,

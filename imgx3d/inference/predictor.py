@@ -527,12 +527,16 @@ class Predictor:
         if can_stream and need(True) <= free:
             return True
         shape = "x".join(map(str, case.image.shape[1:]))
+        fixes = ["train with a coarser data.spacing"]  # only what applies to this run and this call
+        if probabilities:
+            fixes.append("predict without --probabilities" + (" (the streaming window then applies)"
+                                                              if self._single_pass and not streaming else ""))
+        elif settings.streaming == "off" and self._single_pass:
+            fixes.append("set infer.streaming: auto (a window at a time)")
         raise ResourceError(
             f"{case.source.path or 'the volume'}: predicting it needs about {gib(need(streaming))} of host memory "
-            f"({self.method.num_classes} classes on a {shape} model grid) but {gib(free)} is free; set a coarser "
-            "data.spacing, predict without --probabilities"
-            + ("" if streaming or can_stream else ", use infer.streaming: on with a single-pass 3D method")
-            + ", or lower infer.sw_batch_size and free memory")
+            f"({self.method.num_classes} classes on a {shape} model grid) but {gib(free)} is free; "
+            f"{', '.join(fixes)}, or lower infer.sw_batch_size and free memory")
 
     def _classes_of(self, probs: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
         """Class indices of averaged output maps ``(K, ...)``: their argmax, or with regions (``data.regions``)
