@@ -15,7 +15,7 @@ foreground-mean Dice per run, variant and split, each variant's mean over the ru
 difference from ``flips`` with the per-run differences.
 
 Usage: python -m benchmarks.tta runs/bench-recipe/fullres16.seed0 runs/bench-recipe/fullres16.seed1
-       [--variants shifts2]
+       [--variants shifts2] [--flips 0 1 2]
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(SHIFTS), default=list(SHIFTS),
                         help="the variants scored besides flips, the baseline (a K-step diffusion method pays K passes "
                              "for each: shifts4 is 4x flips)")
+    parser.add_argument("--flips", nargs="*", type=int, help="the mirrored axes of every variant instead of each run's "
+                        "infer.tta_flips (e.g. 0 1 2: a hand config's full mirroring, against a plan that capped it)")
     args = parser.parse_args()
+    flips = {} if args.flips is None else {"tta_flips": tuple(args.flips)}
     variants = {name: shifts for name, shifts in SHIFTS.items() if name == "flips" or name in args.variants}
     splits = [json.loads((run / "split.json").read_text(encoding="utf-8")) for run in args.runs]
     if any(s["test"] != splits[0]["test"] or s["val"] != splits[0]["val"] for s in splits):
@@ -70,7 +73,7 @@ def main() -> None:
     dice: dict[tuple[str, str, str], float] = {}
     for run in args.runs:
         for variant, shifts in variants.items():
-            predictor = Predictor.load(run / "best.pt", device=args.device, tta_shifts=shifts)
+            predictor = Predictor.load(run / "best.pt", device=args.device, tta_shifts=shifts, **flips)
             for part in ("val", "test"):
                 value, seconds = foreground_dice(predictor, args.data, splits[0][part])
                 dice[run.name, variant, part] = value
@@ -88,7 +91,8 @@ def main() -> None:
                 emit(f"tta.{variant}_minus_flips.{part}.dice.foreground_mean", round(statistics.fmean(gaps), 4),
                      "dice", per_run=[round(g, 4) for g in gaps])
         if len(args.runs) > 1:
-            ensemble = Predictor.load([run / "best.pt" for run in args.runs], device=args.device, tta_shifts=1)
+            ensemble = Predictor.load([run / "best.pt" for run in args.runs], device=args.device, tta_shifts=1,
+                                      **flips)
             value, seconds = foreground_dice(ensemble, args.data, splits[0][part])
             single = statistics.fmean(dice[name, "flips", part] for name in names)
             emit(f"tta.ensemble_of_{len(names)}.flips.{part}.dice.foreground_mean", round(value, 4), "dice",
