@@ -139,7 +139,6 @@ def test_a_cascades_cases_over_the_cache_bound_are_predicted_once_not_at_every_d
         image = image_to_model(volume.array, grid, cfg)
         return torch.stack([image[0] > 0, image[0] > 1]).float()
 
-    stage.channels = 2
     cfg = load_config(None, ["data.patch_size=[16,16,16]"]).data
     catalog = find_cases(msd_dataset)
     pre = Preprocessor(cfg, stage)
